@@ -1,0 +1,3 @@
+"""medtransfer: transfer learning for medical image classification."""
+
+__version__ = "0.1.0"

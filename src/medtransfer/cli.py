@@ -1,0 +1,241 @@
+"""Typer commands only; each forwards to a plain function.
+
+Domain errors (MedtransferError) become one line on stderr and exit code 1 here, and only
+here. Configuration precedence: defaults < --config YAML < command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medtransfer.errors import MedtransferError
+
+app = typer.Typer(
+    help="Transfer learning for medical image classification: train, evaluate, predict, explain.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+
+def default_cache_dir() -> Path:
+    """The decoded-image cache shared by all runs: $MEDTRANSFER_CACHE, else ~/.cache/medtransfer."""
+    if os.environ.get("MEDTRANSFER_CACHE"):
+        return Path(os.environ["MEDTRANSFER_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "medtransfer"
+
+
+def _train_overrides(**flags) -> dict:
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    for item in flags.get("set_values") or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MedtransferError(f"--set {item!r}: expected KEY=VALUE, e.g. --set label_smoothing=0.1")
+        overrides[key.strip().replace("-", "_")] = value
+    overrides.pop("set_values", None)
+    return overrides
+
+
+@app.command()
+def train(
+    data: Optional[str] = typer.Option(None, help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
+    out: Optional[Path] = typer.Option(None, help="New run folder to write."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of settings (flags override it)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder."),
+    backbone: Optional[str] = typer.Option(None, help="resnet18 (default), resnet50, densenet121, efficientnet_lite0 or any timm name."),
+    weights: Optional[str] = typer.Option(None, help="imagenet (default), none, or a .pth/.safetensors file."),
+    strategy: Optional[str] = typer.Option(None, help="finetune (default), freeze, or linear-probe."),
+    freeze_children: Optional[int] = typer.Option(None, help="With --strategy freeze: how many first children to freeze (default 4)."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 30)."),
+    patience: Optional[int] = typer.Option(None, help="Early stopping patience on validation loss (default 10)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate for AdamW (default 1e-3)."),
+    image_size: Optional[int] = typer.Option(None, help="Model input size in pixels (default 224)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Patient-level validation fraction drawn from train+val (default 0.2)."),
+    test_fraction: Optional[float] = typer.Option(None, help="Draw a patient-level test split when the data has none (default 0)."),
+    keep_official_val: Optional[bool] = typer.Option(None, "--keep-official-val", help="Use the data's own val split as is."),
+    labels: Optional[str] = typer.Option(None, help="folder (default) or kermany-3class (NORMAL/BACTERIA/VIRUS from file names)."),
+    patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
+    positive_class: Optional[str] = typer.Option(None, help="Positive class (default PNEUMONIA when present, else the last)."),
+    class_weights: Optional[str] = typer.Option(None, help="none (default) or balanced class-weighted loss."),
+    sampler: Optional[str] = typer.Option(None, help="shuffle (default) or balanced (each class drawn equally often)."),
+    loss: Optional[str] = typer.Option(None, help="cross-entropy (default) or focal."),
+    threshold: Optional[str] = typer.Option(None, help="Threshold policy on val: youden (default), f1, sensitivity:0.95, specificity:0.90, fixed:0.5."),
+    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for 95% CIs (default 2000, 0 = off)."),
+    calibrate: Optional[str] = typer.Option(None, help="temperature (default) or none."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
+    accelerator: Optional[str] = typer.Option(None, help="auto (default), cpu or gpu."),
+    devices: Optional[str] = typer.Option(None, help="GPUs to use (default auto)."),
+    precision: Optional[str] = typer.Option(None, help="auto (default: bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: chosen by device)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
+    skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help="Leave unreadable images out instead of stopping."),
+    strict: Optional[bool] = typer.Option(None, "--strict", help="Fail when a patient or identical image is in two splits."),
+    horizontal_flip: Optional[bool] = typer.Option(None, "--hflip", help="Add random horizontal flips to augmentation."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
+    set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
+):
+    """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
+    from medtransfer.config import TrainConfig
+    from medtransfer.train.pipeline import run_training
+
+    flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume")}
+    overrides = _train_overrides(**flags)
+    if resume is not None:
+        if config is not None or data is not None:
+            raise MedtransferError("--resume: takes the run's own config.yaml; leave out --config and --data")
+        run_dir = resume
+        settings = TrainConfig.from_sources(run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None, overrides)
+    else:
+        if out is None:
+            raise MedtransferError("--out: required; name a new folder for the run, e.g. --out runs/first")
+        run_dir = out
+        settings = TrainConfig.from_sources(config, overrides)
+        if not settings.data:
+            raise MedtransferError("--data: required; pass the dataset folder or CSV (or set data: in --config)")
+    if settings.cache_dir is None:
+        settings.cache_dir = str(default_cache_dir())
+    result = run_training(settings, run_dir, resume=resume is not None, console=console)
+    _print_result(result)
+
+
+def _print_result(result: dict) -> None:
+    for split in ("val", "test"):
+        block = result.get(split)
+        if not block:
+            continue
+        ci = block.get("auc_ci")
+        auc = f"{block['auc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        console.print(
+            f"{split:4s}: AUC {auc}  accuracy {block['accuracy']:.3f}  sensitivity {block['sensitivity']:.3f}  "
+            f"specificity {block['specificity']:.3f}  (threshold {result['threshold']:.3f})"
+        )
+
+
+@app.command()
+def predict(
+    paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
+    run: Path = typer.Option(..., help="Run folder (or its model/ folder) written by `medtransfer train`."),
+    csv: Optional[Path] = typer.Option(None, help="Also write the predictions to this CSV file."),
+    cam: Optional[Path] = typer.Option(None, help="Also write Grad-CAM overlays into this folder."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+):
+    """Per-image class probabilities (calibrated) and the predicted class at the saved threshold."""
+    from medtransfer.artifacts import load_model
+    from medtransfer.predict import expand_inputs, predict_files, write_rows
+
+    saved = load_model(run)
+    files = expand_inputs(paths)
+    rows = predict_files(saved, files, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images)
+    table = Table("path", *[f"p({c})" for c in saved.classes], "predicted")
+    for row in rows:
+        table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"])
+    console.print(table)
+    console.print(f"threshold {saved.threshold:.3f} on p({saved.info['positive_class']})")
+    if csv is not None:
+        write_rows(rows, csv)
+        console.print(f"Wrote {csv}")
+    if cam is not None:
+        from medtransfer.explain.cam import explain_files
+
+        explain_files(saved, [Path(r["path"]) for r in rows], cam)
+        console.print(f"Wrote heatmaps to {cam}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
+    data: Path = typer.Option(..., help="Labelled dataset folder or CSV manifest."),
+    out: Path = typer.Option(..., help="New folder for metrics.json, predictions.csv, plots and report.html."),
+    split: str = typer.Option("test", help="Which split of --data to evaluate (when it has splits)."),
+    bootstrap: int = typer.Option(2000, help="Bootstrap resamples for 95% CIs (0 = off)."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
+):
+    """Evaluate a saved model on any labelled folder or CSV (an external test set) without touching the run."""
+    from medtransfer.evaluation.external import evaluate_saved_model
+
+    result = evaluate_saved_model(
+        run, data, out, split=split, cache_dir=cache_dir or default_cache_dir(), bootstrap=bootstrap, seed=seed,
+        skip_bad=skip_bad_images, accelerator=accelerator, console=console,
+    )
+    _print_result(result)
+
+
+@app.command()
+def cache(
+    data: Path = typer.Option(..., help="Dataset folder or CSV manifest."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),
+    size: int = typer.Option(256, help="Stored image side in pixels (use the training cache_size)."),
+    workers: int = typer.Option(1, help="Decoding processes."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+):
+    """Prebuild the decode-once image cache for a dataset (training builds it too, on first use)."""
+    from medtransfer.data.cache import CacheSettings, ImageCache
+    from medtransfer.data.discover import discover
+
+    records = discover(data)
+    image_cache = ImageCache(cache_dir or default_cache_dir(), CacheSettings(size=size))
+    images = image_cache.build([r.path for r in records], skip_bad=skip_bad_images, progress=True, workers=workers)
+    stats = image_cache.stats()
+    console.print(f"{len(images)} images cached ({images.built} decoded now) in {stats['location']}")
+
+
+@app.command()
+def explain(
+    paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
+    run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
+    out: Path = typer.Option(..., help="Folder for overlay PNGs and raw .npy maps."),
+    method: str = typer.Option("gradcam", help="cam, gradcam or gradcam++."),
+    target_layer: Optional[str] = typer.Option(None, help="Layer to explain (default: the backbone's last feature map)."),
+):
+    """Class Activation Maps: heatmap overlays showing what drove each prediction."""
+    from medtransfer.artifacts import load_model
+    from medtransfer.explain.cam import explain_files
+    from medtransfer.predict import expand_inputs
+
+    saved = load_model(run)
+    rows = explain_files(saved, expand_inputs(paths), out, method=method, target_layer=target_layer)
+    for row in rows:
+        console.print(f"{row['path']}: {row['predicted']} p={row['probability']:.3f} -> {row['overlay']}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-run"), help="Folder for the synthetic data and both runs."),
+    epochs: int = typer.Option(6, help="Maximum epochs per scenario."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default: inside --out)."),
+):
+    """Generate synthetic chest radiographs and run both classic scenarios (fine-tune, freeze 4) offline."""
+    from medtransfer.demo import run_demo
+
+    run_demo(out, epochs=epochs, cache_dir=cache_dir, console=console)
+
+
+def main() -> None:
+    try:
+        app()
+    except MedtransferError as exc:
+        error_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        error_console.print("interrupted", markup=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The one typed training configuration.
+
+Precedence, stated once: dataclass defaults < YAML file (--config) < command-line flags.
+The resolved object is saved as RUN/config.yaml and components receive the parts they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtransfer.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""
+    labels: str = "folder"  # or kermany-3class
+    patient_regex: str | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0  # draw a patient-level test split when the data has none
+    keep_official_val: bool = False
+    positive_class: str | None = None  # default: PNEUMONIA when present, else the last class
+    skip_bad_images: bool = False
+    strict: bool = False  # leakage between splits fails the run
+    cache_dir: str | None = None
+    cache_size: int = 256
+    image_size: int = 224
+    eval_crop_fraction: float = 0.875
+    # augmentation
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    rotation_degrees: float = 10.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    horizontal_flip: bool = False
+    # model
+    backbone: str = "resnet18"
+    weights: str = "imagenet"
+    strategy: str = "finetune"
+    freeze_children: int = 4
+    # optimisation
+    epochs: int = 30
+    patience: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    class_weights: str = "none"  # or balanced
+    sampler: str = "shuffle"  # or balanced: each class drawn equally often
+    loss: str = "cross-entropy"  # or focal
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    # hardware
+    accelerator: str = "auto"
+    devices: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on CPUs with bf16 support or GPUs, else 32-true
+    num_workers: int = -1  # -1: chosen by device
+    channels_last: bool = True
+    # evaluation
+    threshold: str = "youden"
+    bootstrap: int = 2000
+    calibrate: str = "temperature"  # or none
+    # console
+    progress: bool = True
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_sources(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(read_yaml(Path(config_file)))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(values, source=str(config_file) if config_file else "options")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+        config = cls()
+        for key, value in values.items():
+            default = getattr(config, key)
+            setattr(config, key, _coerce(key, value, default, source))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        checks = [
+            (0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number between 0 and 1"),
+            (0 <= self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in [0, 1)"),
+            (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
+            (self.patience >= 1, "patience", self.patience, "at least 1"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
+            (self.lr > 0, "lr", self.lr, "a positive number"),
+            (self.image_size >= 16, "image_size", self.image_size, "at least 16"),
+            (self.cache_size >= self.image_size, "cache_size", self.cache_size, f"at least image_size ({self.image_size})"),
+            (0 < self.eval_crop_fraction <= 1, "eval_crop_fraction", self.eval_crop_fraction, "in (0, 1]"),
+            (self.class_weights in ("none", "balanced"), "class_weights", self.class_weights, "none or balanced"),
+            (self.sampler in ("shuffle", "balanced"), "sampler", self.sampler, "shuffle or balanced"),
+            (self.loss in ("cross-entropy", "focal"), "loss", self.loss, "cross-entropy or focal"),
+            (self.calibrate in ("none", "temperature"), "calibrate", self.calibrate, "none or temperature"),
+            (self.bootstrap >= 0, "bootstrap", self.bootstrap, "0 (off) or a number of resamples"),
+            (self.labels in ("folder", "kermany-3class"), "labels", self.labels, "folder or kermany-3class"),
+        ]
+        for ok, name, value, expected in checks:
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {expected}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def write_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file; pass a YAML file such as configs/chest_xray_pneumonia.yaml")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of setting: value, got {type(values).__name__}")
+    return values
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Convert YAML/CLI values to the type of the default, with a clear error."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "1", "on"):
+                    return True
+                if value.lower() in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(default, tuple):
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            return tuple(float(v) for v in items)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str) or default is None:
+            return None if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: setting {key!r} got {value!r}; expected a {type(default).__name__}") from None
+    return value

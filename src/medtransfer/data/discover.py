@@ -1,0 +1,198 @@
+"""Turn images on disk into records: (path, label, patient_id, split).
+
+Two sources:
+- the Kaggle layout, DIR/{train,val,test}/{CLASS}/images (classes are folder names);
+- a CSV manifest with columns path,label[,patient_id][,split] (paths relative to the CSV).
+
+Patient IDs follow the Kermany file-name rules unless a regex overrides them, because the
+chest X-ray set holds several images per patient and splitting by image leaks patients.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from medtransfer.errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+SPLIT_NAMES = ("train", "val", "test")
+IGNORED_DIR_NAMES = frozenset({"__MACOSX"})
+
+# Kermany names, in the order tried: person123_bacteria_456 -> person123;
+# NORMAL2-IM-0427-0001 -> NORMAL2-IM-0427; IM-0115-0001 -> IM-0115.
+KERMANY_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_"),
+    re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+$"),
+)
+
+LABEL_SCHEMES = ("folder", "kermany-3class")
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    label: str
+    patient_id: str
+    split: str | None  # None when the source does not assign one
+
+
+def patient_id_from_name(path: str | Path, pattern: str | re.Pattern | None = None) -> str:
+    """Patient ID from a file name.
+
+    With `pattern`, its first capture group (or whole match) of the file stem is the ID.
+    Without it, the Kermany rules apply; a name that fits none is its own patient.
+
+    >>> patient_id_from_name("person123_bacteria_456.jpeg")
+    'person123'
+    >>> patient_id_from_name("NORMAL2-IM-0427-0001.jpeg")
+    'NORMAL2-IM-0427'
+    """
+    stem = Path(path).stem
+    if pattern is not None:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        match = regex.search(stem)
+        if match is None:
+            raise DataError(
+                f"--patient-regex {regex.pattern!r} does not match file name {Path(path).name!r}; "
+                "fix the regex or leave it out to use the Kermany naming rules"
+            )
+        return match.group(1) if regex.groups else match.group(0)
+    for regex in KERMANY_PATIENT_PATTERNS:
+        match = regex.match(stem)
+        if match:
+            return match.group(1)
+    return stem
+
+
+def kermany_3class_label(path: str | Path, folder_label: str) -> str:
+    """NORMAL / BACTERIA / VIRUS from a Kermany file name (the paper's second task)."""
+    stem = Path(path).stem.lower()
+    if folder_label.upper() == "NORMAL":
+        return "NORMAL"
+    if "_bacteria_" in stem:
+        return "BACTERIA"
+    if "_virus_" in stem:
+        return "VIRUS"
+    raise DataError(
+        f"--labels kermany-3class: cannot tell bacteria from virus in file name {Path(path).name!r} "
+        f"(class folder {folder_label!r}); names must contain _bacteria_ or _virus_"
+    )
+
+
+def _is_visible_image(path: Path) -> bool:
+    return (
+        path.is_file()
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and not path.name.startswith(".")
+        and not any(part in IGNORED_DIR_NAMES or part.startswith(".") for part in path.parent.parts[-2:])
+    )
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIR_NAMES
+    )
+
+
+def discover_folder(root: Path, *, patient_regex: str | None = None) -> list[Record]:
+    """Records from DIR/{train,val,test}/{CLASS}/*. Splits that are absent are simply not listed."""
+    split_dirs = [root / name for name in SPLIT_NAMES if (root / name).is_dir()]
+    if not split_dirs:
+        found = ", ".join(p.name for p in _visible_dirs(root)[:8]) or "nothing"
+        raise DataError(
+            f"--data {root}: expected sub-folders train/ (and optionally val/, test/) each holding one folder per "
+            f"class; found {found}. Use the Kaggle layout DIR/train/CLASS/image.jpeg or a CSV manifest"
+        )
+    records: list[Record] = []
+    for split_dir in split_dirs:
+        class_dirs = _visible_dirs(split_dir)
+        if not class_dirs:
+            raise DataError(f"--data: split folder {split_dir} has no class folders; add one folder per class")
+        for class_dir in class_dirs:
+            images = sorted(p for p in class_dir.rglob("*") if _is_visible_image(p))
+            if not images:
+                raise DataError(
+                    f"--data: folder {class_dir} holds no images (.jpg, .jpeg, .png, .bmp, .tif); "
+                    "add its images or remove the empty folder"
+                )
+            for image in images:
+                records.append(
+                    Record(image, class_dir.name, patient_id_from_name(image, patient_regex), split_dir.name)
+                )
+    return records
+
+
+def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Record]:
+    """Records from a CSV with columns path,label[,patient_id][,split]."""
+    with manifest.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or [])
+        missing = {"path", "label"} - columns
+        if missing:
+            raise DataError(
+                f"--data {manifest}: CSV manifest lacks column(s) {', '.join(sorted(missing))}; "
+                f"found {', '.join(sorted(columns)) or 'no header'}. Required: path,label[,patient_id][,split]"
+            )
+        records = []
+        for line_number, row in enumerate(reader, start=2):
+            raw_path = (row.get("path") or "").strip()
+            label = (row.get("label") or "").strip()
+            if not raw_path or not label:
+                raise DataError(f"--data {manifest}, line {line_number}: empty path or label; fill both in")
+            path = Path(raw_path)
+            if not path.is_absolute():
+                path = manifest.parent / path
+            split = (row.get("split") or "").strip() or None
+            if split is not None and split not in SPLIT_NAMES:
+                raise DataError(
+                    f"--data {manifest}, line {line_number}: split {split!r} is not one of {', '.join(SPLIT_NAMES)}"
+                )
+            patient = (row.get("patient_id") or "").strip() or patient_id_from_name(path, patient_regex)
+            records.append(Record(path, label, patient, split))
+    if not records:
+        raise DataError(f"--data {manifest}: the CSV manifest lists no images")
+    return records
+
+
+def discover(data: str | Path, *, patient_regex: str | None = None, labels: str = "folder") -> list[Record]:
+    """Records from a Kaggle-layout folder or a CSV manifest, with the label scheme applied."""
+    root = Path(data)
+    if labels not in LABEL_SCHEMES:
+        raise ConfigError(f"--labels: got {labels!r}; choose one of {', '.join(LABEL_SCHEMES)}")
+    if not root.exists():
+        raise DataError(f"--data {root}: no such file or folder; pass the dataset folder (DIR/train/CLASS/...) or a CSV")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"--data {root}: a file must be a CSV manifest (path,label[,patient_id][,split])")
+        records = discover_csv(root, patient_regex=patient_regex)
+    else:
+        records = discover_folder(root, patient_regex=patient_regex)
+    if labels == "kermany-3class":
+        records = [replace(r, label=kermany_3class_label(r.path, r.label)) for r in records]
+    check_class_sets(records)
+    return records
+
+
+def check_class_sets(records: list[Record]) -> None:
+    """Every split that is present must have images and the same classes as the others."""
+    by_split: dict[str, dict[str, int]] = {}
+    for record in records:
+        counts = by_split.setdefault(record.split or "unassigned", {})
+        counts[record.label] = counts.get(record.label, 0) + 1
+    if not records:
+        raise DataError("--data: no images found (looked for .jpg, .jpeg, .png, .bmp, .tif files)")
+    reference_split = "train" if "train" in by_split else next(iter(by_split))
+    reference = set(by_split[reference_split])
+    for split, counts in by_split.items():
+        if split == "val":
+            continue  # val is pooled with train and re-split; its class set need not be complete
+        if set(counts) != reference:
+            raise DataError(
+                f"--data: split {split!r} has classes {sorted(counts)} but {reference_split!r} has {sorted(reference)}; "
+                "every split needs the same class folders"
+            )
+    if len(reference) < 2:
+        raise DataError(f"--data: found only class {sorted(reference)}; a classifier needs at least two classes")

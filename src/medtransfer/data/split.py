@@ -1,0 +1,169 @@
+"""Patient-grouped, stratified re-split and the leakage check.
+
+The official chest X-ray val split has 16 images, far too few to stop training or pick a
+threshold on. By default train and val are pooled and a validation split is drawn by
+patient, stratified by class, so that no patient's images sit on both sides.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from medtransfer.data.discover import Record
+from medtransfer.errors import ConfigError, DataError
+
+
+@dataclass
+class LeakageReport:
+    shared_patients: list[tuple[str, list[str]]] = field(default_factory=list)  # (patient, splits)
+    duplicate_images: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (paths, splits)
+
+    @property
+    def clean(self) -> bool:
+        return not self.shared_patients and not self.duplicate_images
+
+    def lines(self, *, examples: int = 5) -> list[str]:
+        out = []
+        if self.shared_patients:
+            shown = "; ".join(f"{p} in {'+'.join(s)}" for p, s in self.shared_patients[:examples])
+            out.append(f"{len(self.shared_patients)} patient(s) appear in more than one split, e.g. {shown}")
+        if self.duplicate_images:
+            shown = "; ".join(f"{' = '.join(p)} ({'+'.join(s)})" for p, s in self.duplicate_images[:examples])
+            out.append(f"{len(self.duplicate_images)} byte-identical image(s) appear in more than one split, e.g. {shown}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "clean": self.clean,
+            "shared_patients": len(self.shared_patients),
+            "duplicate_images": len(self.duplicate_images),
+            "examples": self.lines(),
+        }
+
+
+def _patient_strata(records: list[Record]) -> dict[str, str]:
+    """Each patient's stratum: the most frequent label among their images (ties: alphabetical)."""
+    labels: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        labels[r.patient_id][r.label] += 1
+    return {p: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for p, c in labels.items()}
+
+
+def grouped_stratified_split(
+    records: list[Record], *, fraction: float, seed: int, name: str, rest: str
+) -> list[Record]:
+    """Assign about `fraction` of each class's images, whole patients at a time, to split `name`.
+
+    Patients are shuffled (seeded) within their stratum and taken until the stratum's image
+    quota is met, so the split is deterministic for a seed and stratified by images.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"--{name}-fraction: got {fraction}; use a number between 0 and 1, e.g. 0.2")
+    strata = _patient_strata(records)
+    images_per_patient = Counter(r.patient_id for r in records)
+    rng = random.Random(seed)
+    chosen: set[str] = set()
+    for stratum in sorted(set(strata.values())):
+        patients = sorted(p for p, s in strata.items() if s == stratum)
+        rng.shuffle(patients)
+        quota = fraction * sum(images_per_patient[p] for p in patients)
+        taken = 0
+        # Keep at least one patient of every stratum on the other side.
+        for patient in patients[: len(patients) - 1]:
+            if taken >= quota:
+                break
+            chosen.add(patient)
+            taken += images_per_patient[patient]
+    assigned = [replace(r, split=name if r.patient_id in chosen else rest) for r in records]
+    if not any(r.split == name for r in assigned):
+        raise DataError(
+            f"--{name}-fraction {fraction}: too few patients ({len(strata)}) to draw a {name} split; add images"
+        )
+    return assigned
+
+
+def resplit(
+    records: list[Record],
+    *,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    keep_official_val: bool = False,
+) -> list[Record]:
+    """Pool train+val (and unassigned records) and draw a patient-level validation split.
+
+    The test split is never touched. When the source has no test split and
+    `test_fraction` > 0, a patient-level test split is drawn first from the pool.
+    """
+    test = [r for r in records if r.split == "test"]
+    pool = [r for r in records if r.split != "test"]
+    if keep_official_val:
+        if not any(r.split == "val" for r in pool):
+            raise DataError("--keep-official-val: the data has no val split; leave the option out to draw one")
+        return [replace(r, split=r.split or "train") for r in records]
+    if test_fraction > 0:
+        if test:
+            raise ConfigError(
+                f"--test-fraction {test_fraction}: the data already has a test split ({len(test)} images); "
+                "leave --test-fraction at 0 so the official test split stays untouched"
+            )
+        drawn = grouped_stratified_split(pool, fraction=test_fraction, seed=seed + 1, name="test", rest="train")
+        test = [r for r in drawn if r.split == "test"]
+        pool = [r for r in drawn if r.split != "test"]
+    pool = grouped_stratified_split(pool, fraction=val_fraction, seed=seed, name="val", rest="train")
+    return pool + test
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+
+
+def check_leakage(records: list[Record], *, check_bytes: bool = True) -> LeakageReport:
+    """Patients and byte-identical images that appear in more than one split."""
+    report = LeakageReport()
+    patient_splits: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        patient_splits[r.patient_id].add(r.split or "unassigned")
+    report.shared_patients = sorted((p, sorted(s)) for p, s in patient_splits.items() if len(s) > 1)
+    if check_bytes:
+        by_digest: dict[str, list[Record]] = defaultdict(list)
+        for r in records:
+            by_digest[file_digest(r.path)].append(r)
+        for group in by_digest.values():
+            splits = sorted({r.split or "unassigned" for r in group})
+            if len(splits) > 1:
+                report.duplicate_images.append(([str(r.path) for r in group], splits))
+        report.duplicate_images.sort()
+    return report
+
+
+def split_summary(records: list[Record]) -> dict[str, dict[str, dict[str, int]]]:
+    """{split: {class: {"images": n, "patients": m}}} for the report and the console."""
+    images: dict[tuple[str, str], int] = Counter()
+    patients: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in records:
+        key = (r.split or "unassigned", r.label)
+        images[key] += 1
+        patients[key].add(r.patient_id)
+    summary: dict[str, dict[str, dict[str, int]]] = {}
+    for (split, label), n in sorted(images.items()):
+        summary.setdefault(split, {})[label] = {"images": n, "patients": len(patients[(split, label)])}
+    return summary
+
+
+def write_split_csv(records: list[Record], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id", "split"])
+        for r in records:
+            writer.writerow([str(r.path), r.label, r.patient_id, r.split])
+
+
+def read_split_csv(path: Path) -> list[Record]:
+    with path.open(newline="") as handle:
+        return [Record(Path(row["path"]), row["label"], row["patient_id"], row["split"]) for row in csv.DictReader(handle)]

@@ -1,0 +1,78 @@
+"""Train and evaluation pipelines (torchvision.transforms.v2) on uint8 tensors from the cache.
+
+Training augments conservatively: radiographs are acquired in a standard position, so large
+crops, rotations or flips would show the model anatomy it never meets. Evaluation is
+deterministic (resize + center crop) so that the same image always gets the same score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+class MatchChannels(torch.nn.Module):
+    """Repeat a 1-channel image to the model's channel count (or average RGB down to 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        have = image.shape[-3]
+        if have == self.channels:
+            return image
+        if have == 1:
+            return image.expand(*image.shape[:-3], self.channels, *image.shape[-2:])
+        if self.channels == 1:
+            return image.float().mean(dim=-3, keepdim=True).round().to(image.dtype)
+        raise ValueError(f"cannot map a {have}-channel image to {self.channels} channels")
+
+
+def _finish(normalization: Normalization, channels: int) -> list:
+    mean, std = normalization.mean, normalization.std
+    if channels == 1 and len(mean) == 3:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return [MatchChannels(channels), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def train_transform(
+    *,
+    image_size: int,
+    normalization: Normalization = IMAGENET,
+    channels: int = 3,
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+    rotation_degrees: float = 10.0,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+    horizontal_flip: bool = False,
+) -> v2.Compose:
+    steps: list = [
+        v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=(0.9, 1.1), antialias=True),
+        v2.RandomRotation(rotation_degrees),
+    ]
+    if brightness or contrast:
+        steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast))
+    if horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _finish(normalization, channels))
+
+
+def eval_transform(
+    *, image_size: int, normalization: Normalization = IMAGENET, channels: int = 3, crop_fraction: float = 0.875
+) -> v2.Compose:
+    resize_to = int(round(image_size / crop_fraction))
+    return v2.Compose(
+        [v2.Resize(resize_to, antialias=True), v2.CenterCrop(image_size)] + _finish(normalization, channels)
+    )

@@ -1,0 +1,22 @@
+"""One domain exception hierarchy.
+
+Library code raises these; only the CLI boundary turns them into a one-line message and
+exit code 1 (and, later, the server into an HTTP 4xx). Messages name the file or option,
+the value received, and what to do.
+"""
+
+
+class MedtransferError(Exception):
+    """Base class for every error a user can fix by changing input or options."""
+
+
+class DataError(MedtransferError):
+    """Bad or missing images, folders, manifests or splits."""
+
+
+class ConfigError(MedtransferError):
+    """An option or config file value that is invalid or inconsistent."""
+
+
+class WeightsError(MedtransferError):
+    """Pretrained or saved weights that cannot be obtained or do not fit the model."""

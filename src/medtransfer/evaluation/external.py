@@ -1,0 +1,89 @@
+"""`medtransfer evaluate`: a saved model on any labelled folder or CSV, written to a new folder.
+
+The run is only read: threshold and temperature come from model.json (chosen on the run's
+validation split), so an external test set is scored exactly as the run's own test split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from medtransfer.artifacts import find_model_dir, load_model
+from medtransfer.data.cache import CacheSettings, ImageCache
+from medtransfer.data.datamodule import CachedImageDataset
+from medtransfer.data.discover import discover
+from medtransfer.errors import ConfigError, DataError
+from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
+from medtransfer.evaluation.inference import device_for, predict_logits, resolve_accelerator, resolve_precision
+from medtransfer.predict import operating_point
+
+
+def evaluate_saved_model(
+    run: Path,
+    data: Path,
+    out: Path,
+    *,
+    split: str = "test",
+    cache_dir: Path,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    skip_bad: bool = False,
+    accelerator: str = "auto",
+    precision: str = "auto",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    console = console or Console()
+    saved = load_model(run)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder (the run is never written to)")
+    if out.resolve() == Path(run).resolve() or out.resolve() == find_model_dir(run).resolve():
+        raise ConfigError(f"--out {out}: must differ from the run folder; evaluation never writes into the run")
+    training = saved.info.get("training_config", {})
+    records = discover(data, patient_regex=training.get("patient_regex"), labels=training.get("labels", "folder"))
+    if any(r.split for r in records):
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise DataError(f"--split {split}: --data {data} has no {split} images; choose another --split")
+    unknown = sorted({r.label for r in records} - set(saved.classes))
+    if unknown:
+        raise DataError(
+            f"--data {data}: classes {', '.join(unknown)} are unknown to the model (it knows {', '.join(saved.classes)})"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    cache = ImageCache(cache_dir, CacheSettings(size=saved.info["decode_size"]))
+    images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=True)
+    kept = [records[i] for i in images.positions]
+    labels = [saved.classes.index(r.label) for r in kept]
+    accelerator = resolve_accelerator(accelerator)
+    logits = predict_logits(
+        saved.model,
+        CachedImageDataset(images, labels, saved.transform()),
+        device=device_for(accelerator),
+        precision=resolve_precision(precision, accelerator),
+    )
+    outputs = SplitOutputs([str(r.path) for r in kept], np.asarray(labels), [r.patient_id for r in kept], logits)
+    point = operating_point(saved)
+    result = split_metrics(outputs, point, saved.classes, bootstrap=bootstrap, seed=seed)
+    write_predictions(outputs, point, saved.classes, out / "predictions.csv")
+    write_plots(outputs, point, saved.classes, result, out / "plots", prefix="test")
+    metrics = {
+        "run": str(run),
+        "data": str(data),
+        "split": split,
+        "backbone": saved.info["backbone"],
+        "strategy": saved.info.get("strategy"),
+        "positive_class": saved.info["positive_class"],
+        "threshold": saved.threshold,
+        "threshold_policy": saved.info.get("threshold_policy"),
+        "test": result,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from medtransfer.evaluation.report import write_report
+
+    write_report(out, console=console, title=f"Evaluation of {run} on {data}")
+    return metrics

@@ -1,0 +1,92 @@
+"""LightningModule: loss, optimiser, schedule and logging around a plain TransferModel."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+
+from medtransfer.models.strategies import TransferModel
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to 1% of the peak."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(
+        self,
+        model: TransferModel,
+        *,
+        lr: float,
+        weight_decay: float,
+        warmup_epochs: int = 1,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        focal_gamma: float = 0.0,
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_epochs = warmup_epochs
+        self.focal_gamma = focal_gamma
+        self.channels_last = channels_last
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weight", weight, persistent=False)
+        self.label_smoothing = label_smoothing
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.focal_gamma > 0:
+            # Focal loss (Lin et al. 2017): down-weights easy examples; class weights act as alpha.
+            log_p = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+            loss = -((1 - log_p.exp()) ** self.focal_gamma) * log_p
+            if self.class_weight is not None:
+                loss = loss * self.class_weight[labels]
+                return loss.sum() / self.class_weight[labels].sum()
+            return loss.mean()
+        return nn.functional.cross_entropy(
+            logits, labels, weight=self.class_weight, label_smoothing=self.label_smoothing
+        )
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss(logits, labels)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, warmup_steps=self.warmup_epochs * per_epoch, total_steps=total),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

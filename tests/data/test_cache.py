@@ -1,0 +1,330 @@
+"""Tests for the decode-once image cache (medtransfer.data.cache)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medtransfer.data import cache as cache_module
+from medtransfer.data.cache import CacheSettings, CachedImages, ImageCache, decode_image
+from medtransfer.errors import ConfigError, DataError
+
+SIZE = 32
+SETTINGS = CacheSettings(size=SIZE)
+
+
+def _gradient(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """Smooth uint8 pattern (compresses well, survives JPEG)."""
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x * 3 + y * 2 + seed * 40) % 256).astype(np.uint8)
+
+
+def _save(path: Path, arr: np.ndarray, mode: str | None = None, **kw) -> Path:
+    Image.fromarray(arr, mode=mode).save(path, **kw)
+    return path
+
+
+def make_gray_jpeg(d: Path, name: str = "gray.jpg", seed: int = 0) -> Path:
+    return _save(d / name, _gradient(120, 90, seed), quality=90)
+
+
+def make_rgb_equal_jpeg(d: Path) -> Path:
+    g = _gradient(100, 140)
+    return _save(d / "rgb_equal.jpeg", np.stack([g, g, g], axis=-1), quality=90)
+
+
+def make_color_png(d: Path) -> Path:
+    g = _gradient(64, 48)
+    return _save(d / "color.png", np.stack([g, 255 - g, np.full_like(g, 30)], axis=-1))
+
+
+def make_16bit_png(d: Path) -> Path:
+    y, x = np.mgrid[0:50, 0:70]
+    arr = (100 + x * 50 + y).astype(np.uint16)  # 12-bit-like data, not full 16-bit range
+    path = d / "deep.png"
+    Image.fromarray(arr).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    return path
+
+
+def make_rgba_png(d: Path) -> Path:
+    g = _gradient(40, 40)
+    return _save(d / "rgba.png", np.stack([g, g, g, np.full_like(g, 200)], axis=-1), mode="RGBA")
+
+
+def make_palette_png(d: Path) -> Path:
+    path = d / "palette.png"
+    Image.fromarray(_gradient(40, 30)).convert("P").save(path)
+    return path
+
+
+MAKERS = {
+    "gray_jpeg": (make_gray_jpeg, (SIZE, SIZE)),
+    "rgb_equal_jpeg": (make_rgb_equal_jpeg, (SIZE, SIZE)),
+    "color_png": (make_color_png, (SIZE, SIZE, 3)),
+    "16bit_png": (make_16bit_png, (SIZE, SIZE)),
+    "rgba_gray_png": (make_rgba_png, (SIZE, SIZE)),
+    "palette_gray_png": (make_palette_png, (SIZE, SIZE)),
+}
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    src = tmp_path / "images"
+    src.mkdir()
+    return [maker(src) for maker, _ in MAKERS.values()]
+
+
+# ----------------------------------------------------------------- decode_image
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+def test_decode_image_shape_and_channels(tmp_path: Path, kind: str) -> None:
+    maker, shape = MAKERS[kind]
+    arr = decode_image(maker(tmp_path), size=SIZE)
+    assert arr.dtype == np.uint8
+    assert arr.shape == shape
+
+
+def test_decode_image_stretches_without_keeping_aspect(tmp_path: Path) -> None:
+    wide = _save(tmp_path / "wide.png", _gradient(300, 60))
+    assert decode_image(wide, size=48).shape == (48, 48)
+
+
+def test_decode_image_keep_color_false_is_grayscale(tmp_path: Path) -> None:
+    assert decode_image(make_color_png(tmp_path), size=SIZE, keep_color=False).shape == (SIZE, SIZE)
+
+
+def test_decode_image_16bit_is_stretched_by_its_own_range(tmp_path: Path) -> None:
+    arr = np.full((64, 64), 1000, np.uint16)
+    arr[:, 32:] = 4095  # 12-bit data in a 16-bit PNG: dividing by 257 would be near black
+    path = tmp_path / "deep.png"
+    Image.fromarray(arr).save(path)
+    out = decode_image(path, size=SIZE)
+    assert out[:, :8].max() == 0 and out[:, -8:].min() == 255
+
+
+def test_decode_image_applies_exif_orientation(tmp_path: Path) -> None:
+    arr = np.zeros((40, 60), np.uint8)
+    arr[:, 30:] = 255  # left half black, right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    rotated = _save(tmp_path / "rot.png", arr, exif=exif)
+    upright = tmp_path / "upright.png"
+    Image.fromarray(arr).transpose(Image.Transpose.ROTATE_270).save(upright)
+    out = decode_image(rotated, size=SIZE)
+    np.testing.assert_array_equal(out, decode_image(upright, size=SIZE))
+    assert out[: SIZE // 4].mean() < 10 and out[-SIZE // 4 :].mean() > 245
+
+
+def test_decode_image_accepts_bytes(tmp_path: Path) -> None:
+    path = make_gray_jpeg(tmp_path)
+    np.testing.assert_array_equal(
+        decode_image(path.read_bytes(), size=SIZE), decode_image(path, size=SIZE)
+    )
+
+
+def test_decode_image_bad_file_raises_data_error(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(DataError, match=r"notes\.jpg.*--skip-bad-images"):
+        decode_image(bad, size=SIZE)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"size": 0}, "positive integer"), ({"resample": "nearest"}, "lanczos, bicubic")],
+)
+def test_settings_validation_names_the_fix(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        CacheSettings(**kwargs)
+
+
+# ----------------------------------------------------------------- ImageCache
+
+
+def test_round_trip_equals_decode_image(tmp_path: Path, images: list[Path]) -> None:
+    cached = ImageCache(tmp_path / "cache", SETTINGS).build(images)
+    assert cached.paths == images and cached.positions == list(range(len(images)))
+    assert cached.built == len(images) and cached.skipped == []
+    for i, path in enumerate(images):
+        expected = decode_image(path, size=SIZE)
+        assert cached[i].dtype == np.uint8
+        np.testing.assert_array_equal(cached[i], expected)
+    assert [a.ndim for a in cached] == [2, 2, 3, 2, 2, 2]
+
+
+def test_default_settings_store_256px(tmp_path: Path) -> None:
+    path = make_gray_jpeg(tmp_path)
+    cache = ImageCache(tmp_path / "cache")
+    assert cache.build([path])[0].shape == (256, 256)
+    stats = cache.stats()
+    assert stats["entries"] == 1 and stats["bytes"] == 256 * 256
+    assert Path(stats["location"]).parent == tmp_path / "cache"
+
+
+def test_second_build_decodes_nothing(tmp_path: Path, images: list[Path]) -> None:
+    ImageCache(tmp_path / "cache", SETTINGS).build(images)
+    again = ImageCache(tmp_path / "cache", SETTINGS).build(images[::-1])
+    assert again.built == 0
+    np.testing.assert_array_equal(again[0], decode_image(images[-1], size=SIZE))
+
+
+def test_changed_file_rebuilds_only_that_one(tmp_path: Path, images: list[Path]) -> None:
+    cache = ImageCache(tmp_path / "cache", SETTINGS)
+    cache.build(images)
+    changed = images[0]
+    before = os.stat(changed).st_mtime_ns
+    make_gray_jpeg(changed.parent, changed.name, seed=3)
+    os.utime(changed, ns=(before + 10**9, before + 10**9))
+    rebuilt = cache.build(images)
+    assert rebuilt.built == 1
+    np.testing.assert_array_equal(rebuilt[0], decode_image(changed, size=SIZE))
+    np.testing.assert_array_equal(rebuilt[1], decode_image(images[1], size=SIZE))
+
+
+def test_moved_or_duplicate_file_reuses_entry(tmp_path: Path, images: list[Path]) -> None:
+    cache = ImageCache(tmp_path / "cache", SETTINGS)
+    cache.build(images[:1])
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(images[0].read_bytes())
+    cached = cache.build([copy, images[0], copy])
+    assert cached.built == 0 and len(cached) == 3
+    np.testing.assert_array_equal(cached[0], cached[1])
+
+
+def test_changed_setting_uses_separate_bucket(tmp_path: Path, images: list[Path]) -> None:
+    small = ImageCache(tmp_path / "cache", SETTINGS)
+    small.build(images)
+    larger = ImageCache(tmp_path / "cache", CacheSettings(size=SIZE + 8))
+    assert larger.location != small.location
+    cached = larger.build(images)
+    assert cached.built == len(images) and cached[0].shape == (SIZE + 8, SIZE + 8)
+    assert small.build(images).built == 0
+
+
+def test_workers_give_same_result(tmp_path: Path, images: list[Path]) -> None:
+    cached = ImageCache(tmp_path / "cache", SETTINGS).build(images, workers=2)
+    assert cached.built == len(images)
+    for i, path in enumerate(images):
+        np.testing.assert_array_equal(cached[i], decode_image(path, size=SIZE))
+
+
+def test_progress_bar_runs(tmp_path: Path, images: list[Path]) -> None:
+    assert len(ImageCache(tmp_path / "cache", SETTINGS).build(images, progress=True)) == len(images)
+
+
+# ----------------------------------------------------------------- crash safety
+
+
+def test_crash_before_index_commit_leaves_no_visible_entry(
+    tmp_path: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def killed(fd: int) -> None:
+        raise KeyboardInterrupt("simulated kill after data write, before index commit")
+
+    with monkeypatch.context() as m:
+        m.setattr(cache_module.os, "fsync", killed)
+        with pytest.raises(KeyboardInterrupt):
+            ImageCache(tmp_path / "cache", SETTINGS).build(images)
+
+    fresh = ImageCache(tmp_path / "cache", SETTINGS)
+    data_file = fresh.location / "data.bin"
+    assert data_file.stat().st_size > 0  # orphaned bytes were written ...
+    assert fresh.stats()["entries"] == 0  # ... but nothing points at them
+    cached = fresh.build(images)
+    assert cached.built == len(images)
+    for i, path in enumerate(images):
+        np.testing.assert_array_equal(cached[i], decode_image(path, size=SIZE))
+    assert data_file.stat().st_size == sum(a.nbytes for a in cached)  # orphans truncated
+
+
+def test_index_row_past_end_of_data_is_ignored_and_rebuilt(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    cache = ImageCache(tmp_path / "cache", SETTINGS)
+    cache.build(images)
+    data_file = cache.location / "data.bin"
+    size = data_file.stat().st_size
+    os.truncate(data_file, size - 100)  # last entry cut short (e.g. lost on power failure)
+    assert cache.stats()["entries"] == len(images) - 1
+
+    fresh = ImageCache(tmp_path / "cache", SETTINGS)
+    cached = fresh.build(images)
+    assert cached.built == 1
+    for i, path in enumerate(images):
+        np.testing.assert_array_equal(cached[i], decode_image(path, size=SIZE))
+
+
+def test_garbage_trailing_bytes_are_harmless(tmp_path: Path, images: list[Path]) -> None:
+    cache = ImageCache(tmp_path / "cache", SETTINGS)
+    cache.build(images[:2])
+    data_file = cache.location / "data.bin"
+    with open(data_file, "ab") as fh:
+        fh.write(b"\xff" * 777)  # a partial append from a killed build
+    cached = ImageCache(tmp_path / "cache", SETTINGS).build(images)
+    assert cached.built == len(images) - 2
+    for i, path in enumerate(images):
+        np.testing.assert_array_equal(cached[i], decode_image(path, size=SIZE))
+
+
+# ----------------------------------------------------------------- bad files
+
+
+@pytest.fixture
+def with_bad(tmp_path: Path, images: list[Path]) -> list[Path]:
+    truncated = tmp_path / "truncated.jpeg"
+    data = images[0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    text = tmp_path / "readme.jpg"
+    text.write_text("this is not a JPEG\n")
+    return [images[0], truncated, images[1], text, tmp_path / "missing.png"]
+
+
+def test_bad_files_are_all_listed(tmp_path: Path, with_bad: list[Path]) -> None:
+    cache = ImageCache(tmp_path / "cache", SETTINGS)
+    with pytest.raises(DataError) as info:
+        cache.build(with_bad)
+    message = str(info.value)
+    assert message.startswith("3 image(s) cannot be read")
+    for bad in with_bad[1::2] + with_bad[4:]:
+        assert str(bad) in message
+    assert "--skip-bad-images" in message
+    assert cache.build([with_bad[0], with_bad[2]]).built == 0  # good ones were kept
+
+
+def test_skip_bad_leaves_them_out(tmp_path: Path, with_bad: list[Path]) -> None:
+    cached = ImageCache(tmp_path / "cache", SETTINGS).build(with_bad, skip_bad=True)
+    assert cached.paths == [with_bad[0], with_bad[2]] and cached.positions == [0, 2]
+    assert [p for p, _ in cached.skipped] == [with_bad[1], with_bad[3], with_bad[4]]
+    assert all(reason for _, reason in cached.skipped)
+    np.testing.assert_array_equal(cached[1], decode_image(with_bad[2], size=SIZE))
+
+
+def test_long_bad_list_is_shortened(tmp_path: Path) -> None:
+    bad = []
+    for i in range(13):
+        (tmp_path / f"bad{i}.jpg").write_text("x")
+        bad.append(tmp_path / f"bad{i}.jpg")
+    with pytest.raises(DataError, match=r"13 image\(s\)[\s\S]*and 3 more"):
+        ImageCache(tmp_path / "cache", SETTINGS).build(bad)
+
+
+# ----------------------------------------------------------------- picklability
+
+
+def test_pickled_view_reads_identical_arrays(tmp_path: Path, images: list[Path]) -> None:
+    cached = ImageCache(tmp_path / "cache", SETTINGS).build(images)
+    first = [cached[i] for i in range(len(cached))]  # opens the memory map here
+    clone = pickle.loads(pickle.dumps(cached))
+    assert isinstance(clone, CachedImages) and clone._mm is None
+    for i in range(len(cached)):
+        np.testing.assert_array_equal(clone[i], first[i])
+    with pytest.raises(IndexError):
+        clone[len(cached)]
