@@ -86,10 +86,10 @@ def train(
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):
     """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
+    flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume")}
     from medtransfer.config import TrainConfig
     from medtransfer.train.pipeline import run_training
 
-    flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume")}
     overrides = _train_overrides(**flags)
     if resume is not None:
         if config is not None or data is not None:

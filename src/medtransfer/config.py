@@ -76,26 +76,33 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        # Each source is checked on its own, so that an error names where the bad value came from.
         values: dict[str, Any] = {}
         if config_file is not None:
-            values.update(read_yaml(Path(config_file)))
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_dict(values, source=str(config_file) if config_file else "options")
+            values.update(cls._coerced(read_yaml(Path(config_file)), source=f"--config {config_file}"))
+        flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+        values.update(cls._coerced(flags, source="options"))
+        config = cls(**values)
+        config.validate()
+        return config
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        known = {f.name: f for f in fields(cls)}
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-        config = cls()
-        for key, value in values.items():
-            default = getattr(config, key)
-            setattr(config, key, _coerce(key, value, default, source))
+        config = cls(**cls._coerced(values, source=source))
         config.validate()
         return config
+
+    @classmethod
+    def _coerced(cls, values: dict[str, Any], *, source: str) -> dict[str, Any]:
+        """`values` with unknown keys refused and each value converted to its setting's type."""
+        defaults = cls()
+        known = cls.field_names()
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(known)}"
+                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+        return {key: _coerce(key, value, getattr(defaults, key), source) for key, value in values.items()}
 
     def validate(self) -> None:
         checks = [
@@ -108,6 +115,21 @@ class TrainConfig:
             (self.image_size >= 16, "image_size", self.image_size, "at least 16"),
             (self.cache_size >= self.image_size, "cache_size", self.cache_size, f"at least image_size ({self.image_size})"),
             (0 < self.eval_crop_fraction <= 1, "eval_crop_fraction", self.eval_crop_fraction, "in (0, 1]"),
+            (
+                len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+                "crop_scale",
+                self.crop_scale,
+                "two numbers MIN,MAX with 0 < MIN <= MAX <= 1, e.g. 0.6,1.0",
+            ),
+            (self.rotation_degrees >= 0, "rotation_degrees", self.rotation_degrees, "0 (off) or a positive angle"),
+            (self.brightness >= 0, "brightness", self.brightness, "0 (off) or a positive number"),
+            (self.contrast >= 0, "contrast", self.contrast, "0 (off) or a positive number"),
+            (self.freeze_children >= 0, "freeze_children", self.freeze_children, "0 or more"),
+            (self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or a positive number"),
+            (self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "0 (off) or more"),
+            (self.focal_gamma >= 0, "focal_gamma", self.focal_gamma, "0 or a positive number"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a number in [0, 1)"),
+            (self.num_workers >= -1, "num_workers", self.num_workers, "-1 (chosen by device) or 0 or more"),
             (self.class_weights in ("none", "balanced"), "class_weights", self.class_weights, "none or balanced"),
             (self.sampler in ("shuffle", "balanced"), "sampler", self.sampler, "shuffle or balanced"),
             (self.loss in ("cross-entropy", "focal"), "loss", self.loss, "cross-entropy or focal"),
@@ -138,19 +160,41 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
+_EXPECTED = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "a text value",
+    tuple: "a list of numbers",
+}
+
+
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     """Convert YAML/CLI values to the type of the default, with a clear error."""
     try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() in ("true", "yes", "1", "on"):
-                    return True
-                if value.lower() in ("false", "no", "0", "off"):
-                    return False
+        if default is None:  # optional text settings
+            if value is None:
+                return None
+            if isinstance(value, (list, tuple, dict)):
                 raise ValueError
-            return bool(value)
+            return str(value)
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                if value.strip().lower() in ("true", "yes", "1", "on"):
+                    return True
+                if value.strip().lower() in ("false", "no", "0", "off"):
+                    return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if isinstance(value, bool):  # YAML turns yes/no/on/off into booleans; never read them as 1/0
+            raise ValueError
         if isinstance(default, tuple):
             items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            if len(items) != len(default):
+                raise ValueError
             return tuple(float(v) for v in items)
         if isinstance(default, int):
             if isinstance(value, float) and not value.is_integer():
@@ -158,8 +202,15 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return int(value)
         if isinstance(default, float):
             return float(value)
-        if isinstance(default, str) or default is None:
-            return None if value is None else str(value)
+        if isinstance(default, str):
+            if value is None or isinstance(value, (list, tuple, dict)):
+                raise ValueError
+            return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: setting {key!r} got {value!r}; expected a {type(default).__name__}") from None
+        expected = _EXPECTED.get(type(default), type(default).__name__)
+        if isinstance(default, tuple):
+            expected = f"a list of {len(default)} numbers, e.g. {','.join(str(v) for v in default)}"
+        raise ConfigError(
+            f"{source}: setting {key!r} got {value!r}; expected {expected}"
+        ) from None
     return value

@@ -19,6 +19,8 @@ from medtransfer.data.cache import CachedImages
 
 def image_tensor(array: np.ndarray) -> torch.Tensor:
     """uint8 HxW or HxWx3 array -> uint8 CxHxW tensor."""
+    if not array.flags.writeable:  # torch cannot wrap read-only memory without copying
+        array = array.copy()
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 

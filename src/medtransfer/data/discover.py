@@ -52,19 +52,37 @@ def patient_id_from_name(path: str | Path, pattern: str | re.Pattern | None = No
     """
     stem = Path(path).stem
     if pattern is not None:
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        regex = _compile_patient_regex(pattern)
         match = regex.search(stem)
         if match is None:
             raise DataError(
-                f"--patient-regex {regex.pattern!r} does not match file name {Path(path).name!r}; "
+                f"--patient-regex '{regex.pattern}' does not match file name {Path(path).name!r}; "
                 "fix the regex or leave it out to use the Kermany naming rules"
             )
-        return match.group(1) if regex.groups else match.group(0)
+        patient = match.group(1) if regex.groups else match.group(0)
+        if not patient:
+            raise DataError(
+                f"--patient-regex '{regex.pattern}' captures an empty patient ID from file name {Path(path).name!r}; "
+                "make its first group match at least one character"
+            )
+        return patient
     for regex in KERMANY_PATIENT_PATTERNS:
         match = regex.match(stem)
         if match:
             return match.group(1)
     return stem
+
+
+def _compile_patient_regex(pattern: str | re.Pattern) -> re.Pattern:
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(
+            f"--patient-regex '{pattern}': not a valid regular expression ({exc}); "
+            r"fix it, e.g. '^(patient\d+)_'"
+        ) from None
 
 
 def kermany_3class_label(path: str | Path, folder_label: str) -> str:
@@ -82,12 +100,13 @@ def kermany_3class_label(path: str | Path, folder_label: str) -> str:
     )
 
 
-def _is_visible_image(path: Path) -> bool:
+def _is_visible_image(path: Path, folder: Path) -> bool:
+    """An image file under `folder` that is neither hidden nor inside a hidden or __MACOSX folder."""
     return (
-        path.is_file()
-        and path.suffix.lower() in IMAGE_SUFFIXES
+        path.suffix.lower() in IMAGE_SUFFIXES
         and not path.name.startswith(".")
-        and not any(part in IGNORED_DIR_NAMES or part.startswith(".") for part in path.parent.parts[-2:])
+        and not any(part in IGNORED_DIR_NAMES or part.startswith(".") for part in path.relative_to(folder).parts[:-1])
+        and path.is_file()
     )
 
 
@@ -112,7 +131,7 @@ def discover_folder(root: Path, *, patient_regex: str | None = None) -> list[Rec
         if not class_dirs:
             raise DataError(f"--data: split folder {split_dir} has no class folders; add one folder per class")
         for class_dir in class_dirs:
-            images = sorted(p for p in class_dir.rglob("*") if _is_visible_image(p))
+            images = sorted(p for p in class_dir.rglob("*") if _is_visible_image(p, class_dir))
             if not images:
                 raise DataError(
                     f"--data: folder {class_dir} holds no images (.jpg, .jpeg, .png, .bmp, .tif); "
@@ -127,9 +146,12 @@ def discover_folder(root: Path, *, patient_regex: str | None = None) -> list[Rec
 
 def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Record]:
     """Records from a CSV with columns path,label[,patient_id][,split]."""
-    with manifest.open(newline="") as handle:
+    # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
+        # Header names are matched without surrounding spaces and case ("Path", " label").
+        reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+        columns = set(reader.fieldnames)
         missing = {"path", "label"} - columns
         if missing:
             raise DataError(
@@ -145,7 +167,7 @@ def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Re
             path = Path(raw_path)
             if not path.is_absolute():
                 path = manifest.parent / path
-            split = (row.get("split") or "").strip() or None
+            split = (row.get("split") or "").strip().lower() or None
             if split is not None and split not in SPLIT_NAMES:
                 raise DataError(
                     f"--data {manifest}, line {line_number}: split {split!r} is not one of {', '.join(SPLIT_NAMES)}"

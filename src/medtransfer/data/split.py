@@ -17,6 +17,8 @@ from pathlib import Path
 from medtransfer.data.discover import Record
 from medtransfer.errors import ConfigError, DataError
 
+SPLIT_CSV_COLUMNS = ("path", "label", "patient_id", "split")
+
 
 @dataclass
 class LeakageReport:
@@ -99,13 +101,17 @@ def resplit(
 
     The test split is never touched. When the source has no test split and
     `test_fraction` > 0, a patient-level test split is drawn first from the pool.
+    With `keep_official_val` the data's val split is kept as is (and a test split, if
+    asked for, is drawn from the rest).
     """
     test = [r for r in records if r.split == "test"]
     pool = [r for r in records if r.split != "test"]
+    official_val: list[Record] = []
     if keep_official_val:
-        if not any(r.split == "val" for r in pool):
+        official_val = [r for r in pool if r.split == "val"]
+        if not official_val:
             raise DataError("--keep-official-val: the data has no val split; leave the option out to draw one")
-        return [replace(r, split=r.split or "train") for r in records]
+        pool = [replace(r, split="train") for r in pool if r.split != "val"]
     if test_fraction > 0:
         if test:
             raise ConfigError(
@@ -115,12 +121,28 @@ def resplit(
         drawn = grouped_stratified_split(pool, fraction=test_fraction, seed=seed + 1, name="test", rest="train")
         test = [r for r in drawn if r.split == "test"]
         pool = [r for r in drawn if r.split != "test"]
+    if keep_official_val:
+        return pool + official_val + test
     pool = grouped_stratified_split(pool, fraction=val_fraction, seed=seed, name="val", rest="train")
     return pool + test
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    try:
+        return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    except OSError as exc:
+        raise DataError(
+            f"--data: cannot read image {path} ({exc.strerror or exc}); restore the file or remove it from the data"
+        ) from None
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise DataError(
+            f"--data: cannot read image {path} ({exc.strerror or exc}); restore the file or remove it from the data"
+        ) from None
 
 
 def check_leakage(records: list[Record], *, check_bytes: bool = True) -> LeakageReport:
@@ -131,9 +153,16 @@ def check_leakage(records: list[Record], *, check_bytes: bool = True) -> Leakage
         patient_splits[r.patient_id].add(r.split or "unassigned")
     report.shared_patients = sorted((p, sorted(s)) for p, s in patient_splits.items() if len(s) > 1)
     if check_bytes:
-        by_digest: dict[str, list[Record]] = defaultdict(list)
+        # Only files of equal size can be identical: hash just those (usually few) files.
+        by_size: dict[int, list[Record]] = defaultdict(list)
         for r in records:
-            by_digest[file_digest(r.path)].append(r)
+            by_size[_file_size(r.path)].append(r)
+        by_digest: dict[str, list[Record]] = defaultdict(list)
+        for same_size in by_size.values():
+            if len({r.split or "unassigned" for r in same_size}) < 2:
+                continue
+            for r in same_size:
+                by_digest[file_digest(r.path)].append(r)
         for group in by_digest.values():
             splits = sorted({r.split or "unassigned" for r in group})
             if len(splits) > 1:
@@ -157,13 +186,27 @@ def split_summary(records: list[Record]) -> dict[str, dict[str, dict[str, int]]]
 
 
 def write_split_csv(records: list[Record], path: Path) -> None:
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient_id", "split"])
+        writer.writerow(SPLIT_CSV_COLUMNS)
         for r in records:
             writer.writerow([str(r.path), r.label, r.patient_id, r.split])
 
 
 def read_split_csv(path: Path) -> list[Record]:
-    with path.open(newline="") as handle:
-        return [Record(Path(row["path"]), row["label"], row["patient_id"], row["split"]) for row in csv.DictReader(handle)]
+    """Records from a split.csv written by `write_split_csv` (an empty split reads back as None)."""
+    try:
+        handle = path.open(newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the split file ({exc.strerror or exc}); check the run folder") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in SPLIT_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"{path}: split file lacks column(s) {', '.join(missing)}; "
+                f"found {', '.join(reader.fieldnames or []) or 'no header'}. Expected {','.join(SPLIT_CSV_COLUMNS)}"
+            )
+        return [
+            Record(Path(row["path"]), row["label"], row["patient_id"], row["split"] or None) for row in reader
+        ]

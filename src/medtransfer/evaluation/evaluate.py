@@ -115,7 +115,7 @@ def write_predictions(outputs: SplitOutputs, point: OperatingPoint, classes: lis
         writer.writerow(["path", "label", "patient_id", *[f"prob_{c}" for c in classes], "pred"])
         for i, image in enumerate(outputs.paths):
             writer.writerow(
-                [image, classes[outputs.labels[i]], outputs.patient_ids[i], *[f"{p:.6f}" for p in probs[i]], classes[predicted[i]]]
+                [image, classes[outputs.labels[i]], outputs.patient_ids[i], *[repr(float(p)) for p in probs[i]], classes[predicted[i]]]
             )
 
 

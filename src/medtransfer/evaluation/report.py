@@ -202,7 +202,8 @@ def _splits(metrics: dict) -> dict[str, dict]:
 
 
 def _classes(root: Path, metrics: dict) -> list[str]:
-    """Class names from metrics.json, model/model.json, multiclass metrics or the data summary."""
+    """Class names from metrics.json, model/model.json, multiclass metrics, the prob_<class>
+    columns of predictions_*.csv, or else the data summary."""
     if isinstance(metrics.get("classes"), list):
         return [str(c) for c in metrics["classes"]]
     model = _read_json(root / "model" / "model.json", what="model description")
@@ -212,6 +213,12 @@ def _classes(root: Path, metrics: dict) -> list[str]:
         per_class = (split.get("multiclass") or {}).get("per_class")
         if isinstance(per_class, dict):
             return [str(c) for c in per_class]
+    for predictions in sorted(root.glob("predictions_*.csv")):
+        with predictions.open(newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+        from_header = [c[len("prob_") :] for c in header if c.startswith("prob_")]
+        if from_header:
+            return from_header
     names: set[str] = set()
     summary = metrics.get("data_summary")
     if isinstance(summary, dict):
@@ -661,8 +668,8 @@ def _published(run: _Run) -> str:
         return ""
     rows = [(src, model, _percent(acc), _percent(sens), _percent(spec), _fmt(auc)) for src, model, acc, sens, spec, auc in PUBLISHED_RESULTS]
     parts = [
-        '<p class="warn">Published results, official Kaggle/Kermany test split '
-        f"({OFFICIAL_TEST_IMAGES} images); not computed by this run.</p>",
+        '<p class="warn">Published results, official Kaggle/Kermany test split; not computed by this run. '
+        f"The official test split has {OFFICIAL_TEST_IMAGES} images.</p>",
         _table(["Source", "Model", "Accuracy", "Sensitivity", "Specificity", "AUC"], rows, css="published"),
     ]
     test = run.splits.get("test")

@@ -217,7 +217,11 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
             early_stopping,
             best,
             HistoryWriter(out / "history.csv"),
-            L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True),
+            # The latest epoch for --resume (one file; last.ckpt links to it). The best weights are
+            # kept by BestWeights as safetensors, so nothing is unpickled to reload them.
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=checkpoints, filename="latest", save_top_k=1, save_last="link", save_on_train_epoch_end=True
+            ),
         ],
         logger=False,
         enable_progress_bar=config.progress,

@@ -1,0 +1,301 @@
+"""Tests for medtransfer.data.split: patient-grouped stratified re-split, leakage check, split.csv."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from medtransfer.data.discover import Record, discover
+from medtransfer.data.split import (
+    check_leakage,
+    grouped_stratified_split,
+    read_split_csv,
+    resplit,
+    split_summary,
+    write_split_csv,
+)
+from medtransfer.errors import ConfigError, DataError
+
+
+def make_records(
+    patients_per_class: dict[str, int],
+    *,
+    seed: int = 0,
+    max_images: int = 4,
+    split: str | None = "train",
+    prefix: str = "",
+) -> list[Record]:
+    """Records (no files) for patients with 1..max_images images each, one label per patient."""
+    rng = random.Random(seed)
+    records = []
+    for label, n_patients in patients_per_class.items():
+        for p in range(n_patients):
+            patient = f"{prefix}{label}-p{p}"
+            for i in range(rng.randint(1, max_images)):
+                records.append(Record(Path(f"/data/{patient}_{i}.png"), label, patient, split))
+    return records
+
+
+def patients_by_split(records: list[Record]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        out[r.split].add(r.patient_id)
+    return out
+
+
+def assignment(records: list[Record]) -> dict[Path, str]:
+    return {r.path: r.split for r in records}
+
+
+# --------------------------------------------------------------------------- grouping and stratification
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_no_patient_in_two_splits_after_resplit(seed):
+    rng = random.Random(seed)
+    counts = {"NORMAL": rng.randint(5, 60), "PNEUMONIA": rng.randint(5, 60), "COVID": rng.randint(3, 20)}
+    records = make_records(counts, seed=seed)
+    records += make_records({"NORMAL": 4, "PNEUMONIA": 4, "COVID": 3}, seed=seed, split="val", prefix="v")
+    records += make_records({"NORMAL": 3, "PNEUMONIA": 5}, seed=seed, split=None, prefix="u")
+
+    result = resplit(records, val_fraction=rng.choice([0.1, 0.2, 0.3]), seed=seed)
+
+    assert sorted(map(str, (r.path for r in result))) == sorted(map(str, (r.path for r in records)))
+    by_split = patients_by_split(result)
+    assert set(by_split) == {"train", "val"}
+    assert not by_split["train"] & by_split["val"]
+    # Every class keeps patients on both sides.
+    for label in counts:
+        assert {r.split for r in result if r.label == label} == {"train", "val"}
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.35])
+def test_each_class_val_fraction_of_images_is_stratified(fraction):
+    records = make_records({"NORMAL": 200, "PNEUMONIA": 200}, seed=3)
+    result = resplit(records, val_fraction=fraction, seed=11)
+    for label in ("NORMAL", "PNEUMONIA"):
+        in_class = [r for r in result if r.label == label]
+        frac = sum(r.split == "val" for r in in_class) / len(in_class)
+        assert abs(frac - fraction) < 0.05, (label, frac)
+
+
+def test_stratified_with_imbalanced_classes():
+    # As in the chest X-ray set: about three pneumonia images per normal one.
+    records = make_records({"NORMAL": 70, "PNEUMONIA": 210}, seed=5)
+    result = resplit(records, val_fraction=0.2, seed=0)
+    for label in ("NORMAL", "PNEUMONIA"):
+        in_class = [r for r in result if r.label == label]
+        assert abs(sum(r.split == "val" for r in in_class) / len(in_class) - 0.2) < 0.05
+
+
+def test_same_seed_same_assignment_different_seed_differs():
+    records = make_records({"NORMAL": 40, "PNEUMONIA": 40}, seed=1)
+    first = assignment(resplit(records, seed=7))
+    assert assignment(resplit(list(records), seed=7)) == first
+    assert assignment(resplit(list(reversed(records)), seed=7)) == first  # input order does not matter
+    assert assignment(resplit(records, seed=8)) != first
+
+
+# --------------------------------------------------------------------------- the test split
+
+
+def test_official_test_split_is_untouched():
+    pool = make_records({"NORMAL": 30, "PNEUMONIA": 30}, seed=2)
+    test = make_records({"NORMAL": 10, "PNEUMONIA": 10}, seed=2, split="test", prefix="t")
+    result = resplit(pool + test, val_fraction=0.3, seed=4)
+    assert [r for r in result if r.split == "test"] == test
+    assert {r.split for r in result if r not in test} == {"train", "val"}
+
+
+def test_test_fraction_draws_a_patient_level_test_split_when_none_exists():
+    records = make_records({"NORMAL": 100, "PNEUMONIA": 100}, seed=9)
+    records += make_records({"NORMAL": 5, "PNEUMONIA": 5}, seed=9, split="val", prefix="v")
+    result = resplit(records, val_fraction=0.2, test_fraction=0.25, seed=0)
+
+    by_split = patients_by_split(result)
+    assert set(by_split) == {"train", "val", "test"}
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["val"] & by_split["test"])
+    assert not by_split["train"] & by_split["val"]
+    for label in ("NORMAL", "PNEUMONIA"):
+        in_class = [r for r in result if r.label == label]
+        assert abs(sum(r.split == "test" for r in in_class) / len(in_class) - 0.25) < 0.05
+    assert assignment(resplit(records, val_fraction=0.2, test_fraction=0.25, seed=0)) == assignment(result)
+
+
+def test_test_fraction_with_an_existing_test_split_is_a_config_error():
+    records = make_records({"NORMAL": 10, "PNEUMONIA": 10}) + make_records(
+        {"NORMAL": 2, "PNEUMONIA": 2}, split="test", prefix="t"
+    )
+    with pytest.raises(ConfigError, match=r"--test-fraction 0.2: the data already has a test split"):
+        resplit(records, test_fraction=0.2)
+
+
+def test_keep_official_val_keeps_the_datas_val():
+    train = make_records({"NORMAL": 20, "PNEUMONIA": 20}, seed=1)
+    val = make_records({"NORMAL": 2, "PNEUMONIA": 2}, seed=1, split="val", prefix="v")
+    test = make_records({"NORMAL": 3, "PNEUMONIA": 3}, seed=1, split="test", prefix="t")
+    unassigned = make_records({"NORMAL": 1}, split=None, prefix="u")
+
+    result = resplit(train + val + test + unassigned, keep_official_val=True, seed=5)
+
+    assert assignment(result) == {
+        **{r.path: "train" for r in train + unassigned},
+        **{r.path: "val" for r in val},
+        **{r.path: "test" for r in test},
+    }
+
+
+def test_keep_official_val_with_test_fraction_draws_test_from_train_only():
+    train = make_records({"NORMAL": 40, "PNEUMONIA": 40}, seed=1)
+    val = make_records({"NORMAL": 2, "PNEUMONIA": 2}, seed=1, split="val", prefix="v")
+    result = resplit(train + val, keep_official_val=True, test_fraction=0.2, seed=0)
+
+    assert [r for r in result if r.split == "val"] == val
+    by_split = patients_by_split(result)
+    assert by_split["test"] and not by_split["test"] & by_split["train"]
+    assert by_split["test"] <= {r.patient_id for r in train}
+
+
+def test_keep_official_val_without_val_split():
+    with pytest.raises(DataError, match="--keep-official-val: the data has no val split"):
+        resplit(make_records({"NORMAL": 5, "PNEUMONIA": 5}), keep_official_val=True)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
+def test_fraction_out_of_range(fraction):
+    with pytest.raises(ConfigError, match=rf"--val-fraction: got {fraction}"):
+        grouped_stratified_split(make_records({"A": 5, "B": 5}), fraction=fraction, seed=0, name="val", rest="train")
+
+
+def test_too_few_patients_for_a_split():
+    records = make_records({"A": 1, "B": 1})  # each class keeps its only patient in train
+    with pytest.raises(DataError, match=r"--val-fraction 0.2: too few patients \(2\)"):
+        resplit(records, val_fraction=0.2)
+
+
+# --------------------------------------------------------------------------- leakage check
+
+
+@pytest.fixture
+def clean_tree(make_kaggle_tree):
+    return make_kaggle_tree(
+        {
+            "train": {"NORMAL": 3, "PNEUMONIA": 3},
+            "test": {"NORMAL": ["IM-0900-0001.jpeg"], "PNEUMONIA": ["person900_virus_1.jpeg"]},
+        }
+    )
+
+
+def test_clean_data_is_clean(clean_tree):
+    report = check_leakage(discover(clean_tree))
+    assert report.clean and report.lines() == []
+    assert report.to_dict() == {"clean": True, "shared_patients": 0, "duplicate_images": 0, "examples": []}
+
+
+def test_patient_shared_between_train_and_test_is_reported(clean_tree, make_image):
+    make_image(clean_tree / "test" / "NORMAL" / "IM-0002-0003.jpeg")  # IM-0002 also has a train image
+
+    report = check_leakage(discover(clean_tree))
+
+    assert not report.clean
+    assert report.shared_patients == [("IM-0002", ["test", "train"])]
+    assert report.duplicate_images == []
+    assert report.lines() == ["1 patient(s) appear in more than one split, e.g. IM-0002 in test+train"]
+    assert report.to_dict()["shared_patients"] == 1
+
+
+def test_byte_identical_image_under_another_name_is_reported(clean_tree):
+    source = clean_tree / "train" / "PNEUMONIA" / "person1_virus_3.jpeg"
+    copy = clean_tree / "test" / "PNEUMONIA" / "person77_bacteria_1.jpeg"
+    shutil.copyfile(source, copy)
+
+    report = check_leakage(discover(clean_tree))
+
+    assert report.shared_patients == []  # different patient IDs: only the bytes give it away
+    ((paths, splits),) = report.duplicate_images
+    assert sorted(paths) == sorted([str(source), str(copy)]) and splits == ["test", "train"]
+    (line,) = report.lines()
+    assert line.startswith("1 byte-identical image(s) appear in more than one split") and "person77_bacteria_1" in line
+
+
+def test_duplicates_within_one_split_and_equal_sizes_are_not_leakage(tmp_path):
+    for name, content in [("a.png", b"A" * 64), ("b.png", b"A" * 64), ("c.png", b"C" * 64)]:
+        (tmp_path / name).write_bytes(content)
+    records = [
+        Record(tmp_path / "a.png", "X", "p1", "train"),
+        Record(tmp_path / "b.png", "X", "p2", "train"),  # same bytes, same split
+        Record(tmp_path / "c.png", "Y", "p3", "test"),  # same size, other bytes
+    ]
+    assert check_leakage(records).clean
+
+
+def test_check_bytes_off_skips_reading_files(tmp_path):
+    records = [Record(tmp_path / "gone.png", "X", "p1", "train"), Record(tmp_path / "gone.png", "Y", "p1", "test")]
+    report = check_leakage(records, check_bytes=False)
+    assert report.shared_patients == [("p1", ["test", "train"])] and report.duplicate_images == []
+
+
+def test_leakage_check_on_missing_file_names_it(tmp_path):
+    records = [Record(tmp_path / "gone.png", "X", "p1", "train")]
+    with pytest.raises(DataError, match="gone.png"):
+        check_leakage(records)
+
+
+def test_leakage_lines_show_at_most_the_requested_examples():
+    records = [Record(Path(f"/x/{i}_{s}.png"), "A", f"p{i}", s) for i in range(8) for s in ("train", "test")]
+    report = check_leakage(records, check_bytes=False)
+    (line,) = report.lines(examples=2)
+    assert line == "8 patient(s) appear in more than one split, e.g. p0 in test+train; p1 in test+train"
+
+
+# --------------------------------------------------------------------------- split.csv and summary
+
+
+def test_split_csv_round_trip(tmp_path):
+    records = resplit(make_records({"NORMAL": 6, "PNEUMONIA": 6}, seed=4), seed=0)
+    records.append(Record(tmp_path / "d i r" / "naïve, \"quoted\".png", "NORMAL", "p,x", "test"))
+    path = tmp_path / "split.csv"
+    write_split_csv(records, path)
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "path,label,patient_id,split"
+    assert read_split_csv(path) == records
+
+
+def test_split_csv_round_trip_keeps_unassigned_split(tmp_path):
+    records = [Record(Path("/x/a.png"), "A", "p1", None), Record(Path("/x/b.png"), "B", "p2", "val")]
+    write_split_csv(records, tmp_path / "split.csv")
+    assert read_split_csv(tmp_path / "split.csv") == records
+
+
+def test_read_split_csv_missing_columns(tmp_path):
+    path = tmp_path / "split.csv"
+    path.write_text("path,label,split\n/x/a.png,A,train\n")
+    with pytest.raises(DataError, match="lacks column\\(s\\) patient_id"):
+        read_split_csv(path)
+
+
+def test_split_summary_counts_images_and_patients():
+    records = [
+        Record(Path("/x/1.png"), "NORMAL", "p1", "train"),
+        Record(Path("/x/2.png"), "NORMAL", "p1", "train"),
+        Record(Path("/x/3.png"), "NORMAL", "p2", "train"),
+        Record(Path("/x/4.png"), "PNEUMONIA", "p3", "train"),
+        Record(Path("/x/5.png"), "PNEUMONIA", "p4", "val"),
+        Record(Path("/x/6.png"), "PNEUMONIA", "p4", "val"),
+        Record(Path("/x/7.png"), "NORMAL", "p5", None),
+    ]
+    assert split_summary(records) == {
+        "train": {"NORMAL": {"images": 3, "patients": 2}, "PNEUMONIA": {"images": 1, "patients": 1}},
+        "val": {"PNEUMONIA": {"images": 2, "patients": 1}},
+        "unassigned": {"NORMAL": {"images": 1, "patients": 1}},
+    }
+
+
+def test_split_summary_totals_match_records():
+    records = resplit(make_records({"NORMAL": 30, "PNEUMONIA": 50}, seed=6), seed=2)
+    summary = split_summary(records)
+    assert sum(c["images"] for s in summary.values() for c in s.values()) == len(records)
+    assert Counter(r.split for r in records) == {s: sum(c["images"] for c in v.values()) for s, v in summary.items()}

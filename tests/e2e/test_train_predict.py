@@ -1,0 +1,188 @@
+"""End to end from the command line: train on a tiny generated dataset, then predict and evaluate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medtransfer.cli import main
+from medtransfer.data.synthetic import generate_demo_dataset
+
+FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "48", "--set", "cache_size=56",
+        "--batch-size", "8", "--bootstrap", "50", "--num-workers", "0", "--no-progress"]
+
+
+def invoke(args: list) -> int:
+    """Run the console script's entry point in-process; return its exit code."""
+    saved_argv = sys.argv
+    sys.argv = ["medtransfer", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as exit_:
+        return exit_.code or 0
+    finally:
+        sys.argv = saved_argv
+
+
+def run_cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
+    code = invoke(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny") / "chest_xray"
+    generate_demo_dataset(root, patients_per_class=10, images_per_patient=(1, 2), val_patients_per_class=2,
+                          test_patients_per_class=5, image_size=64, seed=3)
+    (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "freeze4"
+    cache = tmp_path_factory.mktemp("cache")
+    code = invoke(["train", "--data", tiny_data, "--out", run, "--cache-dir", cache, "--strategy", "freeze",
+                   "--freeze-children", "4", "--epochs", "2", "--skip-bad-images", *FAST])
+    assert code == 0
+    return run, cache
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_writes_the_run_directory_contract(trained_run):
+    run, _ = trained_run
+    for name in ["config.yaml", "split.csv", "history.csv", "metrics.json", "predictions_test.csv", "report.html",
+                 "model/weights.safetensors", "model/model.json", "plots/history.png", "plots/test_roc.png",
+                 "plots/test_confusion.png"]:
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics)[:12] == ["backbone", "strategy", "weights", "params", "epochs_run", "best_epoch",
+                                  "stopped_early", "train_seconds", "positive_class", "threshold", "val", "test"]
+    assert metrics["params"] == {"total": 11_177_538, "trainable": 11_168_002}
+    assert metrics["positive_class"] == "PNEUMONIA" and metrics["epochs_run"] == 2
+    for key in ["n", "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "confusion_matrix"]:
+        assert key in metrics["test"] and key in metrics["val"]
+    history = read_csv(run / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    assert list(history[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+def test_corrupt_image_was_skipped_and_is_not_in_the_split(trained_run):
+    run, _ = trained_run
+    assert not any("IM-9999" in r["path"] for r in read_csv(run / "split.csv"))
+
+
+def test_metrics_json_auc_equals_scikit_learn_on_predictions_csv(trained_run):
+    run, _ = trained_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = read_csv(run / "predictions_test.csv")
+    labels = [r["label"] == "PNEUMONIA" for r in rows]
+    probs = [float(r["prob_PNEUMONIA"]) for r in rows]
+    assert metrics["test"]["n"] == len(rows)
+    assert metrics["test"]["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-9)
+    predicted = [r["pred"] == "PNEUMONIA" for r in rows]
+    assert predicted == [p >= metrics["threshold"] for p in probs]
+
+
+def test_split_is_patient_level_and_keeps_the_official_test(trained_run, tiny_data):
+    run, _ = trained_run
+    rows = read_csv(run / "split.csv")
+    splits_of_patient: dict[str, set] = {}
+    for r in rows:
+        splits_of_patient.setdefault(r["patient_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits_of_patient.values())
+    official_test = {str(p) for p in (tiny_data / "test").rglob("*.png")}
+    assert {r["path"] for r in rows if r["split"] == "test"} == official_test
+    assert sum(r["split"] == "val" for r in rows) > 4  # re-split, not the tiny official val folder
+
+
+def test_predict_matches_evaluation_and_is_deterministic(trained_run, tmp_path, monkeypatch, capsys):
+    run, _ = trained_run
+    reference = {r["path"]: r for r in read_csv(run / "predictions_test.csv")}
+    images = sorted(reference)[:6]
+    outputs = []
+    for attempt in range(2):
+        out_csv = tmp_path / f"predictions{attempt}.csv"
+        code, stdout, _ = run_cli(["predict", "--run", run, *images, "--csv", out_csv], monkeypatch, capsys)
+        assert code == 0 and "PNEUMONIA" in stdout
+        outputs.append(read_csv(out_csv))
+    assert outputs[0] == outputs[1]
+    for row in outputs[0]:
+        assert float(row["prob_PNEUMONIA"]) == pytest.approx(float(reference[row["path"]]["prob_PNEUMONIA"]), abs=2e-3)
+        assert abs(float(row["prob_NORMAL"]) + float(row["prob_PNEUMONIA"]) - 1) < 1e-5
+
+
+def test_saved_model_loads_without_pickle(trained_run, monkeypatch):
+    run, _ = trained_run
+    import pickle
+
+    from medtransfer.artifacts import load_model
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr("torch.load", forbidden)
+    saved = load_model(run)
+    assert saved.classes == ["NORMAL", "PNEUMONIA"] and 0 < saved.threshold < 1
+    info = json.loads((run / "model" / "model.json").read_text())
+    for key in ["backbone", "classes", "image_size", "mean", "std", "threshold", "positive_class", "training_config", "versions"]:
+        assert key in info
+
+
+def test_evaluate_on_an_external_folder_leaves_the_run_untouched(trained_run, tiny_data, tmp_path, monkeypatch, capsys):
+    run, cache = trained_run
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    out = tmp_path / "external"
+    code, stdout, err = run_cli(["evaluate", "--run", run, "--data", tiny_data, "--out", out, "--bootstrap", "50",
+                                 "--cache-dir", cache], monkeypatch, capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    run_metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["auc"] == pytest.approx(run_metrics["test"]["auc"], abs=1e-3)
+    assert (out / "report.html").is_file() and (out / "predictions.csv").is_file()
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+
+def test_interrupted_run_resumes_where_it_stopped(tiny_data, trained_run, tmp_path, monkeypatch, capsys):
+    _, cache = trained_run
+    from medtransfer.train.callbacks import HistoryWriter
+
+    original = HistoryWriter.on_train_epoch_start
+
+    def interrupt_after_first_epoch(self, trainer, pl_module):  # as Ctrl-C early in epoch 2
+        original(self, trainer, pl_module)
+        if trainer.current_epoch == 1:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "resumable"
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(HistoryWriter, "on_train_epoch_start", interrupt_after_first_epoch)
+    try:
+        code, _, err = run_cli(["train", "--data", tiny_data, "--out", run, "--cache-dir", cache, "--epochs", "3",
+                                "--skip-bad-images", *FAST], monkeypatch, capsys)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C after a graceful shutdown
+    assert code == 1
+    assert f"medtransfer train --resume {run}" in err
+    assert not (run / "metrics.json").exists() and (run / "checkpoints" / "last.ckpt").is_file()
+
+    monkeypatch.setattr(HistoryWriter, "on_train_epoch_start", original)
+    code, _, err = run_cli(["train", "--resume", run], monkeypatch, capsys)
+    assert code == 0, err
+    assert [int(r["epoch"]) for r in read_csv(run / "history.csv")] == [1, 2, 3]
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 3

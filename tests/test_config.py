@@ -1,0 +1,254 @@
+"""Tests for medtransfer.config: precedence, YAML in/out, type coercion and validation messages."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtransfer.config import TrainConfig, read_yaml
+from medtransfer.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- precedence
+
+
+def test_defaults_without_sources():
+    assert TrainConfig.from_sources() == TrainConfig()
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
+    config_file = write(tmp_path / "c.yaml", "epochs: 5\nlr: 0.01\nbackbone: resnet50\n")
+    config = TrainConfig.from_sources(config_file, {"epochs": 7, "batch_size": 8})
+    assert config.epochs == 7  # YAML and override: the override wins
+    assert config.lr == 0.01  # YAML only
+    assert config.backbone == "resnet50"
+    assert config.batch_size == 8  # override only
+    assert config.patience == TrainConfig().patience  # neither: the default
+
+
+def test_override_none_means_not_given(tmp_path):
+    config_file = write(tmp_path / "c.yaml", "epochs: 5\nstrict: true\n")
+    config = TrainConfig.from_sources(config_file, {"epochs": None, "strict": None, "seed": 3})
+    assert (config.epochs, config.strict, config.seed) == (5, True, 3)
+
+
+def test_override_false_is_kept(tmp_path):
+    config_file = write(tmp_path / "c.yaml", "progress: true\n")
+    assert TrainConfig.from_sources(config_file, {"progress": False}).progress is False
+
+
+def test_empty_yaml_gives_defaults(tmp_path):
+    assert TrainConfig.from_sources(write(tmp_path / "c.yaml", "# nothing\n")) == TrainConfig()
+
+
+# --------------------------------------------------------------------------- unknown keys and types
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"), [("epoch", "epochs"), ("val-fraction", "val_fraction"), ("learning_rat", None)]
+)
+def test_unknown_yaml_key(tmp_path, key, suggestion):
+    config_file = write(tmp_path / "c.yaml", f"{key}: 3\n")
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_sources(config_file)
+    message = str(info.value)
+    assert str(config_file) in message and f"unknown setting {key!r}" in message
+    if suggestion:
+        assert f"did you mean {suggestion!r}?" in message
+    else:
+        assert "known settings:" in message and "val_fraction" in message
+
+
+def test_unknown_override_key_names_options_not_the_file(tmp_path):
+    config_file = write(tmp_path / "c.yaml", "epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"^options: unknown setting 'bach_size'; did you mean 'batch_size'\?"):
+        TrainConfig.from_sources(config_file, {"bach_size": 4})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("epochs", "abc", "a whole number"),
+        ("epochs", 2.5, "a whole number"),
+        ("epochs", True, "a whole number"),  # YAML `epochs: yes`
+        ("epochs", None, "a whole number"),
+        ("lr", "fast", "a number"),
+        ("lr", [0.1], "a number"),
+        ("strict", "maybe", "true or false"),
+        ("strict", 2, "true or false"),
+        ("crop_scale", "0.5", "a list of 2 numbers, e.g. 0.6,1.0"),
+        ("crop_scale", [0.2, 0.5, 1.0], "a list of 2 numbers"),
+        ("crop_scale", ["a", "b"], "a list of 2 numbers"),
+        ("backbone", ["resnet18", "resnet50"], "a text value"),
+        ("backbone", None, "a text value"),
+    ],
+)
+def test_wrong_type_names_setting_and_value(key, value, expected):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict({key: value}, source="options")
+    message = str(info.value)
+    assert message.startswith(f"options: setting {key!r} got {value!r}; expected {expected}")
+
+
+def test_wrong_type_in_yaml_names_the_file(tmp_path):
+    config_file = write(tmp_path / "c.yaml", "epochs: abc\n")
+    with pytest.raises(ConfigError, match=rf"--config {tmp_path}.*setting 'epochs' got 'abc'"):
+        TrainConfig.from_sources(config_file)
+
+
+def test_wrong_type_in_override_names_options(tmp_path):
+    config_file = write(tmp_path / "c.yaml", "epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"^options: setting 'epochs' got 'abc'"):
+        TrainConfig.from_sources(config_file, {"epochs": "abc"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("epochs", "12", 12),
+        ("epochs", 12.0, 12),
+        ("lr", "1e-3", 1e-3),  # --set lr=1e-3 and YAML 1.1's `lr: 1e-3` both arrive as text
+        ("lr", 3, 3.0),
+        ("strict", "yes", True),
+        ("strict", "Off", False),
+        ("strict", 1, True),
+        ("horizontal_flip", True, True),
+        ("crop_scale", "0.5,0.9", (0.5, 0.9)),
+        ("crop_scale", [0.5, 1], (0.5, 1.0)),
+        ("patient_regex", r"^(p\d+)_", r"^(p\d+)_"),
+        ("patient_regex", None, None),
+        ("positive_class", 1, "1"),
+        ("devices", 2, "2"),
+    ],
+)
+def test_values_are_coerced_to_the_setting_type(key, value, expected):
+    config = TrainConfig.from_dict({key: value})
+    assert getattr(config, key) == expected
+    assert type(getattr(config, key)) is type(expected)
+
+
+def test_tuple_setting_from_yaml_list(tmp_path):
+    config = TrainConfig.from_sources(write(tmp_path / "c.yaml", "crop_scale: [0.3, 0.9]\n"))
+    assert config.crop_scale == (0.3, 0.9)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("values", "flag", "shown"),
+    [
+        ({"val_fraction": 1.5}, "--val-fraction", "1.5"),
+        ({"val_fraction": 0}, "--val-fraction", "0.0"),
+        ({"test_fraction": 1.0}, "--test-fraction", "1.0"),
+        ({"epochs": 0}, "--epochs", "0"),
+        ({"batch_size": -4}, "--batch-size", "-4"),
+        ({"lr": 0}, "--lr", "0.0"),
+        ({"lr": "nan"}, "--lr", "nan"),
+        ({"image_size": 8, "cache_size": 8}, "--image-size", "8"),
+        ({"cache_size": 200}, "--cache-size", "200"),
+        ({"cache_size": 300, "image_size": 320}, "--cache-size", "300"),
+        ({"eval_crop_fraction": 1.2}, "--eval-crop-fraction", "1.2"),
+        ({"crop_scale": [0.9, 0.5]}, "--crop-scale", "(0.9, 0.5)"),
+        ({"crop_scale": [0.0, 1.0]}, "--crop-scale", "(0.0, 1.0)"),
+        ({"crop_scale": [0.5, 1.5]}, "--crop-scale", "(0.5, 1.5)"),
+        ({"label_smoothing": 1.0}, "--label-smoothing", "1.0"),
+        ({"freeze_children": -1}, "--freeze-children", "-1"),
+        ({"num_workers": -2}, "--num-workers", "-2"),
+        ({"weight_decay": -0.1}, "--weight-decay", "-0.1"),
+        ({"class_weights": "auto"}, "--class-weights", "'auto'"),
+        ({"sampler": "random"}, "--sampler", "'random'"),
+        ({"loss": "bce"}, "--loss", "'bce'"),
+        ({"calibrate": "platt"}, "--calibrate", "'platt'"),
+        ({"bootstrap": -1}, "--bootstrap", "-1"),
+        ({"labels": "3class"}, "--labels", "'3class'"),
+    ],
+)
+def test_validation_names_flag_and_value(values, flag, shown):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict(values)
+    message = str(info.value)
+    assert message.startswith(f"{flag}: got {shown}; expected ")
+
+
+def test_cache_size_message_says_what_to_do():
+    with pytest.raises(ConfigError, match=r"--cache-size: got 200; expected at least image_size \(224\)"):
+        TrainConfig.from_dict({"cache_size": 200})
+
+
+def test_validation_applies_after_merging_sources(tmp_path):
+    # The YAML alone is invalid (cache_size < image_size), the flag fixes it.
+    config_file = write(tmp_path / "c.yaml", "image_size: 320\n")
+    assert TrainConfig.from_sources(config_file, {"cache_size": 352}).cache_size == 352
+    with pytest.raises(ConfigError, match="--cache-size"):
+        TrainConfig.from_sources(config_file)
+
+
+@pytest.mark.parametrize(
+    "values", [{"val_fraction": 0.5, "test_fraction": 0.0}, {"image_size": 16, "cache_size": 16}, {"lr": 1e-6}]
+)
+def test_boundary_values_are_accepted(values):
+    config = TrainConfig.from_dict(values)
+    assert {k: getattr(config, k) for k in values} == values
+
+
+# --------------------------------------------------------------------------- YAML in and out
+
+
+def test_yaml_round_trip(tmp_path):
+    config = TrainConfig.from_dict(
+        {
+            "data": "/data/chest_xray",
+            "patient_regex": r"^(p\d+)_",
+            "crop_scale": (0.5, 0.95),
+            "epochs": 4,
+            "lr": 3e-4,
+            "strict": True,
+            "positive_class": "PNEUMONIA",
+            "threshold": "sensitivity:0.95",
+            "devices": "1",
+        }
+    )
+    path = tmp_path / "config.yaml"
+    config.write_yaml(path)
+
+    assert TrainConfig.from_sources(path) == config
+    saved = yaml.safe_load(path.read_text())
+    assert list(saved) == TrainConfig.field_names()  # every setting, in declaration order
+    assert saved["crop_scale"] == [0.5, 0.95]  # plain YAML list, no Python tags
+
+
+def test_default_config_round_trip(tmp_path):
+    TrainConfig().write_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_sources(tmp_path / "c.yaml") == TrainConfig()
+
+
+def test_to_dict_has_every_field():
+    assert set(TrainConfig().to_dict()) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("epochs: [1, 2\n", "not valid YAML"),
+        ("- epochs\n- lr\n", "expected a mapping of setting: value, got list"),
+    ],
+)
+def test_bad_yaml_file(tmp_path, text, match):
+    config_file = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError, match=match) as info:
+        read_yaml(config_file)
+    assert str(config_file) in str(info.value)
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config .*missing.yaml: no such file"):
+        TrainConfig.from_sources(tmp_path / "missing.yaml")
