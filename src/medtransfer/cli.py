@@ -6,6 +6,7 @@ here. Configuration precedence: defaults < --config YAML < command-line flags.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -227,6 +228,8 @@ def demo(
 
 
 def main() -> None:
+    # Lightning's INFO lines (hardware summary, product tips) repeat what medtransfer prints itself.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         app()
     except MedtransferError as exc:

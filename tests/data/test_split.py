@@ -299,3 +299,25 @@ def test_split_summary_totals_match_records():
     summary = split_summary(records)
     assert sum(c["images"] for s in summary.values() for c in s.values()) == len(records)
     assert Counter(r.split for r in records) == {s: sum(c["images"] for c in v.values()) for s, v in summary.items()}
+
+
+def test_resplit_keeps_byte_identical_images_of_different_patients_together(tmp_path):
+    """A copy filed under another patient must not end up on the other side of the split."""
+    import shutil
+
+    from medtransfer.data.discover import Record as _Record
+    from medtransfer.data.split import check_leakage as _check_leakage, resplit as _resplit
+
+    records = []
+    for i in range(60):
+        label = "NORMAL" if i % 2 else "PNEUMONIA"
+        path = tmp_path / f"p{i}.png"
+        path.write_bytes(bytes([i]) * (100 + i))
+        records.append(_Record(path, label, f"patient{i}", "train"))
+    for i in range(0, 60, 6):  # ten copies under new patient IDs
+        copy = tmp_path / f"copy{i}.png"
+        shutil.copy(records[i].path, copy)
+        records.append(_Record(copy, records[i].label, f"other{i}", "train"))
+    for seed in range(5):
+        split = _resplit(records, val_fraction=0.3, seed=seed)
+        assert _check_leakage(split).duplicate_images == []

@@ -49,6 +49,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import sqlite3
 import warnings
 from collections.abc import Callable, Container, Iterator, Sequence
@@ -192,7 +193,8 @@ def _channels_equal(rgb: Image.Image) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+    # PIL names an in-memory buffer ("<_io.BytesIO object at 0x...>"), which means nothing to the user.
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -591,12 +593,10 @@ def _squeeze(shape: tuple[int, int, int]) -> tuple[int, ...]:
 
 
 def _bad_images_message(bad: list[tuple[Path, str]]) -> str:
-    lines = [f"{len(bad)} image(s) cannot be read:"]
-    lines += [f"  {path}: {reason}" for path, reason in bad[:_MAX_LISTED_BAD]]
-    if len(bad) > _MAX_LISTED_BAD:
-        lines.append(f"  ... and {len(bad) - _MAX_LISTED_BAD} more")
-    lines.append(f"Fix or remove them, or {_SKIP_HINT}.")
-    return "\n".join(lines)
+    """One line (the CLI prints errors as one line): every bad file with its reason, then the fix."""
+    listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:_MAX_LISTED_BAD])
+    more = f"; ... and {len(bad) - _MAX_LISTED_BAD} more" if len(bad) > _MAX_LISTED_BAD else ""
+    return f"{len(bad)} image(s) cannot be read: {listed}{more}. Fix or remove them, or {_SKIP_HINT}."
 
 
 class _Progress:

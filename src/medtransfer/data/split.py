@@ -48,16 +48,16 @@ class LeakageReport:
         }
 
 
-def _patient_strata(records: list[Record]) -> dict[str, str]:
-    """Each patient's stratum: the most frequent label among their images (ties: alphabetical)."""
+def _patient_strata(records: list[Record], group_of: dict[str, str]) -> dict[str, str]:
+    """Each group's stratum: the most frequent label among its images (ties: alphabetical)."""
     labels: dict[str, Counter] = defaultdict(Counter)
     for r in records:
-        labels[r.patient_id][r.label] += 1
+        labels[group_of.get(r.patient_id, r.patient_id)][r.label] += 1
     return {p: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for p, c in labels.items()}
 
 
 def grouped_stratified_split(
-    records: list[Record], *, fraction: float, seed: int, name: str, rest: str
+    records: list[Record], *, fraction: float, seed: int, name: str, rest: str, group_of: dict[str, str] | None = None
 ) -> list[Record]:
     """Assign about `fraction` of each class's images, whole patients at a time, to split `name`.
 
@@ -66,8 +66,9 @@ def grouped_stratified_split(
     """
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"--{name}-fraction: got {fraction}; use a number between 0 and 1, e.g. 0.2")
-    strata = _patient_strata(records)
-    images_per_patient = Counter(r.patient_id for r in records)
+    group_of = group_of or {}
+    strata = _patient_strata(records, group_of)
+    images_per_patient = Counter(group_of.get(r.patient_id, r.patient_id) for r in records)
     rng = random.Random(seed)
     chosen: set[str] = set()
     for stratum in sorted(set(strata.values())):
@@ -81,7 +82,7 @@ def grouped_stratified_split(
                 break
             chosen.add(patient)
             taken += images_per_patient[patient]
-    assigned = [replace(r, split=name if r.patient_id in chosen else rest) for r in records]
+    assigned = [replace(r, split=name if group_of.get(r.patient_id, r.patient_id) in chosen else rest) for r in records]
     if not any(r.split == name for r in assigned):
         raise DataError(
             f"--{name}-fraction {fraction}: too few patients ({len(strata)}) to draw a {name} split; add images"
@@ -106,6 +107,9 @@ def resplit(
     """
     test = [r for r in records if r.split == "test"]
     pool = [r for r in records if r.split != "test"]
+    # Byte-identical copies filed under different patients travel together, so the split
+    # itself never creates the leakage that check_leakage would then report.
+    group_of = duplicate_patient_groups(pool)
     official_val: list[Record] = []
     if keep_official_val:
         official_val = [r for r in pool if r.split == "val"]
@@ -118,12 +122,14 @@ def resplit(
                 f"--test-fraction {test_fraction}: the data already has a test split ({len(test)} images); "
                 "leave --test-fraction at 0 so the official test split stays untouched"
             )
-        drawn = grouped_stratified_split(pool, fraction=test_fraction, seed=seed + 1, name="test", rest="train")
+        drawn = grouped_stratified_split(
+            pool, fraction=test_fraction, seed=seed + 1, name="test", rest="train", group_of=group_of
+        )
         test = [r for r in drawn if r.split == "test"]
         pool = [r for r in drawn if r.split != "test"]
     if keep_official_val:
         return pool + official_val + test
-    pool = grouped_stratified_split(pool, fraction=val_fraction, seed=seed, name="val", rest="train")
+    pool = grouped_stratified_split(pool, fraction=val_fraction, seed=seed, name="val", rest="train", group_of=group_of)
     return pool + test
 
 
@@ -145,6 +151,44 @@ def _file_size(path: Path) -> int:
         ) from None
 
 
+def identical_images(
+    records: list[Record], *, across_splits_only: bool = False, skip_unreadable: bool = False
+) -> list[list[Record]]:
+    """Groups of records whose files are byte-identical (two or more per group).
+
+    Only files of equal size can be identical, so just those (usually few) are hashed.
+    With `skip_unreadable`, missing files are left out here (image loading reports them).
+    """
+    by_size: dict[int, list[Record]] = defaultdict(list)
+    for r in records:
+        if skip_unreadable and not r.path.is_file():
+            continue
+        by_size[_file_size(r.path)].append(r)
+    by_digest: dict[str, list[Record]] = defaultdict(list)
+    for same_size in by_size.values():
+        if len(same_size) < 2 or (across_splits_only and len({r.split or "unassigned" for r in same_size}) < 2):
+            continue
+        for r in same_size:
+            by_digest[file_digest(r.path)].append(r)
+    return [group for group in by_digest.values() if len(group) > 1]
+
+
+def duplicate_patient_groups(records: list[Record]) -> dict[str, str]:
+    """patient -> representative patient, merging patients that share a byte-identical image."""
+    parent: dict[str, str] = {}
+
+    def find(patient: str) -> str:
+        while parent.get(patient, patient) != patient:
+            patient = parent[patient]
+        return patient
+
+    for group in identical_images(records, skip_unreadable=True):
+        roots = sorted({find(r.patient_id) for r in group})
+        for other in roots[1:]:
+            parent[other] = roots[0]
+    return {patient: find(patient) for patient in parent}
+
+
 def check_leakage(records: list[Record], *, check_bytes: bool = True) -> LeakageReport:
     """Patients and byte-identical images that appear in more than one split."""
     report = LeakageReport()
@@ -153,17 +197,7 @@ def check_leakage(records: list[Record], *, check_bytes: bool = True) -> Leakage
         patient_splits[r.patient_id].add(r.split or "unassigned")
     report.shared_patients = sorted((p, sorted(s)) for p, s in patient_splits.items() if len(s) > 1)
     if check_bytes:
-        # Only files of equal size can be identical: hash just those (usually few) files.
-        by_size: dict[int, list[Record]] = defaultdict(list)
-        for r in records:
-            by_size[_file_size(r.path)].append(r)
-        by_digest: dict[str, list[Record]] = defaultdict(list)
-        for same_size in by_size.values():
-            if len({r.split or "unassigned" for r in same_size}) < 2:
-                continue
-            for r in same_size:
-                by_digest[file_digest(r.path)].append(r)
-        for group in by_digest.values():
+        for group in identical_images(records, across_splits_only=True):
             splits = sorted({r.split or "unassigned" for r in group})
             if len(splits) > 1:
                 report.duplicate_images.append(([str(r.path) for r in group], splits))

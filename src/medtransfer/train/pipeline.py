@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +235,11 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
     console.print(f"Training on {accelerator} with {precision}, {workers} loader worker(s)")
     fit_started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
+        with warnings.catch_warnings():
+            # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
     except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown; last.ckpt holds the last full epoch
         if trainer.interrupted:
             raise TrainingInterrupted(out) from None

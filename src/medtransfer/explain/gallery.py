@@ -1,0 +1,263 @@
+"""A CAM gallery for a run: the cases worth looking at, with their heatmaps.
+
+:func:`write_gallery` reads ``RUN/predictions_<split>.csv`` (``path,label,patient_id,
+prob_<class>...,pred``), picks per group the ``per_group`` most telling images and writes
+
+- ``RUN/plots/gallery/<group>_<rank>_<stem>.png``: the class activation map of the
+  *predicted* class over the image as the model saw it (the centre crop), with a caption;
+- ``RUN/gallery.json``: ``{"sections": [{"title": str, "items": [{"image": "plots/gallery/...png",
+  "caption": str}]}]}``, which :func:`medtransfer.evaluation.report.write_report` renders.
+
+Groups, two classes (``p`` is the probability of the predicted class, the confidence):
+
+- true positives, false positives, false negatives, true negatives, each sorted by ``p``
+  from high to low (for the errors: the most confidently wrong first);
+- top losses: highest cross-entropy ``-log p(true class)``.
+
+More than two classes: the most confident correct images of each class, and the top losses.
+
+Selection is a pure function (:func:`select_gallery`) of the prediction rows; images whose
+files no longer exist are left out before selecting, so a group still fills up.
+
+Example
+-------
+>>> from medtransfer.artifacts import load_model
+>>> write_gallery(Path("runs/demo"), load_model("runs/demo"))  # doctest: +SKIP
+PosixPath('runs/demo/gallery.json')
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medtransfer.errors import ConfigError, DataError
+
+__all__ = ["GALLERY_DIR", "GALLERY_FILE", "GalleryGroup", "PredictionRow", "read_predictions", "select_gallery", "write_gallery"]
+
+GALLERY_FILE = "gallery.json"
+GALLERY_DIR = Path("plots") / "gallery"
+_MIN_PROBABILITY = 1e-12  # cross-entropy of a probability rounded to 0 stays finite
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one row, one rendering
+class PredictionRow:
+    """One line of a predictions CSV; ``probabilities`` maps every class to its probability."""
+
+    path: Path
+    label: str
+    predicted: str
+    probabilities: dict[str, float]
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[self.predicted]
+
+    @property
+    def loss(self) -> float:
+        return -math.log(max(self.probabilities[self.label], _MIN_PROBABILITY))
+
+
+@dataclass(frozen=True)
+class GalleryGroup:
+    key: str  # file-name prefix: "tp", "fp", "fn", "tn", "loss", "correct-<class>"
+    title: str
+    rows: tuple[PredictionRow, ...]
+
+
+def read_predictions(path: Path, classes: Sequence[str], *, base: Path | None = None) -> list[PredictionRow]:
+    """Rows of a predictions CSV for a model with these ``classes``.
+
+    A relative image path is taken as it stands when that file exists, else relative to
+    ``base`` (the run directory).
+
+    Raises:
+        DataError: a missing column, an unknown class name or a probability that is not a number.
+    """
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        needed = ["path", "label", "pred", *[f"prob_{c}" for c in classes]]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DataError(
+                f"{path}: missing column(s) {', '.join(missing)}; expected path,label,patient_id,"
+                f"{','.join(f'prob_{c}' for c in classes)},pred for the model's classes. Got: {','.join(columns)}"
+            )
+        rows = []
+        for line, record in enumerate(reader, start=2):
+            for key in ("label", "pred"):
+                if record[key] not in classes:
+                    raise DataError(f"{path}, line {line}: {key} {record[key]!r} is not one of the model's classes {list(classes)}")
+            try:
+                probabilities = {c: float(record[f"prob_{c}"]) for c in classes}
+            except (TypeError, ValueError):
+                raise DataError(f"{path}, line {line}: a prob_<class> value is not a number: {record}") from None
+            image = Path(record["path"])
+            if not image.is_absolute() and not image.exists() and base is not None:
+                image = base / image
+            rows.append(PredictionRow(image, record["label"], record["pred"], probabilities))
+    return rows
+
+
+def select_gallery(
+    rows: Sequence[PredictionRow], classes: Sequence[str], *, positive_class: str | None = None, per_group: int = 4
+) -> list[GalleryGroup]:
+    """The groups of a gallery (see the module docstring); empty groups are left out.
+
+    Ties are broken by path, so the choice is deterministic.
+    """
+    if per_group < 1:
+        raise ConfigError(f"--per-group: got {per_group}; use 1 or more")
+    classes = list(classes)
+
+    def top(candidates: Sequence[PredictionRow], key) -> tuple[PredictionRow, ...]:
+        ordered = sorted(candidates, key=lambda r: (-key(r), str(r.path)))
+        return tuple(ordered[:per_group])
+
+    groups: list[GalleryGroup] = []
+    if len(classes) == 2:
+        positive = positive_class if positive_class is not None else classes[1]
+        if positive not in classes:
+            raise ConfigError(f"positive class {positive!r} is not one of {classes}")
+        negative = classes[1 - classes.index(positive)]
+        cells = (
+            ("tp", "True positives", positive, positive),
+            ("fp", "False positives", negative, positive),
+            ("fn", "False negatives", positive, negative),
+            ("tn", "True negatives", negative, negative),
+        )
+        for key, name, label, predicted in cells:
+            chosen = top([r for r in rows if r.label == label and r.predicted == predicted], lambda r: r.confidence)
+            wrong = label != predicted
+            title = f"{name}: {label} predicted {predicted}, most {'confidently wrong' if wrong else 'confident'}"
+            groups.append(GalleryGroup(key, title, chosen))
+    else:
+        for name in classes:
+            chosen = top([r for r in rows if r.label == name and r.predicted == name], lambda r: r.confidence)
+            groups.append(GalleryGroup(f"correct-{name}", f"Correct {name}, most confident", chosen))
+    groups.append(GalleryGroup("loss", "Top losses: highest cross-entropy -log p(true class)", top(rows, lambda r: r.loss)))
+    return [g for g in groups if g.rows]
+
+
+def caption(row: PredictionRow, classes: Sequence[str], *, positive_class: str, threshold: float, loss: bool = False) -> str:
+    """``true PNEUMONIA, predicted NORMAL, p(PNEUMONIA)=0.12 (threshold 0.41)`` (binary);
+    ``true a, predicted b, p(b)=0.70`` (more classes); ``, loss 2.12`` appended for top losses."""
+    text = f"true {row.label}, predicted {row.predicted}, "
+    if len(classes) == 2:
+        text += f"p({positive_class})={row.probabilities[positive_class]:.2f} (threshold {threshold:.2f})"
+    else:
+        text += f"p({row.predicted})={row.confidence:.2f}"
+        if loss and row.label != row.predicted:
+            text += f", p({row.label})={row.probabilities[row.label]:.2f}"
+    if loss:
+        text += f", loss {row.loss:.2f}"
+    return text
+
+
+def write_gallery(
+    run_dir: Path, saved_model: Any, *, per_group: int = 4, method: str = "gradcam", split: str = "test"
+) -> Path | None:
+    """Write the CAM gallery of ``run_dir`` for one split; return the ``gallery.json`` path.
+
+    Returns ``None`` (and writes nothing) when ``run_dir/predictions_<split>.csv`` is absent
+    or none of its images exists any more. PNGs left in ``run_dir/plots/gallery`` by an
+    earlier call are removed first, so the folder matches ``gallery.json``.
+
+    Args:
+        run_dir: the run (or evaluation) directory.
+        saved_model: :class:`~medtransfer.artifacts.SavedModel` that wrote the predictions;
+            its preprocessing, classes, positive class and threshold are used.
+        per_group: images per group.
+        method: ``"cam"``, ``"gradcam"`` or ``"gradcam++"``.
+        split: which ``predictions_<split>.csv`` to read.
+    """
+    from medtransfer.explain.cam import METHODS, save_overlay
+
+    if method not in METHODS:
+        raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
+    run_dir = Path(run_dir)
+    predictions = run_dir / f"predictions_{split}.csv"
+    if not predictions.is_file():
+        return None
+    classes = list(saved_model.classes)
+    positive = classes[saved_model.positive_index]
+    threshold = saved_model.threshold
+    rows = [r for r in read_predictions(predictions, classes, base=run_dir) if r.path.is_file()]
+    groups = select_gallery(rows, classes, positive_class=positive, per_group=per_group)
+    if not groups:
+        return None
+
+    out_dir = run_dir / GALLERY_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.png"):
+        stale.unlink()
+    unique = list(dict.fromkeys(r for g in groups for r in g.rows))
+    rendered = _render(saved_model, unique, method=method)
+
+    sections = []
+    for group in groups:
+        items = []
+        for rank, row in enumerate(group.rows, start=1):
+            text = caption(row, classes, positive_class=positive, threshold=threshold, loss=group.key == "loss")
+            name = f"{_safe(group.key)}_{rank:02d}_{_safe(row.path.stem)}_{method}.png"
+            shown, heat = rendered[row]
+            save_overlay(out_dir / name, shown, heat, text)
+            items.append({"image": (GALLERY_DIR / name).as_posix(), "caption": text})
+        sections.append({"title": f"{group.title} ({split} split)", "items": items})
+    gallery = {
+        "sections": sections,
+        "method": method,
+        "split": split,
+        "explained_class": "predicted",
+        "threshold": threshold,
+        "positive_class": positive,
+    }
+    path = run_dir / GALLERY_FILE
+    temporary = run_dir / (GALLERY_FILE + ".tmp")
+    temporary.write_text(json.dumps(gallery, indent=2), encoding="utf-8")
+    temporary.replace(path)
+    return path
+
+
+def _render(
+    saved_model: Any, rows: Sequence[PredictionRow], *, method: str, batch_size: int = 8
+) -> dict[PredictionRow, tuple[np.ndarray, np.ndarray]]:
+    """(image as the model saw it, map of the predicted class) per row, preprocessed as explain_files does."""
+    from medtransfer.data.cache import decode_image
+    from medtransfer.data.datamodule import image_tensor
+    from medtransfer.explain.cam import ClassActivationMap, _gray, _gray_from_input, _identity, _split_transform
+
+    classes = list(saved_model.classes)
+    geometric, to_input = _split_transform(saved_model.transform())
+    parameter = next(saved_model.model.parameters())
+    out: dict[PredictionRow, tuple[np.ndarray, np.ndarray]] = {}
+    with ClassActivationMap(saved_model.model, method=method) as cam:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            shown, inputs = [], []
+            for row in batch:
+                pixels = geometric(image_tensor(np.array(decode_image(row.path, size=saved_model.info["decode_size"]))))
+                model_input = to_input(pixels)
+                shown.append(_gray(pixels) if geometric is not _identity else _gray_from_input(model_input))
+                inputs.append(model_input)
+            images = torch.stack(inputs).to(device=parameter.device, dtype=parameter.dtype)
+            result = cam(images, class_index=[classes.index(r.predicted) for r in batch])
+            maps = result.maps.cpu().numpy().astype(np.float32)
+            for i, row in enumerate(batch):
+                out[row] = (shown[i], maps[i])
+    return out
+
+
+def _safe(text: str) -> str:
+    """A file-name fragment: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "image"
