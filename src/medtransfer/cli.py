@@ -91,6 +91,9 @@ def train(
     from medtransfer.config import TrainConfig
     from medtransfer.train.pipeline import run_training
 
+    # Lightning (configured on import) logs a hardware summary and product tips at INFO;
+    # medtransfer prints what matters itself.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     overrides = _train_overrides(**flags)
     if resume is not None:
         if config is not None or data is not None:
@@ -178,6 +181,22 @@ def evaluate(
 
 
 @app.command()
+def compare(
+    runs: List[Path] = typer.Argument(..., help="Two or more run or evaluation folders (the first is the reference)."),
+    out: Optional[Path] = typer.Option(None, help="Also write comparison.md, comparison.html and comparison.json here."),
+    bootstrap: int = typer.Option(2000, help="Bootstrap resamples for the paired AUC test."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+):
+    """Side-by-side metrics with CIs, and paired tests (bootstrap and DeLong) of AUC differences."""
+    from medtransfer.evaluation.compare import compare_runs
+
+    result = compare_runs(runs, out=out, n_resamples=bootstrap, seed=seed)
+    print(result.markdown)
+    if out is not None:
+        console.print(f"Wrote {out / 'comparison.html'}")
+
+
+@app.command()
 def cache(
     data: Path = typer.Option(..., help="Dataset folder or CSV manifest."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),
@@ -228,8 +247,6 @@ def demo(
 
 
 def main() -> None:
-    # Lightning's INFO lines (hardware summary, product tips) repeat what medtransfer prints itself.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         app()
     except MedtransferError as exc:

@@ -33,7 +33,8 @@ class TrainConfig:
     cache_size: int = 256
     image_size: int = 224
     eval_crop_fraction: float = 0.875
-    # augmentation
+    # augmentation (augment: false turns it off; a linear probe then trains on cached features)
+    augment: bool = True
     crop_scale: tuple[float, float] = (0.6, 1.0)
     rotation_degrees: float = 10.0
     brightness: float = 0.2

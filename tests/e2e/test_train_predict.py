@@ -42,7 +42,7 @@ def run_cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
 def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "chest_xray"
     generate_demo_dataset(root, patients_per_class=10, images_per_patient=(1, 2), val_patients_per_class=2,
-                          test_patients_per_class=5, image_size=64, seed=3)
+                          test_patients_per_class=5, image_size=64, seed=0)  # seed 0: virus patients in every split
     (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     return root
 
@@ -186,3 +186,69 @@ def test_interrupted_run_resumes_where_it_stopped(tiny_data, trained_run, tmp_pa
     assert code == 0, err
     assert [int(r["epoch"]) for r in read_csv(run / "history.csv")] == [1, 2, 3]
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 3
+
+
+def test_three_classes_from_kermany_names(tiny_data, trained_run, tmp_path, monkeypatch, capsys):
+    _, cache = trained_run
+    run = tmp_path / "three"
+    code, _, err = run_cli(["train", "--data", tiny_data, "--out", run, "--cache-dir", cache, "--epochs", "1",
+                            "--labels", "kermany-3class", "--positive-class", "BACTERIA", "--skip-bad-images", *FAST],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    multiclass = metrics["test"]["multiclass"]
+    assert set(multiclass["per_class"]) == {"BACTERIA", "NORMAL", "VIRUS"}
+    assert np.array(multiclass["confusion_matrix"]).shape == (3, 3)
+    rows = read_csv(run / "predictions_test.csv")
+    labels = np.array([["BACTERIA", "NORMAL", "VIRUS"].index(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"prob_{c}"]) for c in ("BACTERIA", "NORMAL", "VIRUS")] for r in rows])
+    assert multiclass["macro_auc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"), abs=1e-6)
+    assert metrics["test"]["auc"] == pytest.approx(roc_auc_score(labels == 0, probs[:, 0]), abs=1e-6)
+    assert {r["pred"] for r in rows} <= {"BACTERIA", "NORMAL", "VIRUS"}
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(trained_run, tmp_path):
+    """The report is one self-contained page: every section renders and nothing is fetched."""
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    from medtransfer.evaluation.report import SECTION_IDS
+
+    run, _ = trained_run
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "Chromium is needed for this test; `make test` installs it (apt-get install chromium)"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
+             "--enable-logging=stderr", "--v=0"]
+    url = (run / "report.html").resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in ("summary", "configuration", "data", "training", "metrics", "curves", "calibration", "published"):
+        assert section in SECTION_IDS and f'id="{section}"' in dom.stdout, section
+    console_lines = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Failed to load" in line]
+    assert console_lines == []
+    screenshot = tmp_path / "report.png"
+    shot = subprocess.run([*flags, f"--screenshot={screenshot}", "--window-size=1280,2400", url],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
+    pixels = np.asarray(Image.open(screenshot).convert("L"))
+    assert pixels.shape == (2400, 1280) and pixels.std() > 10  # a rendered page, not a blank one
+
+
+def test_linear_probe_without_augmentation_trains_on_cached_features(tiny_data, trained_run, tmp_path, monkeypatch, capsys):
+    _, cache = trained_run
+    run = tmp_path / "probe"
+    code, out, err = run_cli(["train", "--data", tiny_data, "--out", run, "--cache-dir", cache, "--epochs", "5",
+                              "--strategy", "linear-probe", "--set", "augment=false", "--set", "lr=0.01",
+                              "--skip-bad-images", *FAST], monkeypatch, capsys)
+    assert code == 0, err
+    assert "Feature pass:" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["params"]["trainable"] == 1_026
+    history = read_csv(run / "history.csv")
+    assert [int(r["epoch"]) for r in history] == list(range(1, metrics["epochs_run"] + 1))
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"]
+    best_row = history[metrics["best_epoch"] - 1]
+    assert float(best_row["val_loss"]) == min(float(r["val_loss"]) for r in history)

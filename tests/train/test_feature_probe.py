@@ -121,7 +121,7 @@ def test_result_is_deterministic_for_a_seed_and_depends_on_it():
         )
         return [{k: v for k, v in row.items() if k != "seconds"} for row in history], best
 
-    (history_a, best_a), (history_b, best_b), (history_c, best_c) = run(3), run(3), run(4)
+    (history_a, best_a), (history_b, best_b), (history_c, _) = run(3), run(3), run(4)
     assert history_a == history_b
     for key in best_a:
         assert torch.equal(best_a[key], best_b[key])

@@ -114,7 +114,6 @@ def _bin_index(conf: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _binned_gap(conf: np.ndarray, outcome: np.ndarray, n_bins: int) -> float:
     idx, _ = _bin_index(conf, n_bins)
-    counts = np.bincount(idx, minlength=n_bins)
     sum_conf = np.bincount(idx, weights=conf, minlength=n_bins)
     sum_out = np.bincount(idx, weights=outcome, minlength=n_bins)
     # sum_b (n_b / n) |mean_out_b - mean_conf_b| = sum_b |sum_out_b - sum_conf_b| / n

@@ -45,10 +45,14 @@ class HistoryWriter(L.Callback):
             "seconds": round(time.perf_counter() - self._started, 2),
         }
         rows = [r for r in read_history(self.path) if int(r["epoch"]) < row["epoch"]]  # a resumed epoch replaces its row
-        with self.path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows + [row])
+        write_history(rows + [row], self.path)
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in rows)
 
 
 def read_history(path: Path) -> list[dict]:

@@ -165,7 +165,7 @@ def train_head_on_features(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * len(index)
+            loss_sum += float(loss.detach()) * len(index)
             correct += int((logits.argmax(1) == train_y[index]).sum())
         val_loss, val_acc = _evaluate(head, val_x, val_y, weight)
         history.append(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from medtransfer.artifacts import save_model
+from medtransfer.artifacts import load_model, save_model
 from medtransfer.config import TrainConfig
 from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule, default_num_workers
@@ -42,7 +41,8 @@ from medtransfer.evaluation import plots
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
-from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history
+from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history, write_history
+from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
 RUN_MARKER = "config.yaml"
 
@@ -205,6 +205,66 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         channels_last=config.channels_last,
     )
 
+    console.print(f"Training on {accelerator} with {precision}, {workers} loader worker(s)")
+    if config.strategy == "linear-probe" and not config.augment:
+        best_epoch, stopped_early = train_probe_on_features(
+            model, datasets, splits, config, out, device=device_for(config.accelerator), precision=precision,
+            workers=workers, console=console,
+        )
+    else:
+        best_epoch, stopped_early = fit_with_lightning(
+            module, datamodule, config, out, accelerator=accelerator, precision=precision, resume=resume
+        )
+    history = read_history(out / "history.csv")
+    train_seconds = sum(r["seconds"] for r in history)
+    result = evaluate_and_save(
+        model,
+        splits,
+        datasets,
+        classes=classes,
+        positive_class=positive_class,
+        config=config,
+        out=out,
+        device=device_for(config.accelerator),
+        precision=precision,
+        workers=workers,
+    )
+    result.update(
+        {
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "stopped_early": stopped_early,
+            "train_seconds": round(train_seconds, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "params": counts,
+            "precision": precision,
+            "leakage": leakage,
+            "data_summary": summary,
+        }
+    )
+    ordered = _ordered_metrics(result, config)
+    (out / "metrics.json").write_text(json.dumps(ordered, indent=2))
+    if history:
+        plots.plot_history(history, out / "plots" / "history.png")
+    from medtransfer.evaluation.report import write_report
+    from medtransfer.explain.gallery import write_gallery
+
+    write_gallery(out, load_model(out))  # Grad-CAM of the most confident hits and misses, for the report
+    write_report(out, console=console)
+    return ordered
+
+
+def fit_with_lightning(
+    module: ClassifierModule,
+    datamodule: TransferDataModule,
+    config: TrainConfig,
+    out: Path,
+    *,
+    accelerator: str,
+    precision: str,
+    resume: bool,
+) -> tuple[int, bool]:
+    """Lightning fit with early stopping; loads the best-on-validation weights into the model."""
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
     best = BestWeights(checkpoints / "best.safetensors")
@@ -232,8 +292,6 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         default_root_dir=out,
     )
     last = checkpoints / "last.ckpt"
-    console.print(f"Training on {accelerator} with {precision}, {workers} loader worker(s)")
-    fit_started = time.perf_counter()
     try:
         with warnings.catch_warnings():
             # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
@@ -244,48 +302,48 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         if trainer.interrupted:
             raise TrainingInterrupted(out) from None
         raise
-    train_seconds = time.perf_counter() - fit_started
     if trainer.interrupted:
         raise TrainingInterrupted(out)
     if not best.path.is_file():
         raise DataError("training produced no finite validation loss; lower --lr or check the data")
-    best.load_best(model.net)
+    best.load_best(module.model.net)
+    return best.best_epoch, bool(early_stopping.stopped_epoch > 0)
 
-    history = read_history(out / "history.csv")
-    train_seconds = sum(r["seconds"] for r in history) or train_seconds
-    result = evaluate_and_save(
-        model,
-        splits,
-        datasets,
-        classes=classes,
-        positive_class=positive_class,
-        config=config,
-        out=out,
-        device=device_for(config.accelerator),
-        precision=precision,
-        workers=workers,
-    )
-    result.update(
-        {
-            "epochs_run": len(history),
-            "best_epoch": best.best_epoch,
-            "stopped_early": bool(early_stopping.stopped_epoch > 0),
-            "train_seconds": round(train_seconds, 1),
-            "total_seconds": round(time.perf_counter() - started, 1),
-            "params": counts,
-            "precision": precision,
-            "leakage": leakage,
-            "data_summary": summary,
-        }
-    )
-    ordered = _ordered_metrics(result, config)
-    (out / "metrics.json").write_text(json.dumps(ordered, indent=2))
-    if history:
-        plots.plot_history(history, out / "plots" / "history.png")
-    from medtransfer.evaluation.report import write_report
 
-    write_report(out, console=console)
-    return ordered
+def train_probe_on_features(
+    model: TransferModel,
+    datasets: dict[str, CachedImageDataset],
+    splits: dict[str, SplitData],
+    config: TrainConfig,
+    out: Path,
+    *,
+    device: torch.device,
+    precision: str,
+    workers: int,
+    console: Console,
+) -> tuple[int, bool]:
+    """Linear probe without augmentation: one backbone pass, then the head trains on cached features."""
+    started = time.perf_counter()
+    features = {
+        name: extract_features(
+            model, datasets[name], batch_size=max(64, config.batch_size), device=device, precision=precision,
+            num_workers=workers,
+        )
+        for name in ("train", "val")
+    }
+    console.print(f"Feature pass: {sum(len(f) for f in features.values())} images in {time.perf_counter() - started:.1f} s")
+    labels = {name: torch.as_tensor(splits[name].labels) for name in ("train", "val")}
+    weights = class_weights(splits["train"].labels, model.head.out_features) if config.class_weights == "balanced" else None
+    history, best_state = train_head_on_features(
+        model.head, features["train"], labels["train"], features["val"], labels["val"], epochs=config.epochs,
+        lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size, class_weights=weights,
+        patience=config.patience, seed=config.seed,
+    )
+    history[0]["seconds"] += time.perf_counter() - started - sum(r["seconds"] for r in history)  # the feature pass
+    write_history(history, out / "history.csv")
+    model.head.load_state_dict(best_state)
+    best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
+    return best_epoch, len(history) < config.epochs
 
 
 def evaluate_and_save(
@@ -315,7 +373,12 @@ def evaluate_and_save(
         )
     positive_index = classes.index(positive_class)
     point = fit_operating_point(outputs["val"], positive_index=positive_index, policy=config.threshold, calibrate=config.calibrate)
-    result: dict[str, Any] = {"positive_class": positive_class, "threshold": point.threshold, "threshold_policy": config.threshold}
+    result: dict[str, Any] = {
+        "positive_class": positive_class,
+        "classes": classes,
+        "threshold": point.threshold,
+        "threshold_policy": config.threshold,
+    }
     for name, split_outputs in outputs.items():
         result[name] = split_metrics(split_outputs, point, classes, bootstrap=config.bootstrap, seed=config.seed)
         write_predictions(split_outputs, point, classes, out / f"predictions_{name}.csv")

@@ -1,0 +1,191 @@
+"""Prediction speed on full-resolution images: medtransfer.predict.predict_files vs the naive loop.
+
+    python benchmarks/predict_speed.py --data ../shared/data/kermany-fullres-sample [--run RUN]
+
+Prints ONE JSON line on stdout (logs go to stderr):
+
+- predict_img_s: predict_files on up to ``--images`` (100) images (JPEG draft decode to the
+  saved decode size, batched inference, channels_last, bf16 autocast where the CPU has it);
+- baseline_img_s: the naive way, one image at a time: PIL full decode + convert("RGB"),
+  Resize(256), CenterCrop(224), ToTensor, Normalize, fp32 NCHW forward of a batch of one;
+- ratio = predict_img_s / baseline_img_s (target >= 2);
+- single_image_latency_ms: median over ``--latency-calls`` calls of predict_files on one
+  image, model already loaded (target < 150 ms).
+
+Without ``--run`` a small model (resnet18, random weights, 224 px, decode size 256) is
+saved with artifacts.save_model into a temporary folder and loaded back with load_model.
+Both measurements start after one untimed warm-up call, with the files in the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from medtransfer.artifacts import load_model, save_model
+from medtransfer.data.discover import IMAGE_SUFFIXES
+from medtransfer.evaluation.inference import device_for, resolve_accelerator, resolve_precision
+from medtransfer.models.backbones import create_backbone
+from medtransfer.models.strategies import TransferModel
+from medtransfer.predict import predict_files
+
+TARGETS = {"ratio": 2.0, "single_image_latency_ms": 150.0}
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def build_demo_model(folder: Path) -> Path:
+    torch.manual_seed(0)
+    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
+    info = {
+        "backbone": "resnet18",
+        "classes": ["NORMAL", "PNEUMONIA"],
+        "positive_class": "PNEUMONIA",
+        "threshold": 0.5,
+        "temperature": 1.0,
+        "image_size": 224,
+        "decode_size": 256,
+        "eval_crop_fraction": 0.875,
+        "mean": list(spec.normalization.mean),
+        "std": list(spec.normalization.std),
+        "in_channels": 3,
+    }
+    save_model(TransferModel(net, spec), info, folder)
+    return folder
+
+
+def naive_transform(saved) -> T.Compose:
+    size = saved.info["image_size"]
+    return T.Compose(
+        [
+            T.Resize(int(round(size / saved.info["eval_crop_fraction"]))),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(saved.info["mean"], saved.info["std"]),
+        ]
+    )
+
+
+@torch.inference_mode()
+def naive_predict(model, transform, path: Path, device: torch.device) -> torch.Tensor:
+    with Image.open(path) as image:
+        x = transform(image.convert("RGB"))[None].to(device)
+    return torch.softmax(model(x), dim=1).cpu()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder of full-resolution images (searched recursively)")
+    parser.add_argument("--run", type=Path, default=None, help="a run or model folder (default: a small demo model)")
+    parser.add_argument("--images", type=int, default=100, help="at most this many images")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--latency-calls", type=int, default=20)
+    parser.add_argument("--accelerator", default="cpu", help="cpu (default), gpu or auto; both sides use it")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    paths = sorted(
+        p for p in args.data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+    random.Random(0).shuffle(paths)  # a seeded sample across the class folders
+    paths = paths[: args.images]
+    if not paths:
+        raise SystemExit(f"--data {args.data}: no images found")
+    for path in paths:  # warm page cache for both sides
+        path.read_bytes()
+    accelerator = resolve_accelerator(args.accelerator)
+    device = device_for(args.accelerator)
+    precision = resolve_precision("auto", accelerator)
+
+    with contextlib.ExitStack() as stack:
+        run_dir = args.run or build_demo_model(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-predict-"))))
+        saved = load_model(run_dir)
+    log(f"{len(paths)} images, model {saved.info['backbone']} ({'given' if args.run else 'demo, random weights'}), "
+        f"{accelerator}, precision {precision}")
+
+    # Baseline first, on its own fp32 NCHW copy (predict_files converts saved.model to channels_last).
+    naive_model = copy.deepcopy(saved.model).eval().to(device).to(memory_format=torch.contiguous_format)
+    transform = naive_transform(saved)
+    naive_predict(naive_model, transform, paths[0], device)  # warm-up
+    started = time.perf_counter()
+    for path in paths:
+        naive_predict(naive_model, transform, path, device)
+    baseline_seconds = time.perf_counter() - started
+    log(f"baseline: {len(paths) / baseline_seconds:.1f} img/s")
+
+    options = dict(batch_size=args.batch_size, accelerator=args.accelerator, precision="auto")
+    predict_files(saved, paths[:1], **options)  # warm-up
+    started = time.perf_counter()
+    rows = predict_files(saved, paths, **options)
+    predict_seconds = time.perf_counter() - started
+    if len(rows) != len(paths):
+        raise SystemExit(f"predict_files returned {len(rows)} rows for {len(paths)} images")
+    log(f"predict_files: {len(paths) / predict_seconds:.1f} img/s")
+
+    latencies = []
+    for _ in range(args.latency_calls):
+        started = time.perf_counter()
+        predict_files(saved, paths[:1], **options)
+        latencies.append((time.perf_counter() - started) * 1000)
+    latency = statistics.median(latencies)
+    log(f"single image latency: median {latency:.1f} ms over {len(latencies)} calls")
+
+    predict_img_s = len(paths) / predict_seconds
+    baseline_img_s = len(paths) / baseline_seconds
+    ratio = predict_img_s / baseline_img_s
+    with Image.open(paths[0]) as first:
+        example_size = first.size
+    return {
+        "benchmark": "predict_speed",
+        "predict_img_s": round(predict_img_s, 2),
+        "baseline_img_s": round(baseline_img_s, 2),
+        "ratio": round(ratio, 3),
+        "single_image_latency_ms": round(latency, 1),
+        "latency_ms_min_max": [round(min(latencies), 1), round(max(latencies), 1)],
+        "latency_calls": len(latencies),
+        "targets": TARGETS,
+        "targets_met": {
+            "ratio": ratio >= TARGETS["ratio"],
+            "single_image_latency_ms": latency < TARGETS["single_image_latency_ms"],
+        },
+        "images": len(paths),
+        "example_image_size": list(example_size),
+        "batch_size": args.batch_size,
+        "model": saved.info["backbone"] + ("" if args.run else " (demo, weights none)"),
+        "image_size": saved.info["image_size"],
+        "decode_size": saved.info["decode_size"],
+        "accelerator": accelerator,
+        "precision": precision,
+        "baseline": "PIL full decode, Resize, CenterCrop, fp32 NCHW, batch of 1",
+        "cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "data": str(args.data),
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(args)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
