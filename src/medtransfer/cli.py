@@ -36,6 +36,12 @@ def default_cache_dir() -> Path:
     return base / "medtransfer"
 
 
+def _quiet_lightning() -> None:
+    """Lightning (configured on import) logs a hardware summary and product tips at INFO;
+    medtransfer prints what matters itself. Call after Lightning is imported."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
 def _train_overrides(**flags) -> dict:
     overrides = {k: v for k, v in flags.items() if v is not None}
     for item in flags.get("set_values") or []:
@@ -91,9 +97,7 @@ def train(
     from medtransfer.config import TrainConfig
     from medtransfer.train.pipeline import run_training
 
-    # Lightning (configured on import) logs a hardware summary and product tips at INFO;
-    # medtransfer prints what matters itself.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    _quiet_lightning()
     overrides = _train_overrides(**flags)
     if resume is not None:
         if config is not None or data is not None:
@@ -243,6 +247,7 @@ def demo(
     """Generate synthetic chest radiographs and run both classic scenarios (fine-tune, freeze 4) offline."""
     from medtransfer.demo import run_demo
 
+    _quiet_lightning()
     run_demo(out, epochs=epochs, cache_dir=cache_dir, console=console)
 
 

@@ -258,10 +258,18 @@ def test_choose_threshold_maximises_objective(name, objective, column):
     table = _brute_force_table(y, p)
     t = choose_threshold(y, p, parse_threshold_policy(objective))
     best = max(r[column] for r in table)
-    chosen = next(r for r in table if r[0] == t)
-    assert chosen[column] == pytest.approx(best, abs=1e-12)
-    # ties go to the highest threshold
-    assert t == max(r[0] for r in table if r[column] >= best - 1e-12)
+    # ties go to the highest optimal candidate; t gives exactly its predictions
+    top = max(r[0] for r in table if r[column] >= best - 1e-12)
+    assert np.array_equal(p >= t, p >= top)
+    lower = [r[0] for r in table if r[0] < top]
+    assert t == top if not lower else max(lower) < t <= top
+
+
+def test_youden_and_f1_thresholds_sit_midway_in_the_optimal_interval():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.05, 0.1, 0.2, 0.8, 0.9, 1.0])
+    assert choose_threshold(y, p, parse_threshold_policy("youden")) == pytest.approx(0.5)
+    assert choose_threshold(y, p, parse_threshold_policy("f1")) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("name", POLICY_DATASETS)

@@ -445,11 +445,26 @@ def parse_threshold_policy(text: str) -> ThresholdPolicy:
         raise ConfigError(f"--threshold: got {text!r}; expected {_POLICY_FORMS}.") from None
 
 
+def _interval_midpoint(candidates: np.ndarray, optimal: np.ndarray) -> float:
+    """Midpoint of the threshold interval that reproduces the highest run of optimal candidates."""
+    top = int(np.flatnonzero(optimal)[-1])
+    bottom = top
+    while bottom > 0 and optimal[bottom - 1]:
+        bottom -= 1
+    if bottom == 0:  # everything called positive: no candidate below to leave a margin to
+        return float(candidates[0])
+    return float((candidates[bottom - 1] + candidates[top]) / 2.0)
+
+
 def choose_threshold(y_true: Any, prob_pos: Any, policy: ThresholdPolicy) -> float:
     """Pick a threshold on validation data; predicted positive means ``prob >= t``.
 
-    Candidates are the distinct values of ``prob_pos``. Ties in the objective (Youden's
-    J, F1) go to the highest candidate, i.e. the fewest positive calls. ``sensitivity:X``
+    Candidates are the distinct values of ``prob_pos``. For Youden's J and F1, the
+    optimum is the highest run of consecutive candidates with the best value (ties go to
+    the fewest positive calls); every threshold between the candidate below that run and
+    its top gives the same predictions, and the midpoint of that interval is returned
+    (a maximum-margin choice: on well-separated validation data the top candidate alone
+    can sit at p = 1.0, which the next data set will not reach). ``sensitivity:X``
     returns the highest candidate with sensitivity >= X (always exists: the lowest
     candidate calls everything positive); ``specificity:X`` the lowest candidate with
     specificity >= X (DataError if none reaches X, which happens when many negatives
@@ -469,10 +484,10 @@ def choose_threshold(y_true: Any, prob_pos: Any, policy: ThresholdPolicy) -> flo
     if policy.kind == "youden":
         # J * P * N = tp * N - fp * P: exact integer comparison, no float ties.
         j = tp * n_neg - fp * n_pos
-        idx = np.flatnonzero(j == j.max())[-1]
+        return _interval_midpoint(candidates, j == j.max())
     elif policy.kind == "f1":
         f1 = 2.0 * tp / (tp + fp + n_pos)
-        idx = np.flatnonzero(f1 >= f1.max() - 1e-12)[-1]
+        return _interval_midpoint(candidates, f1 >= f1.max() - 1e-12)
     elif policy.kind == "sensitivity":
         idx = np.flatnonzero(tp / n_pos >= policy.value)[-1]
     else:  # specificity
