@@ -106,7 +106,9 @@ def load_model(path: str | Path) -> SavedModel:
         info = json.loads((model_dir / MODEL_JSON).read_text())
     except json.JSONDecodeError as exc:
         raise WeightsError(f"--run {path}: {model_dir / MODEL_JSON} is not valid JSON ({exc.msg})") from None
-    net, spec = create_backbone(info["backbone"], num_classes=len(info["classes"]), weights="none")
+    net, spec = create_backbone(
+        info["backbone"], num_classes=len(info["classes"]), weights="none", in_channels=info.get("in_channels", 3)
+    )
     state = load_file(str(model_dir / WEIGHTS_FILE))
     try:
         net.load_state_dict(state, strict=True)

@@ -44,6 +44,7 @@ class TrainConfig:
     backbone: str = "resnet18"
     weights: str = "imagenet"
     strategy: str = "finetune"
+    in_channels: int = 3  # 1: grayscale in one channel (first convolution's RGB filters summed)
     freeze_children: int = 4
     # optimisation
     epochs: int = 30
@@ -126,6 +127,7 @@ class TrainConfig:
             (self.brightness >= 0, "brightness", self.brightness, "0 (off) or a positive number"),
             (self.contrast >= 0, "contrast", self.contrast, "0 (off) or a positive number"),
             (self.freeze_children >= 0, "freeze_children", self.freeze_children, "0 or more"),
+            (self.in_channels in (1, 3), "in_channels", self.in_channels, "1 (grayscale) or 3 (RGB)"),
             (self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or a positive number"),
             (self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "0 (off) or more"),
             (self.focal_gamma >= 0, "focal_gamma", self.focal_gamma, "0 or a positive number"),

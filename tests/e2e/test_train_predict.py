@@ -252,3 +252,16 @@ def test_linear_probe_without_augmentation_trains_on_cached_features(tiny_data, 
     assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"]
     best_row = history[metrics["best_epoch"] - 1]
     assert float(best_row["val_loss"]) == min(float(r["val_loss"]) for r in history)
+
+
+def test_grayscale_single_channel_model_trains_predicts_and_explains(tiny_data, trained_run, tmp_path, monkeypatch, capsys):
+    _, cache = trained_run
+    run = tmp_path / "gray"
+    code, _, err = run_cli(["train", "--data", tiny_data, "--out", run, "--cache-dir", cache, "--epochs", "1",
+                            "--set", "in_channels=1", "--skip-bad-images", *FAST], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((run / "model" / "model.json").read_text())["in_channels"] == 1
+    image = sorted((tiny_data / "test" / "PNEUMONIA").glob("*.png"))[0]
+    code, out, err = run_cli(["predict", "--run", run, image, "--cam", tmp_path / "cams"], monkeypatch, capsys)
+    assert code == 0, err
+    assert list((tmp_path / "cams").glob("*_gradcam.png")) and list((tmp_path / "cams").glob("*_gradcam.npy"))

@@ -126,3 +126,28 @@ def test_packaged_efficientnet_lite0_imagenet_weights_recognise_a_photo():
     categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
     buildings = {"palace", "bell cote", "church", "monastery", "stupa", "pagoda", "boathouse", "dome", "castle"}
     assert buildings & {categories[i] for i in top5}, [categories[i] for i in top5]
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_single_channel_input_gives_the_same_logits_as_repeated_grayscale(name):
+    torch.manual_seed(0)
+    rgb, spec = create_backbone(name, num_classes=2, weights="none")
+    gray, _ = create_backbone(name, num_classes=2, weights="none", in_channels=1)
+    state = rgb.state_dict()
+    first = spec.first_conv + ".weight"
+    gray.load_state_dict({**state, first: state[first].sum(dim=1, keepdim=True)})
+    assert gray.get_submodule(spec.first_conv).in_channels == 1
+    image = torch.rand(2, 1, 64, 64)
+    rgb.eval(), gray.eval()
+    with torch.no_grad():
+        assert torch.allclose(gray(image), rgb(image.expand(-1, 3, -1, -1)), atol=1e-4)
+
+
+def test_single_channel_conversion_keeps_loaded_weights(tmp_path):
+    source, spec = create_backbone("resnet18", num_classes=1000, weights="none")
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    gray, _ = create_backbone("resnet18", num_classes=2, weights=str(path), in_channels=1)
+    assert torch.allclose(gray.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))
+    with pytest.raises(ConfigError, match="--in-channels: got 2"):
+        create_backbone("resnet18", num_classes=2, weights="none", in_channels=2)

@@ -38,20 +38,10 @@ import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import metrics
+from medtransfer.evaluation.report import METRIC_ROWS  # the same metrics, labels and order as the report
 
 __all__ = ["ComparisonResult", "METRIC_ROWS", "OUTPUT_FILES", "compare_runs"]
 
-# Test-block metrics with an optional "<key>_ci" interval, in table order: (key, label).
-METRIC_ROWS = (
-    ("auc", "ROC AUC"),
-    ("average_precision", "Average precision"),
-    ("accuracy", "Accuracy"),
-    ("sensitivity", "Sensitivity (recall)"),
-    ("specificity", "Specificity"),
-    ("precision", "Precision (PPV)"),
-    ("npv", "NPV"),
-    ("f1", "F1"),
-)
 
 # What compare_runs writes into ``out``; nothing else there is touched.
 OUTPUT_FILES = ("comparison.md", "comparison.html", "comparison.json")

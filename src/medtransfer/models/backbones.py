@@ -29,6 +29,7 @@ class BackboneSpec:
     source: str  # "torchvision" or "timm"
     head: str  # dotted attribute path of the classification layer that is replaced
     cam_layer: str  # last spatial feature map, the default target of CAM
+    first_conv: str  # the convolution that sees the image (adapted for 1-channel input)
     normalization: Normalization = IMAGENET
     # Containers expanded into their children when counting "children" for freezing,
     # so that freezing the first N means the first N layers in forward order.
@@ -68,7 +69,9 @@ def _torchvision_weights(builder_name: str, weights_name: str) -> Callable[[], d
     return load
 
 
-def _torchvision_spec(name: str, weights_name: str, head: str, cam_layer: str, expand: tuple[str, ...] = ()):
+def _torchvision_spec(
+    name: str, weights_name: str, head: str, cam_layer: str, first_conv: str, expand: tuple[str, ...] = ()
+):
     def build() -> nn.Module:
         import torchvision
 
@@ -79,6 +82,7 @@ def _torchvision_spec(name: str, weights_name: str, head: str, cam_layer: str, e
         source="torchvision",
         head=head,
         cam_layer=cam_layer,
+        first_conv=first_conv,
         expand=expand,
         build=build,
         imagenet_state_dict=_torchvision_weights(name, weights_name),
@@ -87,18 +91,19 @@ def _torchvision_spec(name: str, weights_name: str, head: str, cam_layer: str, e
 
 @register
 def resnet18() -> BackboneSpec:
-    return _torchvision_spec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc", "layer4")
+    return _torchvision_spec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc", "layer4", "conv1")
 
 
 @register
 def resnet50() -> BackboneSpec:
-    return _torchvision_spec("resnet50", "ResNet50_Weights.IMAGENET1K_V2", "fc", "layer4")
+    return _torchvision_spec("resnet50", "ResNet50_Weights.IMAGENET1K_V2", "fc", "layer4", "conv1")
 
 
 @register
 def densenet121() -> BackboneSpec:
     return _torchvision_spec(
-        "densenet121", "DenseNet121_Weights.IMAGENET1K_V1", "classifier", "features", expand=("features",)
+        "densenet121", "DenseNet121_Weights.IMAGENET1K_V1", "classifier", "features", "features.conv0",
+        expand=("features",),
     )
 
 
@@ -152,11 +157,37 @@ def _timm_spec(name: str) -> BackboneSpec:
         source="timm",
         head=cfg.get("classifier", "classifier"),
         cam_layer=_last_feature_module(probe),
+        first_conv=cfg.get("first_conv") or _first_conv_name(probe),
         normalization=Normalization(tuple(cfg.get("mean", IMAGENET.mean)), tuple(cfg.get("std", IMAGENET.std))),
         expand=expand,
         build=build,
         imagenet_state_dict=_efficientnet_lite0_packaged if name == "efficientnet_lite0" else imagenet,
     )
+
+
+def _first_conv_name(model: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if isinstance(module, nn.Conv2d))
+
+
+def to_single_channel(model: nn.Module, spec: BackboneSpec) -> None:
+    """Make the first convolution take 1 channel by summing its RGB filters (as timm does for in_chans=1).
+
+    A grayscale image x seen as RGB (x, x, x) gives the same response as x through the summed
+    filter, so pretrained weights keep their meaning while the first layer does a third of the work.
+    """
+    parent, attr = _get_submodule_parent(model, spec.first_conv)
+    conv = getattr(parent, attr)
+    if conv.in_channels == 1:
+        return
+    single = nn.Conv2d(
+        1, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=1, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+    )
+    with torch.no_grad():
+        single.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            single.bias.copy_(conv.bias)
+    setattr(parent, attr, single)
 
 
 def _last_feature_module(model: nn.Module) -> str:
@@ -260,8 +291,13 @@ def load_backbone_state(model: nn.Module, spec: BackboneSpec, state: dict[str, t
     model.load_state_dict(given, strict=False)
 
 
-def create_backbone(name: str, *, num_classes: int, weights: str = "imagenet") -> tuple[nn.Module, BackboneSpec]:
-    """The backbone with a new `num_classes` head, initialised from `weights` ('imagenet', 'none' or a file path)."""
+def create_backbone(
+    name: str, *, num_classes: int, weights: str = "imagenet", in_channels: int = 3
+) -> tuple[nn.Module, BackboneSpec]:
+    """The backbone with a new `num_classes` head, initialised from `weights` ('imagenet', 'none' or a file path).
+
+    `in_channels=1` feeds grayscale images as one channel (RGB filters of the first convolution summed).
+    """
     spec = get_backbone(name)
     if num_classes < 2:
         raise ConfigError(f"number of classes: got {num_classes}; a classifier needs at least 2")
@@ -270,5 +306,9 @@ def create_backbone(name: str, *, num_classes: int, weights: str = "imagenet") -
         load_backbone_state(model, spec, spec.imagenet_state_dict(), source="imagenet")
     elif weights != "none":
         load_backbone_state(model, spec, load_weights_file(Path(weights)), source=weights)
+    if in_channels == 1:
+        to_single_channel(model, spec)
+    elif in_channels != 3:
+        raise ConfigError(f"--in-channels: got {in_channels}; use 3 (RGB, grayscale repeated) or 1 (grayscale)")
     replace_head(model, spec, num_classes)
     return model, spec

@@ -156,7 +156,9 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
     summary = split_summary(records)
     _print_summary(summary, console)
 
-    net, spec = create_backbone(config.backbone, num_classes=len(classes), weights=config.weights)
+    net, spec = create_backbone(
+        config.backbone, num_classes=len(classes), weights=config.weights, in_channels=config.in_channels
+    )
     model = build_transfer_model(net, spec, Strategy(config.strategy, config.freeze_children))
     counts = model.parameter_counts()
     console.print(
@@ -174,7 +176,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
     accelerator = resolve_accelerator(config.accelerator)
     precision = resolve_precision(config.precision, accelerator)
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator)
-    common = dict(image_size=config.image_size, normalization=spec.normalization)
+    common = dict(image_size=config.image_size, normalization=spec.normalization, channels=config.in_channels)
     train_tf = train_transform(
         **common,
         crop_scale=config.crop_scale,
@@ -399,7 +401,7 @@ def evaluate_and_save(
             "eval_crop_fraction": config.eval_crop_fraction,
             "mean": list(model.spec.normalization.mean),
             "std": list(model.spec.normalization.std),
-            "in_channels": 3,
+            "in_channels": config.in_channels,
             "strategy": config.strategy,
             "frozen": model.frozen,
             "training_config": config.to_dict(),
