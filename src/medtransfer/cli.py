@@ -205,16 +205,16 @@ def cache(
     data: Path = typer.Option(..., help="Dataset folder or CSV manifest."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),
     size: int = typer.Option(256, help="Stored image side in pixels (use the training cache_size)."),
-    workers: int = typer.Option(1, help="Decoding processes."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the available cores, up to 8)."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
 ):
     """Prebuild the decode-once image cache for a dataset (training builds it too, on first use)."""
-    from medtransfer.data.cache import CacheSettings, ImageCache
+    from medtransfer.data.cache import CacheSettings, ImageCache, default_decode_workers
     from medtransfer.data.discover import discover
 
     records = discover(data)
     image_cache = ImageCache(cache_dir or default_cache_dir(), CacheSettings(size=size))
-    images = image_cache.build([r.path for r in records], skip_bad=skip_bad_images, progress=True, workers=workers)
+    images = image_cache.build([r.path for r in records], skip_bad=skip_bad_images, progress=True, workers=workers or default_decode_workers())
     stats = image_cache.stats()
     console.print(f"{len(images)} images cached ({images.built} decoded now) in {stats['location']}")
 

@@ -291,6 +291,12 @@ class CachedImages:
 # --------------------------------------------------------------------------- the cache
 
 
+def default_decode_workers() -> int:
+    """Decoding is CPU-bound and runs before training starts: use the cores (up to 8)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
 class ImageCache:
     """Decode-once cache of resized uint8 images, keyed by file content and settings.
 

@@ -14,7 +14,7 @@ import numpy as np
 from rich.console import Console
 
 from medtransfer.artifacts import find_model_dir, load_model
-from medtransfer.data.cache import CacheSettings, ImageCache
+from medtransfer.data.cache import CacheSettings, ImageCache, default_decode_workers
 from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import discover
 from medtransfer.errors import ConfigError, DataError
@@ -56,7 +56,7 @@ def evaluate_saved_model(
         )
     out.mkdir(parents=True, exist_ok=True)
     cache = ImageCache(cache_dir, CacheSettings(size=saved.info["decode_size"]))
-    images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=True)
+    images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=True, workers=default_decode_workers())
     kept = [records[i] for i in images.positions]
     labels = [saved.classes.index(r.label) for r in kept]
     accelerator = resolve_accelerator(accelerator)

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from medtransfer.artifacts import load_model, save_model
 from medtransfer.config import TrainConfig
-from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
+from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache, default_decode_workers
 from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule, default_num_workers
 from medtransfer.data.discover import Record, discover
 from medtransfer.data.split import (
@@ -116,7 +116,10 @@ def report_leakage(records: list[Record], config: TrainConfig, console: Console)
 def cache_splits(records: list[Record], classes: list[str], config: TrainConfig, console: Console) -> dict[str, SplitData]:
     """Decode every image once (all bad images are listed before training starts)."""
     cache = ImageCache(config.cache_dir, CacheSettings(size=config.cache_size))
-    images = cache.build([r.path for r in records], skip_bad=config.skip_bad_images, progress=config.progress)
+    images = cache.build(
+        [r.path for r in records], skip_bad=config.skip_bad_images, progress=config.progress,
+        workers=default_decode_workers(),
+    )
     for path, reason in images.skipped:
         console.print(f"[yellow]Skipped bad image[/yellow] {path}: {reason}")
     kept = [records[i] for i in images.positions]
