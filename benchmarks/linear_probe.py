@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
+from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset, default_num_workers
 from medtransfer.data.discover import IMAGE_SUFFIXES, SPLIT_NAMES, discover
 from medtransfer.data.transforms import eval_transform
@@ -83,18 +83,6 @@ def load_records(root: Path, limit: int | None, val_fraction: float, seed: int):
     if len(classes) < 2:
         raise SystemExit(f"--data {root}: need at least 2 classes, found {classes}")
     return train, val, classes
-
-
-def subset(images: CachedImages, indices: list[int]) -> CachedImages:
-    return CachedImages(
-        paths=[images.paths[i] for i in indices],
-        positions=indices,
-        skipped=[],
-        built=0,
-        data_file=images.data_file,
-        offsets=images.offsets[indices],
-        shapes=[images.shapes[i] for i in indices],
-    )
 
 
 class EpochBatchSampler:
@@ -211,9 +199,9 @@ def run(args: argparse.Namespace) -> dict:
         transform = eval_transform(image_size=IMAGE_SIZE, normalization=model.spec.normalization)
         index = {c: i for i, c in enumerate(classes)}
         n_train = len(train)
-        train_set = CachedImageDataset(subset(images, list(range(n_train))), [index[label] for _, label in train], transform)
+        train_set = CachedImageDataset(images.subset(range(n_train)), [index[label] for _, label in train], transform)
         val_set = CachedImageDataset(
-            subset(images, list(range(n_train, n_train + len(val)))), [index[label] for _, label in val], transform
+            images.subset(range(n_train, n_train + len(val))), [index[label] for _, label in val], transform
         )
         train_y, val_y = torch.as_tensor(train_set.labels), torch.as_tensor(val_set.labels)
         head_init = copy.deepcopy(model.head)

@@ -328,3 +328,17 @@ def test_pickled_view_reads_identical_arrays(tmp_path: Path, images: list[Path])
         np.testing.assert_array_equal(clone[i], first[i])
     with pytest.raises(IndexError):
         clone[len(cached)]
+
+
+def test_subset_views_share_the_data_file_and_return_the_same_pixels(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(np.full((20, 30), 40 * i, dtype=np.uint8)).save(path)
+        paths.append(path)
+    images = ImageCache(tmp_path / "cache", CacheSettings(size=16)).build(paths)
+    part = images.subset([3, 1])
+    assert part.paths == [paths[3], paths[1]] and part.data_file == images.data_file
+    assert np.array_equal(part[0], images[3]) and np.array_equal(part[1], images[1])

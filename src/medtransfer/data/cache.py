@@ -282,6 +282,19 @@ class CachedImages:
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
 
+    def subset(self, indices: Sequence[int]) -> "CachedImages":
+        """A view of some of these images (e.g. one split), sharing the same data file."""
+        indices = list(indices)
+        return CachedImages(
+            paths=[self.paths[i] for i in indices],
+            positions=indices,
+            skipped=[],
+            built=0,
+            data_file=self.data_file,
+            offsets=self.offsets[indices],
+            shapes=[self.shapes[i] for i in indices],
+        )
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_mm"] = None  # never pickle the map; reopen in the receiving process

@@ -128,16 +128,9 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
         indices = [i for i, r in enumerate(kept) if r.split == split]
         if not indices:
             continue
-        subset = CachedImages(
-            paths=[images.paths[i] for i in indices],
-            positions=indices,
-            skipped=[],
-            built=0,
-            data_file=images.data_file,
-            offsets=images.offsets[indices],
-            shapes=[images.shapes[i] for i in indices],
+        out[split] = SplitData(
+            [kept[i] for i in indices], images.subset(indices), [classes.index(kept[i].label) for i in indices]
         )
-        out[split] = SplitData([kept[i] for i in indices], subset, [classes.index(kept[i].label) for i in indices])
     for split in ("train", "val"):
         if split not in out:
             raise DataError(f"--data {config.data}: no {split} images left after splitting; add images")
