@@ -107,15 +107,17 @@ def split_metrics(
 
 
 def write_predictions(outputs: SplitOutputs, point: OperatingPoint, classes: list[str], path: Path) -> None:
-    """path,label,prob_<class>...,pred (calibrated probabilities, prediction at the chosen threshold)."""
+    """path,label,prob_<class>...,pred,patient_id (calibrated probabilities, prediction at the chosen threshold).
+
+    The first columns follow the run-directory contract; patient_id is appended for patient-level resampling."""
     probs = point.probabilities(outputs.logits)
     predicted = point.predict(probs)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient_id", *[f"prob_{c}" for c in classes], "pred"])
+        writer.writerow(["path", "label", *[f"prob_{c}" for c in classes], "pred", "patient_id"])
         for i, image in enumerate(outputs.paths):
             writer.writerow(
-                [image, classes[outputs.labels[i]], outputs.patient_ids[i], *[repr(float(p)) for p in probs[i]], classes[predicted[i]]]
+                [image, classes[outputs.labels[i]], *[repr(float(p)) for p in probs[i]], classes[predicted[i]], outputs.patient_ids[i]]
             )
 
 

@@ -1,7 +1,7 @@
 """A CAM gallery for a run: the cases worth looking at, with their heatmaps.
 
-:func:`write_gallery` reads ``RUN/predictions_<split>.csv`` (``path,label,patient_id,
-prob_<class>...,pred``), picks per group the ``per_group`` most telling images and writes
+:func:`write_gallery` reads ``RUN/predictions_<split>.csv`` (``path,label,prob_<class>...,
+pred,patient_id``), picks per group the ``per_group`` most telling images and writes
 
 - ``RUN/plots/gallery/<group>_<rank>_<stem>.png``: the class activation map of the
   *predicted* class over the image as the model saw it (the centre crop), with a caption;
@@ -90,7 +90,7 @@ def read_predictions(path: Path, classes: Sequence[str], *, base: Path | None = 
         missing = [c for c in needed if c not in columns]
         if missing:
             raise DataError(
-                f"{path}: missing column(s) {', '.join(missing)}; expected path,label,patient_id,"
+                f"{path}: missing column(s) {', '.join(missing)}; expected path,label,"
                 f"{','.join(f'prob_{c}' for c in classes)},pred for the model's classes. Got: {','.join(columns)}"
             )
         rows = []
