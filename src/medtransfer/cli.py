@@ -147,7 +147,11 @@ def predict(
     saved = load_model(run)
     files = expand_inputs(paths)
     rows = predict_files(saved, files, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images)
-    table = Table("path", *[f"p({c})" for c in saved.classes], "predicted")
+    table = Table()
+    table.add_column("path", overflow="fold")
+    for c in saved.classes:
+        table.add_column(f"p({c})", justify="right")
+    table.add_column("predicted")
     for row in rows:
         table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"])
     console.print(table)
