@@ -143,6 +143,14 @@ class TrainConfig:
         for ok, name, value, expected in checks:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {expected}")
+        # Checked here, before anything is written, so that a typo never surfaces after training.
+        from medtransfer.evaluation.inference import ACCELERATORS, PRECISIONS
+        from medtransfer.evaluation.metrics import parse_threshold_policy
+
+        parse_threshold_policy(self.threshold)
+        for name, value, choices in (("accelerator", self.accelerator, ACCELERATORS), ("precision", self.precision, PRECISIONS)):
+            if value not in choices:
+                raise ConfigError(f"--{name}: got {value!r}; choose one of {', '.join(choices)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

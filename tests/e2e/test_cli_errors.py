@@ -111,11 +111,14 @@ def test_output_dir_holding_a_run_points_to_resume(dataset, tmp_path, capsys):
         ("--val-fraction", "1.5", ["--val-fraction", "1.5"]),
         ("--strategy", "thaw", ["--strategy", "thaw", "finetune"]),
         ("--precision", "fp8", ["--precision", "fp8", "bf16-mixed"]),
+        ("--threshold", "median", ["--threshold", "median", "youden"]),
+        ("--accelerator", "tpu", ["--accelerator", "tpu", "cpu"]),
     ],
 )
 def test_bad_option_values(dataset, tmp_path, capsys, option, value, fragments):
     code, err = run(["train", "--data", dataset, "--out", tmp_path / "run", *FAST, option, value], capsys)
     assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was trained or written
 
 
 def test_predict_with_a_folder_that_is_not_a_run(tmp_path, capsys, make_image):

@@ -140,6 +140,8 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
 def run_training(config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     started = time.perf_counter()
+    accelerator = resolve_accelerator(config.accelerator)  # fails early when no GPU is visible
+    precision = resolve_precision(config.precision, accelerator)
     prepare_run_dir(out, resume=resume)
     L.seed_everything(config.seed, workers=True, verbose=False)
 
@@ -169,8 +171,6 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         config.write_yaml(out / RUN_MARKER)
         write_split_csv(kept_records, out / "split.csv")
 
-    accelerator = resolve_accelerator(config.accelerator)
-    precision = resolve_precision(config.precision, accelerator)
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator)
     common = dict(image_size=config.image_size, normalization=spec.normalization, channels=config.in_channels)
     train_tf = train_transform(
