@@ -205,6 +205,39 @@ def compare(
 
 
 @app.command()
+def split(
+    data: Path = typer.Option(..., help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
+    out: Path = typer.Option(..., help="CSV file to write: path,label,patient_id,split."),
+    val_fraction: float = typer.Option(0.2, help="Patient-level validation fraction drawn from train+val."),
+    test_fraction: float = typer.Option(0.0, help="Draw a patient-level test split when the data has none."),
+    keep_official_val: bool = typer.Option(False, "--keep-official-val", help="Use the data's own val split as is."),
+    seed: int = typer.Option(0, help="Random seed."),
+    labels: str = typer.Option("folder", help="folder or kermany-3class."),
+    patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
+    strict: bool = typer.Option(False, "--strict", help="Fail when a patient or identical image is in two splits."),
+):
+    """Draw the patient-level split that `train` would use, check it for leakage, and save it."""
+    from medtransfer.data.discover import discover
+    from medtransfer.data.split import check_leakage, resplit, split_summary, summary_lines, write_split_csv
+
+    if out.exists() and out.is_dir():
+        raise MedtransferError(f"--out {out}: is a folder; name a CSV file, e.g. --out split.csv")
+    records = resplit(
+        discover(data, patient_regex=patient_regex, labels=labels),
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, keep_official_val=keep_official_val,
+    )
+    leakage = check_leakage(records)
+    for line in leakage.lines():
+        console.print(f"[yellow]Leakage:[/yellow] {line}")
+    if strict and not leakage.clean:
+        raise MedtransferError(f"--strict: {leakage.lines()[0]}; remove the duplicates or run without --strict")
+    for line in summary_lines(split_summary(records)):
+        console.print(line)
+    write_split_csv(records, out)
+    console.print(f"Wrote {out}" + (" (leakage check passed)" if leakage.clean else ""))
+
+
+@app.command()
 def cache(
     data: Path = typer.Option(..., help="Dataset folder or CSV manifest."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),

@@ -132,3 +132,17 @@ def test_config_file_with_unknown_key(dataset, tmp_path, capsys):
     config.write_text("backbone: resnet18\nlearning_rate: 0.1\n")
     code, err = run(["train", "--data", dataset, "--out", tmp_path / "run", "--config", config], capsys)
     assert_one_line_error(code, err, str(config), "learning_rate")
+
+
+def test_split_command_writes_a_patient_level_split(make_kaggle_tree, tmp_path, capsys):
+    import csv
+
+    root = make_kaggle_tree({"train": {"NORMAL": 20, "PNEUMONIA": 20}, "test": {"NORMAL": 3, "PNEUMONIA": 3}})
+    out = tmp_path / "split.csv"
+    code, _ = run(["split", "--data", root, "--out", out, "--val-fraction", "0.25"], capsys)
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 46 and {r["split"] for r in rows} == {"train", "val", "test"}
+    assert sum(r["split"] == "val" for r in rows) == 10
+    code, err = run(["split", "--data", root, "--out", tmp_path], capsys)
+    assert_one_line_error(code, err, f"--out {tmp_path}", "is a folder")

@@ -219,6 +219,14 @@ def split_summary(records: list[Record]) -> dict[str, dict[str, dict[str, int]]]
     return summary
 
 
+def summary_lines(summary: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    """One console line per split: images and patients per class."""
+    return [
+        f"  {split:5s}: " + ", ".join(f"{label} {c['images']} images / {c['patients']} patients" for label, c in per_class.items())
+        for split, per_class in summary.items()
+    ]
+
+
 def write_split_csv(records: list[Record], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

@@ -24,6 +24,7 @@ from medtransfer.data.split import (
     read_split_csv,
     resplit,
     split_summary,
+    summary_lines,
     write_split_csv,
 )
 from medtransfer.data.transforms import eval_transform, train_transform
@@ -152,7 +153,8 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         raise ConfigError(f"--positive-class: got {positive_class!r}; classes are {', '.join(classes)}")
     leakage = report_leakage(records, config, console)
     summary = split_summary(records)
-    _print_summary(summary, console)
+    for line in summary_lines(summary):
+        console.print(line)
 
     net, spec = create_backbone(
         config.backbone, num_classes=len(classes), weights=config.weights, in_channels=config.in_channels
@@ -424,9 +426,3 @@ def _ordered_metrics(result: dict[str, Any], config: TrainConfig) -> dict[str, A
         "test": result.pop("test"),
     }
     return {**head, **result}
-
-
-def _print_summary(summary: dict, console: Console) -> None:
-    for split, per_class in summary.items():
-        parts = ", ".join(f"{label} {c['images']} images / {c['patients']} patients" for label, c in per_class.items())
-        console.print(f"  {split:5s}: {parts}")
