@@ -276,6 +276,19 @@ def explain(
 
 
 @app.command()
+def export(
+    run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
+    out: Optional[Path] = typer.Option(None, help="ONNX file to write (default RUN/model/model.onnx)."),
+    opset: int = typer.Option(17, help="ONNX opset version."),
+):
+    """Export the saved model to ONNX (logits and calibrated probabilities), verified with onnxruntime."""
+    from medtransfer.export import export_onnx
+
+    path = export_onnx(run, out, opset=opset)
+    console.print(f"Wrote {path} (checked against PyTorch with onnxruntime)")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-run"), help="Folder for the synthetic data and both runs."),
     epochs: int = typer.Option(6, help="Maximum epochs per scenario."),

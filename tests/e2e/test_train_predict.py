@@ -265,3 +265,31 @@ def test_grayscale_single_channel_model_trains_predicts_and_explains(tiny_data, 
     code, out, err = run_cli(["predict", "--run", run, image, "--cam", tmp_path / "cams"], monkeypatch, capsys)
     assert code == 0, err
     assert list((tmp_path / "cams").glob("*_gradcam.png")) and list((tmp_path / "cams").glob("*_gradcam.npy"))
+
+
+def test_onnx_export_matches_predict(trained_run, tmp_path, monkeypatch, capsys):
+    import onnx
+    import onnxruntime
+    import torch
+
+    from medtransfer.artifacts import load_model
+    from medtransfer.data.cache import decode_image
+    from medtransfer.data.datamodule import image_tensor
+
+    run, _ = trained_run
+    out = tmp_path / "model.onnx"
+    code, stdout, err = run_cli(["export", "--run", run, "--out", out], monkeypatch, capsys)
+    assert code == 0, err
+    metadata = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["medtransfer"])
+    saved = load_model(run)
+    assert metadata["classes"] == saved.classes and metadata["threshold"] == saved.threshold
+    reference = {r["path"]: r for r in read_csv(run / "predictions_test.csv")}
+    paths = sorted(reference)[:4]
+    transform = saved.transform()
+    batch = torch.stack([transform(image_tensor(decode_image(p, size=metadata["decode_size"]))) for p in paths])
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    _, probs = session.run(None, {"image": batch.numpy()})
+    for path, p in zip(paths, probs):
+        assert p[1] == pytest.approx(float(reference[path]["prob_PNEUMONIA"]), abs=2e-3)  # evaluation ran in bf16
+    code, _, err = run_cli(["export", "--run", run, "--out", tmp_path / "model.txt"], monkeypatch, capsys)
+    assert code == 1 and "name a .onnx file" in err

@@ -1,0 +1,85 @@
+"""`medtransfer export`: the saved model as ONNX, checked against PyTorch with onnxruntime.
+
+The graph takes a normalised image batch (N x C x H x W, float32) and returns both the raw
+logits and the calibrated probabilities (softmax of logits / temperature), so a deployment
+applies the threshold chosen on validation to exactly what `predict` reports. Everything
+needed to preprocess and decide (classes, positive class, threshold, image size, crop,
+mean/std) travels in the file's metadata as JSON under the key "medtransfer".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medtransfer.artifacts import SavedModel, find_model_dir, load_model
+from medtransfer.errors import ConfigError, WeightsError
+
+PREPROCESSING_KEYS = (
+    "backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size",
+    "decode_size", "eval_crop_fraction", "mean", "std", "in_channels",
+)
+
+
+class CalibratedClassifier(nn.Module):
+    """logits and softmax(logits / temperature), as `predict` computes them."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(image)
+        return logits, torch.softmax(logits / self.temperature, dim=1)
+
+
+def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, tolerance: float = 1e-4) -> Path:
+    """Write the ONNX file (default RUN/model/model.onnx) and verify it with onnxruntime."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("export needs onnx and onnxruntime: pip install onnx onnxruntime") from None
+    saved = load_model(run)
+    out = out or find_model_dir(run) / "model.onnx"
+    if out.suffix != ".onnx":
+        raise ConfigError(f"--out {out}: name a .onnx file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = CalibratedClassifier(saved.model.eval(), saved.temperature).eval()
+    size = saved.info["image_size"]
+    example = torch.randn(2, saved.info.get("in_channels", 3), size, size)
+    torch.onnx.export(
+        wrapper,
+        (example,),
+        str(out),
+        input_names=["image"],
+        output_names=["logits", "probabilities"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,  # the TorchScript exporter needs no extra packages and handles every registered backbone
+    )
+    graph = onnx.load(str(out))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = "medtransfer", json.dumps({k: saved.info[k] for k in PREPROCESSING_KEYS if k in saved.info})
+    onnx.save(graph, str(out))
+    verify(saved, out, onnxruntime, tolerance=tolerance)
+    return out
+
+
+def verify(saved: SavedModel, path: Path, onnxruntime, *, tolerance: float) -> float:
+    """Largest difference between onnxruntime's and PyTorch's probabilities on a random batch."""
+    size = saved.info["image_size"]
+    batch = torch.randn(3, saved.info.get("in_channels", 3), size, size, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    _, onnx_probs = session.run(None, {"image": batch.numpy()})
+    with torch.no_grad():
+        torch_probs = torch.softmax(saved.model.eval()(batch) / saved.temperature, dim=1).numpy()
+    difference = float(np.abs(onnx_probs - torch_probs).max())
+    if difference > tolerance:
+        raise WeightsError(f"--out {path}: ONNX probabilities differ from PyTorch by {difference:.2e} (> {tolerance:g})")
+    return difference
