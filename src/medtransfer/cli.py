@@ -289,6 +289,24 @@ def export(
 
 
 @app.command()
+def serve(
+    run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    accelerator: str = typer.Option("cpu", help="cpu or gpu."),
+):
+    """Serve the model: a web page at / and POST /predict (probabilities, class, optional Grad-CAM)."""
+    import uvicorn
+
+    from medtransfer.artifacts import load_model
+    from medtransfer.serving.app import create_app
+
+    app_ = create_app(load_model(run), accelerator=accelerator)
+    console.print(f"Serving {run} on http://{host}:{port}/")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-run"), help="Folder for the synthetic data and both runs."),
     epochs: int = typer.Option(6, help="Maximum epochs per scenario."),

@@ -46,12 +46,13 @@ def load_batch(saved: SavedModel, paths: list[Path], *, skip_bad: bool = False) 
         try:
             array = decode_image(path, size=saved.info["decode_size"])
         except DataError as exc:
-            bad.append(f"{path}: {exc}")
+            bad.append(str(exc).split("; fix or remove")[0])  # "<path>: not a readable image (reason)"
             continue
         tensors.append(transform(image_tensor(array)))
         kept.append(path)
     if bad and not skip_bad:
-        raise DataError(f"{len(bad)} unreadable image(s): {'; '.join(bad[:5])}. Use --skip-bad-images to leave them out")
+        more = f"; ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} unreadable image(s): {'; '.join(bad[:5])}{more}. Use --skip-bad-images to leave them out")
     return (torch.stack(tensors) if tensors else torch.zeros(0)), kept, bad
 
 

@@ -293,3 +293,73 @@ def test_onnx_export_matches_predict(trained_run, tmp_path, monkeypatch, capsys)
         assert p[1] == pytest.approx(float(reference[path]["prob_PNEUMONIA"]), abs=2e-3)  # evaluation ran in bf16
     code, _, err = run_cli(["export", "--run", run, "--out", tmp_path / "model.txt"], monkeypatch, capsys)
     assert code == 1 and "name a .onnx file" in err
+
+
+def test_server_predicts_like_the_cli_and_refuses_bad_uploads(trained_run):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from medtransfer.artifacts import load_model
+    from medtransfer.predict import predict_files
+    from medtransfer.serving.app import create_app
+
+    run, _ = trained_run
+    saved = load_model(run)
+    client = TestClient(create_app(saved))
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/model").json()["classes"] == ["NORMAL", "PNEUMONIA"]
+    image = Path(sorted(read_csv(run / "predictions_test.csv"), key=lambda r: r["path"])[0]["path"])
+    response = client.post("/predict?cam=true", files={"file": (image.name, image.read_bytes(), "image/png")})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    expected = predict_files(saved, [image])[0]
+    assert answer["probabilities"]["PNEUMONIA"] == pytest.approx(expected["prob_PNEUMONIA"], abs=1e-6)
+    assert answer["predicted"] == expected["pred"] and answer["threshold"] == saved.threshold
+    assert Image.open(io.BytesIO(base64.b64decode(answer["gradcam_png"]))).size[0] > 0
+    bad = client.post("/predict", files={"file": ("notes.png", b"not an image", "image/png")})
+    assert bad.status_code == 415 and "notes.png" in bad.json()["detail"]
+    assert client.post("/predict", files={"file": ("empty.png", b"", "image/png")}).status_code == 400
+
+
+def test_web_page_renders_model_information_in_headless_chromium(trained_run, tmp_path):
+    """The page's script runs in a real browser, calls the API and shows the model; nothing outside is fetched."""
+    import shutil
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    import uvicorn
+
+    from medtransfer.artifacts import load_model
+    from medtransfer.serving.app import create_app
+
+    run, _ = trained_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(load_model(run)), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        browser = shutil.which("chromium") or shutil.which("chromium-browser")
+        assert browser, "Chromium is needed for this test; `make test` installs it (apt-get install chromium)"
+        dom = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
+             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", f"http://127.0.0.1:{port}/"],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "resnet18: NORMAL / PNEUMONIA; positive class PNEUMONIA, threshold" in dom.stdout
+    assert [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Failed to load" in line] == []
