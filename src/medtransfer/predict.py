@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from medtransfer.artifacts import SavedModel
@@ -94,6 +93,3 @@ def write_rows(rows: list[dict], path: Path) -> None:
         for row in rows:
             writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
 
-
-def probabilities_array(rows: list[dict], classes: list[str]) -> np.ndarray:
-    return np.array([[row[f"prob_{c}"] for c in classes] for row in rows])
