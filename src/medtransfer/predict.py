@@ -29,7 +29,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
         else:
             raise DataError(f"PATH {item}: no such file or folder; pass image files or folders of images")
     if not paths:
-        raise DataError(f"PATH {', '.join(map(str, inputs))}: no images found (.jpg, .jpeg, .png, .bmp, .tif)")
+        raise DataError(f"PATH {', '.join(map(str, inputs))}: no images found (.jpg, .jpeg, .png, .bmp, .tif, .dcm)")
     return paths
 
 

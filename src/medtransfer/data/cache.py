@@ -149,9 +149,46 @@ def decode_image(
         ) from exc
 
 
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble."""
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
+def dicom_to_image(data: bytes) -> Image.Image:
+    """A DICOM radiograph as an 8-bit grayscale image, as a radiologist's viewer would show it.
+
+    Stored values are turned into modality values (RescaleSlope/Intercept), then the file's
+    own window (VOI LUT or WindowCenter/Width) is applied when present, else the full range;
+    MONOCHROME1 (bright = low values) is inverted so that bone is always bright.
+    """
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise DataError("DICOM images need pydicom: pip install pydicom") from None
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    pixels = dataset.pixel_array
+    if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # multi-frame: the first frame
+    if getattr(dataset, "SamplesPerPixel", 1) == 3:
+        return Image.fromarray(pixels.astype(np.uint8), mode="RGB")
+    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
+        values = apply_voi_lut(values, dataset).astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return Image.fromarray(np.rint(scaled * 255.0).astype(np.uint8), mode="L")
+
+
 def _decode_bytes(
     data: bytes, *, size: int, keep_color: bool, resample: Image.Resampling
 ) -> np.ndarray:
+    if is_dicom(data):
+        im = dicom_to_image(data)
+        im = _to_8bit_mode(im, keep_color=keep_color)
+        return np.asarray(im.resize((size, size), resample, reducing_gap=3.0), dtype=np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(io.BytesIO(data))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medtransfer.errors import ConfigError, DataError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 SPLIT_NAMES = ("train", "val", "test")
 IGNORED_DIR_NAMES = frozenset({"__MACOSX"})
 
@@ -134,7 +134,7 @@ def discover_folder(root: Path, *, patient_regex: str | None = None) -> list[Rec
             images = sorted(p for p in class_dir.rglob("*") if _is_visible_image(p, class_dir))
             if not images:
                 raise DataError(
-                    f"--data: folder {class_dir} holds no images (.jpg, .jpeg, .png, .bmp, .tif); "
+                    f"--data: folder {class_dir} holds no images (.jpg, .jpeg, .png, .bmp, .tif, .dcm); "
                     "add its images or remove the empty folder"
                 )
             for image in images:
@@ -205,7 +205,7 @@ def check_class_sets(records: list[Record]) -> None:
         counts = by_split.setdefault(record.split or "unassigned", {})
         counts[record.label] = counts.get(record.label, 0) + 1
     if not records:
-        raise DataError("--data: no images found (looked for .jpg, .jpeg, .png, .bmp, .tif files)")
+        raise DataError("--data: no images found (looked for .jpg, .jpeg, .png, .bmp, .tif, .dcm files)")
     reference_split = "train" if "train" in by_split else next(iter(by_split))
     reference = set(by_split[reference_split])
     for split, counts in by_split.items():
