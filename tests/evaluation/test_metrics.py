@@ -466,3 +466,23 @@ def test_roc_band_groups_widen_band():
     _, lo_g, hi_g = roc_band(y, s, groups, n_resamples=200)
     _, lo_n, hi_n = roc_band(y, s, None, n_resamples=200)
     assert (hi_g - lo_g).mean() > 1.3 * (hi_n - lo_n).mean()
+
+
+def test_pr_band_brackets_the_curve_and_narrows_with_more_data():
+    from medtransfer.evaluation.metrics import pr_band
+
+    def data(n, seed):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, n)
+        return y, 1 / (1 + np.exp(-(2 * y - 1) * 1.5 - rng.normal(0, 1, n)))
+
+    y, p = data(200, 0)
+    grid, lo, hi = pr_band(y, p, n_resamples=200, seed=0)
+    precision, recall, _ = pr_curve_points(y, p)
+    best = np.maximum.accumulate(precision)
+    order = np.argsort(recall, kind="stable")
+    curve = np.interp(grid, recall[order], best[order])
+    inside = (lo - 1e-9 <= curve) & (curve <= hi + 1e-9)
+    assert inside[5:-5].mean() > 0.9 and np.all(lo <= hi)
+    _, lo_big, hi_big = pr_band(*data(2000, 1), n_resamples=200, seed=0)
+    assert (hi_big - lo_big)[10:90].mean() < (hi - lo)[10:90].mean()

@@ -122,9 +122,18 @@ def write_predictions(outputs: SplitOutputs, point: OperatingPoint, classes: lis
 
 
 def write_plots(
-    outputs: SplitOutputs, point: OperatingPoint, classes: list[str], split_result: dict, plot_dir: Path, *, prefix: str
+    outputs: SplitOutputs,
+    point: OperatingPoint,
+    classes: list[str],
+    split_result: dict,
+    plot_dir: Path,
+    *,
+    prefix: str,
+    band_resamples: int = 200,
+    seed: int = 0,
 ) -> dict[str, str]:
-    """ROC (with CI in the legend), PR, confusion matrix and reliability diagram for one split."""
+    """ROC and PR with patient-level bootstrap bands (0 resamples: none), confusion matrix and
+    reliability diagram for one split."""
     plot_dir.mkdir(parents=True, exist_ok=True)
     probs = point.probabilities(outputs.logits)
     positive = point.positive_index
@@ -143,9 +152,18 @@ def write_plots(
             ci=split_result.get("auc_ci"),
             operating_point=(fpr, tpr),
             label=f"{classes[positive]} vs rest" if len(classes) > 2 else classes[positive],
+            band=metrics.roc_band(is_positive, probs[:, positive], outputs.patient_ids, n_resamples=band_resamples, seed=seed)
+            if band_resamples
+            else None,
         ),
         "pr": plots.plot_pr(
-            is_positive, probs[:, positive], plot_dir / f"{prefix}_pr.png", average_precision=split_result["average_precision"]
+            is_positive,
+            probs[:, positive],
+            plot_dir / f"{prefix}_pr.png",
+            average_precision=split_result["average_precision"],
+            band=metrics.pr_band(is_positive, probs[:, positive], outputs.patient_ids, n_resamples=band_resamples, seed=seed)
+            if band_resamples
+            else None,
         ),
         "reliability": plots.plot_reliability(
             {"before calibration": (is_positive, softmax(outputs.logits)[:, positive]), "after": (is_positive, probs[:, positive])},

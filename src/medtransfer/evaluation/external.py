@@ -70,7 +70,7 @@ def evaluate_saved_model(
     point = operating_point(saved)
     result = split_metrics(outputs, point, saved.classes, bootstrap=bootstrap, seed=seed)
     write_predictions(outputs, point, saved.classes, out / "predictions.csv")
-    write_plots(outputs, point, saved.classes, result, out / "plots", prefix="test")
+    write_plots(outputs, point, saved.classes, result, out / "plots", prefix="test", band_resamples=min(200, bootstrap), seed=seed)
     metrics = {
         "run": str(run),
         "data": str(data),

@@ -692,6 +692,45 @@ def roc_band(
     return grid, lo, hi
 
 
+def pr_band(
+    y_true: Any,
+    prob_pos: Any,
+    groups: Any = None,
+    n_resamples: int = 200,
+    seed: int = 0,
+    *,
+    confidence: float = 0.95,
+    grid_size: int = 101,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise percentile band of the precision-recall curve by (cluster) bootstrap.
+
+    Each resampled curve is read as interpolated precision (the best precision at recall
+    >= r) on ``linspace(0, 1, grid_size)``. Returns ``(recall_grid, precision_lo,
+    precision_hi)`` for :func:`medtransfer.evaluation.plots.plot_pr`.
+    """
+    y, s = _binary_inputs(y_true, prob_pos)
+    n_resamples, confidence = _check_resampling(n_resamples, confidence)
+    inv, n_groups = _group_index(groups, y.shape[0])
+    _require_both_classes(y, "pr_band")
+    members = [np.flatnonzero(inv == g) for g in range(n_groups)]
+    grid = np.linspace(0.0, 1.0, int(grid_size))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_resamples):
+        drawn = np.concatenate([members[g] for g in rng.integers(0, n_groups, n_groups)])
+        if y[drawn].min() == y[drawn].max():
+            continue  # a single class: no curve
+        precision, recall, _ = pr_curve_points(y[drawn], s[drawn])
+        best = np.maximum.accumulate(precision)  # recall decreases along the arrays: best at recall >= r
+        order = np.argsort(recall, kind="stable")
+        rows.append(np.interp(grid, recall[order], best[order]))
+    if not rows:
+        raise DataError(f"pr_band: no resample contained both classes ({n_groups} groups). Use more data.")
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(np.vstack(rows), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
+    return grid, lo, hi
+
+
 def _tpr_on_grid(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Read a ROC polyline (fpr, tpr non-decreasing) at ``grid``; top of vertical jumps."""
     j = np.searchsorted(fpr, grid, side="right") - 1

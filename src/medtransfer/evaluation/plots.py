@@ -143,11 +143,25 @@ def plot_roc(
     return _save(fig, path)
 
 
-def plot_pr(y_true: Any, prob_pos: Any, path: str | Path, *, average_precision: float, label: str = "") -> Path:
-    """Precision-recall curve (step), average precision in the legend, prevalence line."""
+def plot_pr(
+    y_true: Any,
+    prob_pos: Any,
+    path: str | Path,
+    *,
+    average_precision: float,
+    label: str = "",
+    band: tuple[Any, Any, Any] | None = None,
+    confidence: float = 0.95,
+) -> Path:
+    """Precision-recall curve (step), average precision in the legend, prevalence line, and
+    optionally a bootstrap band ``(recall_grid, precision_lo, precision_hi)`` from
+    :func:`medtransfer.evaluation.metrics.pr_band`."""
     precision, recall, _ = pr_curve_points(y_true, prob_pos)
     prevalence = float(np.mean(np.asarray(y_true) == 1))
     fig, ax = _figure(5.5, 5.5)
+    if band is not None:
+        grid, lo, hi = band
+        ax.fill_between(grid, lo, hi, color="tab:blue", alpha=0.2, linewidth=0, label=f"{confidence:.0%} bootstrap band")
     name = f"{label} AP {average_precision:.3f}" if label else f"AP {average_precision:.3f}"
     ax.plot(recall, precision, drawstyle="steps-post", linewidth=2, label=name)
     ax.axhline(prevalence, linestyle="--", color="grey", linewidth=1, label=f"prevalence {prevalence:.3f}")

@@ -382,7 +382,10 @@ def evaluate_and_save(
     for name, split_outputs in outputs.items():
         result[name] = split_metrics(split_outputs, point, classes, bootstrap=config.bootstrap, seed=config.seed)
         write_predictions(split_outputs, point, classes, out / f"predictions_{name}.csv")
-        write_plots(split_outputs, point, classes, result[name], out / "plots", prefix=name)
+        write_plots(
+            split_outputs, point, classes, result[name], out / "plots", prefix=name,
+            band_resamples=min(200, config.bootstrap), seed=config.seed,
+        )
     if "test" not in outputs:
         result["test"] = None
     save_model(
