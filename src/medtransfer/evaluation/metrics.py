@@ -668,8 +668,7 @@ def roc_band(
     """
     y, s = _binary_inputs(y_true, prob_pos)
     n_resamples, confidence = _check_resampling(n_resamples, confidence)
-    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
-        raise ConfigError(f"grid_size must be an integer >= 2; got {grid_size!r}.")
+    _check_grid(grid_size)
     inv, n_groups = _group_index(groups, y.shape[0])
     _require_both_classes(y, "roc_band")
     ranked = _Ranked.build(y, s)
@@ -685,11 +684,7 @@ def roc_band(
             tpr = np.concatenate(([0.0], tp[i, ::-1] / P[i]))
             fpr = np.concatenate(([0.0], fp[i, ::-1] / N[i]))
             rows.append(_tpr_on_grid(fpr, tpr, grid))
-    if not rows:
-        raise DataError(f"roc_band: no resample contained both classes ({n_groups} groups). Use more data.")
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(np.vstack(rows), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
-    return grid, lo, hi
+    return _pointwise_band(grid, rows, confidence, what="roc_band", n_groups=n_groups)
 
 
 def pr_band(
@@ -710,6 +705,7 @@ def pr_band(
     """
     y, s = _binary_inputs(y_true, prob_pos)
     n_resamples, confidence = _check_resampling(n_resamples, confidence)
+    _check_grid(grid_size)
     inv, n_groups = _group_index(groups, y.shape[0])
     _require_both_classes(y, "pr_band")
     members = [np.flatnonzero(inv == g) for g in range(n_groups)]
@@ -724,8 +720,20 @@ def pr_band(
         best = np.maximum.accumulate(precision)  # recall decreases along the arrays: best at recall >= r
         order = np.argsort(recall, kind="stable")
         rows.append(np.interp(grid, recall[order], best[order]))
+    return _pointwise_band(grid, rows, confidence, what="pr_band", n_groups=n_groups)
+
+
+def _check_grid(grid_size: Any) -> None:
+    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
+        raise ConfigError(f"grid_size must be an integer >= 2; got {grid_size!r}.")
+
+
+def _pointwise_band(
+    grid: np.ndarray, rows: list[np.ndarray], confidence: float, *, what: str, n_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Percentile band over resampled curves read on a common grid."""
     if not rows:
-        raise DataError(f"pr_band: no resample contained both classes ({n_groups} groups). Use more data.")
+        raise DataError(f"{what}: no resample contained both classes ({n_groups} groups). Use more data.")
     alpha = 1.0 - confidence
     lo, hi = np.quantile(np.vstack(rows), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
     return grid, lo, hi
