@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from medtransfer.artifacts import load_model, save_model
+from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.evaluation.inference import device_for, resolve_accelerator, resolve_precision
 from medtransfer.models.backbones import create_backbone
@@ -52,20 +52,10 @@ def log(*parts: object) -> None:
 def build_demo_model(folder: Path) -> Path:
     torch.manual_seed(0)
     net, spec = create_backbone("resnet18", num_classes=2, weights="none")
-    info = {
-        "backbone": "resnet18",
-        "classes": ["NORMAL", "PNEUMONIA"],
-        "positive_class": "PNEUMONIA",
-        "threshold": 0.5,
-        "temperature": 1.0,
-        "image_size": 224,
-        "decode_size": 256,
-        "eval_crop_fraction": 0.875,
-        "mean": list(spec.normalization.mean),
-        "std": list(spec.normalization.std),
-        "in_channels": 3,
-    }
-    save_model(TransferModel(net, spec), info, folder)
+    model = TransferModel(net, spec)
+    info = model_info(model, classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5,
+                      image_size=224, decode_size=256)
+    save_model(model, info, folder)
     return folder
 
 

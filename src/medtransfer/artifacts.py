@@ -58,6 +58,40 @@ class SavedModel:
         )
 
 
+def model_info(
+    model: TransferModel,
+    *,
+    classes: list[str],
+    positive_class: str,
+    threshold: float,
+    image_size: int,
+    decode_size: int,
+    temperature: float = 1.0,
+    eval_crop_fraction: float = 0.875,
+    in_channels: int = 3,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The model.json fields that load_model and SavedModel.transform rely on, plus `extra`.
+
+    Backbone name and normalisation come from the model itself, so they cannot disagree with
+    the weights.
+    """
+    return {
+        "backbone": model.spec.name,
+        "classes": list(classes),
+        "positive_class": positive_class,
+        "threshold": float(threshold),
+        "temperature": float(temperature),
+        "image_size": image_size,
+        "decode_size": decode_size,
+        "eval_crop_fraction": eval_crop_fraction,
+        "mean": list(model.spec.normalization.mean),
+        "std": list(model.spec.normalization.std),
+        "in_channels": in_channels,
+        **extra,
+    }
+
+
 def versions() -> dict[str, str]:
     import lightning
     import timm

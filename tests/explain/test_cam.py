@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from medtransfer.artifacts import load_model, save_model
+from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.errors import ConfigError
 from medtransfer.explain import cam as cam_module
 from medtransfer.explain.cam import METHODS, ClassActivationMap, explain_files, overlay, save_overlay
@@ -201,20 +201,10 @@ def test_overlay_and_save_overlay(tmp_path):
 def test_explain_files_writes_overlays_and_maps(tmp_path):
     torch.manual_seed(0)
     net, spec = create_backbone("resnet18", num_classes=2, weights="none")
-    info = {
-        "backbone": "resnet18",
-        "classes": ["NORMAL", "PNEUMONIA"],
-        "positive_class": "PNEUMONIA",
-        "threshold": 0.41,
-        "temperature": 1.5,
-        "image_size": 64,
-        "decode_size": 72,
-        "eval_crop_fraction": 0.875,
-        "mean": list(spec.normalization.mean),
-        "std": list(spec.normalization.std),
-        "in_channels": 3,
-    }
-    save_model(TransferModel(net, spec), info, tmp_path / "run")
+    model = TransferModel(net, spec)
+    info = model_info(model, classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.41,
+                      temperature=1.5, image_size=64, decode_size=72)
+    save_model(model, info, tmp_path / "run")
     saved = load_model(tmp_path / "run")
     rng = np.random.default_rng(0)
     paths = [tmp_path / "a.png", tmp_path / "b.jpg"]

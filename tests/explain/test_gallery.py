@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medtransfer.artifacts import load_model, save_model
+from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.explain.gallery import PredictionRow, caption, read_predictions, select_gallery, write_gallery
 from medtransfer.models.backbones import create_backbone
@@ -118,21 +118,10 @@ def test_per_group_below_one_is_refused():
 def run_dir(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     net, spec = create_backbone("resnet18", num_classes=2, weights="none")
-    info = {
-        "backbone": "resnet18",
-        "classes": BINARY,
-        "positive_class": "PNEUMONIA",
-        "threshold": 0.41,
-        "temperature": 1.0,
-        "image_size": 48,
-        "decode_size": 56,
-        "eval_crop_fraction": 0.875,
-        "mean": list(spec.normalization.mean),
-        "std": list(spec.normalization.std),
-        "in_channels": 3,
-    }
+    model = TransferModel(net, spec)
+    info = model_info(model, classes=BINARY, positive_class="PNEUMONIA", threshold=0.41, image_size=48, decode_size=56)
     run = tmp_path / "run"
-    save_model(TransferModel(net, spec), info, run)
+    save_model(model, info, run)
     return run
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from medtransfer.artifacts import load_model, save_model
+from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.config import TrainConfig
 from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache, default_decode_workers
 from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule, default_num_workers
@@ -390,23 +390,21 @@ def evaluate_and_save(
         result["test"] = None
     save_model(
         model,
-        {
-            "backbone": config.backbone,
-            "classes": classes,
-            "positive_class": positive_class,
-            "threshold": point.threshold,
-            "threshold_policy": config.threshold,
-            "temperature": point.temperature,
-            "image_size": config.image_size,
-            "decode_size": config.cache_size,
-            "eval_crop_fraction": config.eval_crop_fraction,
-            "mean": list(model.spec.normalization.mean),
-            "std": list(model.spec.normalization.std),
-            "in_channels": config.in_channels,
-            "strategy": config.strategy,
-            "frozen": model.frozen,
-            "training_config": config.to_dict(),
-        },
+        model_info(
+            model,
+            classes=classes,
+            positive_class=positive_class,
+            threshold=point.threshold,
+            temperature=point.temperature,
+            image_size=config.image_size,
+            decode_size=config.cache_size,
+            eval_crop_fraction=config.eval_crop_fraction,
+            in_channels=config.in_channels,
+            threshold_policy=config.threshold,
+            strategy=config.strategy,
+            frozen=model.frozen,
+            training_config=config.to_dict(),
+        ),
         out,
     )
     return result
