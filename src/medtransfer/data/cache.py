@@ -341,10 +341,14 @@ class CachedImages:
 # --------------------------------------------------------------------------- the cache
 
 
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_decode_workers() -> int:
     """Decoding is CPU-bound and runs before training starts: use the cores (up to 8)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    return max(1, min(8, available_cores()))
 
 
 class ImageCache:

@@ -6,7 +6,6 @@ bad images are all listed before training starts and the cache is shared across 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from medtransfer.data.cache import CachedImages
+from medtransfer.data.cache import CachedImages, available_cores
 
 
 def image_tensor(array: np.ndarray) -> torch.Tensor:
@@ -42,7 +41,7 @@ class CachedImageDataset(Dataset):
 
 def default_num_workers(accelerator: str) -> int:
     """CPU training shares the cores with the model, so one loader worker; GPUs get more."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if accelerator in ("gpu", "cuda"):
         return max(1, min(8, cores - 1))
     return 1 if cores > 1 else 0
