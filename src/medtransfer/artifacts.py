@@ -69,6 +69,7 @@ def model_info(
     temperature: float = 1.0,
     eval_crop_fraction: float = 0.875,
     in_channels: int = 3,
+    output_stride: int = 32,
     **extra: Any,
 ) -> dict[str, Any]:
     """The model.json fields that load_model and SavedModel.transform rely on, plus `extra`.
@@ -88,6 +89,7 @@ def model_info(
         "mean": list(model.spec.normalization.mean),
         "std": list(model.spec.normalization.std),
         "in_channels": in_channels,
+        "output_stride": output_stride,
         **extra,
     }
 
@@ -141,7 +143,11 @@ def load_model(path: str | Path) -> SavedModel:
     except json.JSONDecodeError as exc:
         raise WeightsError(f"--run {path}: {model_dir / MODEL_JSON} is not valid JSON ({exc.msg})") from None
     net, spec = create_backbone(
-        info["backbone"], num_classes=len(info["classes"]), weights="none", in_channels=info.get("in_channels", 3)
+        info["backbone"],
+        num_classes=len(info["classes"]),
+        weights="none",
+        in_channels=info.get("in_channels", 3),
+        output_stride=info.get("output_stride", 32),
     )
     state = load_file(str(model_dir / WEIGHTS_FILE))
     try:

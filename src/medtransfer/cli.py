@@ -68,6 +68,9 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate for AdamW (default 1e-3)."),
     image_size: Optional[int] = typer.Option(None, help="Model input size in pixels (default 224)."),
+    output_stride: Optional[int] = typer.Option(
+        None, help="32 (default); 16 or 8 dilate the last stage for finer heatmaps (efficientnet_lite0, resnet50, timm)."
+    ),
     val_fraction: Optional[float] = typer.Option(None, help="Patient-level validation fraction drawn from train+val (default 0.2)."),
     test_fraction: Optional[float] = typer.Option(None, help="Draw a patient-level test split when the data has none (default 0)."),
     keep_official_val: Optional[bool] = typer.Option(None, "--keep-official-val", help="Use the data's own val split as is."),

@@ -45,6 +45,7 @@ class TrainConfig:
     weights: str = "imagenet"
     strategy: str = "finetune"
     in_channels: int = 3  # 1: grayscale in one channel (first convolution's RGB filters summed)
+    output_stride: int = 32  # 16 or 8: last stage dilated instead of strided, finer class activation maps
     freeze_children: int = 4
     # optimisation
     epochs: int = 30
@@ -128,6 +129,7 @@ class TrainConfig:
             (self.contrast >= 0, "contrast", self.contrast, "0 (off) or a positive number"),
             (self.freeze_children >= 0, "freeze_children", self.freeze_children, "0 or more"),
             (self.in_channels in (1, 3), "in_channels", self.in_channels, "1 (grayscale) or 3 (RGB)"),
+            (self.output_stride in (8, 16, 32), "output_stride", self.output_stride, "32 (default), 16 or 8"),
             (self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or a positive number"),
             (self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "0 (off) or more"),
             (self.focal_gamma >= 0, "focal_gamma", self.focal_gamma, "0 or a positive number"),

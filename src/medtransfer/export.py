@@ -21,7 +21,7 @@ from medtransfer.errors import ConfigError, WeightsError
 
 PREPROCESSING_KEYS = (
     "backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size",
-    "decode_size", "eval_crop_fraction", "mean", "std", "in_channels",
+    "decode_size", "eval_crop_fraction", "mean", "std", "in_channels", "output_stride",
 )
 
 

@@ -113,6 +113,8 @@ def test_output_dir_holding_a_run_points_to_resume(dataset, tmp_path, capsys):
         ("--precision", "fp8", ["--precision", "fp8", "bf16-mixed"]),
         ("--threshold", "median", ["--threshold", "median", "youden"]),
         ("--accelerator", "tpu", ["--accelerator", "tpu", "cpu"]),
+        ("--output-stride", "12", ["--output-stride", "12", "16"]),
+        ("--output-stride", "16", ["output_stride", "16", "resnet18", "resnet50"]),  # BasicBlock takes no dilation
     ],
 )
 def test_bad_option_values(dataset, tmp_path, capsys, option, value, fragments):

@@ -239,3 +239,64 @@ def test_explain_files_writes_overlays_and_maps(tmp_path):
 def test_docstring_examples_run():
     failures, tried = doctest.testmod(cam_module)
     assert tried > 0 and failures == 0
+
+
+class StridedOnes(nn.Module):
+    """Three 3x3 stride-2 all-ones convolutions (symmetric padding): cell i looks at pixel 8 i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = []
+        for _ in range(3):
+            conv = nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False)
+            nn.init.ones_(conv.weight)
+            layers += [conv, nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_map_peak_lands_on_the_pixel_the_cell_sees(method):
+    # An impulse at (40, 24) reaches exactly one stride-8 cell, (5, 3). The usual resize
+    # (align_corners=False) would draw that cell at (43.5, 27.5), half a cell off.
+    image = torch.zeros(1, 1, 64, 64)
+    image[0, 0, 40, 24] = 1.0
+    with ClassActivationMap(StridedOnes(), method=method, target_layer="features") as cam:
+        result = cam(image, class_index=1)
+    assert cam.grid.stride == 8
+    row, col = divmod(int(result.maps[0].argmax()), 64)
+    assert abs(row - 40) <= 1 and abs(col - 24) <= 1, (row, col)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected_offset"),
+    # ResNet/EfficientNet: odd kernels with symmetric padding put cell i at 32 i. DenseNet's
+    # three 2x2 average-pool transitions each add half their input stride: 2 + 4 + 8 = 14.
+    [("resnet18", 0.0), ("efficientnet_lite0", 0.0), ("densenet121", 14.0)],
+)
+def test_feature_grid_of_registered_backbones(name, expected_offset):
+    model = _transfer_model(name)
+    grid = cam_module.feature_grid(model.net, model.spec.cam_layer)
+    assert grid.stride == 32
+    assert grid.offset_y == pytest.approx(expected_offset, abs=3)
+    assert grid.offset_x == pytest.approx(expected_offset, abs=3)
+
+
+def test_upsample_places_cells_at_grid_centres_and_holds_the_border():
+    cells = torch.zeros(1, 3, 3)
+    cells[0, 1, 2] = 1.0
+    grid = cam_module.FeatureGrid(stride=10.0, offset_y=2.0, offset_x=2.0)
+    maps = cam_module.upsample(cells, (30, 30), grid)
+    assert maps[0, 12, 22] == pytest.approx(1.0)  # cell (1, 2) is centred on pixel (2 + 10, 2 + 20)
+    assert maps[0, 12, 29] == pytest.approx(1.0)  # beyond the last centre the border value is held
+    assert maps[0, 12, 17] == pytest.approx(0.5)  # halfway between cell centres
+    assert maps[0, 0, 0] == 0.0
+    plain = cam_module.upsample(cells, (30, 30), None)
+    assert plain[0, 12, 22] < plain[0, 14, 25] == plain.max()  # usual resize: cell (1, 2) drawn at (14.5, 24.5)

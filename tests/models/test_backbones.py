@@ -151,3 +151,25 @@ def test_single_channel_conversion_keeps_loaded_weights(tmp_path):
     assert torch.allclose(gray.conv1.weight, source.conv1.weight.sum(dim=1, keepdim=True))
     with pytest.raises(ConfigError, match="--in-channels: got 2"):
         create_backbone("resnet18", num_classes=2, weights="none", in_channels=2)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_output_stride_16_keeps_the_weights_and_doubles_the_cam_grid(name):
+    coarse, spec = create_backbone(name, num_classes=2, weights="none")
+    fine, _ = create_backbone(name, num_classes=2, weights="none", output_stride=16)
+    assert {k: v.shape for k, v in coarse.state_dict().items()} == {k: v.shape for k, v in fine.state_dict().items()}
+    fine.load_state_dict(coarse.state_dict())  # ImageNet or trained weights carry over unchanged
+    sizes = {}
+    for label, net in (("coarse", coarse), ("fine", fine)):
+        hook = net.get_submodule(spec.cam_layer).register_forward_hook(lambda m, a, o, k=label: sizes.__setitem__(k, o.shape[-1]))
+        with torch.no_grad():
+            net.eval()(torch.rand(1, 3, 128, 128))
+        hook.remove()
+    assert sizes == {"coarse": 4, "fine": 8}
+
+
+def test_output_stride_errors_name_the_backbone_and_the_way_out():
+    with pytest.raises(ConfigError, match=r"resnet18 only has output stride 32.*resnet50"):
+        create_backbone("resnet18", num_classes=2, weights="none", output_stride=16)
+    with pytest.raises(ConfigError, match=r"output_stride: got 12; choose one of 32, 16, 8"):
+        create_backbone("resnet50", num_classes=2, weights="none", output_stride=12)

@@ -40,6 +40,9 @@ __all__ = [
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CLASSES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 MASKS_DIR = "masks"
+# Lung darkness varies between patients (habitus, inspiration) by as much as a lesion
+# brightens a lung on average, so "brighter lungs" is no shortcut around finding the lesion.
+LUNG_DEPTH = (0.24, 0.40)
 
 _FloatArr = np.ndarray
 
@@ -100,6 +103,7 @@ class _Anatomy:
     rib_curve: float
     rotation: float
     brightness: float
+    lung_depth: float  # how much darker aerated lung is than soft tissue
     lesions: tuple[_Lesion, ...]
 
 
@@ -163,6 +167,7 @@ def _random_anatomy(rng: np.random.Generator, pneumonia: bool, virus: bool) -> _
         rib_curve=rng.uniform(0.9, 1.3),
         rotation=rng.uniform(-0.05, 0.05),
         brightness=rng.uniform(-0.04, 0.04),
+        lung_depth=rng.uniform(*LUNG_DEPTH),
         lesions=(),
     )
     if not pneumonia:
@@ -181,10 +186,11 @@ def _random_anatomy(rng: np.random.Generator, pneumonia: bool, virus: bool) -> _
     for _ in range(int(rng.integers(1, 3))):
         idx = candidates[int(rng.integers(len(candidates)))]
         cy, cx = g[idx // n], g[idx % n]
+        # Segmental-to-lobar consolidations (a lung zone, not a nodule): masks 10-20% of the image side.
         if virus:  # viral: larger, fainter, more diffuse
-            sx, sy, amp = rng.uniform(0.1, 0.16), rng.uniform(0.1, 0.16), rng.uniform(0.15, 0.21)
+            sx, sy, amp = rng.uniform(0.16, 0.26), rng.uniform(0.16, 0.26), rng.uniform(0.21, 0.29)
         else:  # bacterial: focal, denser lobar consolidation
-            sx, sy, amp = rng.uniform(0.07, 0.13), rng.uniform(0.08, 0.15), rng.uniform(0.18, 0.26)
+            sx, sy, amp = rng.uniform(0.11, 0.21), rng.uniform(0.13, 0.24), rng.uniform(0.25, 0.36)
         lesions.append(
             _Lesion(float(cx), float(cy), float(sx), float(sy), float(rng.uniform(0, np.pi)), float(amp))
         )
@@ -237,7 +243,7 @@ def _render(rng: np.random.Generator, a: _Anatomy, size: int) -> tuple[np.ndarra
     img = (
         0.05
         + 0.55 * body
-        - 0.32 * lungs
+        - (a.lung_depth + rng.uniform(-0.015, 0.015)) * lungs  # the film-to-film part: breathing
         + 0.26 * soft_tissue * lungs  # soft tissue hides the lung behind it
         + 0.08 * heart
         + 0.10 * spine

@@ -18,6 +18,14 @@ Three methods, all on the last spatial feature map of the backbone (the "target 
 Every map is upsampled (bilinear) to the input size and min-max normalised to [0, 1] per
 image; a constant map (e.g. all zero after the ReLU) is returned as zeros, never NaN.
 
+Upsampling puts each cell where the network looks, not at the middle of its block: with
+odd kernels and symmetric padding (ResNet, EfficientNet), cell i of a stride-32 map is
+centred on input pixel 32 i, while the usual resize (``align_corners=False``, as in
+OpenCV) draws it at 32 i + 15.5 - half a cell down and right, which on a 160 px chest film
+is a lesion's width. :func:`feature_grid` measures the stride and offset once per
+architecture and layer (effective receptive field of a randomly initialised copy), so
+DenseNet's average-pool transitions (+14 px at stride 32) are placed right as well.
+
 Unlike MONAI's CAM classes, :class:`ClassActivationMap` is a context manager: its hooks
 exist only inside the ``with`` block and are removed on exit, also when an exception is
 raised. It neither changes ``requires_grad`` flags nor accumulates ``.grad`` on parameters
@@ -51,13 +59,15 @@ from torch import nn
 
 from medtransfer.errors import ConfigError, DataError
 
-__all__ = ["METHODS", "CamResult", "ClassActivationMap", "explain_files", "overlay", "save_overlay"]
+__all__ = ["METHODS", "CamResult", "ClassActivationMap", "FeatureGrid", "explain_files", "feature_grid", "overlay", "save_overlay", "upsample"]
 
 METHODS = ("cam", "gradcam", "gradcam++")
 
 _MAX_CANDIDATES = 10
 _PROBE_SIZE = 224  # input side of the dry forward pass that lists spatial layers
 _FLAT_TOLERANCE = 1e-6  # a map whose range is below this fraction of its magnitude is constant
+_GRID_PROBE_SIZE = 256  # divisible by every power-of-two stride up to 256, so the stride is exact
+_GRID_PROBE_BATCH = 4
 
 ClassChoice = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], Any] | None
 
@@ -125,12 +135,15 @@ class ClassActivationMap:
         self.head = self._find_head() if method == "cam" else None
         self._handles: list[Any] = []
         self._activation: torch.Tensor | None = None
+        self.grid: FeatureGrid | None = None
 
     # ------------------------------------------------------------------ context manager
 
     def __enter__(self) -> "ClassActivationMap":
         if self._handles:
             raise RuntimeError("ClassActivationMap is already active; it cannot be entered twice")
+        # Measured before the hook exists: the probe copies the model, and must not copy this hook.
+        self.grid = feature_grid(self._layer_root, self.target_layer)
         self._handles.append(self.layer.register_forward_hook(self._capture))
         return self
 
@@ -190,7 +203,7 @@ class ClassActivationMap:
             self._activation = None
             for module, mode in modes:
                 module.training = mode
-        maps = F.interpolate(cam[:, None], size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+        maps = upsample(cam, tuple(images.shape[-2:]), self.grid)
         if not torch.isfinite(maps).all():
             raise DataError(f"{self.method} map is not finite: the model produced NaN/inf for this input")
         logits = logits.detach()
@@ -266,9 +279,11 @@ class ClassActivationMap:
                 name = spatial[-1]
         for root in (self.root, self.model):
             try:
-                return name, root.get_submodule(name)
+                layer = root.get_submodule(name)
             except AttributeError:
                 continue
+            self._layer_root = root  # the module the name is relative to
+            return name, layer
         candidates = self._candidates()
         listed = ", ".join(candidates) if candidates else "none found"
         raise ConfigError(f"--target-layer {name!r}: no such layer in {self.model_name}; candidates: {listed}")
@@ -333,6 +348,102 @@ class ClassActivationMap:
                 f"--method cam: {self.model_name} has no nn.Linear head after global average pooling; use --method gradcam"
             )
         return linears[-1]
+
+
+@dataclass(frozen=True)
+class FeatureGrid:
+    """Where a layer's cells sit on the input: cell (i, j) is centred on input pixel
+    (offset_y + stride * i, offset_x + stride * j), pixel centres at integer coordinates."""
+
+    stride: float
+    offset_y: float
+    offset_x: float
+
+
+_GRIDS: dict[tuple, FeatureGrid | None] = {}
+
+
+def feature_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
+    """Stride and offset of ``layer_name``'s cells on the input of ``model`` (cached per architecture).
+
+    A randomly initialised copy of the model sees a batch of noise images of
+    ``_GRID_PROBE_SIZE`` px; the stride is the probe size over the layer's size, and the
+    offset is where the gradient of the central cell with respect to the input (its
+    effective receptive field) has its centroid, less ``stride * index``. Random weights
+    keep the receptive field symmetric about its geometric centre, which trained weights
+    need not be. ``None`` (the caller then resizes as usual) when the model does not take a
+    probe of that size or the layer has fewer than two cells per side there.
+    """
+    key = (type(model).__module__, type(model).__qualname__, layer_name, _signature(model))
+    if key not in _GRIDS:
+        _GRIDS[key] = _measure_grid(model, layer_name)
+    return _GRIDS[key]
+
+
+def _signature(model: nn.Module) -> tuple:
+    """The module types and geometry settings that decide where cells look (not the weights)."""
+    return tuple(
+        (name, type(m).__name__, *(str(getattr(m, a, "")) for a in ("kernel_size", "stride", "padding", "dilation")))
+        for name, m in model.named_modules()
+    )
+
+
+def _measure_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
+    import copy
+
+    probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for module in probe.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        x = torch.randn(_GRID_PROBE_BATCH, _input_channels(probe), _GRID_PROBE_SIZE, _GRID_PROBE_SIZE)
+    captured: list[torch.Tensor] = []
+    handle = probe.get_submodule(layer_name).register_forward_hook(lambda m, a, output: captured.append(output))
+    try:
+        with torch.enable_grad():
+            x.requires_grad_(True)
+            probe(x)
+            feature = captured[-1] if captured else None
+            if not isinstance(feature, torch.Tensor) or feature.ndim != 4 or min(feature.shape[-2:]) < 2:
+                return None
+            rows, cols = feature.shape[-2:]
+            row, col = rows // 2, cols // 2
+            (grad,) = torch.autograd.grad(feature[:, :, row, col].sum(), x)
+    except Exception:  # a model that only takes its own input size: keep the usual resize
+        return None
+    finally:
+        handle.remove()
+    weight = grad.abs().sum(dim=(0, 1)).double()
+    if not torch.isfinite(weight).all() or weight.sum() <= 0:
+        return None
+    index = torch.arange(_GRID_PROBE_SIZE, dtype=torch.float64)
+    centre_y = float((weight.sum(1) * index).sum() / weight.sum())
+    centre_x = float((weight.sum(0) * index).sum() / weight.sum())
+    stride = _GRID_PROBE_SIZE / cols
+    return FeatureGrid(stride=stride, offset_y=centre_y - stride * row, offset_x=centre_x - stride * col)
+
+
+def upsample(cells: torch.Tensor, size: tuple[int, int], grid: FeatureGrid | None) -> torch.Tensor:
+    """N x h x w cell map -> N x H x W, bilinear, each cell at its :class:`FeatureGrid` centre.
+
+    Beyond the outermost cell centres the border value is held. Without a grid this is the
+    usual ``align_corners=False`` resize (cells at the middle of equal blocks).
+    """
+    if grid is None:
+        return F.interpolate(cells[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    n, h, w = cells.shape
+    height, width = size
+
+    def axis(length: int, cells_along: int, offset: float) -> torch.Tensor:
+        position = (torch.arange(length, dtype=torch.float32, device=cells.device) - offset) / grid.stride
+        position = position.clamp(0, cells_along - 1)
+        return position / (cells_along - 1) * 2 - 1 if cells_along > 1 else torch.zeros_like(position)
+
+    gy, gx = torch.meshgrid(axis(height, h, grid.offset_y), axis(width, w, grid.offset_x), indexing="ij")
+    sample_at = torch.stack([gx, gy], dim=-1)[None].expand(n, -1, -1, -1)
+    return F.grid_sample(cells[:, None].float(), sample_at, mode="bilinear", align_corners=True)[:, 0]
 
 
 def _input_channels(model: nn.Module) -> int:

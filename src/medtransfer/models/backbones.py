@@ -21,6 +21,9 @@ from medtransfer.data.transforms import IMAGENET, Normalization
 from medtransfer.errors import ConfigError, WeightsError
 
 WEIGHT_CHOICES = ("imagenet", "none")
+OUTPUT_STRIDES = (32, 16, 8)
+# torchvision ResNets with Bottleneck blocks take dilation; BasicBlock (resnet18/34) and DenseNet do not.
+_TORCHVISION_DILATION = {"resnet50": {32: None, 16: [False, False, True], 8: [False, True, True]}}
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class BackboneSpec:
     # Containers expanded into their children when counting "children" for freezing,
     # so that freezing the first N means the first N layers in forward order.
     expand: tuple[str, ...] = ()
-    build: Callable[[], nn.Module] = field(default=None, repr=False)  # random init, original head
+    # random init, original head; build(output_stride=16) dilates the last stage instead of striding
+    build: Callable[..., nn.Module] = field(default=None, repr=False)
     imagenet_state_dict: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
 
@@ -72,10 +76,18 @@ def _torchvision_weights(builder_name: str, weights_name: str) -> Callable[[], d
 def _torchvision_spec(
     name: str, weights_name: str, head: str, cam_layer: str, first_conv: str, expand: tuple[str, ...] = ()
 ):
-    def build() -> nn.Module:
+    def build(output_stride: int = 32) -> nn.Module:
         import torchvision
 
-        return getattr(torchvision.models, name)(weights=None)
+        if output_stride == 32:
+            return getattr(torchvision.models, name)(weights=None)
+        if name not in _TORCHVISION_DILATION:
+            raise ConfigError(
+                f"output_stride: got {output_stride}; {name} only has output stride 32 (its blocks take no dilation). "
+                "Use resnet50, efficientnet_lite0 or another timm model for 16 or 8"
+            )
+        dilation = _TORCHVISION_DILATION[name][output_stride]
+        return getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=dilation)
 
     return BackboneSpec(
         name=name,
@@ -140,8 +152,16 @@ def _timm_spec(name: str) -> BackboneSpec:
     cfg = probe.pretrained_cfg
     expand = tuple(n for n in ("blocks", "stages", "features", "layers") if isinstance(getattr(probe, n, None), nn.Sequential))
 
-    def build() -> nn.Module:
-        return timm.create_model(name, pretrained=False)
+    def build(output_stride: int = 32) -> nn.Module:
+        if output_stride == 32:
+            return timm.create_model(name, pretrained=False)
+        try:
+            return timm.create_model(name, pretrained=False, output_stride=output_stride)
+        except (TypeError, ValueError, AssertionError, NotImplementedError) as exc:
+            raise ConfigError(
+                f"output_stride: got {output_stride}; timm model {name} does not support it "
+                f"({exc.__class__.__name__}: {str(exc)[:100]}). Use 32"
+            ) from None
 
     def imagenet() -> dict[str, torch.Tensor]:
         try:
@@ -292,16 +312,21 @@ def load_backbone_state(model: nn.Module, spec: BackboneSpec, state: dict[str, t
 
 
 def create_backbone(
-    name: str, *, num_classes: int, weights: str = "imagenet", in_channels: int = 3
+    name: str, *, num_classes: int, weights: str = "imagenet", in_channels: int = 3, output_stride: int = 32
 ) -> tuple[nn.Module, BackboneSpec]:
     """The backbone with a new `num_classes` head, initialised from `weights` ('imagenet', 'none' or a file path).
 
     `in_channels=1` feeds grayscale images as one channel (RGB filters of the first convolution summed).
+    `output_stride=16` (or 8) replaces the last stage's stride (the last two) by dilation, as
+    DeepLab does: the same weights, a last feature map 2x (4x) finer for class activation
+    maps, at about 1.4x (2.5x) the compute of efficientnet_lite0's forward pass.
     """
     spec = get_backbone(name)
     if num_classes < 2:
         raise ConfigError(f"number of classes: got {num_classes}; a classifier needs at least 2")
-    model = spec.build()
+    if output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"output_stride: got {output_stride!r}; choose one of {', '.join(map(str, OUTPUT_STRIDES))}")
+    model = spec.build(output_stride=output_stride)
     if weights == "imagenet":
         load_backbone_state(model, spec, spec.imagenet_state_dict(), source="imagenet")
     elif weights != "none":

@@ -39,7 +39,7 @@ from medtransfer.evaluation.evaluate import (
 )
 from medtransfer.evaluation.inference import device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.evaluation import plots
-from medtransfer.models.backbones import create_backbone
+from medtransfer.models.backbones import create_backbone, get_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
 from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history, write_history
@@ -143,6 +143,8 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
     started = time.perf_counter()
     accelerator = resolve_accelerator(config.accelerator)  # fails early when no GPU is visible
     precision = resolve_precision(config.precision, accelerator)
+    if config.output_stride != 32:  # a backbone without dilation support fails here, before the run folder exists
+        get_backbone(config.backbone).build(output_stride=config.output_stride)
     prepare_run_dir(out, resume=resume)
     L.seed_everything(config.seed, workers=True, verbose=False)
 
@@ -157,7 +159,11 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         console.print(line)
 
     net, spec = create_backbone(
-        config.backbone, num_classes=len(classes), weights=config.weights, in_channels=config.in_channels
+        config.backbone,
+        num_classes=len(classes),
+        weights=config.weights,
+        in_channels=config.in_channels,
+        output_stride=config.output_stride,
     )
     model = build_transfer_model(net, spec, Strategy(config.strategy, config.freeze_children))
     counts = model.parameter_counts()
@@ -400,6 +406,7 @@ def evaluate_and_save(
             decode_size=config.cache_size,
             eval_crop_fraction=config.eval_crop_fraction,
             in_channels=config.in_channels,
+            output_stride=config.output_stride,
             threshold_policy=config.threshold,
             strategy=config.strategy,
             frozen=model.frozen,
