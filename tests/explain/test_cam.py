@@ -247,15 +247,15 @@ class StridedOnes(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         layers = []
-        for _ in range(3):
-            conv = nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False)
+        for channels_in in (1, 16, 16):
+            conv = nn.Conv2d(channels_in, 16, 3, stride=2, padding=1, bias=False)
             nn.init.ones_(conv.weight)
             layers += [conv, nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(1, 2)
+        self.fc = nn.Linear(16, 2)
         with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.fc.weight.copy_(torch.tensor([[-1.0] * 16, [1.0] * 16]))
             self.fc.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

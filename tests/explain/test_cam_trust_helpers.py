@@ -1,9 +1,10 @@
-"""Pure helpers of benchmarks/cam_trust.py: Spearman, mask alignment, pointing game, randomisation."""
+"""benchmarks/cam_trust.py: Spearman, mask alignment, pointing game, randomisation, and a smoke run."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,31 @@ def test_spearman_is_the_squared_rank_difference_formula_on_every_permutation():
         d = base - np.array(perm)
         expected = 1 - 6 * (d * d).sum() / (5 * 24)
         assert cam_trust.spearman(base, np.array(perm)) == pytest.approx(expected)
+
+
+def test_benchmark_runs_end_to_end_and_prints_one_json_line(tmp_path, capsys):
+    # A smoke run (tiny data, one epoch): the figures are meaningless, the plumbing is not.
+    code = cam_trust.main(
+        ["--out", str(tmp_path), "--epochs", "1", "--image-size", "64", "--output-stride", "16", "--weights", "none",
+         "--patients-per-class", "4", "--test-patients-per-class", "3"]
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert code == 0 and len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["map_grid"] == [4, 4]  # 64 px / output stride 16
+    assert result["output_stride"] == 16 and result["image_size"] == 64
+    assert result["n_images"] >= 3 and 0 <= result["pointing_game"] <= 1 and 0 <= result["pointing_chance"] <= 1
+    assert (tmp_path / "data_70px" / "README.txt").is_file()
+    assert (tmp_path / "run_efficientnet_lite0_64px_os16_1ep" / "model" / "model.json").is_file()
+
+
+def test_cluster_bootstrap_ci_resamples_patients_not_images():
+    # Patient "a" has 9 hits, the other nine patients one miss each: the rate over images is
+    # 0.5, but drawing patients makes it swing with whether "a" is drawn, so the interval is wide.
+    hits = [True] * 9 + [False] * 9
+    groups = ["a"] * 9 + [f"p{i}" for i in range(9)]
+    low, high = cam_trust.cluster_bootstrap_ci(hits, groups, resamples=4000)
+    assert low < 0.2 and high > 0.6
+    assert cam_trust.cluster_bootstrap_ci([True, True], ["x", "y"]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="as many groups as hits"):
+        cam_trust.cluster_bootstrap_ci([True], ["x", "y"])

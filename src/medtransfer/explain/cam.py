@@ -67,7 +67,7 @@ _MAX_CANDIDATES = 10
 _PROBE_SIZE = 224  # input side of the dry forward pass that lists spatial layers
 _FLAT_TOLERANCE = 1e-6  # a map whose range is below this fraction of its magnitude is constant
 _GRID_PROBE_SIZE = 256  # divisible by every power-of-two stride up to 256, so the stride is exact
-_GRID_PROBE_BATCH = 4
+_GRID_PROBE_BATCHES = (1, 8)
 
 ClassChoice = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], Any] | None
 
@@ -392,32 +392,39 @@ def _measure_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
     import copy
 
     probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for module in probe.modules():
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
-        x = torch.randn(_GRID_PROBE_BATCH, _input_channels(probe), _GRID_PROBE_SIZE, _GRID_PROBE_SIZE)
     captured: list[torch.Tensor] = []
     handle = probe.get_submodule(layer_name).register_forward_hook(lambda m, a, output: captured.append(output))
     try:
-        with torch.enable_grad():
-            x.requires_grad_(True)
-            probe(x)
-            feature = captured[-1] if captured else None
-            if not isinstance(feature, torch.Tensor) or feature.ndim != 4 or min(feature.shape[-2:]) < 2:
-                return None
-            rows, cols = feature.shape[-2:]
-            row, col = rows // 2, cols // 2
-            (grad,) = torch.autograd.grad(feature[:, :, row, col].sum(), x)
+        # One noise image places the cells to about 1 px; a narrow net whose central cell is
+        # dead (ReLU) for that image gets a larger batch.
+        for batch in _GRID_PROBE_BATCHES:
+            x = torch.randn(batch, _input_channels(probe), _GRID_PROBE_SIZE, _GRID_PROBE_SIZE, generator=generator)
+            with torch.enable_grad():
+                x.requires_grad_(True)
+                captured.clear()
+                probe(x)
+                feature = captured[-1] if captured else None
+                if not isinstance(feature, torch.Tensor) or feature.ndim != 4 or min(feature.shape[-2:]) < 2:
+                    return None
+                rows, cols = feature.shape[-2:]
+                row, col = rows // 2, cols // 2
+                (grad,) = torch.autograd.grad(feature[:, :, row, col].sum(), x)
+            weight = grad.abs().sum(dim=(0, 1)).double()
+            if torch.isfinite(weight).all() and weight.sum() > 0:
+                break
+        else:
+            return None
     except Exception:  # a model that only takes its own input size: keep the usual resize
         return None
     finally:
         handle.remove()
-    weight = grad.abs().sum(dim=(0, 1)).double()
-    if not torch.isfinite(weight).all() or weight.sum() <= 0:
-        return None
     index = torch.arange(_GRID_PROBE_SIZE, dtype=torch.float64)
     centre_y = float((weight.sum(1) * index).sum() / weight.sum())
     centre_x = float((weight.sum(0) * index).sum() / weight.sum())

@@ -319,7 +319,8 @@ def create_backbone(
     `in_channels=1` feeds grayscale images as one channel (RGB filters of the first convolution summed).
     `output_stride=16` (or 8) replaces the last stage's stride (the last two) by dilation, as
     DeepLab does: the same weights, a last feature map 2x (4x) finer for class activation
-    maps, at about 1.4x (2.5x) the compute of efficientnet_lite0's forward pass.
+    maps. Measured on 2 CPU cores, efficientnet_lite0 at 224 px: 1.2x the forward time at
+    16, 6x at 8.
     """
     spec = get_backbone(name)
     if num_classes < 2:
