@@ -10,8 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
+from medtransfer.artifacts import load_model
 from medtransfer.cli import main
 from medtransfer.data.synthetic import generate_demo_dataset
 
@@ -265,6 +268,30 @@ def test_grayscale_single_channel_model_trains_predicts_and_explains(tiny_data, 
     code, out, err = run_cli(["predict", "--run", run, image, "--cam", tmp_path / "cams"], monkeypatch, capsys)
     assert code == 0, err
     assert list((tmp_path / "cams").glob("*_gradcam.png")) and list((tmp_path / "cams").glob("*_gradcam.npy"))
+
+
+def test_output_stride_16_trains_saves_and_explains_on_a_finer_map(tiny_data, trained_run, tmp_path, monkeypatch, capsys):
+    _, cache = trained_run
+    run = tmp_path / "os16"
+    fast = [*FAST[:FAST.index("--image-size")], "--image-size", "64", "--set", "cache_size=72", *FAST[FAST.index("--batch-size"):]]
+    code, _, err = run_cli(["train", "--data", tiny_data, "--out", run, "--cache-dir", cache, "--epochs", "1",
+                            "--skip-bad-images", *fast, "--backbone", "efficientnet_lite0", "--output-stride", "16"],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((run / "model" / "model.json").read_text())["output_stride"] == 16
+    assert yaml.safe_load((run / "config.yaml").read_text())["output_stride"] == 16
+    image = sorted((tiny_data / "test" / "PNEUMONIA").glob("*.png"))[0]
+    code, _, err = run_cli(["explain", "--run", run, image, "--out", tmp_path / "maps"], monkeypatch, capsys)
+    assert code == 0, err
+    assert np.load(next((tmp_path / "maps").glob("*_gradcam.npy"))).shape == (64, 64)
+    # load_model rebuilt the dilated network: its last feature map of a 64 px input is 4 x 4, not 2 x 2.
+    net = load_model(run).model.net
+    sizes = []
+    hook = net.get_submodule("bn2").register_forward_hook(lambda m, a, o: sizes.append(tuple(o.shape[-2:])))
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 64, 64))
+    hook.remove()
+    assert sizes == [(4, 4)]
 
 
 def test_onnx_export_matches_predict(trained_run, tmp_path, monkeypatch, capsys):
