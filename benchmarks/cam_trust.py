@@ -35,10 +35,10 @@ Pass: pointing_game >= 0.80, randomization_spearman < 0.5 and test AUC >= 0.95.
 Usage::
 
     python benchmarks/cam_trust.py [--out DIR] [--epochs 6] [--image-size 320] [--output-stride 32]
-                                   [--method gradcam] [--backbone efficientnet_lite0]
+                                   [--method gradcam] [--backbone efficientnet_lite0] [--train-seed 0]
 
 Data go to DIR/data_<render size>px (generated unless its README.txt exists; delete the
-folder to regenerate), the run to DIR/run_<backbone>_<size>px_os<stride>_<epochs>ep (reused
+folder to regenerate), the run to DIR/run_<backbone>_<size>px_os<stride>_<epochs>ep[_seed<N>] (reused
 when finished, resumed when interrupted). One JSON line on stdout; everything else on stderr.
 """
 
@@ -344,7 +344,8 @@ def train_or_reuse(args: argparse.Namespace, out: Path) -> Path:
         sizes = {k: v for k, v in (("patients_per_class", args.patients_per_class), ("test_patients_per_class", args.test_patients_per_class)) if v is not None}
         summary = generate_demo_dataset(data, seed=0, image_size=render_size, **sizes)
         _log(f"Generated {summary.total_images} synthetic radiographs ({render_size} px) in {data}")
-    run_dir = out / f"run_{args.backbone}_{args.image_size}px_os{args.output_stride}_{args.epochs}ep"
+    seed_part = f"_seed{args.train_seed}" if args.train_seed else ""
+    run_dir = out / f"run_{args.backbone}_{args.image_size}px_os{args.output_stride}_{args.epochs}ep{seed_part}"
     if (run_dir / "metrics.json").is_file():
         _log(f"Reusing the finished run {run_dir}")
         return run_dir
@@ -358,6 +359,7 @@ def train_or_reuse(args: argparse.Namespace, out: Path) -> Path:
         image_size=args.image_size,
         cache_size=render_size,
         output_stride=args.output_stride,
+        seed=args.train_seed,
     )
     run_training(config, run_dir, resume=(run_dir / "config.yaml").is_file(), console=Console(stderr=True))
     return run_dir
@@ -421,6 +423,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": saved.info["image_size"],
         "output_stride": saved.info.get("output_stride", 32),
         "epochs": args.epochs,
+        "train_seed": args.train_seed,
         "epochs_run": metrics.get("epochs_run"),
         "train_seconds": metrics.get("train_seconds"),
         "cam_seconds": round(time.perf_counter() - cam_started, 1),
@@ -445,6 +448,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance-px", type=int, default=None, help="mask dilation for a hit (default 2.5%% of the input side)")
     parser.add_argument("--map-size", type=int, default=32, help="side of the pooled maps compared by Spearman")
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomised weights")
+    parser.add_argument("--train-seed", type=int, default=0, help="seed of training (split, head init, augmentation, order)")
     parser.add_argument("--patients-per-class", type=int, default=None, help="training patients per class (smaller: faster smoke test)")
     parser.add_argument("--test-patients-per-class", type=int, default=40, help="more test patients: a steadier pointing-game estimate")
     return parser.parse_args(argv)

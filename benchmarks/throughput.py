@@ -12,7 +12,10 @@ on this machine, with the same model (torchvision resnet18, random init, 2 class
   medtransfer's train_transform -> TransferDataModule(num_workers=default_num_workers("cpu"))
   -> ClassifierModule in a real L.Trainer, channels_last, resolve_precision("auto", "cpu");
 - model_only_img_s: the same model, step, precision and memory format on in-memory random
-  tensors (the ceiling: no data loading at all);
+  tensors (the ceiling: no data loading at all); speedup_ceiling = model_only / seed style,
+  the most any loader could give;
+- model_only_fp32_nchw_img_s: the seed style's step (fp32, NCHW) on in-memory tensors, and
+  seed_style_loader_share = the fraction of the seed style's time its loading costs;
 - cache_build_img_s (and _workers2): ImageCache.build into a fresh temporary cache dir,
   vs full_decode_img_s: PIL full-resolution decode + Resize(256), one process.
 
@@ -217,8 +220,10 @@ def project(cache_images, labels, classes, *, batch_size, warmup, cap, precision
     return {"img_s": meter.rate(), "images_timed": meter.images, "num_workers": workers}
 
 
-def model_only(classes, *, batch_size, batches, warmup, cap, precision) -> dict:
-    model = new_model(len(classes)).to(memory_format=torch.channels_last)
+def model_only(classes, *, batch_size, batches, warmup, cap, precision, channels_last: bool = True) -> dict:
+    model = new_model(len(classes))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(0)
@@ -226,7 +231,7 @@ def model_only(classes, *, batch_size, batches, warmup, cap, precision) -> dict:
     labels = torch.randint(0, len(classes), (batch_size,), generator=generator)
     meter = Meter(warmup, cap)
     for _ in range(batches):
-        train_step(model, optimizer, images, labels, channels_last=True, device=torch.device("cpu"), precision=precision)
+        train_step(model, optimizer, images, labels, channels_last=channels_last, device=torch.device("cpu"), precision=precision)
         if meter.step_done(batch_size):
             break
     return {"img_s": meter.rate(), "images_timed": meter.images}
@@ -304,6 +309,9 @@ def run(args: argparse.Namespace) -> dict:
         log("phase: model only (random tensors)")
         ceiling = model_only(classes, batches=batches, precision=precision, **common)
         log(f"  {ceiling}")
+        log("phase: model only, fp32 NCHW (the seed style's step without its loader)")
+        seed_step = model_only(classes, batches=batches, precision="32-true", channels_last=False, **common)
+        log(f"  {seed_step}")
         log("phase: project (warm cache, Lightning)")
         proj = project(cached, labels, classes, precision=precision, **common)
         log(f"  {proj}")
@@ -326,6 +334,10 @@ def run(args: argparse.Namespace) -> dict:
         "model_only_img_s": rnd(ceiling["img_s"]),
         "speedup": speedup,
         "efficiency": efficiency,
+        # No loader can lift the speedup above this: the project's step on in-memory tensors over the seed style.
+        "speedup_ceiling": ratio(ceiling["img_s"], seed["img_s"]),
+        "model_only_fp32_nchw_img_s": rnd(seed_step["img_s"]),
+        "seed_style_loader_share": ratio(seed_step["img_s"] - seed["img_s"], seed_step["img_s"]) if seed["img_s"] and seed_step["img_s"] else None,
         "cache_build_img_s": rnd(build_img_s),
         "cache_build_img_s_workers2": rnd(build2_img_s),
         "full_decode_img_s": rnd(full_decode_img_s),
@@ -338,6 +350,7 @@ def run(args: argparse.Namespace) -> dict:
             "seed_style": seed["images_timed"],
             "project": proj["images_timed"],
             "model_only": ceiling["images_timed"],
+            "model_only_fp32_nchw": seed_step["images_timed"],
             "decode_and_cache_build": decoded,
         },
         "batch_size": args.batch_size,
