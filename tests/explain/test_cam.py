@@ -300,3 +300,16 @@ def test_upsample_places_cells_at_grid_centres_and_holds_the_border():
     assert maps[0, 0, 0] == 0.0
     plain = cam_module.upsample(cells, (30, 30), None)
     assert plain[0, 12, 22] < plain[0, 14, 25] == plain.max()  # usual resize: cell (1, 2) drawn at (14.5, 24.5)
+
+
+def test_cells_are_placed_the_same_inside_inference_mode():
+    # Callers such as prediction code may run under torch.inference_mode(); the probe needs autograd.
+    model = _transfer_model("resnet18")
+    image = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    cam_module._GRIDS.clear()
+    with torch.inference_mode(), ClassActivationMap(model, method="gradcam") as cam:
+        inside = cam(image, class_index=1)
+    assert cam.grid is not None and cam.grid.stride == 32
+    with ClassActivationMap(model, method="gradcam") as cam:
+        outside = cam(image, class_index=1)
+    assert torch.allclose(inside.maps, outside.maps, atol=1e-5)

@@ -389,6 +389,12 @@ def _signature(model: nn.Module) -> tuple:
 
 
 def _measure_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
+    # Callers may sit in inference mode (predict, serve): the copy and the probe need autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _probe_grid(model, layer_name)
+
+
+def _probe_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
     import copy
 
     probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
@@ -406,16 +412,15 @@ def _measure_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
         # dead (ReLU) for that image gets a larger batch.
         for batch in _GRID_PROBE_BATCHES:
             x = torch.randn(batch, _input_channels(probe), _GRID_PROBE_SIZE, _GRID_PROBE_SIZE, generator=generator)
-            with torch.enable_grad():
-                x.requires_grad_(True)
-                captured.clear()
-                probe(x)
-                feature = captured[-1] if captured else None
-                if not isinstance(feature, torch.Tensor) or feature.ndim != 4 or min(feature.shape[-2:]) < 2:
-                    return None
-                rows, cols = feature.shape[-2:]
-                row, col = rows // 2, cols // 2
-                (grad,) = torch.autograd.grad(feature[:, :, row, col].sum(), x)
+            x.requires_grad_(True)
+            captured.clear()
+            probe(x)
+            feature = captured[-1] if captured else None
+            if not isinstance(feature, torch.Tensor) or feature.ndim != 4 or min(feature.shape[-2:]) < 2:
+                return None
+            rows, cols = feature.shape[-2:]
+            row, col = rows // 2, cols // 2
+            (grad,) = torch.autograd.grad(feature[:, :, row, col].sum(), x)
             weight = grad.abs().sum(dim=(0, 1)).double()
             if torch.isfinite(weight).all() and weight.sum() > 0:
                 break
