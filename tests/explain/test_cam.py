@@ -270,7 +270,7 @@ def test_map_peak_lands_on_the_pixel_the_cell_sees(method):
     image[0, 0, 40, 24] = 1.0
     with ClassActivationMap(StridedOnes(), method=method, target_layer="features") as cam:
         result = cam(image, class_index=1)
-    assert cam.grid.stride == 8
+    assert cam.grid.stride == 8 and result.map_cells == (8, 8)
     row, col = divmod(int(result.maps[0].argmax()), 64)
     assert abs(row - 40) <= 1 and abs(col - 24) <= 1, (row, col)
 

@@ -159,6 +159,8 @@ def test_write_gallery_writes_overlays_and_gallery_json(run_dir, tmp_path):
 
     assert path == run_dir / "gallery.json"
     gallery = json.loads(path.read_text())
+    # resnet18's layer4 turns the 48 px input into a 2 x 2 map: the report says how coarse that is
+    assert (gallery["target_layer"], gallery["map_cells"], gallery["input_size"]) == ("layer4", [2, 2], 48)
     titles = [s["title"] for s in gallery["sections"]]
     assert [t.split(":")[0] for t in titles] == ["True positives", "False positives", "False negatives", "True negatives", "Top losses"]
     assert all(t.endswith("(test split)") for t in titles)
@@ -234,4 +236,5 @@ def test_report_shows_the_gallery(run_dir, tmp_path):
     (run_dir / "metrics.json").write_text(json.dumps({"positive_class": "PNEUMONIA", "threshold": 0.41, "val": block, "test": block}))
     html = write_report(run_dir).read_text()
     assert "p(PNEUMONIA)=0.12 (threshold 0.41)" in html
+    assert "Grad-CAM on layer layer4: a 2 x 2 map of the 48 px input, one cell per 24 px" in html
     assert "Not shown" not in html

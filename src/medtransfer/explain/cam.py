@@ -81,6 +81,7 @@ class CamResult:
         ``[1 - sigmoid, sigmoid]`` for a single-logit head (K = 1).
     class_index: N class indices explained (for a single-logit head 1 = positive logit,
         0 = its negation).
+    map_cells: (h, w) of the target layer's map before upsampling: how fine the map really is.
     """
 
     maps: torch.Tensor
@@ -89,6 +90,7 @@ class CamResult:
     class_index: torch.Tensor
     method: str
     target_layer: str
+    map_cells: tuple[int, int] = (0, 0)
 
 
 class ClassActivationMap:
@@ -219,6 +221,7 @@ class ClassActivationMap:
             class_index=index,
             method=self.method,
             target_layer=self.target_layer,
+            map_cells=(int(cam.shape[-2]), int(cam.shape[-1])),
         )
 
     # ------------------------------------------------------------------ internals

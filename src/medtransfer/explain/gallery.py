@@ -202,7 +202,7 @@ def write_gallery(
     for stale in out_dir.glob("*.png"):
         stale.unlink()
     unique = list(dict.fromkeys(r for g in groups for r in g.rows))
-    rendered = _render(saved_model, unique, method=method)
+    rendered, layer, cells = _render(saved_model, unique, method=method)
 
     sections = []
     for group in groups:
@@ -217,6 +217,9 @@ def write_gallery(
     gallery = {
         "sections": sections,
         "method": method,
+        "target_layer": layer,
+        "map_cells": list(cells),
+        "input_size": saved_model.info["image_size"],
         "split": split,
         "explained_class": "predicted",
         "threshold": threshold,
@@ -231,8 +234,9 @@ def write_gallery(
 
 def _render(
     saved_model: Any, rows: Sequence[PredictionRow], *, method: str, batch_size: int = 8
-) -> dict[PredictionRow, tuple[np.ndarray, np.ndarray]]:
-    """(image as the model saw it, map of the predicted class) per row, preprocessed as explain_files does."""
+) -> tuple[dict[PredictionRow, tuple[np.ndarray, np.ndarray]], str, tuple[int, int]]:
+    """(image as the model saw it, map of the predicted class) per row, preprocessed as explain_files
+    does; with the target layer and the map's cells (h, w)."""
     from medtransfer.data.cache import decode_image
     from medtransfer.data.datamodule import image_tensor
     from medtransfer.explain.cam import ClassActivationMap, _gray, _gray_from_input, _identity, _split_transform
@@ -241,6 +245,7 @@ def _render(
     geometric, to_input = _split_transform(saved_model.transform())
     parameter = next(saved_model.model.parameters())
     out: dict[PredictionRow, tuple[np.ndarray, np.ndarray]] = {}
+    cells = (0, 0)
     with ClassActivationMap(saved_model.model, method=method) as cam:
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
@@ -253,9 +258,10 @@ def _render(
             images = torch.stack(inputs).to(device=parameter.device, dtype=parameter.dtype)
             result = cam(images, class_index=[classes.index(r.predicted) for r in batch])
             maps = result.maps.cpu().numpy().astype(np.float32)
+            cells = result.map_cells
             for i, row in enumerate(batch):
                 out[row] = (shown[i], maps[i])
-    return out
+    return out, cam.target_layer, cells
 
 
 def _safe(text: str) -> str:
