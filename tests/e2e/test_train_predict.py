@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from medtransfer.artifacts import load_model
 from medtransfer.cli import main
 from medtransfer.data.synthetic import generate_demo_dataset
+from medtransfer.models.backbones import list_backbones
 
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "48", "--set", "cache_size=56",
         "--batch-size", "8", "--bootstrap", "50", "--num-workers", "0", "--no-progress"]
@@ -393,3 +394,26 @@ def test_web_page_renders_model_information_in_headless_chromium(trained_run, tm
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "resnet18: NORMAL / PNEUMONIA; positive class PNEUMONIA, threshold" in dom.stdout
     assert [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Failed to load" in line] == []
+
+
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_explain_command_for_every_registered_backbone(backbone, tiny_data, tmp_path, monkeypatch, capsys):
+    from medtransfer.artifacts import model_info, save_model
+    from medtransfer.models.backbones import create_backbone
+    from medtransfer.models.strategies import TransferModel
+
+    torch.manual_seed(0)
+    net, spec = create_backbone(backbone, num_classes=2, weights="none")
+    model = TransferModel(net, spec)
+    info = model_info(model, classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5,
+                      image_size=64, decode_size=72)
+    save_model(model, info, tmp_path / "run")
+    images = sorted((tiny_data / "test" / "PNEUMONIA").glob("*.png"))[:2]
+    for method in ("gradcam", "cam"):
+        code, out, err = run_cli(["explain", "--run", tmp_path / "run", *images, "--out", tmp_path / method,
+                                  "--method", method], monkeypatch, capsys)
+        assert code == 0, err
+        for image in images:
+            heat = np.load(tmp_path / method / f"{image.stem}_{method}.npy")
+            assert heat.shape == (64, 64) and 0 <= heat.min() <= heat.max() <= 1
+            assert (tmp_path / method / f"{image.stem}_{method}.png").is_file()
