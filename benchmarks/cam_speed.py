@@ -1,11 +1,11 @@
-"""Heatmap latency: Grad-CAM (and CAM, Grad-CAM++) for one image, model loaded, on CPU.
+"""Heatmap latency: Grad-CAM (and CAM, Grad-CAM++, occlusion) for one image, model loaded, on CPU.
 
     python benchmarks/cam_speed.py [--backbones resnet18,efficientnet_lite0] [--image-size 224] [--calls 20]
 
 Prints ONE JSON line on stdout. For each backbone (random weights, 2 classes, a saved and
 reloaded model as `explain` uses it) and method: the median and minimum seconds of one call
 of :class:`medtransfer.explain.cam.ClassActivationMap` on one image after three warm-up
-calls, the first call of a fresh process for that architecture (it includes the one-off
+calls (occlusion: 3 calls after 1), the first call of a fresh process for that architecture (it includes the one-off
 receptive-field measurement that places the map cells, see
 :func:`medtransfer.explain.cam.feature_grid`), and the median of a plain no-grad forward
 pass of the same image for scale. Target: Grad-CAM under 0.3 s per 224 px image.
@@ -62,10 +62,11 @@ def measure(backbone: str, image_size: int, calls: int) -> dict:
     first = time.perf_counter() - started
     out: dict = {"first_call_s": round(first, 4)}
     for method in METHODS:
+        warmup, repeats = (1, 3) if method == "occlusion" else (3, calls)  # occlusion: ~200 forward passes a call
         with ClassActivationMap(model, method=method) as cam:
-            for _ in range(3):
+            for _ in range(warmup):
                 cam(image)
-            median, best = median_seconds(lambda: cam(image), calls)
+            median, best = median_seconds(lambda: cam(image), repeats)
         out[method] = {"median_s": round(median, 4), "min_s": round(best, 4)}
     with torch.no_grad():
         model(image)

@@ -292,34 +292,18 @@ def _cases(run_dir: Path, data_root: Path, saved: Any) -> tuple[list[torch.Tenso
 
 def _maps(
     model: nn.Module, inputs: list[torch.Tensor], class_index: int, method: str, target_layer: str | None, batch_size: int = 16
-) -> tuple[list[np.ndarray], str]:
+) -> tuple[list[np.ndarray], str, list[int]]:
+    """Maps of the class for every input, the layer explained and the map's true resolution (cells)."""
     from medtransfer.explain.cam import ClassActivationMap
 
     out: list[np.ndarray] = []
+    cells: list[int] = []
     with ClassActivationMap(model, method=method, target_layer=target_layer) as cam:
         for start in range(0, len(inputs), batch_size):
             result = cam(torch.stack(inputs[start : start + batch_size]), class_index=class_index)
             out.extend(result.maps.numpy())
-    return out, cam.target_layer
-
-
-def _feature_size(model: nn.Module, layer: str, example: torch.Tensor) -> list[int]:
-    """Spatial size (h, w) of the target layer's map for one input: the map's true resolution."""
-    module = None
-    for root in (getattr(model, "net", model), model):
-        try:
-            module = root.get_submodule(layer)
-            break
-        except AttributeError:
-            continue
-    shape: list[int] = []
-    handle = module.register_forward_hook(lambda m, a, output: shape.extend(output.shape[-2:]))
-    try:
-        model.eval()
-        model(example[None])
-    finally:
-        handle.remove()
-    return [int(v) for v in shape]
+            cells = list(result.map_cells)
+    return out, cam.target_layer, cells
 
 
 def render_size_for(image_size: int) -> int:
@@ -381,11 +365,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not inputs:
         raise SystemExit(f"cam_trust: no {saved.info['positive_class']} test image with a lesion mask in {data}")
     positive = saved.positive_index
-    trained, layer = _maps(saved.model, inputs, positive, args.method, args.target_layer)
+    trained, layer, feature_size = _maps(saved.model, inputs, positive, args.method, args.target_layer)
     randomized_model = randomize_weights(load_model(run_dir).model, seed=args.seed)
-    randomized, _ = _maps(randomized_model, inputs, positive, args.method, args.target_layer)
-    with torch.no_grad():
-        feature_size = _feature_size(saved.model, layer, inputs[0])
+    randomized, _, _ = _maps(randomized_model, inputs, positive, args.method, args.target_layer)
 
     hits = [pointing_hit(h, m, tolerance) for h, m in zip(trained, masks)]
     random_hits = [pointing_hit(h, m, tolerance) for h, m in zip(randomized, masks)]
@@ -441,7 +423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--output-stride", type=int, default=32, choices=(32, 16, 8), help="backbone output stride (16: last stage dilated)")
-    parser.add_argument("--method", default="gradcam", choices=("cam", "gradcam", "gradcam++"))
+    parser.add_argument("--method", default="gradcam", choices=("cam", "gradcam", "gradcam++", "occlusion"))
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--target-layer", default=None, help="layer to explain (default: the backbone's CAM layer)")
     parser.add_argument("--weights", default="imagenet", help="imagenet (offline for efficientnet_lite0), none, or a file")

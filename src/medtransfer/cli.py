@@ -264,10 +264,12 @@ def explain(
     paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
     out: Path = typer.Option(..., help="Folder for overlay PNGs and raw .npy maps."),
-    method: str = typer.Option("gradcam", help="cam, gradcam or gradcam++."),
+    method: str = typer.Option(
+        "gradcam", help="cam, gradcam, gradcam++, or occlusion (model-agnostic, about 200 forward passes per image)."
+    ),
     target_layer: Optional[str] = typer.Option(None, help="Layer to explain (default: the backbone's last feature map)."),
 ):
-    """Class Activation Maps: heatmap overlays showing what drove each prediction."""
+    """Class Activation Maps (or occlusion sensitivity): heatmap overlays showing what drove each prediction."""
     from medtransfer.artifacts import load_model
     from medtransfer.explain.cam import explain_files
     from medtransfer.predict import expand_inputs

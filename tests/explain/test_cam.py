@@ -14,7 +14,7 @@ from torch import nn
 from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.errors import ConfigError
 from medtransfer.explain import cam as cam_module
-from medtransfer.explain.cam import METHODS, ClassActivationMap, explain_files, overlay, save_overlay
+from medtransfer.explain.cam import LAYER_FREE, METHODS, ClassActivationMap, explain_files, overlay, save_overlay
 from medtransfer.models.backbones import create_backbone, list_backbones
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
 
@@ -67,7 +67,10 @@ class MeanOfFeature(nn.Module):
         return self.fc(self.pool(self.conv(x)).flatten(1))
 
 
-@pytest.mark.parametrize("method", METHODS)
+LAYER_METHODS = tuple(m for m in METHODS if m != "occlusion")  # the methods that read a feature map
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
 @pytest.mark.parametrize("name", list_backbones())
 def test_automatic_layer_is_the_spec_cam_layer_for_every_backbone(name, method):
     model = _transfer_model(name)
@@ -130,6 +133,11 @@ def test_single_logit_head_class_zero_is_the_reverse_of_class_one():
         grad_one, grad_zero = cam(images, class_index=1), cam(images, class_index=0)
     assert grad_one.maps.shape == (2, 24, 24)
     assert not torch.allclose(grad_one.maps, grad_zero.maps)
+    with ClassActivationMap(model, method="occlusion") as cam:
+        occluded_one, occluded_zero = cam(images, class_index=1), cam(images, class_index=0)
+    assert occluded_one.probabilities.shape == (2, 2)
+    # a patch that lowers the logit is evidence for class 1 and against class 0: the clipped maps do not overlap
+    assert ((occluded_one.maps > 0) & (occluded_zero.maps > 0)).sum() == 0
 
 
 def test_bad_target_layer_lists_candidates():
@@ -262,7 +270,7 @@ class StridedOnes(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LAYER_METHODS)
 def test_map_peak_lands_on_the_pixel_the_cell_sees(method):
     # An impulse at (40, 24) reaches exactly one stride-8 cell, (5, 3). The usual resize
     # (align_corners=False) would draw that cell at (43.5, 27.5), half a cell off.
@@ -313,3 +321,34 @@ def test_cells_are_placed_the_same_inside_inference_mode():
     with ClassActivationMap(model, method="gradcam") as cam:
         outside = cam(image, class_index=1)
     assert torch.allclose(inside.maps, outside.maps, atol=1e-5)
+
+
+def test_occlusion_needs_no_layer_and_leaves_the_model_as_it_was():
+    model = _transfer_model("resnet18")
+    modes = {n: m.training for n, m in model.named_modules()}
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with ClassActivationMap(model, method="occlusion") as cam:
+        result = cam(image, class_index=1)
+        assert _hooks_left(model) == []
+    assert cam.target_layer == LAYER_FREE and result.target_layer == LAYER_FREE
+    assert result.map_cells == (15, 15)  # 8 px patches every 4 px over 64 px
+    assert result.maps.shape == (1, 64, 64) and 0 <= result.maps.min() <= result.maps.max() == 1
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    model.eval()  # the maps explain the model in eval mode, as prediction uses it
+    with torch.no_grad():
+        expected = model(image)
+    for name, module in model.named_modules():
+        module.training = modes[name]
+    torch.testing.assert_close(result.logits, expected)
+
+
+def test_occlusion_map_is_the_mean_drop_of_the_patches_covering_each_pixel():
+    # MeanOfFeature's class-1 logit is the image mean; a 64 px image with one bright pixel:
+    # occluding it lowers the logit only for patches that cover that pixel.
+    image = torch.zeros(1, 1, 64, 64)
+    image[0, 0, 30, 41] = 64.0 * 64.0 / 16  # the logit drops by 1/16 of this when covered
+    with ClassActivationMap(MeanOfFeature(), method="occlusion") as cam:
+        result = cam(image, class_index=1)
+    heat = result.maps[0]
+    assert heat[30, 41] == 1.0
+    assert heat[:, :20].max() == 0 and heat[:18].max() == 0  # no patch over those pixels covers the bright one

@@ -1,6 +1,7 @@
 """Class activation maps: where in the image the evidence for a class lies.
 
-Three methods, all on the last spatial feature map of the backbone (the "target layer"):
+Three methods on the last spatial feature map of the backbone (the "target layer"), and
+one that needs no layer:
 
 - ``"cam"``: Zhou B, Khosla A, Lapedriza A, Oliva A, Torralba A. *Learning Deep Features
   for Discriminative Localization.* CVPR 2016. The map is the feature map weighted by the
@@ -14,6 +15,13 @@ Three methods, all on the last spatial feature map of the backbone (the "target 
   *Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep Convolutional
   Networks.* WACV 2018. Pixel-wise weights from the closed form with the second and third
   powers of the gradients (exponential-score form, as in the paper's eq. 19).
+- ``"occlusion"``: Zeiler MD, Fergus R. *Visualizing and Understanding Convolutional
+  Networks.* ECCV 2014. Model-agnostic and layer-free: a square patch (1/8 of the side,
+  moved by half its size) is set to the normalisation mean, and each pixel's value is the
+  mean drop of the class's log-probability over the patches that cover it (negative
+  drops clipped to 0). About 200 forward passes per image, so a cross-check rather than
+  the default; it answers "what does the decision depend on" where the last feature map
+  is too coarse or mixes the whole image.
 
 Every map is upsampled (bilinear) to the input size and min-max normalised to [0, 1] per
 image; a constant map (e.g. all zero after the ReLU) is returned as zeros, never NaN.
@@ -59,15 +67,18 @@ from torch import nn
 
 from medtransfer.errors import ConfigError, DataError
 
-__all__ = ["METHODS", "CamResult", "ClassActivationMap", "FeatureGrid", "explain_files", "feature_grid", "overlay", "save_overlay", "upsample"]
+__all__ = ["LAYER_FREE", "METHODS", "CamResult", "ClassActivationMap", "FeatureGrid", "explain_files", "feature_grid", "overlay", "save_overlay", "upsample"]
 
-METHODS = ("cam", "gradcam", "gradcam++")
+METHODS = ("cam", "gradcam", "gradcam++", "occlusion")
+LAYER_FREE = "input"  # target_layer reported by the occlusion method, which needs none
 
 _MAX_CANDIDATES = 10
 _PROBE_SIZE = 224  # input side of the dry forward pass that lists spatial layers
 _FLAT_TOLERANCE = 1e-6  # a map whose range is below this fraction of its magnitude is constant
 _GRID_PROBE_SIZE = 256  # divisible by every power-of-two stride up to 256, so the stride is exact
 _GRID_PROBE_BATCHES = (1, 8)
+_OCCLUSION_PATCH = 1 / 8  # of the image side; moved by half a patch
+_OCCLUSION_BATCH = 32  # occluded copies per forward pass
 
 ClassChoice = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], Any] | None
 
@@ -103,7 +114,8 @@ class ClassActivationMap:
             (``"layer4"``) or to ``model`` otherwise. ``None`` picks ``spec.cam_layer`` when
             the backbone spec is known, else the last module whose output is a 4-D map with
             more than one spatial position (found by a dry forward pass whose temporary
-            hooks are removed).
+            hooks are removed). ``"occlusion"`` reads no layer (its ``target_layer`` is
+            :data:`LAYER_FREE`) and registers no hook.
         method: one of :data:`METHODS` (see the module docstring for the papers).
         spec: the :class:`~medtransfer.models.backbones.BackboneSpec`; taken from
             ``model.spec`` when omitted.
@@ -133,8 +145,12 @@ class ClassActivationMap:
         inner = getattr(model, "net", None)
         self.root: nn.Module = inner if isinstance(inner, nn.Module) and hasattr(model, "spec") else model
         self.model_name = getattr(self.spec, "name", None) or type(self.root).__name__
-        self.target_layer, self.layer = self._resolve_layer(target_layer)
+        if method == "occlusion":
+            self.target_layer, self.layer, self._layer_root = LAYER_FREE, None, None
+        else:
+            self.target_layer, self.layer = self._resolve_layer(target_layer)
         self.head = self._find_head() if method == "cam" else None
+        self._active = False
         self._handles: list[Any] = []
         self._activation: torch.Tensor | None = None
         self.grid: FeatureGrid | None = None
@@ -142,11 +158,13 @@ class ClassActivationMap:
     # ------------------------------------------------------------------ context manager
 
     def __enter__(self) -> "ClassActivationMap":
-        if self._handles:
+        if self._active:
             raise RuntimeError("ClassActivationMap is already active; it cannot be entered twice")
-        # Measured before the hook exists: the probe copies the model, and must not copy this hook.
-        self.grid = feature_grid(self._layer_root, self.target_layer)
-        self._handles.append(self.layer.register_forward_hook(self._capture))
+        if self.layer is not None:
+            # Measured before the hook exists: the probe copies the model, and must not copy this hook.
+            self.grid = feature_grid(self._layer_root, self.target_layer)
+            self._handles.append(self.layer.register_forward_hook(self._capture))
+        self._active = True
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -154,6 +172,7 @@ class ClassActivationMap:
             handle.remove()
         self._handles.clear()
         self._activation = None
+        self._active = False
 
     # ------------------------------------------------------------------ the maps
 
@@ -165,13 +184,15 @@ class ClassActivationMap:
         sequence gives one class per image; a callable receives the detached N x K logits
         and returns the N classes (how :func:`explain_files` applies the saved threshold).
         """
-        if not self._handles:
+        if not self._active:
             raise RuntimeError(
                 "ClassActivationMap is used as a context manager: `with ClassActivationMap(model) as cam: cam(images)`"
             )
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
             got = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images: expected a float N x C x H x W tensor; got {got}")
+        if self.method == "occlusion":
+            return self._occlusion(images, class_index)
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         needs_grad = self.method != "cam"
@@ -225,6 +246,60 @@ class ClassActivationMap:
         )
 
     # ------------------------------------------------------------------ internals
+
+    def _occlusion(self, images: torch.Tensor, class_index: ClassChoice) -> CamResult:
+        """Occlusion sensitivity (see the module docstring), one image at a time."""
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                logits = self.model(images)
+                if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != images.shape[0]:
+                    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                    raise ValueError(f"model output: expected N x K logits for {images.shape[0]} images; got {got}")
+                index = self._class_index(logits, class_index)
+                single = logits.shape[1] == 1
+                height, width = images.shape[-2:]
+                patch_h, patch_w = max(1, round(height * _OCCLUSION_PATCH)), max(1, round(width * _OCCLUSION_PATCH))
+                rows = _patch_starts(height, patch_h)
+                cols = _patch_starts(width, patch_w)
+                boxes = [(y, x) for y in rows for x in cols]
+                cover = torch.zeros(height, width, device=images.device)
+                for y, x in boxes:
+                    cover[y : y + patch_h, x : x + patch_w] += 1
+                maps = torch.zeros(images.shape[0], height, width, device=images.device)
+                for n in range(images.shape[0]):
+                    target = index[n : n + 1]
+                    reference = _class_score(logits[n : n + 1], target, single)
+                    for start in range(0, len(boxes), _OCCLUSION_BATCH):
+                        chunk = boxes[start : start + _OCCLUSION_BATCH]
+                        occluded = images[n].expand(len(chunk), -1, -1, -1).clone()
+                        for k, (y, x) in enumerate(chunk):
+                            occluded[k, :, y : y + patch_h, x : x + patch_w] = 0.0  # the normalisation mean
+                        drops = reference - _class_score(self.model(occluded), target.expand(len(chunk)), single)
+                        for k, (y, x) in enumerate(chunk):
+                            maps[n, y : y + patch_h, x : x + patch_w] += drops[k]
+                maps = (maps / cover).clamp(min=0)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        if not torch.isfinite(maps).all():
+            raise DataError("occlusion map is not finite: the model produced NaN/inf for this input")
+        logits = logits.detach()
+        if single:
+            positive = torch.sigmoid(logits[:, 0].float())
+            probabilities = torch.stack([1 - positive, positive], dim=1)
+        else:
+            probabilities = torch.softmax(logits.float(), dim=1)
+        return CamResult(
+            maps=_normalize(maps.float()),
+            logits=logits,
+            probabilities=probabilities,
+            class_index=index,
+            method=self.method,
+            target_layer=self.target_layer,
+            map_cells=(len(rows), len(cols)),
+        )
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> Any:
         if not isinstance(output, torch.Tensor) or output.ndim != 4:
@@ -459,6 +534,22 @@ def upsample(cells: torch.Tensor, size: tuple[int, int], grid: FeatureGrid | Non
     gy, gx = torch.meshgrid(axis(height, h, grid.offset_y), axis(width, w, grid.offset_x), indexing="ij")
     sample_at = torch.stack([gx, gy], dim=-1)[None].expand(n, -1, -1, -1)
     return F.grid_sample(cells[:, None].float(), sample_at, mode="bilinear", align_corners=True)[:, 0]
+
+
+def _patch_starts(length: int, patch: int) -> list[int]:
+    """Patch origins every half patch, the last one flush with the far edge."""
+    stride = max(1, patch // 2)
+    starts = list(range(0, max(length - patch, 0) + 1, stride))
+    if starts[-1] != max(length - patch, 0):
+        starts.append(length - patch)
+    return starts
+
+
+def _class_score(logits: torch.Tensor, index: torch.Tensor, single: bool) -> torch.Tensor:
+    """Per-row evidence for the explained class: its log-probability (a single logit: signed logit)."""
+    if single:
+        return logits[:, 0].float() * (index * 2 - 1).float()
+    return torch.log_softmax(logits.float(), dim=1).gather(1, index[:, None])[:, 0]
 
 
 def _input_channels(model: nn.Module) -> int:
