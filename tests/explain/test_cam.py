@@ -331,6 +331,8 @@ def test_occlusion_needs_no_layer_and_leaves_the_model_as_it_was():
         result = cam(image, class_index=1)
         assert _hooks_left(model) == []
     assert cam.target_layer == LAYER_FREE and result.target_layer == LAYER_FREE
+    with pytest.raises(ConfigError, match="--target-layer 'layer4': --method occlusion reads no layer"):
+        ClassActivationMap(model, method="occlusion", target_layer="layer4")
     assert result.map_cells == (15, 15)  # 8 px patches every 4 px over 64 px
     assert result.maps.shape == (1, 64, 64) and 0 <= result.maps.min() <= result.maps.max() == 1
     assert {n: m.training for n, m in model.named_modules()} == modes

@@ -146,6 +146,8 @@ class ClassActivationMap:
         self.root: nn.Module = inner if isinstance(inner, nn.Module) and hasattr(model, "spec") else model
         self.model_name = getattr(self.spec, "name", None) or type(self.root).__name__
         if method == "occlusion":
+            if target_layer is not None:
+                raise ConfigError(f"--target-layer {target_layer!r}: --method occlusion reads no layer; leave it out")
             self.target_layer, self.layer, self._layer_root = LAYER_FREE, None, None
         else:
             self.target_layer, self.layer = self._resolve_layer(target_layer)
