@@ -8,10 +8,11 @@ split, for every PNEUMONIA image that has a lesion mask:
   model's input resolution, scores a hit when its maximum (the middle of a flat maximum,
   see :func:`peak`) lies inside the lesion mask,
   dilated by ``--tolerance-px`` (Euclidean disc; default 2.5% of the input side, 8 px at
-  320 px). ``pointing_game_ci`` is a 95% interval from resampling patients. The mask goes through the same geometry as the image: stretched to the decode
-  size by :func:`medtransfer.data.cache.decode_image`, then the saved evaluation
-  transform's own ``Resize`` + ``CenterCrop``, resampled as an image and thresholded at
-  half (see :func:`align_mask`).
+  320 px); ``pointing_game_ci`` is a 95% interval from resampling patients. The mask goes
+  through the same geometry as the image: stretched to the decode size by
+  :func:`medtransfer.data.cache.decode_image`, then the saved evaluation transform's own
+  ``Resize`` + ``CenterCrop``, resampled as an image and thresholded at half (see
+  :func:`align_mask`).
   ``pointing_chance`` is the hit rate of a uniformly random point (mean dilated-mask area
   fraction), for scale.
 - **Model randomisation** (Adebayo J, Gilmer J, Muelly M, Goodfellow I, Hardt M, Kim B.
@@ -38,8 +39,8 @@ Usage::
                                    [--method gradcam] [--backbone efficientnet_lite0] [--train-seed 0]
 
 Data go to DIR/data_<render size>px (generated unless its README.txt exists; delete the
-folder to regenerate), the run to DIR/run_<backbone>_<size>px_os<stride>_<epochs>ep[_seed<N>] (reused
-when finished, resumed when interrupted). One JSON line on stdout; everything else on stderr.
+folder to regenerate), the run to DIR/run_<backbone>_<size>px_os<stride>_<epochs>ep[_seed<N>]
+(reused when finished, resumed when interrupted). One JSON line on stdout; everything else on stderr.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
+
+from medtransfer.explain.cam import METHODS
 
 CRITERIA = {"pointing_game_min": 0.80, "randomization_spearman_max": 0.5, "test_auc_min": 0.95}
 _GEOMETRIC = (v2.Resize, v2.CenterCrop)
@@ -423,7 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--output-stride", type=int, default=32, choices=(32, 16, 8), help="backbone output stride (16: last stage dilated)")
-    parser.add_argument("--method", default="gradcam", choices=("cam", "gradcam", "gradcam++", "occlusion"))
+    parser.add_argument("--method", default="gradcam", choices=METHODS)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--target-layer", default=None, help="layer to explain (default: the backbone's CAM layer)")
     parser.add_argument("--weights", default="imagenet", help="imagenet (offline for efficientnet_lite0), none, or a file")

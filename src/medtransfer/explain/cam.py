@@ -55,7 +55,8 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,11 +196,9 @@ class ClassActivationMap:
             raise ValueError(f"images: expected a float N x C x H x W tensor; got {got}")
         if self.method == "occlusion":
             return self._occlusion(images, class_index)
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
         needs_grad = self.method != "cam"
         try:
-            with torch.inference_mode(False), torch.set_grad_enabled(needs_grad):
+            with _eval_mode(self.model), torch.inference_mode(False), torch.set_grad_enabled(needs_grad):
                 x = images.clone() if images.is_inference() else images
                 self._activation = None
                 logits = self.model(x)
@@ -208,9 +207,7 @@ class ClassActivationMap:
                     raise ConfigError(
                         f"--target-layer {self.target_layer!r}: the layer did not run in {self.model_name}'s forward pass"
                     )
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-                    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                    raise ValueError(f"model output: expected N x K logits for {x.shape[0]} images; got {got}")
+                _check_logits(logits, x.shape[0])
                 index = self._class_index(logits.detach(), class_index)
                 single = logits.shape[1] == 1
                 sign = (index * 2 - 1).to(logits.dtype) if single else None  # class 1: +logit, class 0: -logit
@@ -226,69 +223,17 @@ class ClassActivationMap:
                     cam = _grad_weighted(activation.detach().float(), grads.detach().float(), self.method)
         finally:
             self._activation = None
-            for module, mode in modes:
-                module.training = mode
         maps = upsample(cam, tuple(images.shape[-2:]), self.grid)
+        return self._result(maps, logits, index, (int(cam.shape[-2]), int(cam.shape[-1])))
+
+    def _result(
+        self, maps: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, cells: tuple[int, int]
+    ) -> CamResult:
+        """Full-size maps (before normalisation) and logits -> :class:`CamResult`."""
         if not torch.isfinite(maps).all():
             raise DataError(f"{self.method} map is not finite: the model produced NaN/inf for this input")
         logits = logits.detach()
-        if single:
-            positive = torch.sigmoid(logits[:, 0].float())
-            probabilities = torch.stack([1 - positive, positive], dim=1)
-        else:
-            probabilities = torch.softmax(logits.float(), dim=1)
-        return CamResult(
-            maps=_normalize(maps),
-            logits=logits,
-            probabilities=probabilities,
-            class_index=index,
-            method=self.method,
-            target_layer=self.target_layer,
-            map_cells=(int(cam.shape[-2]), int(cam.shape[-1])),
-        )
-
-    # ------------------------------------------------------------------ internals
-
-    def _occlusion(self, images: torch.Tensor, class_index: ClassChoice) -> CamResult:
-        """Occlusion sensitivity (see the module docstring), one image at a time."""
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                logits = self.model(images)
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != images.shape[0]:
-                    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                    raise ValueError(f"model output: expected N x K logits for {images.shape[0]} images; got {got}")
-                index = self._class_index(logits, class_index)
-                single = logits.shape[1] == 1
-                height, width = images.shape[-2:]
-                patch_h, patch_w = max(1, round(height * _OCCLUSION_PATCH)), max(1, round(width * _OCCLUSION_PATCH))
-                rows = _patch_starts(height, patch_h)
-                cols = _patch_starts(width, patch_w)
-                boxes = [(y, x) for y in rows for x in cols]
-                cover = torch.zeros(height, width, device=images.device)
-                for y, x in boxes:
-                    cover[y : y + patch_h, x : x + patch_w] += 1
-                maps = torch.zeros(images.shape[0], height, width, device=images.device)
-                for n in range(images.shape[0]):
-                    target = index[n : n + 1]
-                    reference = _class_score(logits[n : n + 1], target, single)
-                    for start in range(0, len(boxes), _OCCLUSION_BATCH):
-                        chunk = boxes[start : start + _OCCLUSION_BATCH]
-                        occluded = images[n].expand(len(chunk), -1, -1, -1).clone()
-                        for k, (y, x) in enumerate(chunk):
-                            occluded[k, :, y : y + patch_h, x : x + patch_w] = 0.0  # the normalisation mean
-                        drops = reference - _class_score(self.model(occluded), target.expand(len(chunk)), single)
-                        for k, (y, x) in enumerate(chunk):
-                            maps[n, y : y + patch_h, x : x + patch_w] += drops[k]
-                maps = (maps / cover).clamp(min=0)
-        finally:
-            for module, mode in modes:
-                module.training = mode
-        if not torch.isfinite(maps).all():
-            raise DataError("occlusion map is not finite: the model produced NaN/inf for this input")
-        logits = logits.detach()
-        if single:
+        if logits.shape[1] == 1:
             positive = torch.sigmoid(logits[:, 0].float())
             probabilities = torch.stack([1 - positive, positive], dim=1)
         else:
@@ -300,8 +245,39 @@ class ClassActivationMap:
             class_index=index,
             method=self.method,
             target_layer=self.target_layer,
-            map_cells=(len(rows), len(cols)),
+            map_cells=cells,
         )
+
+    # ------------------------------------------------------------------ internals
+
+    def _occlusion(self, images: torch.Tensor, class_index: ClassChoice) -> CamResult:
+        """Occlusion sensitivity (see the module docstring), one image at a time."""
+        with _eval_mode(self.model), torch.no_grad():
+            logits = self.model(images)
+            _check_logits(logits, images.shape[0])
+            index = self._class_index(logits, class_index)
+            single = logits.shape[1] == 1
+            height, width = images.shape[-2:]
+            patch_h, patch_w = max(1, round(height * _OCCLUSION_PATCH)), max(1, round(width * _OCCLUSION_PATCH))
+            rows = _patch_starts(height, patch_h)
+            cols = _patch_starts(width, patch_w)
+            boxes = [(y, x) for y in rows for x in cols]
+            cover = torch.zeros(height, width, device=images.device)
+            for y, x in boxes:
+                cover[y : y + patch_h, x : x + patch_w] += 1
+            maps = torch.zeros(images.shape[0], height, width, device=images.device)
+            for n in range(images.shape[0]):
+                target = index[n : n + 1]
+                reference = _class_score(logits[n : n + 1], target, single)
+                for start in range(0, len(boxes), _OCCLUSION_BATCH):
+                    chunk = boxes[start : start + _OCCLUSION_BATCH]
+                    occluded = images[n].expand(len(chunk), -1, -1, -1).clone()
+                    for k, (y, x) in enumerate(chunk):
+                        occluded[k, :, y : y + patch_h, x : x + patch_w] = 0.0  # the normalisation mean
+                    drops = reference - _class_score(self.model(occluded), target.expand(len(chunk)), single)
+                    for k, (y, x) in enumerate(chunk):
+                        maps[n, y : y + patch_h, x : x + patch_w] += drops[k]
+        return self._result((maps / cover).clamp(min=0), logits, index, (len(rows), len(cols)))
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> Any:
         if not isinstance(output, torch.Tensor) or output.ndim != 4:
@@ -381,9 +357,7 @@ class ClassActivationMap:
             return record
 
         handles = [module.register_forward_hook(hook(name)) for name, module in self.root.named_modules() if name]
-        modes = [(module, module.training) for module in self.root.modules()]
         try:
-            self.root.eval()
             parameter = next(self.root.parameters(), None)
             probe = torch.zeros(
                 1,
@@ -393,7 +367,7 @@ class ClassActivationMap:
                 device=parameter.device if parameter is not None else None,
                 dtype=parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32,
             )
-            with torch.no_grad():
+            with _eval_mode(self.root), torch.no_grad():
                 self.root(probe)
         except Exception as exc:
             raise ConfigError(
@@ -403,8 +377,6 @@ class ClassActivationMap:
         finally:
             for handle in handles:
                 handle.remove()
-            for module, mode in modes:
-                module.training = mode
         return list(order)
 
     def _candidates(self) -> list[str]:
@@ -536,6 +508,24 @@ def upsample(cells: torch.Tensor, size: tuple[int, int], grid: FeatureGrid | Non
     gy, gx = torch.meshgrid(axis(height, h, grid.offset_y), axis(width, w, grid.offset_x), indexing="ij")
     sample_at = torch.stack([gx, gy], dim=-1)[None].expand(n, -1, -1, -1)
     return F.grid_sample(cells[:, None].float(), sample_at, mode="bilinear", align_corners=True)[:, 0]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, then give every module back the train/eval mode it had."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _check_logits(logits: Any, n: int) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model output: expected N x K logits for {n} images; got {got}")
 
 
 def _patch_starts(length: int, patch: int) -> list[int]:

@@ -157,7 +157,7 @@ def _timm_spec(name: str) -> BackboneSpec:
             return timm.create_model(name, pretrained=False)
         try:
             return timm.create_model(name, pretrained=False, output_stride=output_stride)
-        except (TypeError, ValueError, AssertionError, NotImplementedError) as exc:
+        except (TypeError, ValueError, AssertionError) as exc:  # timm: unknown kwarg, or an assert on the value
             raise ConfigError(
                 f"output_stride: got {output_stride}; timm model {name} does not support it "
                 f"({exc.__class__.__name__}: {str(exc)[:100]}). Use 32"
