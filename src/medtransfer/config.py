@@ -147,7 +147,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {expected}")
         # Checked here, before anything is written, so that a typo never surfaces after training.
         from medtransfer.evaluation.inference import ACCELERATORS, PRECISIONS
-        from medtransfer.evaluation.metrics import parse_threshold_policy
+        from medtransfer.evaluation.thresholds import parse_threshold_policy
 
         parse_threshold_policy(self.threshold)
         for name, value, choices in (("accelerator", self.accelerator, ACCELERATORS), ("precision", self.precision, PRECISIONS)):

@@ -12,7 +12,7 @@ from medtransfer.data.cache import decode_image
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import DataError
-from medtransfer.evaluation.evaluate import OperatingPoint
+from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.evaluation.inference import autocast, device_for, resolve_accelerator, resolve_precision
 
 

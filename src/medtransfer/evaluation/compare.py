@@ -14,8 +14,8 @@ tested against the first (the reference). Each pair gets
 
 * a paired bootstrap of ``AUC_a - AUC_b`` that resamples *patients* (the
   ``patient_id`` column; images when the column is absent, and the output says so), see
-  :func:`medtransfer.evaluation.metrics.paired_bootstrap_auc_test`;
-* DeLong's test (image-level), :func:`medtransfer.evaluation.metrics.delong_test`.
+  :func:`medtransfer.evaluation.resampling.paired_bootstrap_auc_test`;
+* DeLong's test (image-level), :func:`medtransfer.evaluation.resampling.delong_test`.
 
 Example
 -------
@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
-from medtransfer.evaluation import metrics
+from medtransfer.evaluation import resampling
 from medtransfer.evaluation.report import METRIC_ROWS  # the same metrics, labels and order as the report
 
 __all__ = ["ComparisonResult", "METRIC_ROWS", "OUTPUT_FILES", "compare_runs"]
@@ -272,8 +272,8 @@ def _paired_test(
     groups = None if patient_source is None else [patient_source[p] for p in order]
     context = f"comparing {fa.path} with {fb.path}"
     try:
-        boot = metrics.paired_bootstrap_auc_test(y, prob_a, prob_b, groups=groups, n_resamples=n_resamples, seed=seed)
-        delong = metrics.delong_test(y, prob_a, prob_b)
+        boot = resampling.paired_bootstrap_auc_test(y, prob_a, prob_b, groups=groups, n_resamples=n_resamples, seed=seed)
+        delong = resampling.delong_test(y, prob_a, prob_b)
     except DataError as exc:
         raise DataError(f"{context}: {exc}") from None
     return {
