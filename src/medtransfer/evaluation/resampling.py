@@ -24,6 +24,7 @@ Example
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -48,7 +49,7 @@ _BOOTSTRAP_METRICS = (
 )
 
 
-# --------------------------------------------------------------------------- inputs
+# ------------------------------------------------------------------------ the plan
 
 
 def _check_resampling(n_resamples: Any, confidence: Any) -> tuple[int, float]:
@@ -63,11 +64,6 @@ def _check_resampling(n_resamples: Any, confidence: Any) -> tuple[int, float]:
     return int(n_resamples), c
 
 
-def _check_grid(grid_size: Any) -> None:
-    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
-        raise ConfigError(f"grid_size must be an integer >= 2; got {grid_size!r}.")
-
-
 def _group_index(groups: Any, n: int) -> tuple[np.ndarray, int]:
     """Map group ids (any hashables) to 0..G-1; ``None`` gives one group per sample."""
     if groups is None:
@@ -80,37 +76,56 @@ def _group_index(groups: Any, n: int) -> tuple[np.ndarray, int]:
     return inv, len(index)
 
 
-# ------------------------------------------------------------------------ resampling
+@dataclass(frozen=True)
+class _Plan:
+    """The validated resampling settings of one call and the cluster of each sample."""
+
+    cluster: np.ndarray  # cluster number (0..n_groups-1) of each sample, input order
+    n_groups: int
+    n_resamples: int
+    confidence: float
+    seed: int
+
+    @classmethod
+    def of(cls, y: np.ndarray, *, groups: Any, n_resamples: Any, confidence: Any, seed: int, what: str) -> "_Plan":
+        n_resamples, confidence = _check_resampling(n_resamples, confidence)
+        cluster, n_groups = _group_index(groups, y.shape[0])
+        require_both_classes(y, what)
+        return cls(cluster, n_groups, n_resamples, confidence, seed)
+
+    def weights(self, *rankings: RankedScores) -> Iterator[list[np.ndarray]]:
+        """Per chunk of b resamples, the ``(b, n)`` bootstrap weights of the samples in
+        the sorted order of each ranking (how often each sample's cluster was drawn);
+        ``n_resamples`` rows over all chunks, the same draws for every ranking."""
+        orders = [self.cluster[r.order] for r in rankings]
+        rng = np.random.default_rng(self.seed)
+        done = 0
+        while done < self.n_resamples:
+            b = min(_CHUNK, self.n_resamples - done)
+            draws = rng.integers(0, self.n_groups, size=(b, self.n_groups))
+            draws += (np.arange(b) * self.n_groups)[:, None]
+            counts = np.bincount(draws.ravel(), minlength=b * self.n_groups).reshape(b, self.n_groups)
+            yield [counts[:, order].astype(np.float64) for order in orders]
+            done += b
+
+    def interval(self, values: np.ndarray, what: str) -> np.ndarray:
+        """Percentile interval ``[lo, hi]`` over resamples (axis 0); DataError when no
+        resample had what ``what`` needs."""
+        if values.shape[0] == 0:
+            raise DataError(
+                f"{what}: no resample had the classes it needs ({self.n_groups} groups, "
+                f"{self.n_resamples} resamples). Use more data or more resamples."
+            )
+        alpha = 1.0 - self.confidence
+        return np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
 
 
-def _resample_weights(n_resamples: int, n_groups: int, seed: int) -> Iterator[np.ndarray]:
-    """Chunks of ``(b, G)`` float counts: how often each group is drawn in each of b
-    resamples of G groups with replacement; ``n_resamples`` rows over all chunks."""
-    rng = np.random.default_rng(seed)
-    done = 0
-    while done < n_resamples:
-        b = min(_CHUNK, n_resamples - done)
-        draws = rng.integers(0, n_groups, size=(b, n_groups))
-        draws += (np.arange(b) * n_groups)[:, None]
-        yield np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
-        done += b
-
-
-def _percentile_ci(values: np.ndarray, confidence: float) -> list[float]:
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return [float(lo), float(hi)]
+# ------------------------------------------------------------------------ bootstrap
 
 
 def bootstrap_ci(
-    y_true: Any,
-    prob_pos: Any,
-    *,
-    threshold: float,
-    groups: Any = None,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
+    y_true: Any, prob_pos: Any, *, threshold: float,
+    groups: Any = None, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
 ) -> dict:
     """Percentile confidence intervals of the metrics of
     :func:`~medtransfer.evaluation.metrics.binary_metrics` by (cluster) bootstrap.
@@ -127,17 +142,13 @@ def bootstrap_ci(
     """
     y, s = binary_inputs(y_true, prob_pos)
     t = check_threshold(threshold)
-    n_resamples, confidence = _check_resampling(n_resamples, confidence)
-    inv, n_groups = _group_index(groups, y.shape[0])
-    require_both_classes(y, "bootstrap_ci")
+    plan = _Plan.of(y, groups=groups, n_resamples=n_resamples, confidence=confidence, seed=seed, what="bootstrap_ci")
     ranked = RankedScores.build(y, s)
-    inv_sorted = inv[ranked.order]
     pred = (ranked.scores >= t).astype(np.float64)
     pos = ranked.y
     tp_vec, fp_vec = pos * pred, (1.0 - pos) * pred
     collected: dict[str, list[np.ndarray]] = {m: [] for m in _BOOTSTRAP_METRICS}
-    for counts in _resample_weights(n_resamples, n_groups, seed):
-        W = counts[:, inv_sorted]
+    for (W,) in plan.weights(ranked):
         auc, ap, both = ranked.auc_ap(W)
         P, total = W @ pos, W.sum(axis=1)
         N = total - P
@@ -156,14 +167,9 @@ def bootstrap_ci(
     n_valid: dict[str, int] = {}
     for m in _BOOTSTRAP_METRICS:
         values = np.concatenate(collected[m])
-        if values.size == 0:
-            raise DataError(
-                f"bootstrap_ci: no resample had the classes needed for {m} "
-                f"({n_groups} groups, {n_resamples} resamples). Use more data or more resamples."
-            )
-        out[f"{m}_ci"] = _percentile_ci(values, confidence)
+        out[f"{m}_ci"] = [float(v) for v in plan.interval(values, f"bootstrap_ci ({m})")]
         n_valid[m] = int(values.size)
-    out.update(n_resamples=n_resamples, n_valid=n_valid, confidence=confidence, n_groups=n_groups)
+    out.update(n_resamples=plan.n_resamples, n_valid=n_valid, confidence=plan.confidence, n_groups=plan.n_groups)
     return out
 
 
@@ -176,14 +182,8 @@ def _paired_scores(y_true: Any, prob_a: Any, prob_b: Any) -> tuple[np.ndarray, n
 
 
 def paired_bootstrap_auc_test(
-    y_true: Any,
-    prob_a: Any,
-    prob_b: Any,
-    *,
-    groups: Any = None,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
+    y_true: Any, prob_a: Any, prob_b: Any, *,
+    groups: Any = None, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
 ) -> dict:
     """Compare two models' AUCs on the same samples by a paired (cluster) bootstrap.
 
@@ -196,31 +196,26 @@ def paired_bootstrap_auc_test(
     "n_valid"}``.
     """
     y, sa, sb = _paired_scores(y_true, prob_a, prob_b)
-    n_resamples, confidence = _check_resampling(n_resamples, confidence)
-    inv, n_groups = _group_index(groups, y.shape[0])
-    require_both_classes(y, "paired_bootstrap_auc_test")
+    what = "paired_bootstrap_auc_test"
+    plan = _Plan.of(y, groups=groups, n_resamples=n_resamples, confidence=confidence, seed=seed, what=what)
     ra, rb = RankedScores.build(y, sa), RankedScores.build(y, sb)
     auc_a, auc_b = float(ra.auc_ap(ra.unit_weights())[0][0]), float(rb.auc_ap(rb.unit_weights())[0][0])
-    inv_a, inv_b = inv[ra.order], inv[rb.order]
     diffs = []
-    for counts in _resample_weights(n_resamples, n_groups, seed):
-        a, _, valid = ra.auc_ap(counts[:, inv_a])
-        b, _, _ = rb.auc_ap(counts[:, inv_b])
+    for Wa, Wb in plan.weights(ra, rb):
+        a, _, valid = ra.auc_ap(Wa)
+        b, _, _ = rb.auc_ap(Wb)
         diffs.append((a - b)[valid])
     d = np.concatenate(diffs)
-    if d.size == 0:
-        raise DataError(
-            f"paired_bootstrap_auc_test: no resample contained both classes ({n_groups} groups). Use more data."
-        )
+    ci = plan.interval(d, what)
     tail = min(int(np.sum(d <= 0)), int(np.sum(d >= 0)))
     p_value = min(1.0, 2.0 * (tail + 1) / (d.size + 1))
     return {
         "auc_a": auc_a,
         "auc_b": auc_b,
         "auc_diff": auc_a - auc_b,
-        "ci": _percentile_ci(d, confidence),
+        "ci": [float(v) for v in ci],
         "p_value": float(p_value),
-        "n_resamples": n_resamples,
+        "n_resamples": plan.n_resamples,
         "n_valid": int(d.size),
     }
 
@@ -234,14 +229,8 @@ _CurveRows = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np
 
 
 def roc_band(
-    y_true: Any,
-    prob_pos: Any,
-    *,
-    groups: Any = None,
-    n_resamples: int = 200,
-    confidence: float = 0.95,
-    seed: int = 0,
-    grid_size: int = 101,
+    y_true: Any, prob_pos: Any, *,
+    groups: Any = None, n_resamples: int = 200, confidence: float = 0.95, seed: int = 0, grid_size: int = 101,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pointwise percentile band of the ROC curve by (cluster) bootstrap.
 
@@ -249,19 +238,13 @@ def roc_band(
     (linear between ROC points; at an FPR with a vertical segment, the top of it).
     Returns ``(fpr_grid, tpr_lo, tpr_hi)`` for :func:`medtransfer.evaluation.plots.plot_roc`.
     """
-    return _band(y_true, prob_pos, _roc_rows, groups=groups, n_resamples=n_resamples, confidence=confidence,
-                 seed=seed, grid_size=grid_size, what="roc_band")
+    return _band(y_true, prob_pos, _roc_rows, grid_size=grid_size, what="roc_band",
+                 groups=groups, n_resamples=n_resamples, confidence=confidence, seed=seed)
 
 
 def pr_band(
-    y_true: Any,
-    prob_pos: Any,
-    *,
-    groups: Any = None,
-    n_resamples: int = 200,
-    confidence: float = 0.95,
-    seed: int = 0,
-    grid_size: int = 101,
+    y_true: Any, prob_pos: Any, *,
+    groups: Any = None, n_resamples: int = 200, confidence: float = 0.95, seed: int = 0, grid_size: int = 101,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pointwise percentile band of the precision-recall curve by (cluster) bootstrap.
 
@@ -271,8 +254,8 @@ def pr_band(
     (as ``np.interp`` over the points sorted by recall). Returns ``(recall_grid,
     precision_lo, precision_hi)`` for :func:`medtransfer.evaluation.plots.plot_pr`.
     """
-    return _band(y_true, prob_pos, _pr_rows, groups=groups, n_resamples=n_resamples, confidence=confidence,
-                 seed=seed, grid_size=grid_size, what="pr_band")
+    return _band(y_true, prob_pos, _pr_rows, grid_size=grid_size, what="pr_band",
+                 groups=groups, n_resamples=n_resamples, confidence=confidence, seed=seed)
 
 
 def _roc_rows(tp: np.ndarray, fp: np.ndarray, P: np.ndarray, N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -297,37 +280,23 @@ def _pr_rows(tp: np.ndarray, fp: np.ndarray, P: np.ndarray, N: np.ndarray) -> tu
 
 
 def _band(
-    y_true: Any,
-    prob_pos: Any,
-    curve_rows: _CurveRows,
-    *,
-    groups: Any,
-    n_resamples: int,
-    confidence: float,
-    seed: int,
-    grid_size: int,
-    what: str,
+    y_true: Any, prob_pos: Any, curve_rows: _CurveRows, *, grid_size: Any, what: str,
+    groups: Any, n_resamples: Any, confidence: Any, seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pointwise percentile band over the resampled curves read on a common grid."""
     y, s = binary_inputs(y_true, prob_pos)
-    n_resamples, confidence = _check_resampling(n_resamples, confidence)
-    _check_grid(grid_size)
-    inv, n_groups = _group_index(groups, y.shape[0])
-    require_both_classes(y, what)
+    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
+        raise ConfigError(f"grid_size must be an integer >= 2; got {grid_size!r}.")
+    plan = _Plan.of(y, groups=groups, n_resamples=n_resamples, confidence=confidence, seed=seed, what=what)
     ranked = RankedScores.build(y, s)
-    inv_sorted = inv[ranked.order]
     grid = np.linspace(0.0, 1.0, int(grid_size))
     rows = []
-    for counts in _resample_weights(n_resamples, n_groups, seed):
-        _, _, tp, fp, P, N, _ = ranked.counts_at_blocks(counts[:, inv_sorted])
+    for (W,) in plan.weights(ranked):
+        _, _, tp, fp, P, N, _ = ranked.counts_at_blocks(W)
         valid = (P > 0) & (N > 0)
         x, v = curve_rows(tp[valid], fp[valid], P[valid], N[valid])
         rows.append(_read_on_grid(x, v, grid))
-    curves = np.vstack(rows)
-    if curves.shape[0] == 0:
-        raise DataError(f"{what}: no resample contained both classes ({n_groups} groups). Use more data.")
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(curves, [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
+    lo, hi = plan.interval(np.vstack(rows), what)
     return grid, lo, hi
 
 
