@@ -249,7 +249,8 @@ def cache(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
 ):
     """Prebuild the decode-once image cache for a dataset (training builds it too, on first use)."""
-    from medtransfer.data.cache import CacheSettings, ImageCache, default_decode_workers
+    from medtransfer.data.cache import CacheSettings, ImageCache
+    from medtransfer.runtime import default_decode_workers
     from medtransfer.data.discover import discover
 
     records = discover(data)

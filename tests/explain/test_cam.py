@@ -235,7 +235,7 @@ def test_explain_files_writes_overlays_and_maps(tmp_path):
         assert row["probability"] == pytest.approx(row["probabilities"][row["predicted"]])
     # the probability is the temperature-scaled softmax of the model's logits
     transform = saved.transform()
-    from medtransfer.data.cache import decode_image
+    from medtransfer.data.decode import decode_image
     from medtransfer.data.datamodule import image_tensor
 
     x = transform(image_tensor(np.array(decode_image(paths[0], size=72))))[None]

@@ -14,13 +14,13 @@ import numpy as np
 from rich.console import Console
 
 from medtransfer.artifacts import find_model_dir, load_model
-from medtransfer.data.cache import CacheSettings, ImageCache, default_decode_workers
+from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import discover
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
-from medtransfer.evaluation.inference import device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.predict import operating_point
+from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 
 
 def evaluate_saved_model(

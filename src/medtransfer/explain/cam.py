@@ -657,7 +657,7 @@ def explain_files(
     Returns one row per image: ``path``, ``predicted`` (class name), ``probability`` (of the
     predicted class), ``probabilities`` ({class: p}), ``overlay`` and ``map`` (paths).
     """
-    from medtransfer.data.cache import decode_image
+    from medtransfer.data.decode import decode_image
     from medtransfer.data.datamodule import image_tensor
 
     if batch_size < 1:

@@ -237,7 +237,7 @@ def _render(
 ) -> tuple[dict[PredictionRow, tuple[np.ndarray, np.ndarray]], str, tuple[int, int]]:
     """(image as the model saw it, map of the predicted class) per row, preprocessed as explain_files
     does; with the target layer and the map's cells (h, w)."""
-    from medtransfer.data.cache import decode_image
+    from medtransfer.data.decode import decode_image
     from medtransfer.data.datamodule import image_tensor
     from medtransfer.explain.cam import ClassActivationMap, _gray, _gray_from_input, _identity, _split_transform
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 
 from medtransfer.artifacts import SavedModel
-from medtransfer.data.cache import decode_image
+from medtransfer.data.decode import decode_image
 from medtransfer.errors import DataError, MedtransferError
 from medtransfer.predict import predict_files
 
