@@ -201,15 +201,7 @@ class ImageCache:
         self._ensure_bucket()
         with self._locked(), self._connect() as conn, _progress(progress, len(in_paths)) as advance:
             end = self._repair(conn)
-            entries = {
-                row[0]: (row[1], (row[2], row[3], row[4]))
-                for row in conn.execute("SELECT hash, offset, height, width, channels FROM entries")
-            }
-            memo = {
-                row[0]: (row[1], row[2], row[3])
-                for row in conn.execute("SELECT path, size, mtime_ns, hash FROM files")
-            }
-
+            entries, memo = _read_index(conn)
             hashes, bad, todo = _plan(in_paths, memo, entries, advance)
 
             # 2. New or changed files: read + hash, decode only content not cached yet.
@@ -342,6 +334,17 @@ class ImageCache:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _read_index(
+    conn: sqlite3.Connection,
+) -> tuple[dict[str, tuple[int, tuple[int, int, int]]], dict[str, tuple[int, int, str]]]:
+    """``(entries, memo)``: hash -> (offset, (h, w, c)), and path -> (size, mtime_ns, hash)."""
+    rows = conn.execute("SELECT hash, offset, height, width, channels FROM entries")
+    entries = {digest: (offset, (h, w, c)) for digest, offset, h, w, c in rows}
+    rows = conn.execute("SELECT path, size, mtime_ns, hash FROM files")
+    memo = {path: (size, mtime, digest) for path, size, mtime, digest in rows}
+    return entries, memo
 
 
 def _plan(
