@@ -250,8 +250,8 @@ def cache(
 ):
     """Prebuild the decode-once image cache for a dataset (training builds it too, on first use)."""
     from medtransfer.data.cache import CacheSettings, ImageCache
-    from medtransfer.runtime import default_decode_workers
     from medtransfer.data.discover import discover
+    from medtransfer.runtime import default_decode_workers
 
     records = discover(data)
     image_cache = ImageCache(cache_dir or default_cache_dir(), CacheSettings(size=size))
