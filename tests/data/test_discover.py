@@ -18,14 +18,19 @@ from medtransfer.errors import ConfigError, DataError
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("person123_bacteria_456.jpeg", "person123"),
-        ("person1_virus_7.jpeg", "person1"),
-        ("person1946_bacteria_4874.jpeg", "person1946"),
+        # Kermany numbers pneumonia patients per infection type: the type is part of the ID.
+        ("person123_bacteria_456.jpeg", "person123_bacteria"),
+        ("person123_virus_789.jpeg", "person123_virus"),
+        ("person1_virus_7.jpeg", "person1_virus"),
+        ("person1946_bacteria_4874.jpeg", "person1946_bacteria"),
+        ("person447_virus_921_1.jpeg", "person447_virus"),  # a real file name with a copy suffix
+        ("person123_bacteria_456.JPEG", "person123_bacteria"),  # upper-case suffix
+        ("person123_bacteria.jpeg", "person123_bacteria"),  # no image number: the stem
         ("IM-0115-0001.jpeg", "IM-0115"),
         ("IM-0115-0002.jpeg", "IM-0115"),
         ("NORMAL2-IM-0427-0001.jpeg", "NORMAL2-IM-0427"),
         ("NORMAL-IM-0001-0001.png", "NORMAL-IM-0001"),
-        ("some/dir/person7_virus_12.jpeg", "person7"),
+        ("some/dir/person7_virus_12.jpeg", "person7_virus"),
         ("scan_0042.png", "scan_0042"),  # unknown naming: the image is its own patient
         ("IM-0115.jpeg", "IM-0115"),  # no image number: not the Kermany rule, so the stem
         ("xperson3_bacteria_1.jpeg", "xperson3_bacteria_1"),  # rules are anchored at the start
@@ -110,7 +115,8 @@ def test_kaggle_layout_records(make_kaggle_tree):
     assert first.path == root / "train" / "NORMAL" / "IM-0115-0002.jpeg"
     assert first.label == "NORMAL" and first.patient_id == "IM-0115"
     assert by_name[("train", "NORMAL2-IM-0427-0001.png")].patient_id == "NORMAL2-IM-0427"
-    assert by_name[("train", "person1_bacteria_8.png")].patient_id == "person1"
+    assert by_name[("train", "person1_bacteria_8.png")].patient_id == "person1_bacteria"
+    assert by_name[("train", "person1_virus_7.jpeg")].patient_id == "person1_virus"  # another child
     # Grayscale and RGB, JPEG and PNG all listed, as they are on disk.
     modes = {Image.open(r.path).mode for r in records}
     formats = {Image.open(r.path).format for r in records}
@@ -200,7 +206,7 @@ def test_csv_manifest_optional_columns(csv_images):
         "path,label\nimg/person5_virus_1.png,B\nimg/IM-0001-0001.png,A\nimg/b1.png,B\nimg/a1.png,A\n",
     )
     records = discover(manifest)
-    assert [r.patient_id for r in records] == ["person5", "IM-0001", "b1", "a1"]  # from the names
+    assert [r.patient_id for r in records] == ["person5_virus", "IM-0001", "b1", "a1"]  # from the names
     assert {r.split for r in records} == {None}
 
 

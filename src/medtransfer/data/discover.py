@@ -21,10 +21,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 SPLIT_NAMES = ("train", "val", "test")
 IGNORED_DIR_NAMES = frozenset({"__MACOSX"})
 
-# Kermany names, in the order tried: person123_bacteria_456 -> person123;
+# Kermany names, in the order tried: person123_bacteria_456 -> person123_bacteria;
 # NORMAL2-IM-0427-0001 -> NORMAL2-IM-0427; IM-0115-0001 -> IM-0115.
+# Kermany numbers pneumonia patients per infection type (in train, 808 person numbers occur
+# with both types, and the numbers train and test share all differ in type), so the type
+# is part of the patient: person123_bacteria and person123_virus are different children.
 KERMANY_PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_"),
+    re.compile(r"^(person\d+_[A-Za-z]+)_\d+"),
     re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+$"),
 )
 
@@ -46,7 +49,7 @@ def patient_id_from_name(path: str | Path, pattern: str | re.Pattern | None = No
     Without it, the Kermany rules apply; a name that fits none is its own patient.
 
     >>> patient_id_from_name("person123_bacteria_456.jpeg")
-    'person123'
+    'person123_bacteria'
     >>> patient_id_from_name("NORMAL2-IM-0427-0001.jpeg")
     'NORMAL2-IM-0427'
     """
