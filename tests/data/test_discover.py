@@ -30,6 +30,8 @@ from medtransfer.errors import ConfigError, DataError
         ("IM-0115-0002.jpeg", "IM-0115"),
         ("NORMAL2-IM-0427-0001.jpeg", "NORMAL2-IM-0427"),
         ("NORMAL-IM-0001-0001.png", "NORMAL-IM-0001"),
+        ("NORMAL2-IM-0587-0001-0002.jpeg", "NORMAL2-IM-0587"),  # Kaggle's extra copy number
+        ("IM-0555-0001-0001.jpeg", "IM-0555"),
         ("some/dir/person7_virus_12.jpeg", "person7_virus"),
         ("scan_0042.png", "scan_0042"),  # unknown naming: the image is its own patient
         ("IM-0115.jpeg", "IM-0115"),  # no image number: not the Kermany rule, so the stem

@@ -22,13 +22,15 @@ SPLIT_NAMES = ("train", "val", "test")
 IGNORED_DIR_NAMES = frozenset({"__MACOSX"})
 
 # Kermany names, in the order tried: person123_bacteria_456 -> person123_bacteria;
-# NORMAL2-IM-0427-0001 -> NORMAL2-IM-0427; IM-0115-0001 -> IM-0115.
+# NORMAL2-IM-0427-0001 -> NORMAL2-IM-0427; IM-0115-0001 -> IM-0115, also with the extra image
+# number 133 Kaggle files carry (IM-0555-0001-0001; NORMAL2-IM-0587-0001-0001 and -0002 are
+# byte-identical).
 # Kermany numbers pneumonia patients per infection type (in train, 808 person numbers occur
 # with both types, and the numbers train and test share all differ in type), so the type
 # is part of the patient: person123_bacteria and person123_virus are different children.
 KERMANY_PATIENT_PATTERNS = (
     re.compile(r"^(person\d+_[A-Za-z]+)_\d+"),
-    re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+$"),
+    re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$"),
 )
 
 LABEL_SCHEMES = ("folder", "kermany-3class")
