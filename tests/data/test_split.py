@@ -62,7 +62,7 @@ def test_no_patient_in_two_splits_after_resplit(seed):
     records += make_records({"NORMAL": 4, "PNEUMONIA": 4, "COVID": 3}, seed=seed, split="val", prefix="v")
     records += make_records({"NORMAL": 3, "PNEUMONIA": 5}, seed=seed, split=None, prefix="u")
 
-    result = resplit(records, val_fraction=rng.choice([0.1, 0.2, 0.3]), seed=seed)
+    result = resplit(records, val_fraction=rng.choice([0.1, 0.2, 0.3]), test_fraction=0, seed=seed)
 
     assert sorted(map(str, (r.path for r in result))) == sorted(map(str, (r.path for r in records)))
     by_split = patients_by_split(result)
@@ -76,7 +76,7 @@ def test_no_patient_in_two_splits_after_resplit(seed):
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.35])
 def test_each_class_val_fraction_of_images_is_stratified(fraction):
     records = make_records({"NORMAL": 200, "PNEUMONIA": 200}, seed=3)
-    result = resplit(records, val_fraction=fraction, seed=11)
+    result = resplit(records, val_fraction=fraction, test_fraction=0, seed=11)
     for label in ("NORMAL", "PNEUMONIA"):
         in_class = [r for r in result if r.label == label]
         frac = sum(r.split == "val" for r in in_class) / len(in_class)
@@ -174,7 +174,7 @@ def test_fraction_out_of_range(fraction):
 def test_too_few_patients_for_a_split():
     records = make_records({"A": 1, "B": 1})  # each class keeps its only patient in train
     with pytest.raises(DataError, match=r"--val-fraction 0.2: too few patients \(2\)"):
-        resplit(records, val_fraction=0.2)
+        resplit(records, val_fraction=0.2, test_fraction=0)
 
 
 # --------------------------------------------------------------------------- leakage check
@@ -192,8 +192,25 @@ def clean_tree(make_kaggle_tree):
 
 def test_clean_data_is_clean(clean_tree):
     report = check_leakage(discover(clean_tree))
-    assert report.clean and report.lines() == []
-    assert report.to_dict() == {"clean": True, "shared_patients": 0, "duplicate_images": 0, "examples": []}
+    assert report.clean and report.lines() == [] and report.near_duplicates == []
+    summary = (
+        "Leakage check on 8 images (test 2, train 6): no patient ID in two splits; no identical file in two splits; "
+        "by content (256-bit perceptual hash, pairs at most 24 bits apart): no near-duplicate in two splits."
+    )
+    assert report.summary() == summary
+    assert report.to_dict() == {
+        "clean": True,
+        "shared_patients": 0,
+        "duplicate_images": 0,
+        "near_duplicates": 0,
+        "shared_patients_with_near_duplicates": 0,
+        "summary": summary,
+        "examples": [],
+        "checked": {
+            "patient_ids": True, "bytes": True, "content": "256-bit perceptual hash, max 24 bits", "content_unreadable": 0
+        },
+        "near_duplicate_pairs": [],
+    }
 
 
 def test_patient_shared_between_train_and_test_is_reported(clean_tree, make_image):
@@ -204,8 +221,15 @@ def test_patient_shared_between_train_and_test_is_reported(clean_tree, make_imag
     assert not report.clean
     assert report.shared_patients == [("IM-0002", ["test", "train"])]
     assert report.duplicate_images == []
-    assert report.lines() == ["1 patient(s) appear in more than one split, e.g. IM-0002 in test+train"]
+    (line,) = report.lines()
+    # The ID overlap comes with what the content check found for that patient: two different images.
+    assert line.startswith(
+        "1 patient(s) appear in more than one split, e.g. IM-0002 in test+train; "
+        "by content, none of them has a near-duplicate image in another split (closest pair "
+    )
+    assert report.shared_patient_distance["IM-0002"] > 24 and report.shared_patients_alike == 0
     assert report.to_dict()["shared_patients"] == 1
+    assert "1 patient ID(s) in two splits" in report.summary()
 
 
 def test_byte_identical_image_under_another_name_is_reported(clean_tree):
@@ -218,8 +242,9 @@ def test_byte_identical_image_under_another_name_is_reported(clean_tree):
     assert report.shared_patients == []  # different patient IDs: only the bytes give it away
     ((paths, splits),) = report.duplicate_images
     assert sorted(paths) == sorted([str(source), str(copy)]) and splits == ["test", "train"]
-    (line,) = report.lines()
+    (line,) = report.lines()  # reported once, as identical files, not again as a near-duplicate
     assert line.startswith("1 byte-identical image(s) appear in more than one split") and "person77_bacteria_1" in line
+    assert report.near_duplicates == [] and "no other near-duplicate" in report.summary()
 
 
 def test_duplicates_within_one_split_and_equal_sizes_are_not_leakage(tmp_path):
@@ -235,8 +260,9 @@ def test_duplicates_within_one_split_and_equal_sizes_are_not_leakage(tmp_path):
 
 def test_check_bytes_off_skips_reading_files(tmp_path):
     records = [Record(tmp_path / "gone.png", "X", "p1", "train"), Record(tmp_path / "gone.png", "Y", "p1", "test")]
-    report = check_leakage(records, check_bytes=False)
+    report = check_leakage(records, check_bytes=False, check_content=False)
     assert report.shared_patients == [("p1", ["test", "train"])] and report.duplicate_images == []
+    assert report.summary() == "Leakage check on 2 images (test 1, train 1): 1 patient ID(s) in two splits."
 
 
 def test_leakage_check_on_missing_file_names_it(tmp_path):
@@ -247,7 +273,7 @@ def test_leakage_check_on_missing_file_names_it(tmp_path):
 
 def test_leakage_lines_show_at_most_the_requested_examples():
     records = [Record(Path(f"/x/{i}_{s}.png"), "A", f"p{i}", s) for i in range(8) for s in ("train", "test")]
-    report = check_leakage(records, check_bytes=False)
+    report = check_leakage(records, check_bytes=False, check_content=False)
     (line,) = report.lines(examples=2)
     assert line == "8 patient(s) appear in more than one split, e.g. p0 in test+train; p1 in test+train"
 
