@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from medtransfer.data.discover import Record, discover
+from medtransfer.data.near_duplicates import hash_images
 from medtransfer.data.split import (
+    DEFAULT_TEST_FRACTION,
     check_leakage,
     grouped_stratified_split,
     read_split_csv,
@@ -124,6 +126,40 @@ def test_test_fraction_draws_a_patient_level_test_split_when_none_exists():
         in_class = [r for r in result if r.label == label]
         assert abs(sum(r.split == "test" for r in in_class) / len(in_class) - 0.25) < 0.05
     assert assignment(resplit(records, val_fraction=0.2, test_fraction=0.25, seed=0)) == assignment(result)
+
+
+def test_plain_class_folders_get_a_three_way_split_grouped_by_patient(make_image, tmp_path):
+    """ImageFolder data (no split folders): train/val/test drawn by patient, 20% test by default."""
+    root = tmp_path / "flat"
+    for p in range(60):
+        for label in ("NORMAL", "PNEUMONIA"):
+            for i in range(1 + p % 3):  # 1-3 images per patient
+                make_image(root / label / f"{label[0]}{p:03d}_{i}.png")
+    records = discover(root, patient_regex=r"^(\w\d+)_")
+    assert {r.split for r in records} == {None}
+
+    result = resplit(records, seed=3)
+
+    by_split = patients_by_split(result)
+    assert set(by_split) == {"train", "val", "test"}
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not by_split[a] & by_split[b], (a, b)
+    for label in ("NORMAL", "PNEUMONIA"):
+        in_class = [r for r in result if r.label == label]
+        assert abs(sum(r.split == "test" for r in in_class) / len(in_class) - DEFAULT_TEST_FRACTION) < 0.05
+        # val is drawn from what is left, with the usual val fraction
+        left = [r for r in in_class if r.split != "test"]
+        assert abs(sum(r.split == "val" for r in left) / len(left) - 0.2) < 0.05
+    assert assignment(resplit(records, seed=3)) == assignment(result)  # seeded
+    assert assignment(resplit(records, seed=4)) != assignment(result)
+    assert {r.split for r in resplit(records, seed=3, test_fraction=0)} == {"train", "val"}  # 0: no test split
+
+
+def test_drawn_split_round_trips_through_split_csv(tmp_path):
+    records = resplit(make_records({"NORMAL": 20, "PNEUMONIA": 20}, split=None, seed=2), seed=1)
+    write_split_csv(records, tmp_path / "split.csv")
+    assert read_split_csv(tmp_path / "split.csv") == records
+    assert {r.split for r in records} == {"train", "val", "test"}
 
 
 def test_test_fraction_with_an_existing_test_split_is_a_config_error():
@@ -347,3 +383,75 @@ def test_resplit_keeps_byte_identical_images_of_different_patients_together(tmp_
     for seed in range(5):
         split = _resplit(records, val_fraction=0.3, seed=seed)
         assert _check_leakage(split).duplicate_images == []
+
+
+# --------------------------------------------------------------------------- leakage by content
+
+
+@pytest.fixture
+def copy_tree(make_kaggle_tree, make_textured):
+    """A Kaggle tree of textured images; test holds a resized, re-encoded copy of a train image under another name."""
+    root = make_kaggle_tree({})
+    for i in range(4):
+        make_textured(root / "train" / "NORMAL" / f"IM-{i:04d}-0001.jpeg", i)
+        make_textured(root / "train" / "PNEUMONIA" / f"person{i}_virus_{i}.jpeg", 10 + i)
+    make_textured(root / "test" / "NORMAL" / "IM-0900-0001.jpeg", 20)
+    make_textured(root / "test" / "PNEUMONIA" / "person77_bacteria_1.JPG", 11, resize=180, quality=60)
+    return root
+
+
+def test_resized_copy_across_splits_is_reported_by_content(copy_tree):
+    report = check_leakage(discover(copy_tree))
+
+    assert not report.clean  # the pipeline fails on this under --strict
+    assert report.shared_patients == [] and report.duplicate_images == []  # names and bytes miss it
+    (pair,) = report.near_duplicates
+    assert (pair.path_a.name, pair.split_a, pair.path_b.name, pair.split_b) == (
+        "person77_bacteria_1.JPG", "test", "person1_virus_1.jpeg", "train"
+    )
+    assert pair.distance <= 24
+    (line,) = report.lines()
+    assert line.startswith("1 near-duplicate image pair(s) by content in different splits, e.g. ")
+    assert "person77_bacteria_1.JPG (test) ~ " in line
+    assert "by content (256-bit perceptual hash, pairs at most 24 bits apart): 1 near-duplicate pair(s)" in report.summary()
+    saved = report.to_dict()
+    assert saved["clean"] is False and saved["near_duplicates"] == 1
+    assert saved["near_duplicate_pairs"] == [
+        {"path_a": str(pair.path_a), "split_a": "test", "path_b": str(pair.path_b), "split_b": "train",
+         "distance": pair.distance}
+    ]
+
+
+def test_shared_patient_is_reported_with_what_the_content_check_found(copy_tree, make_textured):
+    # person1_virus now also has a test image: a copy of its train image, so the overlap is real.
+    make_textured(copy_tree / "test" / "PNEUMONIA" / "person1_virus_9.png", 11, resize=150)
+    report = check_leakage(discover(copy_tree))
+    assert report.shared_patients == [("person1_virus", ["test", "train"])]
+    assert report.shared_patients_alike == 1
+    assert report.lines()[0] == (
+        "1 patient(s) appear in more than one split, e.g. person1_virus in test+train; "
+        "by content, 1 of them have a near-duplicate image in another split"
+    )
+
+
+def test_content_check_can_be_left_out_and_reuses_given_hashes(copy_tree):
+    records = discover(copy_tree)
+    assert check_leakage(records, check_content=False).clean
+    hashes = hash_images([r.path for r in records])
+    assert check_leakage(records, hashes=hashes).near_duplicates == check_leakage(records).near_duplicates
+
+
+def test_resplit_with_hashes_keeps_near_duplicates_of_different_patients_together(tmp_path, make_textured):
+    records = []
+    for i in range(40):
+        label = "NORMAL" if i % 2 else "PNEUMONIA"
+        records.append(Record(make_textured(tmp_path / f"p{i}.png", i, size=96), label, f"patient{i}", None))
+    for i in range(0, 40, 4):  # ten resized copies under new patient IDs
+        path = make_textured(tmp_path / f"copy{i}.jpeg", i, size=96, resize=80, quality=70)
+        records.append(Record(path, records[i].label, f"other{i}", None))
+    hashes = hash_images([r.path for r in records])
+    leaked = 0
+    for seed in range(4):
+        assert check_leakage(resplit(records, seed=seed, hashes=hashes), hashes=hashes).clean
+        leaked += len(check_leakage(resplit(records, seed=seed), hashes=hashes).near_duplicates)
+    assert leaked > 0  # without the hashes the copies do land on both sides

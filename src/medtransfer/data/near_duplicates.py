@@ -28,7 +28,7 @@ from medtransfer.errors import DataError
 HASH_SIZE = 16  # a 16 x 16 = 256-bit hash
 MAX_DISTANCE = 24  # bits; copies measured at <= 12, distinct radiographs at >= 40
 HASH_METHOD = f"{HASH_SIZE * HASH_SIZE}-bit perceptual hash"
-_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint16)
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
 _CHUNK = 64  # rows compared at once: CHUNK x N x 32 bytes (and twice that in counts) stay small
 
 
@@ -95,7 +95,7 @@ def hamming_pairs(
 ) -> Iterator[tuple[int, int, int]]:
     """(i, j, bits) for rows of `a` and `b` at most `max_distance` bits apart (i < j when `same`)."""
     for start in range(0, len(a), _CHUNK):
-        distances = _POPCOUNT[a[start : start + _CHUNK, None, :] ^ b[None, :, :]].sum(axis=-1)
+        distances = _bit_distances(a[start : start + _CHUNK], b)
         for i, j in zip(*np.nonzero(distances <= max_distance)):
             if not same or start + i < j:
                 yield start + int(i), int(j), int(distances[i, j])
@@ -144,5 +144,11 @@ def closest_distance(paths_a: Sequence[Path], paths_b: Sequence[Path], hashes: I
     _, rows_b = hashes.rows(paths_b)
     if not rows_a or not rows_b:
         return None
-    a, b = hashes.bits[rows_a], hashes.bits[rows_b]
-    return int(_POPCOUNT[a[:, None, :] ^ b[None, :, :]].sum(axis=-1).min())
+    return int(_bit_distances(hashes.bits[rows_a], hashes.bits[rows_b]).min())
+
+
+def _bit_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) Hamming distances between packed hashes."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2: count 64 bits at a time, ~8x faster than the table
+        return np.bitwise_count(a.view(np.uint64)[:, None, :] ^ b.view(np.uint64)[None, :, :]).sum(axis=-1, dtype=np.int64)
+    return _POPCOUNT[a[:, None, :] ^ b[None, :, :]].sum(axis=-1, dtype=np.int64)
