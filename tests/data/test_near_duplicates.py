@@ -12,19 +12,21 @@ from PIL import Image
 from medtransfer.data.discover import Record
 from medtransfer.data.near_duplicates import (
     MAX_DISTANCE,
+    MIN_CORRELATION,
+    ImageHashes,
     NearDuplicate,
     closest_distance,
     hamming_pairs,
     hash_images,
     near_duplicate_pairs,
-    perceptual_hash,
+    fingerprint,
 )
 
 
 def bits_apart(a: Path, b: Path) -> int:
     """Reference Hamming distance, bit by bit in Python."""
-    x = int.from_bytes(perceptual_hash(a).tobytes(), "big")
-    y = int.from_bytes(perceptual_hash(b).tobytes(), "big")
+    x = int.from_bytes(fingerprint(a)[0].tobytes(), "big")
+    y = int.from_bytes(fingerprint(b)[0].tobytes(), "big")
     return bin(x ^ y).count("1")
 
 
@@ -129,3 +131,19 @@ def test_closest_distance_between_two_sets(split_images):
     assert closest_distance(train, [test[1]], hashes) == bits_apart(train[1], test[1])
     assert closest_distance([train[0]], [test[0]], hashes) > MAX_DISTANCE
     assert closest_distance([Path("/nowhere.png")], test, hashes) is None
+
+
+def test_thumbnail_correlation_matches_numpy_and_confirms_hash_matches(tmp_path):
+    rng = np.random.default_rng(0)
+    thumbs = rng.integers(0, 256, (3, 1024), dtype=np.uint8)
+    thumbs[1] = np.clip(thumbs[0].astype(int) // 2 + 40, 0, 255)  # a darker copy: correlation 1
+    bits = np.zeros((3, 32), np.uint8)  # identical hashes: only the pixels tell them apart
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    hashes = ImageHashes(paths, bits, thumbs, [])
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        expected = np.corrcoef(thumbs[a].astype(float), thumbs[b].astype(float))[0, 1]
+        assert hashes.correlation(a, b) == pytest.approx(expected, abs=1e-12)
+    records = [Record(paths[0], "A", "a", "train"), Record(paths[1], "A", "b", "test"), Record(paths[2], "A", "c", "val")]
+    pairs = near_duplicate_pairs(records, hashes)
+    assert [(p.path_a, p.path_b, p.distance) for p in pairs] == [(paths[1], paths[0], 0)]
+    assert pairs[0].correlation == pytest.approx(1.0, abs=1e-3) and MIN_CORRELATION < 1

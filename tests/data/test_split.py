@@ -231,7 +231,7 @@ def test_clean_data_is_clean(clean_tree):
     assert report.clean and report.lines() == [] and report.near_duplicates == []
     summary = (
         "Leakage check on 8 images (test 2, train 6): no patient ID in two splits; no identical file in two splits; "
-        "by content (256-bit perceptual hash, pairs at most 24 bits apart): no near-duplicate in two splits."
+        "by content (256-bit perceptual hash within 24 bits, pixel correlation >= 0.995): no near-duplicate in two splits."
     )
     assert report.summary() == summary
     assert report.to_dict() == {
@@ -243,7 +243,10 @@ def test_clean_data_is_clean(clean_tree):
         "summary": summary,
         "examples": [],
         "checked": {
-            "patient_ids": True, "bytes": True, "content": "256-bit perceptual hash, max 24 bits", "content_unreadable": 0
+            "patient_ids": True,
+            "bytes": True,
+            "content": "256-bit perceptual hash at most 24 bits apart, thumbnails correlated >= 0.995",
+            "content_unreadable": 0,
         },
         "near_duplicate_pairs": [],
     }
@@ -261,7 +264,7 @@ def test_patient_shared_between_train_and_test_is_reported(clean_tree, make_imag
     # The ID overlap comes with what the content check found for that patient: two different images.
     assert line.startswith(
         "1 patient(s) appear in more than one split, e.g. IM-0002 in test+train; "
-        "by content, none of them has a near-duplicate image in another split (closest pair "
+        "by content, none of them has a near-duplicate image in another split (closest hashes "
     )
     assert report.shared_patient_distance["IM-0002"] > 24 and report.shared_patients_alike == 0
     assert report.to_dict()["shared_patients"] == 1
@@ -413,12 +416,13 @@ def test_resized_copy_across_splits_is_reported_by_content(copy_tree):
     (line,) = report.lines()
     assert line.startswith("1 near-duplicate image pair(s) by content in different splits, e.g. ")
     assert "person77_bacteria_1.JPG (test) ~ " in line
-    assert "by content (256-bit perceptual hash, pairs at most 24 bits apart): 1 near-duplicate pair(s)" in report.summary()
+    assert "pixel correlation >= 0.995): 1 near-duplicate pair(s) in two splits." in report.summary()
+    assert pair.correlation >= 0.995
     saved = report.to_dict()
     assert saved["clean"] is False and saved["near_duplicates"] == 1
     assert saved["near_duplicate_pairs"] == [
         {"path_a": str(pair.path_a), "split_a": "test", "path_b": str(pair.path_b), "split_b": "train",
-         "distance": pair.distance}
+             "distance": pair.distance, "correlation": pair.correlation}
     ]
 
 

@@ -18,6 +18,7 @@ from medtransfer.data.discover import Record
 from medtransfer.data.near_duplicates import (
     HASH_METHOD,
     MAX_DISTANCE,
+    MIN_CORRELATION,
     ImageHashes,
     NearDuplicate,
     closest_distance,
@@ -42,6 +43,7 @@ class LeakageReport:
     near_duplicates: list[NearDuplicate] = field(default_factory=list)  # by content, across splits
     # Each shared patient's closest pair of images in different splits (bits; None: not compared).
     shared_patient_distance: dict[str, int | None] = field(default_factory=dict)
+    shared_patients_with_copies: list[str] = field(default_factory=list)  # a near-duplicate across splits
     images_per_split: dict[str, int] = field(default_factory=dict)
     bytes_checked: bool = True
     content_checked: bool = True
@@ -54,8 +56,8 @@ class LeakageReport:
 
     @property
     def shared_patients_alike(self) -> int:
-        """Shared patients with a near-duplicate image in another split."""
-        return sum(d is not None and d <= self.max_distance for d in self.shared_patient_distance.values())
+        """Shared patients with a near-duplicate image of their own in another split."""
+        return len(self.shared_patients_with_copies)
 
     def summary(self) -> str:
         """One line: what was checked and what was found."""
@@ -70,7 +72,7 @@ class LeakageReport:
                 else "no identical file in two splits"
             )
         if self.content_checked:
-            by = f"by content ({HASH_METHOD}, pairs at most {self.max_distance} bits apart"
+            by = f"by content ({HASH_METHOD} within {self.max_distance} bits, pixel correlation >= {MIN_CORRELATION}"
             by += f"; {self.content_unreadable:,} unreadable image(s) not compared):" if self.content_unreadable else "):"
             other = " other" if self.duplicate_images else ""  # identical files are near-duplicates too
             found.append(
@@ -110,7 +112,7 @@ class LeakageReport:
             return f"; by content, {self.shared_patients_alike} of them have a near-duplicate image in another split"
         return (
             f"; by content, none of them has a near-duplicate image in another split "
-            f"(closest pair {min(distances)} bits apart, near-duplicates are at most {self.max_distance})"
+            f"(closest hashes {min(distances)} bits apart)"
         )
 
     def to_dict(self, *, pairs: int = 50) -> dict:
@@ -126,12 +128,15 @@ class LeakageReport:
             "checked": {
                 "patient_ids": True,
                 "bytes": self.bytes_checked,
-                "content": f"{HASH_METHOD}, max {self.max_distance} bits" if self.content_checked else None,
+                "content": (
+                    f"{HASH_METHOD} at most {self.max_distance} bits apart, thumbnails correlated >= {MIN_CORRELATION}"
+                    if self.content_checked else None
+                ),
                 "content_unreadable": self.content_unreadable,
             },
             "near_duplicate_pairs": [
                 {"path_a": str(p.path_a), "split_a": p.split_a, "path_b": str(p.path_b), "split_b": p.split_b,
-                 "distance": p.distance}
+                 "distance": p.distance, "correlation": p.correlation}
                 for p in self.near_duplicates[:pairs]
             ],
         }
@@ -324,6 +329,10 @@ def check_leakage(
             if not any({str(p.path_a), str(p.path_b)} <= group for group in identical)
         ]
         report.shared_patient_distance = _shared_patient_distances(records, report.shared_patients, hashes)
+        patient_of = {r.path: r.patient_id for r in records}
+        report.shared_patients_with_copies = sorted(
+            {patient_of[p.path_a] for p in report.near_duplicates if patient_of[p.path_a] == patient_of[p.path_b]}
+        )
     return report
 
 
