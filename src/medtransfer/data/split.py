@@ -1,8 +1,9 @@
-"""Patient-grouped, stratified re-split and the leakage check.
+"""Patient-grouped, stratified re-split and the leakage check (patient IDs, bytes, content).
 
 The official chest X-ray val split has 16 images, far too few to stop training or pick a
 threshold on. By default train and val are pooled and a validation split is drawn by
-patient, stratified by class, so that no patient's images sit on both sides.
+patient, stratified by class, so that no patient's images sit on both sides. Data without
+a test split (plain class folders) gets one drawn the same way first.
 """
 
 from __future__ import annotations
