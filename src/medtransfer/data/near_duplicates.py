@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtransfer.data.cache import decode_image
+from medtransfer.data.decode import decode_image
 from medtransfer.data.discover import Record
 from medtransfer.errors import DataError
 
