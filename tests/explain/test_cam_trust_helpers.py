@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from benchmarks import cam_trust
 from medtransfer.data.decode import decode_image
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.transforms import eval_transform, train_transform
 from medtransfer.models.backbones import IMAGENET
-
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cam_trust.py"
-_spec = importlib.util.spec_from_file_location("cam_trust", _SCRIPT)
-cam_trust = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cam_trust)
 
 
 def _brute_force_spearman(a, b) -> float:
