@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from medtransfer.evaluation import plots
 from medtransfer.models.backbones import create_backbone, get_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
+from medtransfer.rundir import write_metrics
 from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history, write_history
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
@@ -249,7 +249,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         }
     )
     ordered = _ordered_metrics(result, config)
-    (out / "metrics.json").write_text(json.dumps(ordered, indent=2))
+    write_metrics(out, ordered)
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
     from medtransfer.evaluation.report import write_report
