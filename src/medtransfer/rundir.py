@@ -1,27 +1,19 @@
 """The run-folder contract: typed reading of a run or evaluation directory, and atomic writes.
 
 ``medtransfer train --out RUN`` and ``medtransfer evaluate --out DIR`` write one layout
-(DESIGN.md, "The run directory")::
+(DESIGN.md, "The run directory"); :class:`RunDir` reads each document of it:
+``config.yaml`` (:meth:`~RunDir.config`), ``split.csv`` (:meth:`~RunDir.split`),
+``history.csv`` (:meth:`~RunDir.history`), ``metrics.json`` (:meth:`~RunDir.metrics`, a
+:class:`RunMetrics`; its one writer is :func:`write_metrics`), ``predictions_<split>.csv``
+or an evaluation's ``predictions.csv`` (:meth:`~RunDir.predictions`), ``model/model.json``,
+``gallery.json`` and ``plots/``. A missing required document or a malformed one is a
+DataError naming the file. ``metrics.json`` keys may be added, never renamed: older
+documents read (absent keys are None), unknown keys are kept in ``extra`` and written back.
 
-    config.yaml            every setting, resolved                      RunDir.config()
-    split.csv              path,label,patient_id,split                  RunDir.split()
-    history.csv            epoch,train_loss,...,seconds                 RunDir.history()
-    metrics.json           RunMetrics (one writer: write_metrics)       RunDir.metrics()
-    predictions_<split>.csv (a run) or predictions.csv (an evaluation)  RunDir.predictions()
-    plots/*.png, model/model.json, gallery.json
+Imports nothing from medtransfer but ``errors``, so every layer may use it.
 
-Every reader raises :class:`~medtransfer.errors.DataError` naming the file for a missing
-required document or a malformed one. ``metrics.json`` keys may be added, never renamed:
-a document written by an older version reads (absent keys are ``None``) and keys this
-version does not know are kept in ``extra`` and written back unchanged.
-
-This module imports nothing from medtransfer but ``errors``, so every layer may use it.
-
-Example
--------
->>> run = RunDir("runs/resnet18")  # doctest: +SKIP
->>> run.metrics().test.value("auc"), run.metrics().test.interval("auc")  # doctest: +SKIP
-(0.962, (0.948, 0.975))
+>>> RunDir("runs/resnet18").metrics().test.interval("auc")  # doctest: +SKIP
+(0.948, 0.975)
 """
 
 from __future__ import annotations
@@ -63,12 +55,9 @@ _WHAT_IS_A_RUN = "pass a run directory (from `medtransfer train`) or an evaluati
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` so that readers see the old file or the whole new one, never a part.
-
-    The text goes to a temporary file in the same folder (same file system), is flushed to
-    disk, and then replaces ``path`` in one ``os.replace``. The temporary file is opened
-    with ``open(..., "x")`` rather than ``mkstemp`` so that it gets the usual permissions.
-    """
+    """Write ``text`` so that readers see the old file or the whole new one, never a part:
+    a temporary file in the same folder, flushed to disk, then one ``os.replace``. (Opened
+    with mode "x" rather than by ``mkstemp``, whose 0600 permissions would stick to the file.)"""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -92,13 +81,8 @@ def write_text_atomic(path: Path, text: str) -> Path:
 def write_metrics(run_dir: Path, metrics: "RunMetrics | Mapping[str, Any]") -> Path:
     """Write ``run_dir/metrics.json`` atomically; the one writer of that file.
 
-    A mapping is checked as :meth:`RunMetrics.from_dict` checks a file, so a document that
-    would not read back is refused before anything is written. Keys come out in
-    DESIGN.md's order, then any added keys.
-
-    Raises:
-        DataError: a value of the wrong type (e.g. ``test.auc`` not a number).
-    """
+    A mapping is checked as a file is read (DataError: e.g. ``test.auc`` not a number), so
+    nothing is written that would not read back. Keys in DESIGN.md's order, then added ones."""
     if not isinstance(metrics, RunMetrics):
         metrics = RunMetrics.from_dict(metrics, source=f"metrics for {Path(run_dir) / METRICS_FILE}")
     return write_text_atomic(Path(run_dir) / METRICS_FILE, json.dumps(metrics.to_dict(), indent=2) + "\n")
@@ -123,8 +107,7 @@ def _check(value: Any, kind: str, where: str) -> Any:
     else:
         ok = isinstance(value, {"str": str, "bool": bool, "dict": dict, "list": list}[kind])
     if not ok:
-        wanted = {"number": "a number", "count": "a whole number", "matrix": "a list of rows of counts", "dict": "an object",
-                  "list": "a list"}.get(kind, f"a {kind}")
+        wanted = {"count": "a whole number", "matrix": "rows of counts", "dict": "an object"}.get(kind, f"a {kind}")
         raise DataError(f"{where} must be {wanted}; got {value!r}")
     return value
 
@@ -327,9 +310,7 @@ class Predictions:
     def probability(self, cls: str) -> np.ndarray:
         """The ``prob_<cls>`` column; DataError naming the file when it has none."""
         if cls not in self.classes:
-            raise DataError(
-                f"{self.file}: missing column(s) prob_{cls}; got {', '.join(self.columns) or 'no header'}"
-            )
+            raise DataError(f"{self.file}: missing column(s) prob_{cls}; got {', '.join(self.columns)}")
         return self.probabilities[:, self.classes.index(cls)]
 
 
@@ -343,18 +324,13 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def require(self) -> RunDir:
-        """This RunDir; DataError when the folder does not exist."""
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: not a folder; {_WHAT_IS_A_RUN}")
-        return self
-
     def has_metrics(self) -> bool:
         return (self.root / METRICS_FILE).is_file()
 
     def metrics(self) -> RunMetrics:
         """``metrics.json``, typed. DataError: the folder or the file is missing or malformed."""
-        self.require()
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: not a folder; {_WHAT_IS_A_RUN}")
         path = self.root / METRICS_FILE
         if not path.is_file():
             raise DataError(f"{self.root}: no {METRICS_FILE}; {_WHAT_IS_A_RUN}")
@@ -389,14 +365,11 @@ class RunDir:
         columns, rows = _read_csv(path, required=("epoch",))
         return [{c: _csv_number(row[c], path, line, c, allow_empty=True) for c in columns} for line, row in rows]
 
-    def predictions_file(self, split: str = "test") -> Path | None:
-        """``predictions_<split>.csv`` (a run), else ``predictions.csv`` (an evaluation, test only)."""
-        candidates = [f"predictions_{split}.csv"] + (["predictions.csv"] if split == "test" else [])
-        return next((self.root / name for name in candidates if (self.root / name).is_file()), None)
-
     def predictions(self, split: str = "test") -> Predictions | None:
-        """The predictions of ``split``, checked (None when the folder has none)."""
-        path = self.predictions_file(split)
+        """``predictions_<split>.csv`` (a run), else ``predictions.csv`` (an evaluation: test only),
+        checked; None when the folder has neither."""
+        names = [f"predictions_{split}.csv"] + (["predictions.csv"] if split == "test" else [])
+        path = next((self.root / name for name in names if (self.root / name).is_file()), None)
         return None if path is None else _read_predictions(path)
 
     def model_json(self) -> dict[str, Any] | None:

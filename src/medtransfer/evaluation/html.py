@@ -27,7 +27,7 @@ from medtransfer import __version__
 from medtransfer.rundir import SplitMetrics
 
 __all__ = [
-    "DASH", "METRIC_ROWS", "escape", "figure", "figures", "format_number", "format_percent", "format_with_ci",
+    "DASH", "METRIC_ROWS", "escape", "figure", "figures", "format_duration", "format_number", "format_percent", "format_with_ci",
     "is_number", "note", "page", "section", "split_value", "table",
 ]
 
@@ -96,6 +96,19 @@ def format_with_ci(
 def split_value(split: SplitMetrics, key: str) -> str:
     """One metric of a split with its interval, e.g. ``split_value(metrics.test, "auc")``."""
     return format_with_ci(split.value(key), split.interval(key), confidence=split.confidence)
+
+
+def format_duration(seconds: Any) -> str:
+    """``42.0 s``, ``13 min 32 s``, ``2 h 05 min``; missing -> en dash."""
+    if not is_number(seconds):
+        return DASH
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def format_percent(value: Any) -> str:

@@ -1,19 +1,14 @@
 """One self-contained ``report.html`` per run directory (or evaluation directory).
 
-The report reads only what the run directory holds (see :mod:`medtransfer.rundir`):
+The report reads only what the run directory holds (:mod:`medtransfer.rundir`):
 ``metrics.json`` (required), and when present ``config.yaml``, ``history.csv``,
-``plots/*.png``, ``model/model.json`` and ``gallery.json`` (CAM galleries). Absent
-pieces are stated in the report, never guessed.
+``plots/*.png``, ``model/model.json`` and ``gallery.json``. Absent pieces are stated, never
+guessed. The first screen answers "how good is it": the key figures with their confidence
+intervals, the ROC curve with the operating point marked, and the confusion matrix at the
+chosen threshold; details follow, the long configuration table folded. The page opens
+offline and prints cleanly (:mod:`medtransfer.evaluation.html`); all text from the data
+is escaped.
 
-The first screen answers "how good is it": the key figures with their confidence
-intervals, the ROC curve with the operating point marked, and the confusion matrix at
-the chosen threshold. Details follow; the long configuration table is folded. The page
-is one file that opens offline and prints cleanly (see :mod:`medtransfer.evaluation.html`);
-every piece of text that comes from the data is HTML-escaped.
-
-Example
--------
->>> from pathlib import Path
 >>> write_report(Path("runs/resnet18"))  # doctest: +SKIP
 PosixPath('runs/resnet18/report.html')
 """
@@ -22,29 +17,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from medtransfer import __version__
 from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
+from medtransfer.evaluation.published import published_section
 from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics
 
-__all__ = ["SECTION_IDS", "PublishedResults", "published_results", "write_report"]
+__all__ = ["SECTION_IDS", "write_report"]
 
 # In reading order: the verdict first, then what it rests on, the settings last.
-SECTION_IDS = (
-    "summary",
-    "data",
-    "metrics",
-    "curves",
-    "calibration",
-    "training",
-    "explanations",
-    "published",
-    "configuration",
-)
+SECTION_IDS = ("summary", "data", "metrics", "curves", "calibration", "training", "explanations", "published", "configuration")
 
 
 def write_report(run_dir: Path, *, console: Any = None, title: str | None = None) -> Path:
@@ -61,18 +46,7 @@ def write_report(run_dir: Path, *, console: Any = None, title: str | None = None
     """
     run = _Run.load(Path(run_dir))
     page_title = title or f"medtransfer report: {run.root.resolve().name}"
-    builders = {
-        "summary": _summary,
-        "data": _data,
-        "metrics": _metrics,
-        "curves": _curves,
-        "calibration": _calibration,
-        "training": _training,
-        "explanations": _explanations,
-        "published": _published,
-        "configuration": _configuration,
-    }
-    sections = {name: builders[name](run) for name in SECTION_IDS}  # in page order: figures are claimed once
+    sections = {name: _SECTIONS[name](run) for name in SECTION_IDS}  # in page order: each plot is shown once
     sections["other-figures"] = _other_figures(run)
     present = [name for name, content in sections.items() if content]
     nav = [(name, name.replace("-", " ").capitalize()) for name in present]
@@ -121,6 +95,10 @@ class _Run:
             return self.metrics.threshold
         return self.metrics.headline[1].threshold
 
+    def threshold_text(self, split: SplitMetrics) -> str:
+        """The threshold ``split`` was scored at (the run's when the block does not say)."""
+        return h.format_number(split.threshold if split.threshold is not None else self.threshold)
+
     def plot(self, name: str) -> Path | None:
         """plots/<name> if it exists and no earlier part of the page has shown it."""
         path = self.folder.plot(name)
@@ -149,37 +127,7 @@ def _classes(folder: RunDir, metrics: RunMetrics, model: dict[str, Any]) -> list
     return sorted(names)
 
 
-@dataclass(frozen=True)
-class PublishedResults:
-    """Results published on the official Kermany test split (``published_results.json``)."""
-
-    task: str
-    classes: tuple[str, ...]
-    test_images: int
-    rows: tuple[dict[str, Any], ...]  # source, model, accuracy, sensitivity, specificity, auc (None: not reported)
-
-
-def published_results() -> PublishedResults:
-    """The published results shipped with the package (data, not code)."""
-    text = resources.files("medtransfer.evaluation").joinpath("published_results.json").read_text(encoding="utf-8")
-    data = json.loads(text)
-    return PublishedResults(data["task"], tuple(data["classes"]), data["test_images"], tuple(data["results"]))
-
-
 # ---------------------------------------------------------------------- formatting
-
-
-def _duration(seconds: Any) -> str:
-    if not h.is_number(seconds):
-        return h.DASH
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 def _setting(value: Any) -> str:
@@ -198,20 +146,10 @@ def _split_label(name: str) -> str:
     return {"val": "Validation", "test": "Test", "train": "Train"}.get(name, name)
 
 
-def _ci_label(split: SplitMetrics) -> str:
-    confidence = split.confidence if h.is_number(split.confidence) else 0.95
-    return f"{confidence * 100:g}% CI"
-
-
-def _binary_names(run: _Run) -> tuple[str, str]:
+def _confusion_table(run: _Run, split: SplitMetrics) -> str:
     positive = str(run.metrics.positive_class or "positive")
     others = [c for c in run.classes if c != positive]
     negative = others[0] if len(run.classes) == 2 and others else f"not {positive}"
-    return negative, positive
-
-
-def _confusion_table(run: _Run, split: SplitMetrics) -> str:
-    negative, positive = _binary_names(run)
     rows = [
         (f"true {negative}", h.format_number(split.cell(0, 0)), h.format_number(split.cell(0, 1))),
         (f"true {positive}", h.format_number(split.cell(1, 0)), h.format_number(split.cell(1, 1))),
@@ -228,12 +166,11 @@ def _summary(run: _Run) -> str:
         return h.section("summary", "Summary", h.note("metrics.json holds no split metrics.") + _run_facts(run))
     name, split = run.metrics.headline
     lead = {"test": "Test split", "val": "Validation split (this run has no test split)"}.get(name, f"{_split_label(name)} split")
-    counts = f"{h.format_number(split.n)} images"
-    if split.patients is not None:
-        counts += f", {h.format_number(split.patients)} patients"
-    if split.n_positive is not None:
-        counts += f", {h.format_number(split.n_positive)} positive"
-    threshold = h.format_number(split.threshold if split.threshold is not None else run.threshold)
+    counts = ", ".join(
+        f"{h.format_number(n)} {what}" for n, what in ((split.n, "images"), (split.patients, "patients"), (split.n_positive, "positive"))
+        if n is not None or what == "images"
+    )
+    threshold = run.threshold_text(split)
     figures = h.table(None, [(label, h.split_value(split, key)) for key, label in h.METRIC_ROWS], css="headline")
     figures += f'<p class="caption">Confusion matrix at the chosen threshold {h.escape(threshold)}</p>' + _confusion_table(run, split)
     caption = f"{_split_label(name)}: ROC curve, AUC {h.split_value(split, 'auc')}"
@@ -271,7 +208,7 @@ def _run_facts(run: _Run) -> str:
         ("Epochs run", m.epochs_run),
         ("Best epoch (lowest val loss)", m.best_epoch),
         ("Stopped early", m.stopped_early),
-        ("Training time", _duration(m.train_seconds) if m.train_seconds is not None else None),
+        ("Training time", h.format_duration(m.train_seconds) if m.train_seconds is not None else None),
         ("Evaluated", f"{m.data} ({m.split} split) with the model of {m.run}" if m.data else None),
     ]
     rows += [(label, h.format_number(value)) for label, value in facts if value is not None]
@@ -362,8 +299,7 @@ def _metrics(run: _Run) -> str:
     header = ["Metric"]
     columns: list[tuple[SplitMetrics, bool]] = []  # (metrics at that threshold, show CIs)
     for name, split in run.metrics.splits.items():
-        threshold = split.threshold if split.threshold is not None else run.threshold
-        header.append(f"{_split_label(name)} @ {h.format_number(threshold)} (chosen)")
+        header.append(f"{_split_label(name)} @ {run.threshold_text(split)} (chosen)")
         columns.append((split, True))
         if split.at_half is not None:
             header.append(f"{_split_label(name)} @ 0.5")
@@ -377,7 +313,8 @@ def _metrics(run: _Run) -> str:
     for name, split in run.metrics.splits.items():
         if split.n_resamples:
             groups = f" over {h.format_number(split.n_groups)} patients" if split.n_groups else ""
-            notes.append(f"{_split_label(name)}: {_ci_label(split)} from {h.format_number(split.n_resamples)} bootstrap resamples{groups}.")
+            confidence = split.confidence if h.is_number(split.confidence) else 0.95
+            notes.append(f"{_split_label(name)}: {confidence * 100:g}% CI from {h.format_number(split.n_resamples)} bootstrap resamples{groups}.")
     notes.append("The threshold was chosen on validation; the test split never influenced it. AUC and average precision do not depend on the threshold.")
     parts = [h.table(header, rows, css="metrics"), "".join(h.note(n) for n in notes)]
     parts += [_multiclass(name, split.multiclass) for name, split in run.metrics.splits.items() if split.multiclass]
@@ -420,8 +357,8 @@ def _curves(run: _Run) -> str:
         )
         parts.append(f"<h3>{h.escape(label)}</h3>" + (figures or h.note(f"No further {name} plots in plots/.")))
         if name != headline:
-            threshold = h.format_number(split.threshold if split.threshold is not None else run.threshold)
-            parts.append(f'<p class="caption">{h.escape(label)}: confusion matrix at the chosen threshold {h.escape(threshold)}</p>')
+            caption = f"{label}: confusion matrix at the chosen threshold {run.threshold_text(split)}"
+            parts.append(f'<p class="caption">{h.escape(caption)}</p>')
             parts.append(_confusion_table(run, split))
     if not parts:
         parts.append(h.note("metrics.json holds no split metrics."))
@@ -438,12 +375,8 @@ def _calibration(run: _Run) -> str:
     ]
     parts = []
     if rows:
-        parts.append(
-            h.note(
-                "Temperature scaling: one temperature fitted on validation divides the logits. "
-                "ECE (expected calibration error) and Brier score of the positive class, lower is better."
-            )
-        )
+        note = "Temperature scaling: one temperature fitted on validation divides the logits. ECE (expected calibration error)"
+        parts.append(h.note(note + " and Brier score of the positive class, lower is better."))
         parts.append(h.table(["Split", "Temperature", "ECE before", "ECE after", "Brier before", "Brier after"], rows))
     figures = h.figures(
         [(run.plot(f"{n}_calibration.png"), f"{_split_label(n)}: reliability diagram before and after calibration") for n in run.metrics.splits]
@@ -496,31 +429,7 @@ def _gallery_intro(gallery: dict[str, Any]) -> str:
 
 
 def _published(run: _Run) -> str:
-    published = published_results()
-    if sorted(run.classes) != sorted(published.classes):
-        return ""
-    rows = [
-        (r["source"], r["model"], *(h.format_percent(r[k]) for k in ("accuracy", "sensitivity", "specificity")), h.format_number(r["auc"]))
-        for r in published.rows
-    ]
-    parts = [
-        h.note(
-            "Published results, official Kaggle/Kermany test split; not computed by this run. "
-            f"The official test split has {published.test_images} images.",
-            css="warn",
-        ),
-        h.table(["Source", "Model", "Accuracy", "Sensitivity", "Specificity", "AUC"], rows, css="published"),
-    ]
-    if run.metrics.test is not None:
-        n = run.metrics.test.n
-        same = " (the same size as the official split)" if n == published.test_images else ""
-        parts.append(
-            h.note(
-                f"This run's test split has {h.format_number(n)} images{same}; its numbers are comparable with the table "
-                "only when it is the official test split."
-            )
-        )
-    return h.section("published", "Published results on this task", "\n".join(parts))
+    return published_section(run.classes, run.metrics.test.n if run.metrics.test is not None else None)
 
 
 def _other_figures(run: _Run) -> str:
@@ -529,3 +438,9 @@ def _other_figures(run: _Run) -> str:
     if not extra:
         return ""
     return h.section("other-figures", "Other figures", h.figures([(p, p.stem.replace("_", " ")) for p in extra]))
+
+
+_SECTIONS = {
+    "summary": _summary, "data": _data, "metrics": _metrics, "curves": _curves, "calibration": _calibration,
+    "training": _training, "explanations": _explanations, "published": _published, "configuration": _configuration,
+}
