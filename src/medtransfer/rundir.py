@@ -78,7 +78,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def write_metrics(run_dir: Path, metrics: "RunMetrics | Mapping[str, Any]") -> Path:
+def write_metrics(run_dir: Path, metrics: RunMetrics | Mapping[str, Any]) -> Path:
     """Write ``run_dir/metrics.json`` atomically; the one writer of that file.
 
     A mapping is checked as a file is read (DataError: e.g. ``test.auc`` not a number), so

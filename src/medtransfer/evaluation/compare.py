@@ -36,14 +36,13 @@ import numpy as np
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import html as h
 from medtransfer.evaluation import metrics
-from medtransfer.rundir import Predictions, RunDir, RunMetrics, SplitMetrics
+from medtransfer.rundir import Predictions, RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["ComparisonResult", "OUTPUT_FILES", "compare_runs"]
 
 
 # What compare_runs writes into ``out``; nothing else there is touched.
 OUTPUT_FILES = ("comparison.md", "comparison.html", "comparison.json")
-
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class _Folder:
     kind: str  # "run" or "evaluation"
     metrics: RunMetrics
     test: SplitMetrics
-    predictions: Predictions
+    predictions: Predictions  # of the test split; a run's predictions_test.csv or an evaluation's predictions.csv
 
 
 @dataclass
@@ -371,9 +370,4 @@ def _write(result: ComparisonResult, out: Path) -> list[Path]:
         "comparison.html": result.html,
         "comparison.json": json.dumps(result.to_dict(), indent=2) + "\n",
     }
-    written = []
-    for filename in OUTPUT_FILES:
-        target = out / filename
-        target.write_text(contents[filename], encoding="utf-8")
-        written.append(target)
-    return written
+    return [write_text_atomic(out / filename, contents[filename]) for filename in OUTPUT_FILES]
