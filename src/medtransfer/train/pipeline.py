@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from medtransfer.runtime import (
     resolve_accelerator,
     resolve_precision,
 )
+from medtransfer.rundir import write_metrics
 from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history, write_history
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
@@ -256,7 +256,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         }
     )
     ordered = _ordered_metrics(result, config)
-    (out / "metrics.json").write_text(json.dumps(ordered, indent=2))
+    write_metrics(out, ordered)
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
     from medtransfer.evaluation.report import write_report
