@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medtransfer.data.transforms import Normalization, eval_transform
+from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import WeightsError
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
@@ -52,7 +52,8 @@ class SavedModel:
     def transform(self):
         return eval_transform(
             image_size=self.info["image_size"],
-            normalization=Normalization(tuple(self.info["mean"]), tuple(self.info["std"])),
+            mean=self.info["mean"],
+            std=self.info["std"],
             channels=self.info.get("in_channels", 3),
             crop_fraction=self.info["eval_crop_fraction"],
         )

@@ -131,7 +131,7 @@ def predict(
         write_rows(rows, csv)
         console.print(f"Wrote {csv}")
     if cam is not None:
-        from medtransfer.explain.cam import explain_files
+        from medtransfer.explain.files import explain_files
 
         explain_files(saved, [Path(r["path"]) for r in rows], cam)
         console.print(f"Wrote heatmaps to {cam}")
@@ -225,7 +225,7 @@ def explain(
 ):
     """Class Activation Maps (or occlusion sensitivity): heatmap overlays showing what drove each prediction."""
     from medtransfer.artifacts import load_model
-    from medtransfer.explain.cam import explain_files
+    from medtransfer.explain.files import explain_files
     from medtransfer.predict import expand_inputs
 
     saved = load_model(run)

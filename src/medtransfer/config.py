@@ -19,8 +19,7 @@ from typing import Any
 import yaml
 
 from medtransfer.errors import ConfigError
-
-CONFIG_FILE = "config.yaml"  # the resolved settings inside a run folder; its presence marks a run
+from medtransfer.rundir import CONFIG_FILE
 
 
 @dataclass

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from medtransfer.artifacts import SavedModel
-from medtransfer.data.cache import decode_image
+from medtransfer.data.decode import decode_image
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import DataError
 from medtransfer.evaluation.evaluate import OperatingPoint
-from medtransfer.evaluation.inference import autocast, device_for, resolve_accelerator, resolve_precision
+from medtransfer.runtime import autocast, device_for, resolve_accelerator, resolve_precision
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:

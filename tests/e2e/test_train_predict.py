@@ -301,7 +301,7 @@ def test_onnx_export_matches_predict(trained_run, tmp_path, monkeypatch, capsys)
     import torch
 
     from medtransfer.artifacts import load_model
-    from medtransfer.data.cache import decode_image
+    from medtransfer.data.decode import decode_image
     from medtransfer.data.datamodule import image_tensor
 
     run, _ = trained_run

@@ -11,9 +11,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from medtransfer.config import CONFIG_FILE, TrainConfig
+from medtransfer.config import TrainConfig
 from medtransfer.errors import ConfigError, DataError, WeightsError
 from medtransfer.models.backbones import create_backbone
+from medtransfer.rundir import CONFIG_FILE
 from medtransfer.train.pipeline import (
     TrainResult,
     cache_splits,

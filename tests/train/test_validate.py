@@ -11,10 +11,10 @@ import torch
 from medtransfer.config import TrainConfig
 from medtransfer.data.discover import discover
 from medtransfer.errors import ConfigError, MedtransferError, WeightsError
-from medtransfer.evaluation.inference import resolve_precision
 from medtransfer.evaluation.metrics import parse_threshold_policy
 from medtransfer.models.backbones import get_backbone, load_weights_file
 from medtransfer.models.strategies import Strategy
+from medtransfer.runtime import resolve_precision
 from medtransfer.train import validate
 from medtransfer.train.validate import IGNORED_SETTINGS, ignored_settings, uses_feature_probe, validate_config
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 
 from medtransfer.artifacts import SavedModel
-from medtransfer.data.cache import decode_image
+from medtransfer.data.decode import decode_image
 from medtransfer.errors import DataError, MedtransferError
 from medtransfer.predict import predict_files
 
@@ -80,7 +80,7 @@ def create_app(saved: SavedModel, *, accelerator: str = "cpu") -> FastAPI:
 
 
 def _gradcam_png(saved: SavedModel, image: Path, folder: Path) -> str:
-    from medtransfer.explain.cam import explain_files
+    from medtransfer.explain.files import explain_files
 
     row = explain_files(saved, [image], folder / "cam")[0]
     return base64.b64encode(Path(row["overlay"]).read_bytes()).decode("ascii")

@@ -7,7 +7,6 @@ reads all the rest).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, write_
 from medtransfer.evaluation.report import write_report
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.models.strategies import TransferModel
+from medtransfer.rundir import write_metrics
 
 __all__ = ["Evaluation", "write_outputs"]
 
@@ -55,7 +55,7 @@ def write_outputs(
             band_resamples=min(200, config.bootstrap), seed=config.seed,
         )
     save_model(model, saved_model_info(model, config, evaluation), out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics(out, metrics)
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
     write_gallery(out, load_model(out))  # Grad-CAM of the most confident hits and misses, for the report

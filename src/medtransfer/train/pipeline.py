@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from medtransfer.config import CONFIG_FILE, TrainConfig
-from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache, default_decode_workers
-from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule, default_num_workers
+from medtransfer.config import TrainConfig
+from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
+from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.data.discover import Record, discover
 from medtransfer.data.split import (
     check_leakage,
@@ -34,10 +34,18 @@ from medtransfer.data.split import (
 from medtransfer.data.transforms import eval_transform, train_transform
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class, fit_operating_point, split_metrics
-from medtransfer.evaluation.inference import device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.models.backbones import BackboneSpec, create_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
+from medtransfer.rundir import CONFIG_FILE
+from medtransfer.runtime import (
+    default_decode_workers,
+    default_num_workers,
+    device_for,
+    predict_logits,
+    resolve_accelerator,
+    resolve_precision,
+)
 from medtransfer.train.callbacks import read_history
 from medtransfer.train.fit import Fit, fit_with_lightning, train_probe_on_features
 from medtransfer.train.outputs import Evaluation, write_outputs
@@ -268,8 +276,8 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
 
 def eval_datasets(splits: dict[str, SplitData], config: TrainConfig, spec: BackboneSpec) -> dict[str, CachedImageDataset]:
     transform = eval_transform(
-        image_size=config.image_size, normalization=spec.normalization, channels=config.in_channels,
-        crop_fraction=config.eval_crop_fraction,
+        image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
+        channels=config.in_channels, crop_fraction=config.eval_crop_fraction,
     )
     return {name: CachedImageDataset(s.images, s.labels, transform) for name, s in splits.items()}
 
@@ -279,8 +287,8 @@ def train_dataset(train: SplitData, config: TrainConfig, spec: BackboneSpec) -> 
     if not config.augment:
         return eval_datasets({"train": train}, config, spec)["train"]
     transform = train_transform(
-        image_size=config.image_size, normalization=spec.normalization, channels=config.in_channels,
-        crop_scale=config.crop_scale, rotation_degrees=config.rotation_degrees, brightness=config.brightness,
+        image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
+        channels=config.in_channels, crop_scale=config.crop_scale, rotation_degrees=config.rotation_degrees, brightness=config.brightness,
         contrast=config.contrast, horizontal_flip=config.horizontal_flip,
     )
     return CachedImageDataset(train.images, train.labels, transform)

@@ -22,11 +22,11 @@ from pathlib import Path
 from medtransfer.config import TrainConfig
 from medtransfer.data.discover import LABEL_SCHEMES
 from medtransfer.errors import ConfigError
-from medtransfer.evaluation.inference import resolve_accelerator, resolve_precision
 from medtransfer.evaluation.metrics import parse_threshold_policy
 from medtransfer.models.backbones import WEIGHT_CHOICES, get_backbone, load_weights_file
 from medtransfer.models.module import LOSSES
 from medtransfer.models.strategies import Strategy
+from medtransfer.runtime import resolve_accelerator, resolve_precision
 
 __all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_config"]
 
