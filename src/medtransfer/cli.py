@@ -202,7 +202,9 @@ def cache(
     cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),
     size: int = typer.Option(DEFAULTS.cache_size, help="Stored image side in pixels (use the training cache_size)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the available cores, up to 8)."),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    skip_bad_images: bool = typer.Option(
+        DEFAULTS.skip_bad_images, "--skip-bad-images", help="Leave unreadable images out."
+    ),
 ):
     """Prebuild the decode-once image cache for a dataset (training builds it too, on first use)."""
     from medtransfer.train.pipeline import prebuild_cache
