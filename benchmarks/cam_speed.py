@@ -5,9 +5,9 @@
 Prints ONE JSON line on stdout. For each backbone (random weights, 2 classes, a saved and
 reloaded model as `explain` uses it) and method: the median and minimum seconds of one call
 of :class:`medtransfer.explain.cam.ClassActivationMap` on one image after three warm-up
-calls (occlusion: 3 calls after 1), the first call of a fresh process for that architecture (it includes the one-off
-receptive-field measurement that places the map cells, see
-:func:`medtransfer.explain.cam.feature_grid`), and the median of a plain no-grad forward
+calls (occlusion: 3 calls after 1), the first call on the freshly loaded model (it includes
+the one-off receptive-field measurement that places the map cells, see
+:func:`medtransfer.explain.grid.feature_grid`), and the median of a plain no-grad forward
 pass of the same image for scale. Target: Grad-CAM under 0.3 s per 224 px image.
 """
 
@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from medtransfer.artifacts import load_model, model_info, save_model
-from medtransfer.explain import cam as cam_module
 from medtransfer.explain.cam import METHODS, ClassActivationMap
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
@@ -55,8 +54,7 @@ def measure(backbone: str, image_size: int, calls: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="mt-cam-speed-") as folder:
         model = saved_and_loaded(backbone, image_size, Path(folder))
     image = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    cam_module._GRIDS.clear()  # the first call below pays the one-off cell placement, as a fresh process does
-    started = time.perf_counter()
+    started = time.perf_counter()  # a freshly loaded model: this call pays the one-off placement of its map cells
     with ClassActivationMap(model, method="gradcam") as cam:
         cam(image)
     first = time.perf_counter() - started

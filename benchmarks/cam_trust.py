@@ -10,7 +10,7 @@ split, for every PNEUMONIA image that has a lesion mask:
   dilated by ``--tolerance-px`` (Euclidean disc; default 2.5% of the input side, 8 px at
   320 px); ``pointing_game_ci`` is a 95% interval from resampling patients. The mask goes
   through the same geometry as the image: stretched to the decode size by
-  :func:`medtransfer.data.cache.decode_image`, then the saved evaluation transform's own
+  :func:`medtransfer.data.decode.decode_image`, then the saved evaluation transform's own
   ``Resize`` + ``CenterCrop``, resampled as an image and thresholded at half (see
   :func:`align_mask`).
   ``pointing_chance`` is the hit rate of a uniformly random point (mean dilated-mask area
@@ -175,7 +175,7 @@ def eval_geometry(transform: Any) -> v2.Compose:
 def align_mask(mask: str | Path | np.ndarray, *, decode_size: int, transform: Any) -> np.ndarray:
     """A mask of the original image (a file, or an H x W array, > 0 inside) -> boolean mask over the model input.
 
-    The mask takes the image's own path: :func:`~medtransfer.data.cache.decode_image` (the
+    The mask takes the image's own path: :func:`~medtransfer.data.decode.decode_image` (the
     same Lanczos stretch to ``decode_size``), then the evaluation transform's own Resize
     (bilinear, antialiased) + CenterCrop, and a pixel is inside when it is at least half
     covered (>= 128 of 255). Resampling the mask as an image, rather than nearest-neighbour
@@ -185,7 +185,7 @@ def align_mask(mask: str | Path | np.ndarray, *, decode_size: int, transform: An
 
     from PIL import Image
 
-    from medtransfer.data.cache import decode_image
+    from medtransfer.data.decode import decode_image
     from medtransfer.data.datamodule import image_tensor
 
     if isinstance(mask, (str, Path)):
@@ -267,7 +267,7 @@ def cluster_bootstrap_ci(hits: list[bool], groups: list[str], *, resamples: int 
 
 def _cases(run_dir: Path, data_root: Path, saved: Any) -> tuple[list[torch.Tensor], list[np.ndarray], list[str], int]:
     """Model inputs, aligned masks and patient ids of the positive-class test images that have a mask."""
-    from medtransfer.data.cache import decode_image
+    from medtransfer.data.decode import decode_image
     from medtransfer.data.datamodule import image_tensor
     from medtransfer.data.synthetic import lesion_mask_path
 

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import random
 import sys
 import tempfile
@@ -35,12 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medtransfer.data.cache import CacheSettings, ImageCache
-from medtransfer.data.datamodule import CachedImageDataset, default_num_workers
+from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import IMAGE_SUFFIXES, SPLIT_NAMES, discover
 from medtransfer.data.transforms import eval_transform
-from medtransfer.evaluation.inference import autocast, resolve_precision
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
+from medtransfer.runtime import autocast, available_cores, default_num_workers, place_batch, place_model, resolve_precision
 from medtransfer.train.feature_probe import epoch_batches, extract_features, train_head_on_features
 
 IMAGE_SIZE = 224
@@ -102,7 +101,7 @@ def frozen_model(args, classes) -> TransferModel:
     torch.manual_seed(args.seed)
     net, spec = create_backbone(args.backbone, num_classes=len(classes), weights=args.weights)
     model = build_transfer_model(net, spec, Strategy("linear-probe"))
-    return model.eval().to(memory_format=torch.channels_last)
+    return place_model(model.eval(), torch.device("cpu"))
 
 
 def uncached_run(model, head, train_set, val_set, *, epochs, batch_size, lr, weight_decay, seed, precision, workers):
@@ -122,7 +121,7 @@ def uncached_run(model, head, train_set, val_set, *, epochs, batch_size, lr, wei
 
     def features(images):
         with torch.inference_mode(), autocast(device, precision):
-            out = backbone(images.contiguous(memory_format=torch.channels_last)).float().flatten(1)
+            out = backbone(place_batch(images, device)).float().flatten(1)
         return out.clone()  # leave inference mode for autograd through the head
 
     rows = []
@@ -179,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     device = torch.device("cpu")
     precision = resolve_precision("auto", "cpu")
     workers = default_num_workers("cpu")
@@ -196,7 +195,8 @@ def run(args: argparse.Namespace) -> dict:
         log(f"image cache ready in {cache_seconds:.1f} s (not counted)")
 
         model = frozen_model(args, classes)
-        transform = eval_transform(image_size=IMAGE_SIZE, normalization=model.spec.normalization)
+        norm = model.spec.normalization
+        transform = eval_transform(image_size=IMAGE_SIZE, mean=norm.mean, std=norm.std)
         index = {c: i for i, c in enumerate(classes)}
         n_train = len(train)
         train_set = CachedImageDataset(images.subset(range(n_train)), [index[label] for _, label in train], transform)

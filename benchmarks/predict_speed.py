@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import random
 import statistics
 import sys
@@ -37,10 +36,10 @@ from torchvision import transforms as T
 
 from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.data.discover import IMAGE_SUFFIXES
-from medtransfer.evaluation.inference import device_for, resolve_accelerator, resolve_precision
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
 from medtransfer.predict import predict_files
+from medtransfer.runtime import available_cores, device_for, place_model, resolve_accelerator, resolve_precision
 
 TARGETS = {"ratio": 2.0, "single_image_latency_ms": 150.0}
 
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{accelerator}, precision {precision}")
 
     # Baseline first, on its own fp32 NCHW copy (predict_files converts saved.model to channels_last).
-    naive_model = copy.deepcopy(saved.model).eval().to(device).to(memory_format=torch.contiguous_format)
+    naive_model = place_model(copy.deepcopy(saved.model).eval(), device, channels_last=False)
     transform = naive_transform(saved)
     naive_predict(naive_model, transform, paths[0], device)  # warm-up
     started = time.perf_counter()
@@ -163,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         "accelerator": accelerator,
         "precision": precision,
         "baseline": "PIL full decode, Resize, CenterCrop, fp32 NCHW, batch of 1",
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": available_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "data": str(args.data),

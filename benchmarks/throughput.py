@@ -47,13 +47,20 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from medtransfer.data.cache import CacheSettings, ImageCache
-from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule, default_num_workers
+from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.data.discover import IMAGE_SUFFIXES, SPLIT_NAMES, discover
 from medtransfer.data.transforms import train_transform
-from medtransfer.evaluation.inference import autocast, resolve_precision
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
+from medtransfer.runtime import (
+    autocast,
+    available_cores,
+    default_num_workers,
+    place_batch,
+    place_model,
+    resolve_precision,
+)
 
 BACKBONE = "resnet18"
 IMAGE_SIZE = 224
@@ -162,10 +169,8 @@ def new_model(classes: int, seed: int = 0) -> TransferModel:
 
 
 def train_step(model, optimizer, images, labels, *, channels_last: bool, device, precision: str) -> None:
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
     with autocast(device, precision):
-        logits = model(images)
+        logits = model(place_batch(images, device, channels_last=channels_last))
     loss = nn.functional.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -192,7 +197,8 @@ def seed_style(paths, labels, classes, *, batch_size, warmup, cap, cores) -> dic
 
 def project(cache_images, labels, classes, *, batch_size, warmup, cap, precision) -> dict:
     model = new_model(len(classes))
-    transform = train_transform(image_size=IMAGE_SIZE, normalization=model.spec.normalization)
+    norm = model.spec.normalization
+    transform = train_transform(image_size=IMAGE_SIZE, mean=norm.mean, std=norm.std)
     train_set = CachedImageDataset(cache_images, labels, transform)
     workers = default_num_workers("cpu")
     datamodule = TransferDataModule(train=train_set, val=train_set, batch_size=batch_size, num_workers=workers)
@@ -221,9 +227,7 @@ def project(cache_images, labels, classes, *, batch_size, warmup, cap, precision
 
 
 def model_only(classes, *, batch_size, batches, warmup, cap, precision, channels_last: bool = True) -> dict:
-    model = new_model(len(classes))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(new_model(len(classes)), torch.device("cpu"), channels_last=channels_last)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(0)
@@ -277,7 +281,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     paths, labels, classes = list_images(args.data, args.images)
     n = len(paths)
     batches = n // args.batch_size if n > args.batch_size else 1  # drop_last, as the DataModule does

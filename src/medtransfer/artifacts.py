@@ -31,9 +31,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import v2
 
-from medtransfer.data.cache import decode_image
 from medtransfer.data.datamodule import image_tensor
-from medtransfer.data.transforms import Normalization, eval_transform
+from medtransfer.data.decode import decode_image
+from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import DataError, MedtransferError, WeightsError
 from medtransfer.models.backbones import OUTPUT_STRIDES, create_backbone
 from medtransfer.models.strategies import TransferModel
@@ -79,10 +79,6 @@ class ModelInfo:
     @property
     def positive_index(self) -> int:
         return self.classes.index(self.positive_class)
-
-    @property
-    def normalization(self) -> Normalization:
-        return Normalization(self.mean, self.std)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object (lists for tuples; None fields left out), without format_version."""
@@ -300,7 +296,8 @@ class SavedModel:
         """The evaluation transform: uint8 C x H x W at decode size -> normalised float model input."""
         return eval_transform(
             image_size=self.info.image_size,
-            normalization=self.info.normalization,
+            mean=self.info.mean,
+            std=self.info.std,
             channels=self.info.in_channels,
             crop_fraction=self.info.eval_crop_fraction,
         )

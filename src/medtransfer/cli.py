@@ -163,7 +163,7 @@ def predict(
         write_rows(rows, csv)
         console.print(f"Wrote {csv}")
     if cam is not None:
-        from medtransfer.explain.cam import explain_files
+        from medtransfer.explain.files import explain_files
 
         explain_files(saved, [Path(r["path"]) for r in rows], cam)
         console.print(f"Wrote heatmaps to {cam}")
@@ -249,8 +249,9 @@ def cache(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
 ):
     """Prebuild the decode-once image cache for a dataset (training builds it too, on first use)."""
-    from medtransfer.data.cache import CacheSettings, ImageCache, default_decode_workers
+    from medtransfer.data.cache import CacheSettings, ImageCache
     from medtransfer.data.discover import discover
+    from medtransfer.runtime import default_decode_workers
 
     records = discover(data)
     image_cache = ImageCache(cache_dir or default_cache_dir(), CacheSettings(size=size))
@@ -271,7 +272,7 @@ def explain(
 ):
     """Class Activation Maps (or occlusion sensitivity): heatmap overlays showing what drove each prediction."""
     from medtransfer.artifacts import load_model
-    from medtransfer.explain.cam import explain_files
+    from medtransfer.explain.files import explain_files
     from medtransfer.predict import expand_inputs
 
     saved = load_model(run)

@@ -146,7 +146,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {expected}")
         # Checked here, before anything is written, so that a typo never surfaces after training.
-        from medtransfer.evaluation.inference import ACCELERATORS, PRECISIONS
+        from medtransfer.runtime import ACCELERATORS, PRECISIONS
         from medtransfer.evaluation.metrics import parse_threshold_policy
 
         parse_threshold_policy(self.threshold)

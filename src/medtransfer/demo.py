@@ -15,6 +15,8 @@ from rich.table import Table
 
 from medtransfer.config import TrainConfig
 from medtransfer.data.synthetic import generate_demo_dataset
+from medtransfer.evaluation.html import format_number, split_value
+from medtransfer.rundir import CONFIG_FILE, RunDir, RunMetrics
 from medtransfer.train.pipeline import run_training
 
 SCENARIOS = {
@@ -43,7 +45,10 @@ def demo_config(data: Path, cache_dir: Path, *, epochs: int, **overrides) -> Tra
     return TrainConfig.from_dict(values, source="demo")
 
 
-def run_demo(out: Path, *, epochs: int = 6, cache_dir: Path | None = None, console: Console | None = None) -> dict:
+def run_demo(
+    out: Path, *, epochs: int = 6, cache_dir: Path | None = None, console: Console | None = None
+) -> dict[str, RunMetrics]:
+    """Generate the data (once), train every scenario not yet done, print the comparison; return each run's metrics."""
     console = console or Console()
     data = out / "data"
     if not (data / "README.txt").is_file():
@@ -52,40 +57,34 @@ def run_demo(out: Path, *, epochs: int = 6, cache_dir: Path | None = None, conso
     cache_dir = cache_dir or out / "cache"
     results = {}
     for name, settings in SCENARIOS.items():
-        run_dir = out / name
-        if (run_dir / "metrics.json").is_file():
-            console.print(f"[bold]{name}[/bold]: already done in {run_dir}")
+        run = RunDir(out / name)
+        if run.has_metrics():
+            console.print(f"[bold]{name}[/bold]: already done in {run.root}")
         else:
             console.rule(f"Scenario {name}")
-            resume = (run_dir / "config.yaml").is_file()
-            run_training(demo_config(data, cache_dir, epochs=epochs, **settings), run_dir, resume=resume, console=console)
-        import json
-
-        results[name] = json.loads((run_dir / "metrics.json").read_text())
+            resume = (run.root / CONFIG_FILE).is_file()
+            run_training(demo_config(data, cache_dir, epochs=epochs, **settings), run.root, resume=resume, console=console)
+        results[name] = run.metrics()
     console.print(comparison_table(results))
     for name in results:
         console.print(f"Report: {out / name / 'report.html'}")
     return results
 
 
-def comparison_table(results: dict[str, dict]) -> Table:
+def comparison_table(results: dict[str, RunMetrics]) -> Table:
+    """The runs side by side: size, training, threshold, and the test metrics with their intervals."""
     table = Table(title="Demo: test split of the synthetic data (threshold chosen on validation)")
     table.add_column("metric")
     for name in results:
         table.add_column(name, justify="right")
     rows = [
-        ("trainable / total params", lambda m: f"{m['params']['trainable']:,} / {m['params']['total']:,}"),
-        ("epochs (best)", lambda m: f"{m['epochs_run']} ({m['best_epoch']})"),
-        ("train seconds", lambda m: f"{m['train_seconds']:.0f}"),
-        ("threshold", lambda m: f"{m['threshold']:.3f}"),
+        ("trainable / total params", lambda m: f"{format_number(m.params['trainable'])} / {format_number(m.params['total'])}"),
+        ("epochs (best)", lambda m: f"{m.epochs_run} ({m.best_epoch})"),
+        ("train seconds", lambda m: f"{m.train_seconds:.0f}"),
+        ("threshold", lambda m: f"{m.threshold:.3f}"),
     ]
     for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
-        rows.append((key, lambda m, k=key: _with_ci(m["test"], k)))
+        rows.append((key, lambda m, k=key: split_value(m.test, k)))
     for label, get in rows:
         table.add_row(label, *[get(m) for m in results.values()])
     return table
-
-
-def _with_ci(block: dict, key: str) -> str:
-    ci = block.get(f"{key}_ci")
-    return f"{block[key]:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else "")

@@ -11,7 +11,7 @@ import torch
 from medtransfer.artifacts import Decision, SavedModel
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import DataError
-from medtransfer.evaluation.inference import autocast, device_for, resolve_accelerator, resolve_precision
+from medtransfer.runtime import autocast, device_for, resolve_accelerator, resolve_precision
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medtransfer.data.discover import Record, discover, kermany_3class_label, patient_id_from_name
+from medtransfer.data.discover import (
+    Record,
+    apply_class_map,
+    discover,
+    kermany_3class_label,
+    parse_class_map,
+    patient_id_from_name,
+)
 from medtransfer.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------- patient IDs
@@ -18,14 +25,21 @@ from medtransfer.errors import ConfigError, DataError
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("person123_bacteria_456.jpeg", "person123"),
-        ("person1_virus_7.jpeg", "person1"),
-        ("person1946_bacteria_4874.jpeg", "person1946"),
+        # Kermany numbers pneumonia patients per infection type: the type is part of the ID.
+        ("person123_bacteria_456.jpeg", "person123_bacteria"),
+        ("person123_virus_789.jpeg", "person123_virus"),
+        ("person1_virus_7.jpeg", "person1_virus"),
+        ("person1946_bacteria_4874.jpeg", "person1946_bacteria"),
+        ("person447_virus_921_1.jpeg", "person447_virus"),  # a real file name with a copy suffix
+        ("person123_bacteria_456.JPEG", "person123_bacteria"),  # upper-case suffix
+        ("person123_bacteria.jpeg", "person123_bacteria"),  # no image number: the stem
         ("IM-0115-0001.jpeg", "IM-0115"),
         ("IM-0115-0002.jpeg", "IM-0115"),
         ("NORMAL2-IM-0427-0001.jpeg", "NORMAL2-IM-0427"),
         ("NORMAL-IM-0001-0001.png", "NORMAL-IM-0001"),
-        ("some/dir/person7_virus_12.jpeg", "person7"),
+        ("NORMAL2-IM-0587-0001-0002.jpeg", "NORMAL2-IM-0587"),  # Kaggle's extra copy number
+        ("IM-0555-0001-0001.jpeg", "IM-0555"),
+        ("some/dir/person7_virus_12.jpeg", "person7_virus"),
         ("scan_0042.png", "scan_0042"),  # unknown naming: the image is its own patient
         ("IM-0115.jpeg", "IM-0115"),  # no image number: not the Kermany rule, so the stem
         ("xperson3_bacteria_1.jpeg", "xperson3_bacteria_1"),  # rules are anchored at the start
@@ -110,7 +124,8 @@ def test_kaggle_layout_records(make_kaggle_tree):
     assert first.path == root / "train" / "NORMAL" / "IM-0115-0002.jpeg"
     assert first.label == "NORMAL" and first.patient_id == "IM-0115"
     assert by_name[("train", "NORMAL2-IM-0427-0001.png")].patient_id == "NORMAL2-IM-0427"
-    assert by_name[("train", "person1_bacteria_8.png")].patient_id == "person1"
+    assert by_name[("train", "person1_bacteria_8.png")].patient_id == "person1_bacteria"
+    assert by_name[("train", "person1_virus_7.jpeg")].patient_id == "person1_virus"  # another child
     # Grayscale and RGB, JPEG and PNG all listed, as they are on disk.
     modes = {Image.open(r.path).mode for r in records}
     formats = {Image.open(r.path).format for r in records}
@@ -158,6 +173,143 @@ def test_uppercase_suffixes_count_as_images(make_kaggle_tree):
     assert sorted(r.path.name for r in discover(root)) == ["x1.JPG", "x2.PNG", "y.Jpeg"]
 
 
+# --------------------------------------------------------------------------- plain class folders (ImageFolder)
+
+
+def test_plain_class_folders_give_records_without_a_split(make_image, tmp_path):
+    root = tmp_path / "flat"
+    for name in ("IM-0001-0001.jpeg", "IM-0001-0002.jpeg", "IM-0002-0001.png"):
+        make_image(root / "NORMAL" / name)
+    for name in ("person1_virus_1.jpeg", "person1_bacteria_2.jpeg"):
+        make_image(root / "PNEUMONIA" / name)
+    make_image(root / "PNEUMONIA" / "deeper" / "person2_virus_3.jpeg")  # nested folders count
+    make_image(root / ".hidden" / "x.png")  # hidden and __MACOSX folders are not classes
+    make_image(root / "__MACOSX" / "NORMAL" / "._IM-0001-0001.jpeg")
+    (root / "labels.txt").write_text("a stray file beside the class folders is ignored")
+
+    records = discover(root)
+
+    assert {r.split for r in records} == {None}
+    assert Counter(r.label for r in records) == {"NORMAL": 3, "PNEUMONIA": 3}
+    assert Counter(r.patient_id for r in records) == {
+        "IM-0001": 2, "IM-0002": 1, "person1_virus": 1, "person1_bacteria": 1, "person2_virus": 1
+    }
+
+
+def test_plain_class_folders_need_two_classes(make_image, tmp_path):
+    make_image(tmp_path / "flat" / "NORMAL" / "a.png")
+    with pytest.raises(DataError, match=r"found only class \['NORMAL'\]"):
+        discover(tmp_path / "flat")
+
+
+# --------------------------------------------------------------------------- file names
+
+
+@pytest.mark.parametrize("layout", ["kaggle", "class folders"])
+def test_names_with_spaces_and_upper_case_suffixes_are_discovered(make_image, tmp_path, layout):
+    root = tmp_path / "my data"
+    base = root / "train" if layout == "kaggle" else root
+    images = {
+        "Normal cases": ["IM-0001-0001.JPG", "scan 2 (copy).PNG", "x ray.JPEG", "IM-0003-0001 .jpeg"],
+        "Pneumonia": ["person1_virus_1.Jpeg"],
+    }
+    for label, files in images.items():
+        for name in files:
+            make_image(base / label / name)
+    # Discovery goes by the suffix; decoding these is the cache's job.
+    others = {"another scan.TIFF": b"II*\x00", "Bild 3.BMP": b"BM", "chest 1.DCM": b"\x00" * 128 + b"DICM"}
+    for name, content in others.items():
+        (base / "Pneumonia" / name).write_bytes(content)
+
+    records = discover(root)
+
+    found = {(r.label, r.path.name) for r in records}
+    assert found == {(label, name) for label, files in images.items() for name in files} | {
+        ("Pneumonia", name) for name in others
+    }
+    assert all(r.path.is_file() for r in records)
+    patients = {r.path.name: r.patient_id for r in records}
+    assert patients["IM-0001-0001.JPG"] == "IM-0001" and patients["person1_virus_1.Jpeg"] == "person1_virus"
+    assert patients["scan 2 (copy).PNG"] == "scan 2 (copy)"
+
+
+# --------------------------------------------------------------------------- class map
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"], {"BACTERIA": "PNEUMONIA", "VIRUS": "PNEUMONIA"}),
+        (["0=NORMAL", "1=PNEUMONIA"], {"0": "NORMAL", "1": "PNEUMONIA"}),
+        ([" Normal = NORMAL "], {"Normal": "NORMAL"}),  # spaces around names are dropped
+        (["a=b=c"], {"a": "b=c"}),  # the first '=' separates
+        (["A=B", "A=B"], {"A": "B"}),  # repeated identically: fine
+        ("A=B", {"A": "B"}),  # one string
+        ({"COVID-19": "COVID", 0: "NORMAL"}, {"COVID-19": "COVID", "0": "NORMAL"}),  # a YAML mapping
+        (None, {}),
+        ([], {}),
+    ],
+)
+def test_parse_class_map(values, expected):
+    assert parse_class_map(values) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["PNEUMONIA"], "--class-map 'PNEUMONIA': expected OLD=NEW"),
+        (["=PNEUMONIA"], "--class-map '=PNEUMONIA': both the old and the new class name are needed"),
+        (["A= "], "--class-map 'A=': both"),
+        (["A=B", "A=C"], "--class-map maps 'A' twice (A=B, A=C)"),
+    ],
+)
+def test_parse_class_map_names_the_bad_value(values, message):
+    with pytest.raises(ConfigError) as info:
+        parse_class_map(values)
+    assert message in str(info.value)
+
+
+def test_apply_class_map_renames_and_merges():
+    records = [Record(Path(f"/d/{i}.png"), label, f"p{i}", "train") for i, label in enumerate(["BAC", "VIR", "N", "N"])]
+    mapped = apply_class_map(records, {"BAC": "PNEUMONIA", "VIR": "PNEUMONIA", "N": "NORMAL"})
+    assert [r.label for r in mapped] == ["PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL"]
+    assert [(r.path, r.patient_id, r.split) for r in mapped] == [(r.path, r.patient_id, r.split) for r in records]
+    # Applied in one step, not chained: A->B and B->A swap the two classes.
+    assert [r.label for r in apply_class_map(mapped, {"PNEUMONIA": "NORMAL", "NORMAL": "PNEUMONIA"})] == [
+        "NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"
+    ]
+
+
+def test_apply_class_map_with_unknown_class_lists_the_classes_found():
+    records = [Record(Path("/d/a.png"), "NORMAL", "a", "train"), Record(Path("/d/b.png"), "PNEUMONIA", "b", "train")]
+    with pytest.raises(ConfigError) as info:
+        apply_class_map(records, {"PNEUMONA": "P", "NORMAL": "N"})
+    assert str(info.value) == "--class-map: class 'PNEUMONA' does not exist; classes found: NORMAL, PNEUMONIA"
+
+
+def test_discover_applies_the_class_map_before_checking_class_sets(make_kaggle_tree):
+    root = make_kaggle_tree(
+        {
+            "train": {"NORMAL": 2, "BACTERIA": 2, "VIRUS": 1},
+            "test": {"NORMAL": 1, "PNEUMONIA": 2},  # test already merged: the map makes the splits agree
+        }
+    )
+    with pytest.raises(DataError, match="every split needs the same class folders"):
+        discover(root)
+    records = discover(root, class_map={"BACTERIA": "PNEUMONIA", "VIRUS": "PNEUMONIA"})
+    assert Counter((r.split, r.label) for r in records) == {
+        ("train", "NORMAL"): 2, ("train", "PNEUMONIA"): 3, ("test", "NORMAL"): 1, ("test", "PNEUMONIA"): 2
+    }
+    with pytest.raises(DataError, match="found only class"):
+        discover(root, class_map={"BACTERIA": "NORMAL", "VIRUS": "NORMAL", "PNEUMONIA": "NORMAL"})
+
+
+def test_class_map_after_kermany_3class_labels(make_kaggle_tree):
+    root = make_kaggle_tree({"train": {"NORMAL": 2, "PNEUMONIA": ["person1_virus_1.jpeg", "person2_bacteria_2.jpeg"]}})
+    records = discover(root, labels="kermany-3class", class_map={"VIRUS": "VIRAL"})
+    assert sorted({r.label for r in records}) == ["BACTERIA", "NORMAL", "VIRAL"]
+
+
 # --------------------------------------------------------------------------- CSV manifest
 
 
@@ -200,7 +352,7 @@ def test_csv_manifest_optional_columns(csv_images):
         "path,label\nimg/person5_virus_1.png,B\nimg/IM-0001-0001.png,A\nimg/b1.png,B\nimg/a1.png,A\n",
     )
     records = discover(manifest)
-    assert [r.patient_id for r in records] == ["person5", "IM-0001", "b1", "a1"]  # from the names
+    assert [r.patient_id for r in records] == ["person5_virus", "IM-0001", "b1", "a1"]  # from the names
     assert {r.split for r in records} == {None}
 
 
@@ -255,14 +407,21 @@ def test_missing_data_path(tmp_path):
         discover(tmp_path / "nope")
 
 
-def test_folder_without_split_folders(make_image, tmp_path):
-    root = tmp_path / "flat"  # class folders at the top: no train/
-    make_image(root / "NORMAL" / "IM-0001-0001.jpeg")
-    make_image(root / "PNEUMONIA" / "person1_virus_1.jpeg")
+def test_folder_with_images_but_no_class_folders(make_image, tmp_path):
+    root = tmp_path / "flat"  # images straight in the folder: neither layout
+    make_image(root / "IM-0001-0001.jpeg")
+    make_image(root / "person1_virus_1.jpeg")
     with pytest.raises(DataError) as info:
         discover(root)
     message = str(info.value)
-    assert "expected sub-folders train/" in message and "NORMAL, PNEUMONIA" in message
+    assert "expected one folder per class (DIR/CLASS/image.png) or split folders train/" in message
+    assert "IM-0001-0001.jpeg" in message
+
+
+def test_kaggle_folder_one_level_deeper_is_pointed_to(make_kaggle_tree, tmp_path):
+    make_kaggle_tree({"train": {"NORMAL": 1, "PNEUMONIA": 1}}, root=tmp_path / "download" / "chest_xray")
+    with pytest.raises(DataError, match=f"use --data {re.escape(str(tmp_path / 'download' / 'chest_xray'))}"):
+        discover(tmp_path / "download")
 
 
 def test_split_folder_without_class_folders(make_kaggle_tree, make_image):

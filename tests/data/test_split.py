@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from medtransfer.data.discover import Record, discover
+from medtransfer.data.near_duplicates import hash_images
 from medtransfer.data.split import (
+    DEFAULT_TEST_FRACTION,
     check_leakage,
     grouped_stratified_split,
     read_split_csv,
@@ -62,7 +64,7 @@ def test_no_patient_in_two_splits_after_resplit(seed):
     records += make_records({"NORMAL": 4, "PNEUMONIA": 4, "COVID": 3}, seed=seed, split="val", prefix="v")
     records += make_records({"NORMAL": 3, "PNEUMONIA": 5}, seed=seed, split=None, prefix="u")
 
-    result = resplit(records, val_fraction=rng.choice([0.1, 0.2, 0.3]), seed=seed)
+    result = resplit(records, val_fraction=rng.choice([0.1, 0.2, 0.3]), test_fraction=0, seed=seed)
 
     assert sorted(map(str, (r.path for r in result))) == sorted(map(str, (r.path for r in records)))
     by_split = patients_by_split(result)
@@ -76,7 +78,7 @@ def test_no_patient_in_two_splits_after_resplit(seed):
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.35])
 def test_each_class_val_fraction_of_images_is_stratified(fraction):
     records = make_records({"NORMAL": 200, "PNEUMONIA": 200}, seed=3)
-    result = resplit(records, val_fraction=fraction, seed=11)
+    result = resplit(records, val_fraction=fraction, test_fraction=0, seed=11)
     for label in ("NORMAL", "PNEUMONIA"):
         in_class = [r for r in result if r.label == label]
         frac = sum(r.split == "val" for r in in_class) / len(in_class)
@@ -124,6 +126,40 @@ def test_test_fraction_draws_a_patient_level_test_split_when_none_exists():
         in_class = [r for r in result if r.label == label]
         assert abs(sum(r.split == "test" for r in in_class) / len(in_class) - 0.25) < 0.05
     assert assignment(resplit(records, val_fraction=0.2, test_fraction=0.25, seed=0)) == assignment(result)
+
+
+def test_plain_class_folders_get_a_three_way_split_grouped_by_patient(make_image, tmp_path):
+    """ImageFolder data (no split folders): train/val/test drawn by patient, 20% test by default."""
+    root = tmp_path / "flat"
+    for p in range(60):
+        for label in ("NORMAL", "PNEUMONIA"):
+            for i in range(1 + p % 3):  # 1-3 images per patient
+                make_image(root / label / f"{label[0]}{p:03d}_{i}.png")
+    records = discover(root, patient_regex=r"^(\w\d+)_")
+    assert {r.split for r in records} == {None}
+
+    result = resplit(records, seed=3)
+
+    by_split = patients_by_split(result)
+    assert set(by_split) == {"train", "val", "test"}
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not by_split[a] & by_split[b], (a, b)
+    for label in ("NORMAL", "PNEUMONIA"):
+        in_class = [r for r in result if r.label == label]
+        assert abs(sum(r.split == "test" for r in in_class) / len(in_class) - DEFAULT_TEST_FRACTION) < 0.05
+        # val is drawn from what is left, with the usual val fraction
+        left = [r for r in in_class if r.split != "test"]
+        assert abs(sum(r.split == "val" for r in left) / len(left) - 0.2) < 0.05
+    assert assignment(resplit(records, seed=3)) == assignment(result)  # seeded
+    assert assignment(resplit(records, seed=4)) != assignment(result)
+    assert {r.split for r in resplit(records, seed=3, test_fraction=0)} == {"train", "val"}  # 0: no test split
+
+
+def test_drawn_split_round_trips_through_split_csv(tmp_path):
+    records = resplit(make_records({"NORMAL": 20, "PNEUMONIA": 20}, split=None, seed=2), seed=1)
+    write_split_csv(records, tmp_path / "split.csv")
+    assert read_split_csv(tmp_path / "split.csv") == records
+    assert {r.split for r in records} == {"train", "val", "test"}
 
 
 def test_test_fraction_with_an_existing_test_split_is_a_config_error():
@@ -174,7 +210,7 @@ def test_fraction_out_of_range(fraction):
 def test_too_few_patients_for_a_split():
     records = make_records({"A": 1, "B": 1})  # each class keeps its only patient in train
     with pytest.raises(DataError, match=r"--val-fraction 0.2: too few patients \(2\)"):
-        resplit(records, val_fraction=0.2)
+        resplit(records, val_fraction=0.2, test_fraction=0)
 
 
 # --------------------------------------------------------------------------- leakage check
@@ -192,8 +228,28 @@ def clean_tree(make_kaggle_tree):
 
 def test_clean_data_is_clean(clean_tree):
     report = check_leakage(discover(clean_tree))
-    assert report.clean and report.lines() == []
-    assert report.to_dict() == {"clean": True, "shared_patients": 0, "duplicate_images": 0, "examples": []}
+    assert report.clean and report.lines() == [] and report.near_duplicates == []
+    summary = (
+        "Leakage check on 8 images (test 2, train 6): no patient ID in two splits; no identical file in two splits; "
+        "by content (256-bit perceptual hash within 24 bits, pixel correlation >= 0.995): no near-duplicate in two splits."
+    )
+    assert report.summary() == summary
+    assert report.to_dict() == {
+        "clean": True,
+        "shared_patients": 0,
+        "duplicate_images": 0,
+        "near_duplicates": 0,
+        "shared_patients_with_near_duplicates": 0,
+        "summary": summary,
+        "examples": [],
+        "checked": {
+            "patient_ids": True,
+            "bytes": True,
+            "content": "256-bit perceptual hash at most 24 bits apart, thumbnails correlated >= 0.995",
+            "content_unreadable": 0,
+        },
+        "near_duplicate_pairs": [],
+    }
 
 
 def test_patient_shared_between_train_and_test_is_reported(clean_tree, make_image):
@@ -204,8 +260,15 @@ def test_patient_shared_between_train_and_test_is_reported(clean_tree, make_imag
     assert not report.clean
     assert report.shared_patients == [("IM-0002", ["test", "train"])]
     assert report.duplicate_images == []
-    assert report.lines() == ["1 patient(s) appear in more than one split, e.g. IM-0002 in test+train"]
+    (line,) = report.lines()
+    # The ID overlap comes with what the content check found for that patient: two different images.
+    assert line.startswith(
+        "1 patient(s) appear in more than one split, e.g. IM-0002 in test+train; "
+        "by content, none of them has a near-duplicate image in another split (closest hashes "
+    )
+    assert report.shared_patient_distance["IM-0002"] > 24 and report.shared_patients_alike == 0
     assert report.to_dict()["shared_patients"] == 1
+    assert "1 patient ID(s) in two splits" in report.summary()
 
 
 def test_byte_identical_image_under_another_name_is_reported(clean_tree):
@@ -218,8 +281,9 @@ def test_byte_identical_image_under_another_name_is_reported(clean_tree):
     assert report.shared_patients == []  # different patient IDs: only the bytes give it away
     ((paths, splits),) = report.duplicate_images
     assert sorted(paths) == sorted([str(source), str(copy)]) and splits == ["test", "train"]
-    (line,) = report.lines()
+    (line,) = report.lines()  # reported once, as identical files, not again as a near-duplicate
     assert line.startswith("1 byte-identical image(s) appear in more than one split") and "person77_bacteria_1" in line
+    assert report.near_duplicates == [] and "no other near-duplicate" in report.summary()
 
 
 def test_duplicates_within_one_split_and_equal_sizes_are_not_leakage(tmp_path):
@@ -235,8 +299,9 @@ def test_duplicates_within_one_split_and_equal_sizes_are_not_leakage(tmp_path):
 
 def test_check_bytes_off_skips_reading_files(tmp_path):
     records = [Record(tmp_path / "gone.png", "X", "p1", "train"), Record(tmp_path / "gone.png", "Y", "p1", "test")]
-    report = check_leakage(records, check_bytes=False)
+    report = check_leakage(records, check_bytes=False, check_content=False)
     assert report.shared_patients == [("p1", ["test", "train"])] and report.duplicate_images == []
+    assert report.summary() == "Leakage check on 2 images (test 1, train 1): 1 patient ID(s) in two splits."
 
 
 def test_leakage_check_on_missing_file_names_it(tmp_path):
@@ -247,7 +312,7 @@ def test_leakage_check_on_missing_file_names_it(tmp_path):
 
 def test_leakage_lines_show_at_most_the_requested_examples():
     records = [Record(Path(f"/x/{i}_{s}.png"), "A", f"p{i}", s) for i in range(8) for s in ("train", "test")]
-    report = check_leakage(records, check_bytes=False)
+    report = check_leakage(records, check_bytes=False, check_content=False)
     (line,) = report.lines(examples=2)
     assert line == "8 patient(s) appear in more than one split, e.g. p0 in test+train; p1 in test+train"
 
@@ -321,3 +386,76 @@ def test_resplit_keeps_byte_identical_images_of_different_patients_together(tmp_
     for seed in range(5):
         split = _resplit(records, val_fraction=0.3, seed=seed)
         assert _check_leakage(split).duplicate_images == []
+
+
+# --------------------------------------------------------------------------- leakage by content
+
+
+@pytest.fixture
+def copy_tree(make_kaggle_tree, make_textured):
+    """A Kaggle tree of textured images; test holds a resized, re-encoded copy of a train image under another name."""
+    root = make_kaggle_tree({})
+    for i in range(4):
+        make_textured(root / "train" / "NORMAL" / f"IM-{i:04d}-0001.jpeg", i)
+        make_textured(root / "train" / "PNEUMONIA" / f"person{i}_virus_{i}.jpeg", 10 + i)
+    make_textured(root / "test" / "NORMAL" / "IM-0900-0001.jpeg", 20)
+    make_textured(root / "test" / "PNEUMONIA" / "person77_bacteria_1.JPG", 11, resize=180, quality=60)
+    return root
+
+
+def test_resized_copy_across_splits_is_reported_by_content(copy_tree):
+    report = check_leakage(discover(copy_tree))
+
+    assert not report.clean  # the pipeline fails on this under --strict
+    assert report.shared_patients == [] and report.duplicate_images == []  # names and bytes miss it
+    (pair,) = report.near_duplicates
+    assert (pair.path_a.name, pair.split_a, pair.path_b.name, pair.split_b) == (
+        "person77_bacteria_1.JPG", "test", "person1_virus_1.jpeg", "train"
+    )
+    assert pair.distance <= 24
+    (line,) = report.lines()
+    assert line.startswith("1 near-duplicate image pair(s) by content in different splits, e.g. ")
+    assert "person77_bacteria_1.JPG (test) ~ " in line
+    assert "pixel correlation >= 0.995): 1 near-duplicate pair(s) in two splits." in report.summary()
+    assert pair.correlation >= 0.995
+    saved = report.to_dict()
+    assert saved["clean"] is False and saved["near_duplicates"] == 1
+    assert saved["near_duplicate_pairs"] == [
+        {"path_a": str(pair.path_a), "split_a": "test", "path_b": str(pair.path_b), "split_b": "train",
+             "distance": pair.distance, "correlation": pair.correlation}
+    ]
+
+
+def test_shared_patient_is_reported_with_what_the_content_check_found(copy_tree, make_textured):
+    # person1_virus now also has a test image: a copy of its train image, so the overlap is real.
+    make_textured(copy_tree / "test" / "PNEUMONIA" / "person1_virus_9.png", 11, resize=150)
+    report = check_leakage(discover(copy_tree))
+    assert report.shared_patients == [("person1_virus", ["test", "train"])]
+    assert report.shared_patients_alike == 1
+    assert report.lines()[0] == (
+        "1 patient(s) appear in more than one split, e.g. person1_virus in test+train; "
+        "by content, 1 of them have a near-duplicate image in another split"
+    )
+
+
+def test_content_check_can_be_left_out_and_reuses_given_hashes(copy_tree):
+    records = discover(copy_tree)
+    assert check_leakage(records, check_content=False).clean
+    hashes = hash_images([r.path for r in records])
+    assert check_leakage(records, hashes=hashes).near_duplicates == check_leakage(records).near_duplicates
+
+
+def test_resplit_with_hashes_keeps_near_duplicates_of_different_patients_together(tmp_path, make_textured):
+    records = []
+    for i in range(40):
+        label = "NORMAL" if i % 2 else "PNEUMONIA"
+        records.append(Record(make_textured(tmp_path / f"p{i}.png", i, size=96), label, f"patient{i}", None))
+    for i in range(0, 40, 4):  # ten resized copies under new patient IDs
+        path = make_textured(tmp_path / f"copy{i}.jpeg", i, size=96, resize=80, quality=70)
+        records.append(Record(path, records[i].label, f"other{i}", None))
+    hashes = hash_images([r.path for r in records])
+    leaked = 0
+    for seed in range(4):
+        assert check_leakage(resplit(records, seed=seed, hashes=hashes), hashes=hashes).clean
+        leaked += len(check_leakage(resplit(records, seed=seed), hashes=hashes).near_duplicates)
+    assert leaked > 0  # without the hashes the copies do land on both sides

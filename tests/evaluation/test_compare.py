@@ -96,7 +96,7 @@ def test_table_has_one_column_per_run_and_auc_cell_from_metrics_json(good_and_no
     for column, folder in enumerate((a, b)):
         test = json.loads((folder / "metrics.json").read_text())["test"]
         lo, hi = test["auc_ci"]
-        assert rows["ROC AUC"][column] == f"{test['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+        assert rows["ROC AUC"][column] == f"{test['auc']:.3f} (95% CI {lo:.3f}\u2013{hi:.3f})"
     assert rows["Trainable params"] == ["11,168,002", "11,168,002"]
     assert rows["ECE after calibration"] == ["0.031", "0.031"]
     header = next(line for line in result.markdown.splitlines() if line.startswith("| Metric"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import html.parser
 import io
@@ -309,3 +310,48 @@ def test_malformed_gallery_raises_data_error(tmp_path):
     (run / "gallery.json").write_text(json.dumps({"items": []}))
     with pytest.raises(DataError, match="gallery.json"):
         write_report(run)
+
+
+def _section(text: str, section_id: str) -> str:
+    start = text.index(f'<section id="{section_id}">')
+    return text[start : text.index("</section>", start)]
+
+
+def test_first_screen_shows_key_figures_roc_with_operating_point_and_confusion_matrix(tmp_path):
+    run = make_run(tmp_path / "run")
+    _png(run / "plots" / "test_roc.png", colour=(1, 2, 3))  # distinct bytes: find this very image
+    roc_uri = DATA_URI + base64.b64encode((run / "plots" / "test_roc.png").read_bytes()).decode("ascii")
+    text = write_report(run).read_text()
+    assert sections(text)[0] == "summary"
+    summary = _section(text, "summary")
+    assert "0.962 (95% CI 0.948\u20130.975)" in summary and "0.969 (95% CI 0.950\u20130.985)" in summary
+    assert summary.count(DATA_URI) == 1 and roc_uri in summary
+    assert "the dot marks the operating point at threshold 0.437 (sensitivity 0.969, specificity 0.855)" in summary
+    assert "<th>predicted PNEUMONIA</th>" in summary
+    assert '<th scope="row">true NORMAL</th><td>200</td><td>34</td>' in summary
+    assert '<th scope="row">true PNEUMONIA</th><td>12</td><td>378</td>' in summary
+    assert summary.index("table") < summary.index(roc_uri)  # figures left, curve right
+    assert text.count(roc_uri) == 1  # the curves section does not repeat it
+    curves = _section(text, "curves")
+    assert "Validation: ROC curve" in curves and "Test: ROC curve" not in curves
+
+
+def test_configuration_is_folded_and_training_curves_span_the_page(tmp_path):
+    text = write_report(make_run(tmp_path / "run")).read_text()
+    configuration = _section(text, "configuration")
+    assert re.search(r"<details><summary>[^<]*5 settings from config.yaml</summary><table class=\"config\">", configuration)
+    assert "<details open" not in text
+    training = _section(text, "training")
+    assert '<div class="figures wide"><figure>' in training
+    assert "<details><summary>Values per epoch (3 epochs)</summary>" in training
+    assert '<tr class="best"><td>2</td>' in training and "<td>9.00e-04</td>" in training
+
+
+def test_evaluation_report_names_what_was_evaluated(tmp_path):
+    metrics = {"run": "runs/a", "data": "/external/set", "split": "test", "positive_class": "PNEUMONIA",
+               "threshold": 0.437, "test": _split(624, 390, 0.962)}
+    run = make_run(tmp_path / "eval", metrics=metrics, training=False, plots=[])
+    (run / "predictions.csv").write_text("path,label,patient_id,prob_NORMAL,prob_PNEUMONIA,pred\n")
+    summary = _section(write_report(run).read_text(), "summary")
+    assert "/external/set (test split) with the model of runs/a" in summary
+    assert "Classes</th><td>NORMAL, PNEUMONIA</td>" in summary  # from the header of predictions.csv

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from medtransfer.data.cache import decode_image
+from benchmarks import cam_trust
+from medtransfer.data.decode import decode_image
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.transforms import eval_transform, train_transform
-
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cam_trust.py"
-_spec = importlib.util.spec_from_file_location("cam_trust", _SCRIPT)
-cam_trust = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cam_trust)
+from medtransfer.models.backbones import IMAGENET
 
 
 def _brute_force_spearman(a, b) -> float:
@@ -142,7 +137,7 @@ def test_mask_aligned_like_the_image_covers_the_same_pixels(tmp_path, source_sha
     picture = np.where(mask > 0, 230, 20).astype(np.uint8)
     path = tmp_path / "image.png"
     Image.fromarray(picture).save(path)
-    transform = eval_transform(image_size=image_size, crop_fraction=crop_fraction)
+    transform = eval_transform(image_size=image_size, mean=IMAGENET.mean, std=IMAGENET.std, crop_fraction=crop_fraction)
 
     pixels = cam_trust.eval_geometry(transform)(image_tensor(decode_image(path, size=decode_size)))
     aligned = cam_trust.align_mask(mask, decode_size=decode_size, transform=transform)
@@ -160,7 +155,7 @@ def test_mask_aligned_like_the_image_covers_the_same_pixels(tmp_path, source_sha
 
 def test_eval_geometry_refuses_random_steps():
     with pytest.raises(ValueError, match="RandomResizedCrop"):
-        cam_trust.eval_geometry(train_transform(image_size=32))
+        cam_trust.eval_geometry(train_transform(image_size=32, mean=IMAGENET.mean, std=IMAGENET.std))
 
 
 def test_randomize_weights_redraws_everything_and_resets_batch_norm():

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from medtransfer.errors import ConfigError, WeightsError
-from medtransfer.models.backbones import create_backbone, get_backbone, list_backbones
+from medtransfer.models.backbones import IMAGENET, Normalization, create_backbone, get_backbone, list_backbones
 from medtransfer.models.strategies import Strategy, backbone_children, build_transfer_model
 
 
@@ -173,3 +173,34 @@ def test_output_stride_errors_name_the_backbone_and_the_way_out():
         create_backbone("resnet18", num_classes=2, weights="none", output_stride=16)
     with pytest.raises(ConfigError, match=r"output_stride: got 12; choose one of 32, 16, 8"):
         create_backbone("resnet50", num_classes=2, weights="none", output_stride=12)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "densenet121"])
+def test_torchvision_backbones_carry_the_normalisation_of_their_weights(name):
+    import torchvision
+
+    spec = get_backbone(name)
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    assert spec.normalization.mean == pytest.approx(tuple(preset.mean))
+    assert spec.normalization.std == pytest.approx(tuple(preset.std))
+
+
+def test_timm_backbones_take_the_normalisation_from_their_pretrained_config():
+    import timm
+
+    spec = get_backbone("efficientnet_lite0")
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("efficientnet_lite0", pretrained=False))
+    assert spec.normalization.mean == pytest.approx(cfg["mean"]) and spec.normalization.std == pytest.approx(cfg["std"])
+    other = get_backbone("tf_efficientnet_lite0")  # a timm model with non-ImageNet statistics
+    assert other.normalization == Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert other.normalization != IMAGENET
+
+
+def test_models_do_not_import_the_data_package():
+    """Normalisation lives with the backbone spec; data/transforms.py takes it as plain values."""
+    import subprocess
+    import sys
+
+    code = "import sys, medtransfer.models.backbones; print(any(m.startswith('medtransfer.data') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

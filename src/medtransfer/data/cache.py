@@ -1,23 +1,10 @@
 """Decode-once image cache.
 
 Full-resolution chest X-rays (1-3k px JPEGs) cost more to decode than a 224 px forward
-pass. This module decodes each image once, at reduced size, and keeps the result as
-uint8 pixels in a memory-mapped file that train, validation, test and later runs share.
-
-Preprocessing (:func:`decode_image`, also used for prediction on new images):
-
-1. JPEGs are decoded at reduced size by libjpeg's DCT scaling (``Image.draft``): the
-   largest power-of-two reduction (up to 1/8) that keeps both sides >= ``size``.
-2. EXIF orientation is applied.
-3. Mode: grayscale sources ("1", "L", "LA") stay single-channel. 16-bit and 32-bit
-   sources ("I;16", "I", "F") are stretched to 8 bits by their own min-max range.
-   Colour sources ("RGB", "RGBA", "P", "CMYK", ...) become RGB, and then single-channel
-   when the three channels agree to within ``GRAY_TOLERANCE`` (many X-rays are stored as
-   RGB with identical channels), or always when ``keep_color=False``.
-4. The image is resized to ``size x size`` **without keeping the aspect ratio** (the
-   image is stretched, nothing is cropped or padded) with an antialiasing filter.
-
-Result: uint8 array of shape ``(size, size)`` (grayscale) or ``(size, size, 3)`` (RGB).
+pass. This module decodes each image once, at reduced size, with
+:func:`medtransfer.data.decode.decode_image` (the same function that prediction uses on
+new images), and keeps the result as uint8 pixels in a memory-mapped file that train,
+validation, test and later runs share.
 
 Storage layout, one bucket per decode settings::
 
@@ -45,22 +32,18 @@ folder to reclaim the space.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
-import re
 import sqlite3
-import warnings
 from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
 
+from medtransfer.data.decode import ResampleName, check_size, decode_bytes, resample_filter
 from medtransfer.errors import ConfigError, DataError
 
 try:  # POSIX; elsewhere concurrent builds into one bucket are not guarded
@@ -68,184 +51,20 @@ try:  # POSIX; elsewhere concurrent builds into one bucket are not guarded
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = [
-    "GRAY_TOLERANCE",
-    "RESAMPLE_FILTERS",
-    "CacheSettings",
-    "CachedImages",
-    "ImageCache",
-    "decode_image",
-]
+__all__ = ["CacheSettings", "CachedImages", "ImageCache"]
 
 FORMAT_VERSION = 1
-"""Bump when the on-disk layout or the output of :func:`decode_image` changes."""
+"""Bump when the on-disk layout or the output of :func:`~medtransfer.data.decode.decode_image` changes."""
 
-GRAY_TOLERANCE = 2
-"""An RGB image whose channels differ by at most this many levels everywhere is gray."""
-
-RESAMPLE_FILTERS: dict[str, Image.Resampling] = {
-    "lanczos": Image.Resampling.LANCZOS,
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "box": Image.Resampling.BOX,
-}
-ResampleName = Literal["lanczos", "bicubic", "bilinear", "box"]
-
-_HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
-_GRAY_MODES = {"1", "L", "LA", "La"}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (hash TEXT PRIMARY KEY, offset INTEGER NOT NULL,
+    height INTEGER NOT NULL, width INTEGER NOT NULL, channels INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, hash TEXT NOT NULL);
+"""
 _FLUSH_EVERY = 256  # entries per fsync + index commit; a crash loses at most this many
 _MAX_LISTED_BAD = 10
 _SKIP_HINT = "use --skip-bad-images to leave them out"
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def decode_image(
-    source: str | Path | bytes | BinaryIO,
-    *,
-    size: int,
-    keep_color: bool = True,
-    resample: ResampleName = "lanczos",
-) -> np.ndarray:
-    """Decode one image exactly as the cache does (see the module docstring).
-
-    Args:
-        source: a file path, the file's bytes, or a binary file object.
-        size: output side length; the image is stretched to ``size x size``.
-        keep_color: ``False`` makes every image single-channel.
-        resample: resize filter, one of :data:`RESAMPLE_FILTERS`.
-
-    Returns:
-        uint8 array, ``(size, size)`` for grayscale or ``(size, size, 3)`` for colour.
-
-    Raises:
-        DataError: the file cannot be read or is not a decodable image.
-
-    Example:
-        >>> import io; from PIL import Image
-        >>> buf = io.BytesIO(); Image.new("L", (600, 400), 90).save(buf, "JPEG")
-        >>> decode_image(buf.getvalue(), size=64).shape
-        (64, 64)
-    """
-    _check_size(size)
-    filt = _resample_filter(resample)
-    name = str(source) if isinstance(source, (str, Path)) else "<image bytes>"
-    if isinstance(source, (str, Path)):
-        try:
-            data = Path(source).read_bytes()
-        except OSError as exc:
-            raise DataError(f"{name}: cannot read file ({exc.strerror or exc}).") from exc
-    elif isinstance(source, bytes):
-        data = source
-    else:
-        data = source.read()
-    try:
-        return _decode_bytes(data, size=size, keep_color=keep_color, resample=filt)
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise DataError(
-            f"{name}: not a readable image ({_describe(exc)}); "
-            "fix or remove the file, or use --skip-bad-images to leave it out."
-        ) from exc
-
-
-def is_dicom(data: bytes) -> bool:
-    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble."""
-    return len(data) > 132 and data[128:132] == b"DICM"
-
-
-def dicom_to_image(data: bytes) -> Image.Image:
-    """A DICOM radiograph as an 8-bit grayscale image, as a radiologist's viewer would show it.
-
-    Stored values are turned into modality values (RescaleSlope/Intercept), then the file's
-    own window (VOI LUT or WindowCenter/Width) is applied when present, else the full range;
-    MONOCHROME1 (bright = low values) is inverted so that bone is always bright.
-    """
-    try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:
-        raise DataError("DICOM images need pydicom: pip install pydicom") from None
-    dataset = pydicom.dcmread(io.BytesIO(data))
-    pixels = dataset.pixel_array
-    if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame
-    if getattr(dataset, "SamplesPerPixel", 1) == 3:
-        return Image.fromarray(pixels.astype(np.uint8), mode="RGB")
-    values = apply_modality_lut(pixels, dataset).astype(np.float64)
-    if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
-        values = apply_voi_lut(values, dataset).astype(np.float64)
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    return Image.fromarray(np.rint(scaled * 255.0).astype(np.uint8), mode="L")
-
-
-def _decode_bytes(
-    data: bytes, *, size: int, keep_color: bool, resample: Image.Resampling
-) -> np.ndarray:
-    if is_dicom(data):
-        im = dicom_to_image(data)
-        im = _to_8bit_mode(im, keep_color=keep_color)
-        return np.asarray(im.resize((size, size), resample, reducing_gap=3.0), dtype=np.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
-        if im.format == "JPEG":
-            # DCT-domain downscaling; "L" also makes libjpeg skip colour conversion.
-            want = "RGB" if keep_color and im.mode not in _GRAY_MODES else "L"
-            im.draft(want, (size, size))
-        im.load()
-    im = ImageOps.exif_transpose(im)
-    im = _to_8bit_mode(im, keep_color=keep_color)
-    if im.size != (size, size):
-        im = im.resize((size, size), resample, reducing_gap=3.0)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def _to_8bit_mode(im: Image.Image, *, keep_color: bool) -> Image.Image:
-    """Return an "L" or "RGB" image (see module docstring, step 3)."""
-    if im.mode in _GRAY_MODES:
-        return im if im.mode == "L" else im.convert("L")
-    if im.mode in _HIGH_DEPTH_MODES:
-        arr = np.asarray(im).astype(np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
-    rgb = im if im.mode == "RGB" else im.convert("RGB")
-    if not keep_color or _channels_equal(rgb):
-        return rgb.convert("L")
-    return rgb
-
-
-def _channels_equal(rgb: Image.Image) -> bool:
-    """True when R, G and B agree to within GRAY_TOLERANCE at every pixel."""
-    arr = np.asarray(rgb)
-    r = arr[..., 0].astype(np.int16)
-    return bool(
-        np.abs(r - arr[..., 1]).max() <= GRAY_TOLERANCE
-        and np.abs(r - arr[..., 2]).max() <= GRAY_TOLERANCE
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    # PIL names an in-memory buffer ("<_io.BytesIO object at 0x...>"), which means nothing to the user.
-    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _check_size(size: int) -> None:
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ConfigError(f"Image cache size must be a positive integer, got {size!r}.")
-
-
-def _resample_filter(name: str) -> Image.Resampling:
-    try:
-        return RESAMPLE_FILTERS[name]
-    except KeyError:
-        choices = ", ".join(RESAMPLE_FILTERS)
-        raise ConfigError(f"Unknown resample filter {name!r}; choose one of: {choices}.") from None
 
 
 # --------------------------------------------------------------------------- settings
@@ -258,7 +77,7 @@ class CacheSettings:
     Attributes:
         size: side of the stored square images, a little above the training size.
         keep_color: ``False`` stores every image as grayscale.
-        resample: resize filter, one of :data:`RESAMPLE_FILTERS`.
+        resample: resize filter, one of :data:`medtransfer.data.decode.RESAMPLE_FILTERS`.
     """
 
     size: int = 256
@@ -266,8 +85,8 @@ class CacheSettings:
     resample: ResampleName = "lanczos"
 
     def __post_init__(self) -> None:
-        _check_size(self.size)
-        _resample_filter(self.resample)
+        check_size(self.size)
+        resample_filter(self.resample)
 
     def key(self) -> str:
         """Short stable hash of the settings and the format version."""
@@ -322,15 +141,9 @@ class CachedImages:
     def subset(self, indices: Sequence[int]) -> "CachedImages":
         """A view of some of these images (e.g. one split), sharing the same data file."""
         indices = list(indices)
-        return CachedImages(
-            paths=[self.paths[i] for i in indices],
-            positions=indices,
-            skipped=[],
-            built=0,
-            data_file=self.data_file,
-            offsets=self.offsets[indices],
-            shapes=[self.shapes[i] for i in indices],
-        )
+        paths, shapes = [self.paths[i] for i in indices], [self.shapes[i] for i in indices]
+        offsets = self.offsets[indices]
+        return replace(self, paths=paths, positions=indices, skipped=[], built=0, offsets=offsets, shapes=shapes)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -339,16 +152,6 @@ class CachedImages:
 
 
 # --------------------------------------------------------------------------- the cache
-
-
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask, where the platform has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_decode_workers() -> int:
-    """Decoding is CPU-bound and runs before training starts: use the cores (up to 8)."""
-    return max(1, min(8, available_cores()))
 
 
 class ImageCache:
@@ -396,18 +199,10 @@ class ImageCache:
             raise ConfigError(f"workers must be a positive integer, got {workers!r}.")
         in_paths = [Path(p) for p in paths]
         self._ensure_bucket()
-        with self._locked(), self._connect() as conn, _Progress(progress, len(in_paths)) as bar:
+        with self._locked(), self._connect() as conn, _progress(progress, len(in_paths)) as advance:
             end = self._repair(conn)
-            entries = {
-                row[0]: (row[1], (row[2], row[3], row[4]))
-                for row in conn.execute("SELECT hash, offset, height, width, channels FROM entries")
-            }
-            memo = {
-                row[0]: (row[1], row[2], row[3])
-                for row in conn.execute("SELECT path, size, mtime_ns, hash FROM files")
-            }
-
-            hashes, bad, todo = _plan(in_paths, memo, entries, bar)
+            entries, memo = _read_index(conn)
+            hashes, bad, todo = _plan(in_paths, memo, entries, advance)
 
             # 2. New or changed files: read + hash, decode only content not cached yet.
             built = 0
@@ -416,7 +211,7 @@ class ImageCache:
             tasks = [str(in_paths[group[0]]) for group, _ in todo.values()]
             with _loader(self.settings, set(entries), workers, len(tasks)) as load:
                 for (key, (group, stat)), (digest, result) in zip(todo.items(), load(tasks)):
-                    bar.advance(len(group))
+                    advance(len(group))
                     if isinstance(result, str):
                         bad.update((i, result) for i in group)
                         continue
@@ -489,16 +284,7 @@ class ImageCache:
         conn = sqlite3.connect(self._index_file, timeout=60)
         try:
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS entries (hash TEXT PRIMARY KEY,"
-                " offset INTEGER NOT NULL, height INTEGER NOT NULL, width INTEGER NOT NULL,"
-                " channels INTEGER NOT NULL)"
-            )
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
-                " mtime_ns INTEGER NOT NULL, hash TEXT NOT NULL)"
-            )
-            conn.commit()
+            conn.executescript(_SCHEMA)
             yield conn
         finally:
             conn.close()
@@ -550,15 +336,22 @@ class ImageCache:
 # --------------------------------------------------------------------------- helpers
 
 
-def _new_hasher() -> hashlib._Hash:
-    return hashlib.blake2b(digest_size=20)
+def _read_index(
+    conn: sqlite3.Connection,
+) -> tuple[dict[str, tuple[int, tuple[int, int, int]]], dict[str, tuple[int, int, str]]]:
+    """``(entries, memo)``: hash -> (offset, (h, w, c)), and path -> (size, mtime_ns, hash)."""
+    rows = conn.execute("SELECT hash, offset, height, width, channels FROM entries")
+    entries = {digest: (offset, (h, w, c)) for digest, offset, h, w, c in rows}
+    rows = conn.execute("SELECT path, size, mtime_ns, hash FROM files")
+    memo = {path: (size, mtime, digest) for path, size, mtime, digest in rows}
+    return entries, memo
 
 
 def _plan(
     paths: list[Path],
     memo: dict[str, tuple[int, int, str]],
     entries: Container[str],
-    bar: _Progress,
+    advance: Callable[[int], None],
 ) -> tuple[dict[int, str], dict[int, str], dict[str, tuple[list[int], tuple[int, int]]]]:
     """Cheap pass over ``paths``: stat each file and look it up in the memo.
 
@@ -578,12 +371,12 @@ def _plan(
             st = os.stat(path)
         except OSError as exc:
             bad[i] = f"cannot read file ({exc.strerror or exc})"
-            bar.advance()
+            advance(1)
             continue
         known = memo.get(key)
         if known is not None and known[:2] == (st.st_size, st.st_mtime_ns) and known[2] in entries:
             hashes[i] = known[2]
-            bar.advance()
+            advance(1)
         else:
             todo[key] = ([i], (st.st_size, st.st_mtime_ns))
     return hashes, bad, todo
@@ -592,9 +385,7 @@ def _plan(
 LoadResult = tuple[str, np.ndarray | str | None]
 
 
-def _load_file(
-    path: str, settings: CacheSettings, known: Container[str]
-) -> LoadResult:
+def _load_file(path: str, settings: CacheSettings, known: Container[str]) -> LoadResult:
     """Read and hash one file; decode it unless its content is in ``known``.
 
     Returns ``(hash, pixels)``, ``(hash, None)`` when already cached, or
@@ -604,21 +395,13 @@ def _load_file(
         data = Path(path).read_bytes()
     except OSError as exc:
         return "", f"cannot read file ({exc.strerror or exc})"
-    hasher = _new_hasher()
-    hasher.update(data)
-    digest = hasher.hexdigest()
+    digest = hashlib.blake2b(data, digest_size=20).hexdigest()
     if digest in known:
         return digest, None
     try:
-        arr = _decode_bytes(
-            data,
-            size=settings.size,
-            keep_color=settings.keep_color,
-            resample=RESAMPLE_FILTERS[settings.resample],
-        )
-    except Exception as exc:  # any decoder failure marks the file bad
-        return digest, f"not a readable image ({_describe(exc)})"
-    return digest, arr
+        return digest, decode_bytes(data, **asdict(settings))
+    except DataError as exc:  # "not a readable image (<reason>)"
+        return digest, str(exc)
 
 
 _worker_state: tuple[CacheSettings, frozenset[str]] | None = None
@@ -659,27 +442,14 @@ def _bad_images_message(bad: list[tuple[Path, str]]) -> str:
     return f"{len(bad)} image(s) cannot be read: {listed}{more}. Fix or remove them, or {_SKIP_HINT}."
 
 
-class _Progress:
-    """A rich progress bar, or nothing when disabled."""
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n=1)``: a rich progress bar, or nothing when disabled."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.progress import Progress
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self._bar = None
-        self._task = None
-        if enabled:
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=False)
-            self._task = self._bar.add_task("Caching images", total=total)
-
-    def __enter__(self) -> _Progress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def advance(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task, n)
+    with Progress(transient=False) as bar:
+        task = bar.add_task("Caching images", total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from medtransfer.data.cache import CachedImages, available_cores
+from medtransfer.data.cache import CachedImages
 
 
 def image_tensor(array: np.ndarray) -> torch.Tensor:
@@ -37,14 +37,6 @@ class CachedImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(image_tensor(self.images[index])), self.labels[index]
-
-
-def default_num_workers(accelerator: str) -> int:
-    """CPU training shares the cores with the model, so one loader worker; GPUs get more."""
-    cores = available_cores()
-    if accelerator in ("gpu", "cuda"):
-        return max(1, min(8, cores - 1))
-    return 1 if cores > 1 else 0
 
 
 def balanced_sampler(labels: Sequence[int], *, seed: int) -> WeightedRandomSampler:

@@ -1,8 +1,13 @@
 """Turn images on disk into records: (path, label, patient_id, split).
 
-Two sources:
+Four sources:
 - the Kaggle layout, DIR/{train,val,test}/{CLASS}/images (classes are folder names);
-- a CSV manifest with columns path,label[,patient_id][,split] (paths relative to the CSV).
+- plain class folders, DIR/{CLASS}/images (torchvision's ImageFolder): records without a
+  split, which data.split then draws by patient;
+- a CSV manifest with columns path,label[,patient_id][,split] (paths relative to the CSV);
+- a MedMNIST `.npz` file (see data.npz), its splits kept.
+
+A class map (`--class-map OLD=NEW`) then renames or merges classes.
 
 Patient IDs follow the Kermany file-name rules unless a regex overrides them, because the
 chest X-ray set holds several images per patient and splitting by image leaks patients.
@@ -12,20 +17,27 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from medtransfer.data.npz import extract_npz
 from medtransfer.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 SPLIT_NAMES = ("train", "val", "test")
 IGNORED_DIR_NAMES = frozenset({"__MACOSX"})
 
-# Kermany names, in the order tried: person123_bacteria_456 -> person123;
-# NORMAL2-IM-0427-0001 -> NORMAL2-IM-0427; IM-0115-0001 -> IM-0115.
+# Kermany names, in the order tried: person123_bacteria_456 -> person123_bacteria;
+# NORMAL2-IM-0427-0001 -> NORMAL2-IM-0427; IM-0115-0001 -> IM-0115, also with the extra image
+# number 133 Kaggle files carry (IM-0555-0001-0001; NORMAL2-IM-0587-0001-0001 and -0002 are
+# byte-identical).
+# Kermany numbers pneumonia patients per infection type (in train, 808 person numbers occur
+# with both types, and the numbers train and test share all differ in type), so the type
+# is part of the patient: person123_bacteria and person123_virus are different children.
 KERMANY_PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_"),
-    re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+$"),
+    re.compile(r"^(person\d+_[A-Za-z]+)_\d+"),
+    re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$"),
 )
 
 LABEL_SCHEMES = ("folder", "kermany-3class")
@@ -46,7 +58,7 @@ def patient_id_from_name(path: str | Path, pattern: str | re.Pattern | None = No
     Without it, the Kermany rules apply; a name that fits none is its own patient.
 
     >>> patient_id_from_name("person123_bacteria_456.jpeg")
-    'person123'
+    'person123_bacteria'
     >>> patient_id_from_name("NORMAL2-IM-0427-0001.jpeg")
     'NORMAL2-IM-0427'
     """
@@ -116,31 +128,39 @@ def _visible_dirs(folder: Path) -> list[Path]:
     )
 
 
+def _class_folder_records(class_dir: Path, split: str | None, patient_regex: str | None) -> list[Record]:
+    images = sorted(p for p in class_dir.rglob("*") if _is_visible_image(p, class_dir))
+    if not images:
+        raise DataError(
+            f"--data: folder {class_dir} holds no images (.jpg, .jpeg, .png, .bmp, .tif, .dcm); "
+            "add its images or remove the empty folder"
+        )
+    return [Record(image, class_dir.name, patient_id_from_name(image, patient_regex), split) for image in images]
+
+
 def discover_folder(root: Path, *, patient_regex: str | None = None) -> list[Record]:
-    """Records from DIR/{train,val,test}/{CLASS}/*. Splits that are absent are simply not listed."""
+    """Records from DIR/{train,val,test}/{CLASS}/* (absent splits are not listed), or from
+    plain class folders DIR/{CLASS}/* when there is no split folder (records without a split)."""
     split_dirs = [root / name for name in SPLIT_NAMES if (root / name).is_dir()]
     if not split_dirs:
-        found = ", ".join(p.name for p in _visible_dirs(root)[:8]) or "nothing"
-        raise DataError(
-            f"--data {root}: expected sub-folders train/ (and optionally val/, test/) each holding one folder per "
-            f"class; found {found}. Use the Kaggle layout DIR/train/CLASS/image.jpeg or a CSV manifest"
-        )
+        class_dirs = _visible_dirs(root)
+        if not class_dirs:
+            found = ", ".join(p.name for p in sorted(root.iterdir())[:8]) or "nothing"
+            raise DataError(
+                f"--data {root}: expected one folder per class (DIR/CLASS/image.png) or split folders "
+                f"train/ (and optionally val/, test/) each holding one folder per class; found {found}"
+            )
+        nested = [d for d in class_dirs if any((d / name).is_dir() for name in SPLIT_NAMES)]
+        if nested:
+            raise DataError(f"--data {root}: the split folders sit one level deeper; use --data {nested[0]}")
+        return [r for class_dir in class_dirs for r in _class_folder_records(class_dir, None, patient_regex)]
     records: list[Record] = []
     for split_dir in split_dirs:
         class_dirs = _visible_dirs(split_dir)
         if not class_dirs:
             raise DataError(f"--data: split folder {split_dir} has no class folders; add one folder per class")
         for class_dir in class_dirs:
-            images = sorted(p for p in class_dir.rglob("*") if _is_visible_image(p, class_dir))
-            if not images:
-                raise DataError(
-                    f"--data: folder {class_dir} holds no images (.jpg, .jpeg, .png, .bmp, .tif, .dcm); "
-                    "add its images or remove the empty folder"
-                )
-            for image in images:
-                records.append(
-                    Record(image, class_dir.name, patient_id_from_name(image, patient_regex), split_dir.name)
-                )
+            records += _class_folder_records(class_dir, split_dir.name, patient_regex)
     return records
 
 
@@ -179,23 +199,93 @@ def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Re
     return records
 
 
-def discover(data: str | Path, *, patient_regex: str | None = None, labels: str = "folder") -> list[Record]:
-    """Records from a Kaggle-layout folder or a CSV manifest, with the label scheme applied."""
+def discover_npz(path: Path, *, extract_dir: Path | None, class_names: Sequence[str] | None = None) -> list[Record]:
+    """Records from a MedMNIST `.npz` (splits kept; each image is its own patient)."""
+    if extract_dir is None:
+        raise ConfigError(f"--data {path}: an .npz source needs a folder to write its images to (the cache folder)")
+    return [Record(png, label, png.stem, split) for png, label, split in extract_npz(path, extract_dir, class_names=class_names)]
+
+
+def discover(
+    data: str | Path,
+    *,
+    patient_regex: str | None = None,
+    labels: str = "folder",
+    class_map: Mapping[str, str] | None = None,
+    class_names: Sequence[str] | None = None,
+    extract_dir: str | Path | None = None,
+) -> list[Record]:
+    """Records from a folder, a CSV manifest or a MedMNIST `.npz`, label scheme and class map applied.
+
+    `class_names` names an `.npz` file's class indices; `extract_dir` is where its images are
+    written as PNG files (the CLI passes CACHE_DIR/npz).
+    """
     root = Path(data)
     if labels not in LABEL_SCHEMES:
         raise ConfigError(f"--labels: got {labels!r}; choose one of {', '.join(LABEL_SCHEMES)}")
     if not root.exists():
-        raise DataError(f"--data {root}: no such file or folder; pass the dataset folder (DIR/train/CLASS/...) or a CSV")
-    if root.is_file():
+        raise DataError(
+            f"--data {root}: no such file or folder; pass the dataset folder (DIR/CLASS/... or DIR/train/CLASS/...), "
+            "a CSV manifest or a MedMNIST .npz"
+        )
+    is_npz = root.is_file() and root.suffix.lower() == ".npz"
+    if class_names is not None and not is_npz:
+        raise ConfigError("--class-names names the class indices of an .npz file; to rename folder classes use --class-map")
+    if is_npz:
+        if patient_regex is not None:
+            raise ConfigError("--patient-regex: an .npz file has no patient IDs in file names; leave it out")
+        records = discover_npz(root, extract_dir=None if extract_dir is None else Path(extract_dir), class_names=class_names)
+    elif root.is_file():
         if root.suffix.lower() != ".csv":
-            raise DataError(f"--data {root}: a file must be a CSV manifest (path,label[,patient_id][,split])")
+            raise DataError(f"--data {root}: a file must be a CSV manifest (path,label[,patient_id][,split]) or an .npz")
         records = discover_csv(root, patient_regex=patient_regex)
     else:
         records = discover_folder(root, patient_regex=patient_regex)
     if labels == "kermany-3class":
         records = [replace(r, label=kermany_3class_label(r.path, r.label)) for r in records]
+    if class_map:
+        records = apply_class_map(records, class_map)
     check_class_sets(records)
     return records
+
+
+def parse_class_map(values: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """{OLD: NEW} from "OLD=NEW" strings (the repeatable flag) or a YAML mapping.
+
+    >>> parse_class_map(["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"])
+    {'BACTERIA': 'PNEUMONIA', 'VIRUS': 'PNEUMONIA'}
+    """
+    if values is None:
+        return {}
+    pairs = [(str(k), str(v)) for k, v in values.items()] if isinstance(values, Mapping) else []
+    if not isinstance(values, Mapping):
+        for value in [values] if isinstance(values, str) else values:
+            old, sep, new = str(value).partition("=")
+            if not sep:
+                raise ConfigError(f"--class-map {value!r}: expected OLD=NEW, e.g. --class-map BACTERIA=PNEUMONIA")
+            pairs.append((old, new))
+    mapping: dict[str, str] = {}
+    for old, new in ((o.strip(), n.strip()) for o, n in pairs):
+        if not old or not new:
+            raise ConfigError(f"--class-map '{old}={new}': both the old and the new class name are needed")
+        if mapping.get(old, new) != new:
+            raise ConfigError(f"--class-map maps {old!r} twice ({old}={mapping[old]}, {old}={new}); keep one")
+        mapping[old] = new
+    return mapping
+
+
+def apply_class_map(records: list[Record], class_map: Mapping[str, str]) -> list[Record]:
+    """Records with classes renamed (or merged, where several OLD share a NEW) in one step.
+
+    Every OLD must be a class of the data, so a typo does not silently leave a class as it is.
+    """
+    found = sorted({r.label for r in records})
+    missing = [old for old in class_map if old not in found]
+    if missing:
+        raise ConfigError(
+            f"--class-map: class {', '.join(map(repr, missing))} does not exist; classes found: {', '.join(found)}"
+        )
+    return [replace(r, label=class_map.get(r.label, r.label)) for r in records]
 
 
 def check_class_sets(records: list[Record]) -> None:

@@ -1,8 +1,9 @@
-"""Patient-grouped, stratified re-split and the leakage check.
+"""Patient-grouped, stratified re-split and the leakage check (patient IDs, bytes, content).
 
 The official chest X-ray val split has 16 images, far too few to stop training or pick a
 threshold on. By default train and val are pooled and a validation split is drawn by
-patient, stratified by class, so that no patient's images sit on both sides.
+patient, stratified by class, so that no patient's images sit on both sides. Data without
+a test split (plain class folders) gets one drawn the same way first.
 """
 
 from __future__ import annotations
@@ -15,36 +16,130 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from medtransfer.data.discover import Record
+from medtransfer.data.near_duplicates import (
+    HASH_METHOD,
+    MAX_DISTANCE,
+    MIN_CORRELATION,
+    ImageHashes,
+    NearDuplicate,
+    closest_distance,
+    hash_images,
+    near_duplicate_pairs,
+)
 from medtransfer.errors import ConfigError, DataError
 
 SPLIT_CSV_COLUMNS = ("path", "label", "patient_id", "split")
+DEFAULT_TEST_FRACTION = 0.2  # drawn by patient when the data has no test split
 
 
 @dataclass
 class LeakageReport:
+    """What the leakage check compared across splits, and what it found.
+
+    `clean` is False on any finding; the pipeline fails on it under --strict.
+    """
+
     shared_patients: list[tuple[str, list[str]]] = field(default_factory=list)  # (patient, splits)
     duplicate_images: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (paths, splits)
+    near_duplicates: list[NearDuplicate] = field(default_factory=list)  # by content, across splits
+    # Each shared patient's closest pair of images in different splits (bits; None: not compared).
+    shared_patient_distance: dict[str, int | None] = field(default_factory=dict)
+    shared_patients_with_copies: list[str] = field(default_factory=list)  # a near-duplicate across splits
+    images_per_split: dict[str, int] = field(default_factory=dict)
+    bytes_checked: bool = True
+    content_checked: bool = True
+    content_unreadable: int = 0  # images the content check could not decode (the cache lists them)
+    max_distance: int = MAX_DISTANCE
 
     @property
     def clean(self) -> bool:
-        return not self.shared_patients and not self.duplicate_images
+        return not self.shared_patients and not self.duplicate_images and not self.near_duplicates
+
+    @property
+    def shared_patients_alike(self) -> int:
+        """Shared patients with a near-duplicate image of their own in another split."""
+        return len(self.shared_patients_with_copies)
+
+    def summary(self) -> str:
+        """One line: what was checked and what was found."""
+        splits = ", ".join(f"{s} {n:,}" for s, n in self.images_per_split.items())
+        found = [
+            f"{len(self.shared_patients):,} patient ID(s) in two splits" if self.shared_patients
+            else "no patient ID in two splits"
+        ]
+        if self.bytes_checked:
+            found.append(
+                f"{len(self.duplicate_images):,} byte-identical image(s) in two splits" if self.duplicate_images
+                else "no identical file in two splits"
+            )
+        if self.content_checked:
+            by = f"by content ({HASH_METHOD} within {self.max_distance} bits, pixel correlation >= {MIN_CORRELATION}"
+            by += f"; {self.content_unreadable:,} unreadable image(s) not compared):" if self.content_unreadable else "):"
+            other = " other" if self.duplicate_images else ""  # identical files are near-duplicates too
+            found.append(
+                f"{by} {len(self.near_duplicates):,}{other} near-duplicate pair(s) in two splits" if self.near_duplicates
+                else f"{by} no{other} near-duplicate in two splits"
+            )
+        total = sum(self.images_per_split.values())
+        return f"Leakage check on {total:,} images ({splits}): " + "; ".join(found) + "."
 
     def lines(self, *, examples: int = 5) -> list[str]:
+        """One line per finding, with examples."""
         out = []
         if self.shared_patients:
             shown = "; ".join(f"{p} in {'+'.join(s)}" for p, s in self.shared_patients[:examples])
-            out.append(f"{len(self.shared_patients)} patient(s) appear in more than one split, e.g. {shown}")
+            out.append(
+                f"{len(self.shared_patients)} patient(s) appear in more than one split, e.g. {shown}"
+                + self._shared_patient_content()
+            )
         if self.duplicate_images:
             shown = "; ".join(f"{' = '.join(p)} ({'+'.join(s)})" for p, s in self.duplicate_images[:examples])
             out.append(f"{len(self.duplicate_images)} byte-identical image(s) appear in more than one split, e.g. {shown}")
+        if self.near_duplicates:
+            shown = "; ".join(
+                f"{p.path_a} ({p.split_a}) ~ {p.path_b} ({p.split_b}), {p.distance} bits"
+                for p in self.near_duplicates[:examples]
+            )
+            out.append(f"{len(self.near_duplicates)} near-duplicate image pair(s) by content in different splits, e.g. {shown}")
         return out
 
-    def to_dict(self) -> dict:
+    def _shared_patient_content(self) -> str:
+        if not self.content_checked:
+            return ""
+        distances = [d for d in self.shared_patient_distance.values() if d is not None]
+        if not distances:
+            return "; their images could not be compared by content"
+        if self.shared_patients_alike:
+            return f"; by content, {self.shared_patients_alike} of them have a near-duplicate image in another split"
+        return (
+            f"; by content, none of them has a near-duplicate image in another split "
+            f"(closest hashes {min(distances)} bits apart)"
+        )
+
+    def to_dict(self, *, pairs: int = 50) -> dict:
+        """For metrics.json: counts, the summary line, examples and the first `pairs` near-duplicate pairs."""
         return {
             "clean": self.clean,
             "shared_patients": len(self.shared_patients),
             "duplicate_images": len(self.duplicate_images),
+            "near_duplicates": len(self.near_duplicates),
+            "shared_patients_with_near_duplicates": self.shared_patients_alike,
+            "summary": self.summary(),
             "examples": self.lines(),
+            "checked": {
+                "patient_ids": True,
+                "bytes": self.bytes_checked,
+                "content": (
+                    f"{HASH_METHOD} at most {self.max_distance} bits apart, thumbnails correlated >= {MIN_CORRELATION}"
+                    if self.content_checked else None
+                ),
+                "content_unreadable": self.content_unreadable,
+            },
+            "near_duplicate_pairs": [
+                {"path_a": str(p.path_a), "split_a": p.split_a, "path_b": str(p.path_b), "split_b": p.split_b,
+                 "distance": p.distance, "correlation": p.correlation}
+                for p in self.near_duplicates[:pairs]
+            ],
         }
 
 
@@ -94,34 +189,38 @@ def resplit(
     records: list[Record],
     *,
     val_fraction: float = 0.2,
-    test_fraction: float = 0.0,
+    test_fraction: float | None = None,
     seed: int = 0,
     keep_official_val: bool = False,
+    hashes: ImageHashes | None = None,
 ) -> list[Record]:
     """Pool train+val (and unassigned records) and draw a patient-level validation split.
 
-    The test split is never touched. When the source has no test split and
-    `test_fraction` > 0, a patient-level test split is drawn first from the pool.
-    With `keep_official_val` the data's val split is kept as is (and a test split, if
-    asked for, is drawn from the rest).
+    The test split is never touched. When the source has none, a patient-level test split
+    is drawn first from the pool: `test_fraction` of the images, DEFAULT_TEST_FRACTION when
+    it is None; 0 draws none. With `keep_official_val` the data's val split is kept as is
+    (and a test split, if drawn, comes from the rest). Images that are byte-identical, or
+    near-duplicates by `hashes`, travel together even when filed under different patients.
     """
     test = [r for r in records if r.split == "test"]
     pool = [r for r in records if r.split != "test"]
-    # Byte-identical copies filed under different patients travel together, so the split
-    # itself never creates the leakage that check_leakage would then report.
-    group_of = duplicate_patient_groups(pool)
+    # Copies filed under different patients travel together, so the split itself never
+    # creates the leakage that check_leakage would then report.
+    group_of = duplicate_patient_groups(pool, hashes)
     official_val: list[Record] = []
     if keep_official_val:
         official_val = [r for r in pool if r.split == "val"]
         if not official_val:
             raise DataError("--keep-official-val: the data has no val split; leave the option out to draw one")
         pool = [replace(r, split="train") for r in pool if r.split != "val"]
+    if test_fraction is None:
+        test_fraction = 0.0 if test else DEFAULT_TEST_FRACTION
+    elif test_fraction > 0 and test:
+        raise ConfigError(
+            f"--test-fraction {test_fraction}: the data already has a test split ({len(test)} images); "
+            "leave --test-fraction at 0 so the official test split stays untouched"
+        )
     if test_fraction > 0:
-        if test:
-            raise ConfigError(
-                f"--test-fraction {test_fraction}: the data already has a test split ({len(test)} images); "
-                "leave --test-fraction at 0 so the official test split stays untouched"
-            )
         drawn = grouped_stratified_split(
             pool, fraction=test_fraction, seed=seed + 1, name="test", rest="train", group_of=group_of
         )
@@ -173,8 +272,9 @@ def identical_images(
     return [group for group in by_digest.values() if len(group) > 1]
 
 
-def duplicate_patient_groups(records: list[Record]) -> dict[str, str]:
-    """patient -> representative patient, merging patients that share a byte-identical image."""
+def duplicate_patient_groups(records: list[Record], hashes: ImageHashes | None = None) -> dict[str, str]:
+    """patient -> representative patient, merging patients that share a byte-identical image
+    (and, given `hashes`, a near-duplicate one)."""
     parent: dict[str, str] = {}
 
     def find(patient: str) -> str:
@@ -182,16 +282,35 @@ def duplicate_patient_groups(records: list[Record]) -> dict[str, str]:
             patient = parent[patient]
         return patient
 
-    for group in identical_images(records, skip_unreadable=True):
-        roots = sorted({find(r.patient_id) for r in group})
+    patient_of = {r.path: r.patient_id for r in records}
+    groups = [[r.patient_id for r in group] for group in identical_images(records, skip_unreadable=True)]
+    if hashes is not None:
+        groups += [
+            [patient_of[p.path_a], patient_of[p.path_b]]
+            for p in near_duplicate_pairs(records, hashes, across_splits=False)
+        ]
+    for group in groups:
+        roots = sorted({find(patient) for patient in group})
         for other in roots[1:]:
             parent[other] = roots[0]
     return {patient: find(patient) for patient in parent}
 
 
-def check_leakage(records: list[Record], *, check_bytes: bool = True) -> LeakageReport:
-    """Patients and byte-identical images that appear in more than one split."""
-    report = LeakageReport()
+def check_leakage(
+    records: list[Record],
+    *,
+    check_bytes: bool = True,
+    check_content: bool = True,
+    hashes: ImageHashes | None = None,
+    max_distance: int = MAX_DISTANCE,
+) -> LeakageReport:
+    """Patients, byte-identical images and near-duplicate images (by content) in more than one split.
+
+    Pass the `hashes` that `resplit` used so that images are hashed once; without them the
+    content check hashes the images itself.
+    """
+    report = LeakageReport(bytes_checked=check_bytes, content_checked=check_content, max_distance=max_distance)
+    report.images_per_split = dict(sorted(Counter(r.split or "unassigned" for r in records).items()))
     patient_splits: dict[str, set[str]] = defaultdict(set)
     for r in records:
         patient_splits[r.patient_id].add(r.split or "unassigned")
@@ -202,7 +321,39 @@ def check_leakage(records: list[Record], *, check_bytes: bool = True) -> Leakage
             if len(splits) > 1:
                 report.duplicate_images.append(([str(r.path) for r in group], splits))
         report.duplicate_images.sort()
+    if check_content:
+        hashes = hashes if hashes is not None else hash_images([r.path for r in records])
+        report.content_unreadable = len({r.path for r in records} & set(hashes.unreadable))
+        identical = {frozenset(paths) for paths, _ in report.duplicate_images}
+        report.near_duplicates = [  # a byte-identical copy is reported once, as such
+            p for p in near_duplicate_pairs(records, hashes, max_distance=max_distance)
+            if not any({str(p.path_a), str(p.path_b)} <= group for group in identical)
+        ]
+        report.shared_patient_distance = _shared_patient_distances(records, report.shared_patients, hashes)
+        patient_of = {r.path: r.patient_id for r in records}
+        report.shared_patients_with_copies = sorted(
+            {patient_of[p.path_a] for p in report.near_duplicates if patient_of[p.path_a] == patient_of[p.path_b]}
+        )
     return report
+
+
+def _shared_patient_distances(
+    records: list[Record], shared: list[tuple[str, list[str]]], hashes: ImageHashes
+) -> dict[str, int | None]:
+    """Each shared patient's closest pair of images in different splits, in hash bits."""
+    paths: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for r in records:
+        paths[(r.patient_id, r.split or "unassigned")].append(r.path)
+    out: dict[str, int | None] = {}
+    for patient, splits in shared:
+        distances = [
+            closest_distance(paths[(patient, a)], paths[(patient, b)], hashes)
+            for i, a in enumerate(splits)
+            for b in splits[i + 1 :]
+        ]
+        known = [d for d in distances if d is not None]
+        out[patient] = min(known) if known else None
+    return out
 
 
 def split_summary(records: list[Record]) -> dict[str, dict[str, dict[str, int]]]:

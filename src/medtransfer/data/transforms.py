@@ -3,23 +3,18 @@
 Training augments conservatively: radiographs are acquired in a standard position, so large
 crops, rotations or flips would show the model anatomy it never meets. Evaluation is
 deterministic (resize + center crop) so that the same image always gets the same score.
+
+Normalisation is the backbone's: callers pass its ``mean`` and ``std`` (per RGB channel,
+from ``BackboneSpec.normalization`` or model.json) as plain values, so that this module
+and the model registry do not import each other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import v2
-
-
-@dataclass(frozen=True)
-class Normalization:
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 class MatchChannels(torch.nn.Module):
@@ -40,9 +35,10 @@ class MatchChannels(torch.nn.Module):
         raise ValueError(f"cannot map a {have}-channel image to {self.channels} channels")
 
 
-def _finish(normalization: Normalization, channels: int) -> list:
-    mean, std = normalization.mean, normalization.std
-    if channels == 1 and len(mean) == 3:
+def _finish(mean: Sequence[float], std: Sequence[float], channels: int) -> list:
+    if len(mean) != len(std):
+        raise ValueError(f"mean and std differ in length: got {len(mean)} and {len(std)} values")
+    if channels == 1 and len(mean) == 3:  # the RGB statistics of a gray image seen as (x, x, x)
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     return [MatchChannels(channels), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
@@ -50,7 +46,8 @@ def _finish(normalization: Normalization, channels: int) -> list:
 def train_transform(
     *,
     image_size: int,
-    normalization: Normalization = IMAGENET,
+    mean: Sequence[float],
+    std: Sequence[float],
     channels: int = 3,
     crop_scale: tuple[float, float] = (0.6, 1.0),
     rotation_degrees: float = 10.0,
@@ -58,6 +55,7 @@ def train_transform(
     contrast: float = 0.2,
     horizontal_flip: bool = False,
 ) -> v2.Compose:
+    """Random crop (aspect 0.9-1.1), small rotation, brightness/contrast jitter, then normalise."""
     steps: list = [
         v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=(0.9, 1.1), antialias=True),
         v2.RandomRotation(rotation_degrees),
@@ -66,13 +64,12 @@ def train_transform(
         steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast))
     if horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _finish(normalization, channels))
+    return v2.Compose(steps + _finish(mean, std, channels))
 
 
 def eval_transform(
-    *, image_size: int, normalization: Normalization = IMAGENET, channels: int = 3, crop_fraction: float = 0.875
+    *, image_size: int, mean: Sequence[float], std: Sequence[float], channels: int = 3, crop_fraction: float = 0.875
 ) -> v2.Compose:
+    """Resize to ``image_size / crop_fraction``, center-crop ``image_size``, then normalise."""
     resize_to = int(round(image_size / crop_fraction))
-    return v2.Compose(
-        [v2.Resize(resize_to, antialias=True), v2.CenterCrop(image_size)] + _finish(normalization, channels)
-    )
+    return v2.Compose([v2.Resize(resize_to, antialias=True), v2.CenterCrop(image_size)] + _finish(mean, std, channels))

@@ -6,7 +6,6 @@ validation split), so an external test set is scored exactly as the run's own te
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,13 @@ import numpy as np
 from rich.console import Console
 
 from medtransfer.artifacts import find_model_dir, load_model
-from medtransfer.data.cache import CacheSettings, ImageCache, default_decode_workers
+from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import discover
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, split_metrics, write_plots, write_predictions
-from medtransfer.evaluation.inference import device_for, predict_logits, resolve_accelerator, resolve_precision
+from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
+from medtransfer.rundir import write_metrics
 
 
 def evaluate_saved_model(
@@ -82,7 +82,7 @@ def evaluate_saved_model(
         "threshold_policy": info.threshold_policy,
         "test": result,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics(out, metrics)
     from medtransfer.evaluation.report import write_report
 
     write_report(out, console=console, title=f"Evaluation of {run} on {data}")

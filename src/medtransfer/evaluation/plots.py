@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from medtransfer.errors import DataError
 from medtransfer.evaluation.calibration import expected_calibration_error, reliability_bins
+from medtransfer.evaluation.html import format_with_ci
 from medtransfer.evaluation.metrics import roc_curve_points, pr_curve_points
 
 __all__ = [
@@ -119,9 +120,8 @@ def plot_roc(
     point ``(fpr, tpr)`` of the chosen threshold, and optionally a bootstrap band
     ``(fpr_grid, tpr_lo, tpr_hi)`` from :func:`medtransfer.evaluation.metrics.roc_band`."""
     fpr, tpr, _ = roc_curve_points(y_true, prob_pos)
-    name = f"{label} AUC {auc:.3f}" if label else f"AUC {auc:.3f}"
-    if ci is not None:
-        name += f" ({confidence:.0%} CI {ci[0]:.3f}-{ci[1]:.3f})"
+    name = f"{label} AUC " if label else "AUC "
+    name += format_with_ci(auc, ci, confidence=confidence)
     fig, ax = _figure(5.5, 5.5)
     if band is not None:
         grid, lo, hi = band

@@ -15,24 +15,14 @@ one that needs no layer:
   *Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep Convolutional
   Networks.* WACV 2018. Pixel-wise weights from the closed form with the second and third
   powers of the gradients (exponential-score form, as in the paper's eq. 19).
-- ``"occlusion"``: Zeiler MD, Fergus R. *Visualizing and Understanding Convolutional
-  Networks.* ECCV 2014. Model-agnostic and layer-free: a square patch (1/8 of the side,
-  moved by half its size) is set to the normalisation mean, and each pixel's value is the
-  mean drop of the class's log-probability over the patches that cover it (negative
-  drops clipped to 0). About 200 forward passes per image, so a cross-check rather than
-  the default; it answers "what does the decision depend on" where the last feature map
-  is too coarse or mixes the whole image.
+- ``"occlusion"``: occlusion sensitivity (Zeiler and Fergus, ECCV 2014), model-agnostic
+  and layer-free; see :mod:`medtransfer.explain.occlusion`.
 
 Every map is upsampled (bilinear) to the input size and min-max normalised to [0, 1] per
 image; a constant map (e.g. all zero after the ReLU) is returned as zeros, never NaN.
 
-Upsampling puts each cell where the network looks, not at the middle of its block: with
-odd kernels and symmetric padding (ResNet, EfficientNet), cell i of a stride-32 map is
-centred on input pixel 32 i, while the usual resize (``align_corners=False``, as in
-OpenCV) draws it at 32 i + 15.5 - half a cell down and right, which on a 160 px chest film
-is a lesion's width. :func:`feature_grid` measures the stride and offset once per
-architecture and layer (effective receptive field of a randomly initialised copy), so
-DenseNet's average-pool transitions (+14 px at stride 32) are placed right as well.
+The cells of a layer's map are drawn where the network looks, not at the middle of their
+block (see :mod:`medtransfer.explain.grid`); the placement is measured once per model object.
 
 Unlike MONAI's CAM classes, :class:`ClassActivationMap` is a context manager: its hooks
 exist only inside the ``with`` block and are removed on exit, also when an exception is
@@ -58,17 +48,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medtransfer.errors import ConfigError, DataError
+from medtransfer.explain.grid import FeatureGrid, feature_grid, input_channels, upsample
+from medtransfer.explain.occlusion import occlusion_sensitivity
 
-__all__ = ["LAYER_FREE", "METHODS", "CamResult", "ClassActivationMap", "FeatureGrid", "explain_files", "feature_grid", "overlay", "save_overlay", "upsample"]
+__all__ = ["LAYER_FREE", "METHODS", "CamResult", "ClassActivationMap"]
 
 METHODS = ("cam", "gradcam", "gradcam++", "occlusion")
 LAYER_FREE = "input"  # target_layer reported by the occlusion method, which needs none
@@ -76,10 +65,6 @@ LAYER_FREE = "input"  # target_layer reported by the occlusion method, which nee
 _MAX_CANDIDATES = 10
 _PROBE_SIZE = 224  # input side of the dry forward pass that lists spatial layers
 _FLAT_TOLERANCE = 1e-6  # a map whose range is below this fraction of its magnitude is constant
-_GRID_PROBE_SIZE = 256  # divisible by every power-of-two stride up to 256, so the stride is exact
-_GRID_PROBE_BATCHES = (1, 8)
-_OCCLUSION_PATCH = 1 / 8  # of the image side; moved by half a patch
-_OCCLUSION_BATCH = 32  # occluded copies per forward pass
 
 ClassChoice = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], Any] | None
 
@@ -185,7 +170,7 @@ class ClassActivationMap:
         ``class_index``: ``None`` explains the predicted class (argmax; for a single-logit
         head class 1 when the logit is >= 0); an int explains that class for every image; a
         sequence gives one class per image; a callable receives the detached N x K logits
-        and returns the N classes (how :func:`explain_files` applies the saved threshold).
+        and returns the N classes (how :func:`~medtransfer.explain.files.explain_files` applies the saved threshold).
         """
         if not self._active:
             raise RuntimeError(
@@ -248,36 +233,16 @@ class ClassActivationMap:
             map_cells=cells,
         )
 
-    # ------------------------------------------------------------------ internals
-
     def _occlusion(self, images: torch.Tensor, class_index: ClassChoice) -> CamResult:
-        """Occlusion sensitivity (see the module docstring), one image at a time."""
+        """Occlusion sensitivity of the model in eval mode, normalised like the layer maps."""
         with _eval_mode(self.model), torch.no_grad():
             logits = self.model(images)
             _check_logits(logits, images.shape[0])
             index = self._class_index(logits, class_index)
-            single = logits.shape[1] == 1
-            height, width = images.shape[-2:]
-            patch_h, patch_w = max(1, round(height * _OCCLUSION_PATCH)), max(1, round(width * _OCCLUSION_PATCH))
-            rows = _patch_starts(height, patch_h)
-            cols = _patch_starts(width, patch_w)
-            boxes = [(y, x) for y in rows for x in cols]
-            cover = torch.zeros(height, width, device=images.device)
-            for y, x in boxes:
-                cover[y : y + patch_h, x : x + patch_w] += 1
-            maps = torch.zeros(images.shape[0], height, width, device=images.device)
-            for n in range(images.shape[0]):
-                target = index[n : n + 1]
-                reference = _class_score(logits[n : n + 1], target, single)
-                for start in range(0, len(boxes), _OCCLUSION_BATCH):
-                    chunk = boxes[start : start + _OCCLUSION_BATCH]
-                    occluded = images[n].expand(len(chunk), -1, -1, -1).clone()
-                    for k, (y, x) in enumerate(chunk):
-                        occluded[k, :, y : y + patch_h, x : x + patch_w] = 0.0  # the normalisation mean
-                    drops = reference - _class_score(self.model(occluded), target.expand(len(chunk)), single)
-                    for k, (y, x) in enumerate(chunk):
-                        maps[n, y : y + patch_h, x : x + patch_w] += drops[k]
-        return self._result((maps / cover).clamp(min=0), logits, index, (len(rows), len(cols)))
+            maps, cells = occlusion_sensitivity(self.model, images, index, logits=logits)
+        return self._result(maps, logits, index, cells)
+
+    # ------------------------------------------------------------------ internals
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> Any:
         if not isinstance(output, torch.Tensor) or output.ndim != 4:
@@ -361,7 +326,7 @@ class ClassActivationMap:
             parameter = next(self.root.parameters(), None)
             probe = torch.zeros(
                 1,
-                _input_channels(self.root),
+                input_channels(self.root),
                 _PROBE_SIZE,
                 _PROBE_SIZE,
                 device=parameter.device if parameter is not None else None,
@@ -402,114 +367,6 @@ class ClassActivationMap:
         return linears[-1]
 
 
-@dataclass(frozen=True)
-class FeatureGrid:
-    """Where a layer's cells sit on the input: cell (i, j) is centred on input pixel
-    (offset_y + stride * i, offset_x + stride * j), pixel centres at integer coordinates."""
-
-    stride: float
-    offset_y: float
-    offset_x: float
-
-
-_GRIDS: dict[tuple, FeatureGrid | None] = {}
-
-
-def feature_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
-    """Stride and offset of ``layer_name``'s cells on the input of ``model`` (cached per architecture).
-
-    A randomly initialised copy of the model sees a batch of noise images of
-    ``_GRID_PROBE_SIZE`` px; the stride is the probe size over the layer's size, and the
-    offset is where the gradient of the central cell with respect to the input (its
-    effective receptive field) has its centroid, less ``stride * index``. Random weights
-    keep the receptive field symmetric about its geometric centre, which trained weights
-    need not be. ``None`` (the caller then resizes as usual) when the model does not take a
-    probe of that size or the layer has fewer than two cells per side there.
-    """
-    key = (type(model).__module__, type(model).__qualname__, layer_name, _signature(model))
-    if key not in _GRIDS:
-        _GRIDS[key] = _measure_grid(model, layer_name)
-    return _GRIDS[key]
-
-
-def _signature(model: nn.Module) -> tuple:
-    """The module types and geometry settings that decide where cells look (not the weights)."""
-    return tuple(
-        (name, type(m).__name__, *(str(getattr(m, a, "")) for a in ("kernel_size", "stride", "padding", "dilation")))
-        for name, m in model.named_modules()
-    )
-
-
-def _measure_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
-    # Callers may sit in inference mode (predict, serve): the copy and the probe need autograd.
-    with torch.inference_mode(False), torch.enable_grad():
-        return _probe_grid(model, layer_name)
-
-
-def _probe_grid(model: nn.Module, layer_name: str) -> FeatureGrid | None:
-    import copy
-
-    probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for module in probe.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    captured: list[torch.Tensor] = []
-    handle = probe.get_submodule(layer_name).register_forward_hook(lambda m, a, output: captured.append(output))
-    try:
-        # One noise image places the cells to about 1 px; a narrow net whose central cell is
-        # dead (ReLU) for that image gets a larger batch.
-        for batch in _GRID_PROBE_BATCHES:
-            x = torch.randn(batch, _input_channels(probe), _GRID_PROBE_SIZE, _GRID_PROBE_SIZE, generator=generator)
-            x.requires_grad_(True)
-            captured.clear()
-            probe(x)
-            feature = captured[-1] if captured else None
-            if not isinstance(feature, torch.Tensor) or feature.ndim != 4 or min(feature.shape[-2:]) < 2:
-                return None
-            rows, cols = feature.shape[-2:]
-            row, col = rows // 2, cols // 2
-            (grad,) = torch.autograd.grad(feature[:, :, row, col].sum(), x)
-            weight = grad.abs().sum(dim=(0, 1)).double()
-            if torch.isfinite(weight).all() and weight.sum() > 0:
-                break
-        else:
-            return None
-    except Exception:  # a model that only takes its own input size: keep the usual resize
-        return None
-    finally:
-        handle.remove()
-    index = torch.arange(_GRID_PROBE_SIZE, dtype=torch.float64)
-    centre_y = float((weight.sum(1) * index).sum() / weight.sum())
-    centre_x = float((weight.sum(0) * index).sum() / weight.sum())
-    stride = _GRID_PROBE_SIZE / cols
-    return FeatureGrid(stride=stride, offset_y=centre_y - stride * row, offset_x=centre_x - stride * col)
-
-
-def upsample(cells: torch.Tensor, size: tuple[int, int], grid: FeatureGrid | None) -> torch.Tensor:
-    """N x h x w cell map -> N x H x W, bilinear, each cell at its :class:`FeatureGrid` centre.
-
-    Beyond the outermost cell centres the border value is held. Without a grid this is the
-    usual ``align_corners=False`` resize (cells at the middle of equal blocks).
-    """
-    if grid is None:
-        return F.interpolate(cells[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    n, h, w = cells.shape
-    height, width = size
-
-    def axis(length: int, cells_along: int, offset: float) -> torch.Tensor:
-        position = (torch.arange(length, dtype=torch.float32, device=cells.device) - offset) / grid.stride
-        position = position.clamp(0, cells_along - 1)
-        return position / (cells_along - 1) * 2 - 1 if cells_along > 1 else torch.zeros_like(position)
-
-    gy, gx = torch.meshgrid(axis(height, h, grid.offset_y), axis(width, w, grid.offset_x), indexing="ij")
-    sample_at = torch.stack([gx, gy], dim=-1)[None].expand(n, -1, -1, -1)
-    return F.grid_sample(cells[:, None].float(), sample_at, mode="bilinear", align_corners=True)[:, 0]
-
-
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Run ``model`` in eval mode, then give every module back the train/eval mode it had."""
@@ -526,29 +383,6 @@ def _check_logits(logits: Any, n: int) -> None:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != n:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"model output: expected N x K logits for {n} images; got {got}")
-
-
-def _patch_starts(length: int, patch: int) -> list[int]:
-    """Patch origins every half patch, the last one flush with the far edge."""
-    stride = max(1, patch // 2)
-    starts = list(range(0, max(length - patch, 0) + 1, stride))
-    if starts[-1] != max(length - patch, 0):
-        starts.append(length - patch)
-    return starts
-
-
-def _class_score(logits: torch.Tensor, index: torch.Tensor, single: bool) -> torch.Tensor:
-    """Per-row evidence for the explained class: its log-probability (a single logit: signed logit)."""
-    if single:
-        return logits[:, 0].float() * (index * 2 - 1).float()
-    return torch.log_softmax(logits.float(), dim=1).gather(1, index[:, None])[:, 0]
-
-
-def _input_channels(model: nn.Module) -> int:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return 3
 
 
 def _grad_weighted(activation: torch.Tensor, grads: torch.Tensor, method: str) -> torch.Tensor:
@@ -573,184 +407,3 @@ def _normalize(maps: torch.Tensor) -> torch.Tensor:
     varies = span > _FLAT_TOLERANCE * torch.maximum(high.abs(), low.abs())
     scaled = (maps - low[:, None, None]) / torch.where(varies, span, torch.ones_like(span))[:, None, None]
     return torch.where(varies[:, None, None], scaled, torch.zeros_like(scaled)).clamp(0, 1).float()
-
-
-# ---------------------------------------------------------------------- pictures
-
-
-def overlay(image_gray: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
-    """Blend a [0, 1] map, coloured with matplotlib's "jet", over a grayscale image.
-
-    ``image_gray``: H x W uint8, or float (taken as [0, 1] when it lies there, else min-max
-    stretched). ``cam``: H x W in [0, 1]. Returns H x W x 3 uint8.
-
-    >>> rgb = overlay(np.full((4, 4), 128, np.uint8), np.eye(4))
-    >>> rgb.shape, rgb.dtype.name
-    ((4, 4, 3), 'uint8')
-    """
-    from matplotlib import colormaps
-
-    image = np.asarray(image_gray)
-    heat = np.asarray(cam, dtype=np.float64)
-    if image.ndim != 2 or heat.shape != image.shape:
-        raise ValueError(f"overlay: expected an H x W image and a map of the same shape; got {image.shape} and {heat.shape}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"overlay: alpha must lie in [0, 1]; got {alpha}")
-    if image.dtype == np.uint8:
-        gray = image / 255.0
-    else:
-        gray = image.astype(np.float64)
-        low, high = float(gray.min()), float(gray.max())
-        if low < 0 or high > 1:
-            gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
-    colours = colormaps["jet"](np.clip(np.nan_to_num(heat), 0, 1))[..., :3]
-    blended = (1 - alpha) * gray[..., None] + alpha * colours
-    return np.clip(np.round(blended * 255), 0, 255).astype(np.uint8)
-
-
-def save_overlay(path: str | Path, image_gray: np.ndarray, cam: np.ndarray, caption: str, *, alpha: float = 0.4) -> Path:
-    """PNG of :func:`overlay` with a caption strip below it (PIL's default font).
-
-    The overlay keeps its H x W pixels (centred, the canvas widened when the caption is
-    wider than the image).
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    picture = Image.fromarray(overlay(image_gray, cam, alpha=alpha), mode="RGB")
-    font = ImageFont.load_default()
-    pad = 4
-    left, top, right, bottom = ImageDraw.Draw(picture).textbbox((0, 0), caption, font=font)
-    width = max(picture.width, right - left + 2 * pad)
-    strip = bottom - top + 2 * pad
-    canvas = Image.new("RGB", (width, picture.height + strip), (0, 0, 0))
-    canvas.paste(picture, ((width - picture.width) // 2, 0))
-    ImageDraw.Draw(canvas).text((pad - left, picture.height + pad - top), caption, fill=(255, 255, 255), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
-    return path
-
-
-# ---------------------------------------------------------------------- files
-
-
-def explain_files(
-    saved_model: Any,
-    paths: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    method: str = "gradcam",
-    target_layer: str | None = None,
-    batch_size: int = 8,
-) -> list[dict[str, Any]]:
-    """Explain the prediction of a saved model for each image file.
-
-    Images are preprocessed as prediction does (``decode_image`` at the saved decode size,
-    then the saved evaluation transform). The explained class is the prediction: for two
-    classes the positive class when its temperature-scaled probability reaches the saved
-    threshold, else the other class; for more classes the argmax. Writes, per image,
-    ``out_dir/<stem>_<method>.png`` (the map over the image as the model saw it, i.e. the
-    centre crop, with a caption such as ``PNEUMONIA p=0.93 (threshold 0.41)``) and
-    ``out_dir/<stem>_<method>.npy`` (the float32 map in [0, 1] at the model's input size).
-    Repeated stems get ``-2``, ``-3``, ... appended.
-
-    Returns one row per image: ``path``, ``predicted`` (class name), ``probability`` (of the
-    predicted class), ``probabilities`` ({class: p}), ``overlay`` and ``map`` (paths).
-    """
-    from medtransfer.data.cache import decode_image
-    from medtransfer.data.datamodule import image_tensor
-
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size: got {batch_size}; use 1 or more")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    classes = list(saved_model.classes)
-    binary = len(classes) == 2
-    positive = saved_model.positive_index
-    threshold = saved_model.threshold
-    temperature = saved_model.temperature
-    geometric, to_input = _split_transform(saved_model.transform())
-    parameter = next(saved_model.model.parameters())
-
-    def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / temperature, dim=1)
-
-    def decide(logits: torch.Tensor) -> torch.Tensor:
-        probabilities = probabilities_of(logits)
-        if binary:
-            return torch.where(probabilities[:, positive] >= threshold, positive, 1 - positive)
-        return probabilities.argmax(dim=1)
-
-    rows: list[dict[str, Any]] = []
-    used_stems: dict[str, int] = {}
-    with ClassActivationMap(saved_model.model, target_layer=target_layer, method=method) as cam:
-        for start in range(0, len(paths), batch_size):
-            batch_paths = [Path(p) for p in paths[start : start + batch_size]]
-            shown, inputs = [], []
-            for path in batch_paths:
-                decoded = np.array(decode_image(path, size=saved_model.info["decode_size"]))  # writable copy for torch
-                pixels = geometric(image_tensor(decoded))
-                model_input = to_input(pixels)
-                shown.append(_gray(pixels) if geometric is not _identity else _gray_from_input(model_input))
-                inputs.append(model_input)
-            batch = torch.stack(inputs).to(device=parameter.device, dtype=parameter.dtype)
-            result = cam(batch, class_index=decide)
-            probabilities = probabilities_of(result.logits).cpu()
-            maps = result.maps.cpu().numpy().astype(np.float32)
-            for i, path in enumerate(batch_paths):
-                index = int(result.class_index[i])
-                predicted = classes[index]
-                p = float(probabilities[i, index])
-                if not binary:
-                    caption = f"{predicted} p={p:.2f}"
-                elif index == positive:
-                    caption = f"{predicted} p={p:.2f} (threshold {threshold:.2f})"
-                else:
-                    p_pos = float(probabilities[i, positive])
-                    caption = f"{predicted} p={p:.2f} ({classes[positive]} p={p_pos:.2f} < threshold {threshold:.2f})"
-                stem = _unique_stem(f"{path.stem}_{method}", used_stems)
-                map_path = out_dir / f"{stem}.npy"
-                np.save(map_path, maps[i])
-                overlay_path = save_overlay(out_dir / f"{stem}.png", shown[i], maps[i], caption)
-                rows.append(
-                    {
-                        "path": str(path),
-                        "predicted": predicted,
-                        "probability": p,
-                        "probabilities": {c: float(probabilities[i, j]) for j, c in enumerate(classes)},
-                        "overlay": overlay_path,
-                        "map": map_path,
-                    }
-                )
-    return rows
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def _split_transform(transform: Any) -> tuple[Callable, Callable]:
-    """(uint8 geometric steps, the rest) of an eval transform, split before its ToDtype."""
-    from torchvision.transforms import v2
-
-    steps = list(getattr(transform, "transforms", []))
-    for i, step in enumerate(steps):
-        if isinstance(step, v2.ToDtype):
-            return v2.Compose(steps[:i]), v2.Compose(steps[i:])
-    return _identity, transform  # unknown layout: show the model input itself
-
-
-def _gray(pixels: torch.Tensor) -> np.ndarray:
-    """uint8 C x H x W -> uint8 H x W (channel mean)."""
-    return pixels.float().mean(dim=0).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def _gray_from_input(model_input: torch.Tensor) -> np.ndarray:
-    return model_input.float().mean(dim=0).numpy()  # overlay() min-max stretches floats
-
-
-def _unique_stem(stem: str, used: dict[str, int]) -> str:
-    count = used.get(stem, 0) + 1
-    used[stem] = count
-    return stem if count == 1 else f"{stem}-{count}"
-

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medtransfer.errors import ConfigError, DataError
 
@@ -181,7 +180,8 @@ def write_gallery(
         method: ``"cam"``, ``"gradcam"`` or ``"gradcam++"``.
         split: which ``predictions_<split>.csv`` to read.
     """
-    from medtransfer.explain.cam import METHODS, save_overlay
+    from medtransfer.explain.cam import METHODS
+    from medtransfer.explain.render import save_overlay
 
     if method not in METHODS:
         raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
@@ -237,25 +237,16 @@ def _render(
 ) -> tuple[dict[PredictionRow, tuple[np.ndarray, np.ndarray]], str, tuple[int, int]]:
     """(image as the model saw it, map of the predicted class) per row, preprocessed as explain_files
     does; with the target layer and the map's cells (h, w)."""
-    from medtransfer.data.cache import decode_image
-    from medtransfer.data.datamodule import image_tensor
-    from medtransfer.explain.cam import ClassActivationMap, _gray, _gray_from_input, _identity, _split_transform
+    from medtransfer.explain.cam import ClassActivationMap
+    from medtransfer.explain.files import prepare_images
 
     classes = list(saved_model.classes)
-    geometric, to_input = _split_transform(saved_model.transform())
-    parameter = next(saved_model.model.parameters())
     out: dict[PredictionRow, tuple[np.ndarray, np.ndarray]] = {}
     cells = (0, 0)
     with ClassActivationMap(saved_model.model, method=method) as cam:
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            shown, inputs = [], []
-            for row in batch:
-                pixels = geometric(image_tensor(np.array(decode_image(row.path, size=saved_model.info["decode_size"]))))
-                model_input = to_input(pixels)
-                shown.append(_gray(pixels) if geometric is not _identity else _gray_from_input(model_input))
-                inputs.append(model_input)
-            images = torch.stack(inputs).to(device=parameter.device, dtype=parameter.dtype)
+            shown, images = prepare_images(saved_model, [row.path for row in batch])
             result = cam(images, class_index=[classes.index(r.predicted) for r in batch])
             maps = result.maps.cpu().numpy().astype(np.float32)
             cells = result.map_cells

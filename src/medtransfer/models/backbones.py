@@ -17,13 +17,23 @@ from typing import Callable
 import torch
 from torch import nn
 
-from medtransfer.data.transforms import IMAGENET, Normalization
 from medtransfer.errors import ConfigError, WeightsError
 
 WEIGHT_CHOICES = ("imagenet", "none")
 OUTPUT_STRIDES = (32, 16, 8)
 # torchvision ResNets with Bottleneck blocks take dilation; BasicBlock (resnet18/34) and DenseNet do not.
 _TORCHVISION_DILATION = {"resnet50": {32: None, 16: [False, False, True], 8: [False, True, True]}}
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel (RGB) mean and std of the pixels, in [0, 1], that the weights were trained on."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def create_app(saved: SavedModel, *, accelerator: str = "cpu") -> FastAPI:
 
 def _gradcam_png(saved: SavedModel, payload: bytes, filename: str | None) -> str:
     """The Grad-CAM overlay PNG, base64; explain_files reads files, so the upload goes to a temp folder."""
-    from medtransfer.explain.cam import explain_files
+    from medtransfer.explain.files import explain_files
 
     suffix = Path(filename or "upload.png").suffix.lower() or ".png"
     with tempfile.TemporaryDirectory(prefix="medtransfer-serve-") as folder:

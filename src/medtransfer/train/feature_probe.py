@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from medtransfer.evaluation.inference import autocast
+from medtransfer.runtime import autocast
 from medtransfer.models.strategies import TransferModel
 
 __all__ = ["epoch_batches", "extract_features", "train_head_on_features"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from rich.console import Console
 
 from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.config import TrainConfig
-from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache, default_decode_workers
-from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule, default_num_workers
+from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
+from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.data.discover import Record, discover
 from medtransfer.data.split import (
     check_leakage,
@@ -37,11 +36,19 @@ from medtransfer.evaluation.evaluate import (
     write_plots,
     write_predictions,
 )
-from medtransfer.evaluation.inference import device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.evaluation import plots
 from medtransfer.models.backbones import create_backbone, get_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
+from medtransfer.runtime import (
+    default_decode_workers,
+    default_num_workers,
+    device_for,
+    predict_logits,
+    resolve_accelerator,
+    resolve_precision,
+)
+from medtransfer.rundir import write_metrics
 from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history, write_history
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
@@ -180,7 +187,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         write_split_csv(kept_records, out / "split.csv")
 
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator)
-    common = dict(image_size=config.image_size, normalization=spec.normalization, channels=config.in_channels)
+    common = dict(image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std, channels=config.in_channels)
     train_tf = train_transform(
         **common,
         crop_scale=config.crop_scale,
@@ -249,7 +256,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         }
     )
     ordered = _ordered_metrics(result, config)
-    (out / "metrics.json").write_text(json.dumps(ordered, indent=2))
+    write_metrics(out, ordered)
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
     from medtransfer.evaluation.report import write_report

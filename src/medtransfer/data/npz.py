@@ -1,0 +1,140 @@
+"""MedMNIST `.npz` files as a data source.
+
+The `medmnist` package writes one `.npz` per dataset holding `{split}_images` (uint8,
+`(N, H, W)` grayscale or `(N, H, W, 3)` colour) and `{split}_labels` (`(N, 1)` class
+indices) for the splits train, val and test. The arrays are written out once as PNG files
+under `extract_dir` (a folder named after the file's content, so a changed file gets a new
+folder and an unchanged one is reused), because every later step - the decode cache,
+split.csv, evaluate, explain - works on image files. MedMNIST records no patients: each
+image is its own patient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medtransfer.errors import DataError
+
+NPZ_SPLITS = ("train", "val", "test")
+_COMPLETE = ".complete"  # written last: a folder without it is an interrupted extraction
+
+
+def _digest(path: Path) -> str:
+    hasher = hashlib.blake2b(digest_size=8)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _load_arrays(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (images, labels)} for the splits the file holds, shapes checked."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"--data {path}: not a readable .npz file ({exc}); pass a file the medmnist package wrote") from None
+    found = ", ".join(sorted(arrays)) or "no arrays"
+    out = {}
+    for split in NPZ_SPLITS:
+        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
+        if images is None and labels is None:
+            continue
+        if images is None or labels is None:
+            raise DataError(f"--data {path}: {split}_images and {split}_labels must come together; found {found}")
+        out[split] = (_check_images(path, split, images), _check_labels(path, split, labels, len(images)))
+    if not out:
+        raise DataError(
+            f"--data {path}: no MedMNIST arrays (train_images, train_labels, val_..., test_...); found {found}"
+        )
+    return out
+
+
+def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
+    grayscale = images.ndim == 3
+    colour = images.ndim == 4 and images.shape[-1] == 3
+    if images.dtype != np.uint8 or not (grayscale or colour):
+        raise DataError(
+            f"--data {path}: {split}_images has dtype {images.dtype} and shape {images.shape}; expected uint8 "
+            "(N, H, W) or (N, H, W, 3) as MedMNIST 2D datasets store them (3D volumes are not supported)"
+        )
+    return images
+
+
+def _check_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] != 1:
+        raise DataError(
+            f"--data {path}: {split}_labels has shape {labels.shape}: multi-label data (one column per finding) "
+            "is not supported; a classifier here needs one class per image"
+        )
+    flat = labels.reshape(-1) if labels.ndim in (1, 2) else labels
+    if flat.ndim != 1 or len(flat) != n:
+        raise DataError(f"--data {path}: {split}_labels has shape {labels.shape}; expected ({n}, 1) for {n} images")
+    if not np.issubdtype(flat.dtype, np.integer) or (len(flat) and flat.min() < 0):
+        raise DataError(f"--data {path}: {split}_labels must be class indices 0, 1, ...; got dtype {flat.dtype}")
+    return flat.astype(np.int64)
+
+
+def npz_class_names(labels: Sequence[np.ndarray], class_names: Sequence[str] | None, path: Path) -> list[str]:
+    """Names for class indices: "0", "1", ... or the given list (one name per index)."""
+    top = max((int(a.max()) for a in labels if len(a)), default=0)
+    if class_names is None:
+        return [str(i) for i in range(top + 1)]
+    names = [str(n).strip() for n in class_names]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise DataError(f"--class-names {', '.join(names)}: names must be non-empty and distinct")
+    if top >= len(names):
+        raise DataError(
+            f"--data {path}: labels go up to {top} but --class-names lists {len(names)} name(s) "
+            f"({', '.join(names)}); give one name per class index 0..{top}"
+        )
+    return names
+
+
+def _write_pngs(arrays: dict[str, tuple[np.ndarray, np.ndarray]], folder: Path) -> None:
+    """Every image as folder/{split}/{split}-{index}.png, then the completion mark."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, (images, _) in arrays.items():
+        (tmp / split).mkdir(parents=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(tmp / split / f"{split}-{i:05d}.png")
+    (tmp / _COMPLETE).write_text("")
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished the same extraction first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / _COMPLETE).is_file():
+            raise
+
+
+def extract_npz(
+    path: Path, extract_dir: Path, *, class_names: Sequence[str] | None = None
+) -> list[tuple[Path, str, str]]:
+    """(png path, class name, split) for every image of a MedMNIST `.npz`, writing the PNGs once."""
+    arrays = _load_arrays(path)
+    names = npz_class_names([labels for _, labels in arrays.values()], class_names, path)
+    folder = Path(extract_dir) / f"{path.stem}-{_digest(path)}"
+    if not (folder / _COMPLETE).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            _write_pngs(arrays, folder)
+        except OSError as exc:
+            raise DataError(
+                f"--data {path}: cannot write its images under {extract_dir} ({exc.strerror or exc}); "
+                "choose a writable --cache-dir"
+            ) from None
+    return [
+        (folder / split / f"{split}-{i:05d}.png", names[int(label)], split)
+        for split, (_, labels) in arrays.items()
+        for i, label in enumerate(labels)
+    ]

@@ -1,0 +1,169 @@
+"""Where and how models run: device, precision, autocast, memory format, cores, batched inference.
+
+One module for train, predict, evaluate, explain, serve and the benchmarks, so that every
+command picks the same device and precision for the same flags. Imports only torch, the
+standard library and medtransfer.errors.
+
+    >>> accelerator = resolve_accelerator("auto")          # "gpu" when CUDA is visible, else "cpu"
+    >>> precision = resolve_precision("auto", accelerator)  # bf16 autocast where the hardware has it
+    >>> with autocast(device_for(accelerator), precision):  # doctest: +SKIP
+    ...     logits = model(place_batch(images, device_for(accelerator)))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from medtransfer.errors import ConfigError
+
+if TYPE_CHECKING:  # numpy arrays come out of torch; no import needed at run time
+    import numpy as np
+
+__all__ = [
+    "ACCELERATORS",
+    "PRECISIONS",
+    "autocast",
+    "available_cores",
+    "cpu_supports_bf16",
+    "default_decode_workers",
+    "default_num_workers",
+    "device_for",
+    "memory_format",
+    "place_batch",
+    "place_model",
+    "predict_logits",
+    "resolve_accelerator",
+    "resolve_precision",
+]
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """``"cpu"`` or ``"gpu"`` for a value of :data:`ACCELERATORS`; ConfigError when no GPU is visible."""
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"--accelerator: got {accelerator!r}; choose one of {', '.join(ACCELERATORS)}")
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {accelerator}: no CUDA GPU is visible; use --accelerator cpu or auto")
+    return "gpu" if accelerator == "cuda" else accelerator
+
+
+def device_for(accelerator: str) -> torch.device:
+    """The torch device for a value of :data:`ACCELERATORS`."""
+    return torch.device("cuda" if resolve_accelerator(accelerator) == "gpu" else "cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """A Lightning precision string; ``auto`` picks bf16 autocast where the hardware has it.
+
+    ``accelerator`` is a resolved one (``"cpu"`` or ``"gpu"``). bf16 on CPUs with
+    AVX512-BF16/AMX is about 2x faster than fp32; GPUs without bf16 get fp16 autocast.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision: got {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if accelerator == "gpu":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for a mixed precision, a no-op context for ``32-true``."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- memory format
+
+
+def memory_format(channels_last: bool = True) -> torch.memory_format:
+    """NHWC (channels_last), which oneDNN and tensor cores run convolutions fastest in, or NCHW."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def place_model(model: nn.Module, device: torch.device, *, channels_last: bool = True) -> nn.Module:
+    """``model`` moved to ``device`` in the memory format its batches will have (mode unchanged)."""
+    return model.to(device).to(memory_format=memory_format(channels_last))
+
+
+def place_batch(images: torch.Tensor, device: torch.device, *, channels_last: bool = True) -> torch.Tensor:
+    """A batch ``N x C x H x W`` moved to ``device`` in the chosen memory format."""
+    return images.to(device, non_blocking=True).contiguous(memory_format=memory_format(channels_last))
+
+
+# --------------------------------------------------------------------------- cores
+
+
+def available_cores() -> int:
+    """Cores this process may run on, at least 1.
+
+    The affinity mask where the platform has one (taskset, cgroup cpusets and Slurm set
+    it), else the machine's count.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def default_decode_workers() -> int:
+    """Decoding is CPU-bound and runs before training starts: use the cores (up to 8)."""
+    return max(1, min(8, available_cores()))
+
+
+def default_num_workers(accelerator: str) -> int:
+    """DataLoader workers: CPU training shares the cores with the model, so one; GPUs get more."""
+    cores = available_cores()
+    if accelerator in ("gpu", "cuda"):
+        return max(1, min(8, cores - 1))
+    return 1 if cores > 1 else 0
+
+
+# --------------------------------------------------------------------------- batched inference
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "32-true",
+    channels_last: bool = True,
+) -> np.ndarray:
+    """Logits (float32, n x classes) in dataset order; the model is put in eval mode.
+
+    ``dataset`` yields ``(image, label)`` pairs; the labels are ignored.
+    """
+    place_model(model.eval(), device, channels_last=channels_last)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    outputs = []
+    for images, _ in loader:
+        with autocast(device, precision):
+            outputs.append(model(place_batch(images, device, channels_last=channels_last)).float().cpu())
+    return torch.cat(outputs).numpy() if outputs else torch.zeros((0, 0), dtype=torch.float32).numpy()

@@ -1,0 +1,131 @@
+"""Tests for medtransfer.data.npz: MedMNIST .npz files as a data source (through discover)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medtransfer.data.discover import discover
+from medtransfer.data.split import resplit
+from medtransfer.errors import ConfigError, DataError
+
+
+def write_npz(path: Path, *, sizes=None, shape=(28, 28), classes: int = 2, seed: int = 0, **extra) -> Path:
+    """An .npz laid out as the medmnist package writes it: {split}_images uint8, {split}_labels (N, 1)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (sizes or {"train": 12, "val": 4, "test": 6}).items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % classes).reshape(n, 1).astype(np.uint8)
+    arrays.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (32, 32, 3)], ids=["grayscale", "rgb"])
+def test_npz_records_keep_splits_labels_and_pixels(tmp_path, shape):
+    source = write_npz(tmp_path / "pneumoniamnist.npz", shape=shape)
+    records = discover(source, extract_dir=tmp_path / "cache")
+
+    assert Counter((r.split, r.label) for r in records) == {
+        ("train", "0"): 6, ("train", "1"): 6, ("val", "0"): 2, ("val", "1"): 2, ("test", "0"): 3, ("test", "1"): 3
+    }
+    with np.load(source) as arrays:
+        for split in ("train", "val", "test"):
+            mine = [r for r in records if r.split == split]
+            for i, r in enumerate(mine):
+                assert r.label == str(int(arrays[f"{split}_labels"][i, 0]))
+                with Image.open(r.path) as im:
+                    np.testing.assert_array_equal(np.asarray(im), arrays[f"{split}_images"][i])
+    assert len({r.patient_id for r in records}) == len(records)  # MedMNIST has no patients: one per image
+    assert all(Path(r.path).is_relative_to(tmp_path / "cache") for r in records)
+
+
+def test_npz_class_names_name_the_indices(tmp_path):
+    source = write_npz(tmp_path / "x.npz", classes=3)
+    records = discover(source, extract_dir=tmp_path / "cache", class_names=["NORMAL", "BACTERIA", "VIRUS"])
+    assert {r.label for r in records} == {"NORMAL", "BACTERIA", "VIRUS"}
+    merged = discover(
+        source, extract_dir=tmp_path / "cache", class_names=["NORMAL", "BACTERIA", "VIRUS"],
+        class_map={"BACTERIA": "PNEUMONIA", "VIRUS": "PNEUMONIA"},
+    )
+    assert Counter(r.label for r in merged) == {"NORMAL": 8, "PNEUMONIA": 14}
+
+
+def test_npz_images_are_written_once_and_follow_the_content(tmp_path):
+    source = write_npz(tmp_path / "x.npz")
+    first = discover(source, extract_dir=tmp_path / "cache")
+    stamp = first[0].path.stat().st_mtime_ns
+    again = discover(source, extract_dir=tmp_path / "cache")
+    assert [r.path for r in again] == [r.path for r in first] and again[0].path.stat().st_mtime_ns == stamp
+    write_npz(source, seed=1)  # new content: a new folder
+    changed = discover(source, extract_dir=tmp_path / "cache")
+    assert changed[0].path.parent.parent != first[0].path.parent.parent
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        {first[0].path.parent.parent.name, changed[0].path.parent.parent.name}
+    )
+
+
+def test_npz_with_only_a_test_split_and_a_resplit(tmp_path):
+    only_test = discover(write_npz(tmp_path / "t.npz", sizes={"test": 6}), extract_dir=tmp_path / "c")
+    assert {r.split for r in only_test} == {"test"}
+    train_only = discover(write_npz(tmp_path / "tr.npz", sizes={"train": 40}), extract_dir=tmp_path / "c")
+    assert {r.split for r in resplit(train_only, seed=0)} == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"train_images": np.zeros((2, 4, 4), np.uint8)}, "train_images and train_labels must come together"),
+        ({"images": np.zeros((2, 4, 4), np.uint8)}, "no MedMNIST arrays (train_images, train_labels"),
+        ({"train_images": np.zeros((2, 4, 4), np.float32), "train_labels": np.zeros((2, 1), np.uint8)},
+         "train_images has dtype float32"),
+        ({"train_images": np.zeros((2, 4, 4, 4), np.uint8), "train_labels": np.zeros((2, 1), np.uint8)},
+         "3D volumes are not supported"),
+        ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros((2, 14), np.uint8)},
+         "multi-label data (one column per finding) is not supported"),
+        ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros((3, 1), np.uint8)},
+         "expected (2, 1) for 2 images"),
+        ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.full((2, 1), -1)},
+         "must be class indices 0, 1, ..."),
+    ],
+)
+def test_npz_with_wrong_arrays_says_what_is_wrong(tmp_path, arrays, message):
+    source = tmp_path / "bad.npz"
+    np.savez(source, **arrays)
+    with pytest.raises(DataError) as info:
+        discover(source, extract_dir=tmp_path / "cache")
+    assert message in str(info.value) and str(source) in str(info.value)
+
+
+def test_npz_that_is_not_an_npz(tmp_path):
+    (tmp_path / "fake.NPZ").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz file"):
+        discover(tmp_path / "fake.NPZ", extract_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"class_names": ["A"]}, DataError, "labels go up to 1 but --class-names lists 1 name(s) (A)"),
+        ({"class_names": ["A", "A"]}, DataError, "names must be non-empty and distinct"),
+        ({"patient_regex": r"(\d+)"}, ConfigError, "--patient-regex: an .npz file has no patient IDs"),
+        ({"extract_dir": None}, ConfigError, "needs a folder to write its images to"),
+    ],
+)
+def test_npz_option_errors(tmp_path, kwargs, error, message):
+    source = write_npz(tmp_path / "x.npz")
+    with pytest.raises(error) as info:
+        discover(source, **{"extract_dir": tmp_path / "cache", **kwargs})
+    assert message in str(info.value)
+
+
+def test_class_names_with_a_folder_source_is_refused(make_kaggle_tree):
+    root = make_kaggle_tree({"train": {"NORMAL": 1, "PNEUMONIA": 1}})
+    with pytest.raises(ConfigError, match="to rename folder classes use --class-map"):
+        discover(root, class_names=["A", "B"])
