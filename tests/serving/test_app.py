@@ -24,15 +24,19 @@ from medtransfer.serving import app as serving
 from medtransfer.serving.app import create_app
 
 
+def save_random_model(folder: Path, classes: list[str], **settings) -> Path:
+    """A random-weight resnet18 saved as `medtransfer train` saves it."""
+    torch.manual_seed(3)
+    net, spec = create_backbone("resnet18", num_classes=len(classes), weights="none")
+    model = TransferModel(net, spec)
+    save_model(model, model_info(model, classes=classes, positive_class=classes[-1], **settings), folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    torch.manual_seed(3)
-    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
-    model = TransferModel(net, spec)
-    folder = tmp_path_factory.mktemp("serve") / "run"
-    save_model(model, model_info(model, classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.44,
-                                 temperature=1.2, image_size=48, decode_size=56, threshold_policy="youden"), folder)
-    return folder
+    return save_random_model(tmp_path_factory.mktemp("serve") / "run", ["NORMAL", "PNEUMONIA"], threshold=0.44,
+                             temperature=1.2, image_size=48, decode_size=56, threshold_policy="youden")
 
 
 def test_server_predicts_like_the_cli_and_refuses_bad_uploads(run, tmp_path, make_image):
@@ -66,12 +70,8 @@ def test_an_upload_over_the_size_limit_is_refused(run, tmp_path, make_image, mon
 
 
 def test_model_endpoint_shows_null_for_a_policy_the_model_json_lacks(tmp_path):
-    torch.manual_seed(0)
-    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
-    model = TransferModel(net, spec)
-    save_model(model, model_info(model, classes=["A", "B"], positive_class="B", threshold=0.5, image_size=32,
-                                 decode_size=40), tmp_path / "plain")
-    assert TestClient(create_app(load_model(tmp_path / "plain"))).get("/model").json()["threshold_policy"] is None
+    plain = save_random_model(tmp_path / "plain", ["A", "B"], threshold=0.5, image_size=32, decode_size=40)
+    assert TestClient(create_app(load_model(plain))).get("/model").json()["threshold_policy"] is None
 
 
 def test_web_page_renders_model_information_in_headless_chromium(run, tmp_path):
