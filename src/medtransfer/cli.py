@@ -7,7 +7,6 @@ here. Configuration precedence: defaults < --config YAML < command-line flags.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medtransfer.config import TrainConfig, default_cache_dir, parse_set_values, resolve_train_config
 from medtransfer.errors import MedtransferError
 
 app = typer.Typer(
@@ -26,31 +26,13 @@ app = typer.Typer(
 )
 console = Console()
 error_console = Console(stderr=True)
-
-
-def default_cache_dir() -> Path:
-    """The decoded-image cache shared by all runs: $MEDTRANSFER_CACHE, else ~/.cache/medtransfer."""
-    if os.environ.get("MEDTRANSFER_CACHE"):
-        return Path(os.environ["MEDTRANSFER_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "medtransfer"
+DEFAULTS = TrainConfig()  # the one source of default values, also for `split`, `cache` and `evaluate`
 
 
 def _quiet_lightning() -> None:
     """Lightning (configured on import) logs a hardware summary and product tips at INFO;
     medtransfer prints what matters itself. Call after Lightning is imported."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-
-
-def _train_overrides(**flags) -> dict:
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    for item in flags.get("set_values") or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise MedtransferError(f"--set {item!r}: expected KEY=VALUE, e.g. --set label_smoothing=0.1")
-        overrides[key.strip().replace("-", "_")] = value
-    overrides.pop("set_values", None)
-    return overrides
 
 
 @app.command()
@@ -62,17 +44,17 @@ def train(
     backbone: Optional[str] = typer.Option(None, help="resnet18 (default), resnet50, densenet121, efficientnet_lite0 or any timm name."),
     weights: Optional[str] = typer.Option(None, help="imagenet (default), none, or a .pth/.safetensors file."),
     strategy: Optional[str] = typer.Option(None, help="finetune (default), freeze, or linear-probe."),
-    freeze_children: Optional[int] = typer.Option(None, help="With --strategy freeze: how many first children to freeze (default 4)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 30)."),
-    patience: Optional[int] = typer.Option(None, help="Early stopping patience on validation loss (default 10)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate for AdamW (default 1e-3)."),
-    image_size: Optional[int] = typer.Option(None, help="Model input size in pixels (default 224)."),
+    freeze_children: Optional[int] = typer.Option(None, help=f"With --strategy freeze: how many first children to freeze (default {DEFAULTS.freeze_children})."),
+    epochs: Optional[int] = typer.Option(None, help=f"Maximum epochs (default {DEFAULTS.epochs})."),
+    patience: Optional[int] = typer.Option(None, help=f"Early stopping patience on validation loss (default {DEFAULTS.patience})."),
+    batch_size: Optional[int] = typer.Option(None, help=f"Batch size (default {DEFAULTS.batch_size})."),
+    lr: Optional[float] = typer.Option(None, help=f"Peak learning rate for AdamW (default {DEFAULTS.lr:g})."),
+    image_size: Optional[int] = typer.Option(None, help=f"Model input size in pixels (default {DEFAULTS.image_size})."),
     output_stride: Optional[int] = typer.Option(
         None, help="32 (default); 16 or 8 dilate the last stage for finer heatmaps (efficientnet_lite0, resnet50, timm)."
     ),
-    val_fraction: Optional[float] = typer.Option(None, help="Patient-level validation fraction drawn from train+val (default 0.2)."),
-    test_fraction: Optional[float] = typer.Option(None, help="Draw a patient-level test split when the data has none (default 0)."),
+    val_fraction: Optional[float] = typer.Option(None, help=f"Patient-level validation fraction drawn from train+val (default {DEFAULTS.val_fraction})."),
+    test_fraction: Optional[float] = typer.Option(None, help=f"Draw a patient-level test split when the data has none (default {DEFAULTS.test_fraction:g})."),
     keep_official_val: Optional[bool] = typer.Option(None, "--keep-official-val", help="Use the data's own val split as is."),
     labels: Optional[str] = typer.Option(None, help="folder (default) or kermany-3class (NORMAL/BACTERIA/VIRUS from file names)."),
     patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
@@ -81,9 +63,9 @@ def train(
     sampler: Optional[str] = typer.Option(None, help="shuffle (default) or balanced (each class drawn equally often)."),
     loss: Optional[str] = typer.Option(None, help="cross-entropy (default) or focal."),
     threshold: Optional[str] = typer.Option(None, help="Threshold policy on val: youden (default), f1, sensitivity:0.95, specificity:0.90, fixed:0.5."),
-    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for 95% CIs (default 2000, 0 = off)."),
+    bootstrap: Optional[int] = typer.Option(None, help=f"Bootstrap resamples for 95% CIs (default {DEFAULTS.bootstrap}, 0 = off)."),
     calibrate: Optional[str] = typer.Option(None, help="temperature (default) or none."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
+    seed: Optional[int] = typer.Option(None, help=f"Random seed (default {DEFAULTS.seed})."),
     accelerator: Optional[str] = typer.Option(None, help="auto (default), cpu or gpu."),
     devices: Optional[str] = typer.Option(None, help="GPUs to use (default auto)."),
     precision: Optional[str] = typer.Option(None, help="auto (default: bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed."),
@@ -96,40 +78,26 @@ def train(
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):
     """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
-    flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume")}
-    from medtransfer.config import TrainConfig
+    flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume", "set_values")}
     from medtransfer.train.pipeline import run_training
 
+    settings, run_dir = resolve_train_config(
+        out=out, resume=resume, config_file=config, overrides={**flags, **parse_set_values(set_values)}
+    )
     _quiet_lightning()
-    overrides = _train_overrides(**flags)
-    if resume is not None:
-        if config is not None or data is not None:
-            raise MedtransferError("--resume: takes the run's own config.yaml; leave out --config and --data")
-        run_dir = resume
-        settings = TrainConfig.from_sources(run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None, overrides)
-    else:
-        if out is None:
-            raise MedtransferError("--out: required; name a new folder for the run, e.g. --out runs/first")
-        run_dir = out
-        settings = TrainConfig.from_sources(config, overrides)
-        if not settings.data:
-            raise MedtransferError("--data: required; pass the dataset folder or CSV (or set data: in --config)")
-    if settings.cache_dir is None:
-        settings.cache_dir = str(default_cache_dir())
     result = run_training(settings, run_dir, resume=resume is not None, console=console)
-    _print_result(result)
+    _print_result({"val": result.val, "test": result.test}, result.threshold)
 
 
-def _print_result(result: dict) -> None:
-    for split in ("val", "test"):
-        block = result.get(split)
+def _print_result(splits: dict[str, dict | None], threshold: float) -> None:
+    for split, block in splits.items():
         if not block:
             continue
         ci = block.get("auc_ci")
         auc = f"{block['auc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         console.print(
             f"{split:4s}: AUC {auc}  accuracy {block['accuracy']:.3f}  sensitivity {block['sensitivity']:.3f}  "
-            f"specificity {block['specificity']:.3f}  (threshold {result['threshold']:.3f})"
+            f"specificity {block['specificity']:.3f}  (threshold {threshold:.3f})"
         )
 
 
@@ -175,8 +143,8 @@ def evaluate(
     data: Path = typer.Option(..., help="Labelled dataset folder or CSV manifest."),
     out: Path = typer.Option(..., help="New folder for metrics.json, predictions.csv, plots and report.html."),
     split: str = typer.Option("test", help="Which split of --data to evaluate (when it has splits)."),
-    bootstrap: int = typer.Option(2000, help="Bootstrap resamples for 95% CIs (0 = off)."),
-    seed: int = typer.Option(0, help="Bootstrap seed."),
+    bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Bootstrap resamples for 95% CIs (0 = off)."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Bootstrap seed."),
     cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
@@ -188,15 +156,15 @@ def evaluate(
         run, data, out, split=split, cache_dir=cache_dir or default_cache_dir(), bootstrap=bootstrap, seed=seed,
         skip_bad=skip_bad_images, accelerator=accelerator, console=console,
     )
-    _print_result(result)
+    _print_result({"test": result.get("test")}, result["threshold"])
 
 
 @app.command()
 def compare(
     runs: List[Path] = typer.Argument(..., help="Two or more run or evaluation folders (the first is the reference)."),
     out: Optional[Path] = typer.Option(None, help="Also write comparison.md, comparison.html and comparison.json here."),
-    bootstrap: int = typer.Option(2000, help="Bootstrap resamples for the paired AUC test."),
-    seed: int = typer.Option(0, help="Bootstrap seed."),
+    bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Bootstrap resamples for the paired AUC test."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Bootstrap seed."),
 ):
     """Side-by-side metrics with CIs, and paired tests (bootstrap and DeLong) of AUC differences."""
     from medtransfer.evaluation.compare import compare_runs
@@ -211,53 +179,40 @@ def compare(
 def split(
     data: Path = typer.Option(..., help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
     out: Path = typer.Option(..., help="CSV file to write: path,label,patient_id,split."),
-    val_fraction: float = typer.Option(0.2, help="Patient-level validation fraction drawn from train+val."),
-    test_fraction: float = typer.Option(0.0, help="Draw a patient-level test split when the data has none."),
-    keep_official_val: bool = typer.Option(False, "--keep-official-val", help="Use the data's own val split as is."),
-    seed: int = typer.Option(0, help="Random seed."),
-    labels: str = typer.Option("folder", help="folder or kermany-3class."),
+    val_fraction: float = typer.Option(DEFAULTS.val_fraction, help="Patient-level validation fraction drawn from train+val."),
+    test_fraction: float = typer.Option(DEFAULTS.test_fraction, help="Draw a patient-level test split when the data has none."),
+    keep_official_val: bool = typer.Option(
+        DEFAULTS.keep_official_val, "--keep-official-val", help="Use the data's own val split as is."
+    ),
+    seed: int = typer.Option(DEFAULTS.seed, help="Random seed."),
+    labels: str = typer.Option(DEFAULTS.labels, help="folder or kermany-3class."),
     patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
-    strict: bool = typer.Option(False, "--strict", help="Fail when a patient or identical image is in two splits."),
+    strict: bool = typer.Option(DEFAULTS.strict, "--strict", help="Fail when a patient or identical image is in two splits."),
 ):
     """Draw the patient-level split that `train` would use, check it for leakage, and save it."""
-    from medtransfer.data.discover import discover
-    from medtransfer.data.split import check_leakage, resplit, split_summary, summary_lines, write_split_csv
+    flags = {k: v for k, v in locals().items() if k != "out"}
+    from medtransfer.train.pipeline import write_split
 
-    if out.exists() and out.is_dir():
-        raise MedtransferError(f"--out {out}: is a folder; name a CSV file, e.g. --out split.csv")
-    records = resplit(
-        discover(data, patient_regex=patient_regex, labels=labels),
-        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, keep_official_val=keep_official_val,
-    )
-    leakage = check_leakage(records)
-    for line in leakage.lines():
-        console.print(f"[yellow]Leakage:[/yellow] {line}")
-    if strict and not leakage.clean:
-        raise MedtransferError(f"--strict: {leakage.lines()[0]}; remove the duplicates or run without --strict")
-    for line in summary_lines(split_summary(records)):
-        console.print(line)
-    write_split_csv(records, out)
-    console.print(f"Wrote {out}" + (" (leakage check passed)" if leakage.clean else ""))
+    write_split(TrainConfig.from_dict({**flags, "data": str(data)}, source="options"), out, console)
 
 
 @app.command()
 def cache(
     data: Path = typer.Option(..., help="Dataset folder or CSV manifest."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),
-    size: int = typer.Option(256, help="Stored image side in pixels (use the training cache_size)."),
+    size: int = typer.Option(DEFAULTS.cache_size, help="Stored image side in pixels (use the training cache_size)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the available cores, up to 8)."),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    skip_bad_images: bool = typer.Option(
+        DEFAULTS.skip_bad_images, "--skip-bad-images", help="Leave unreadable images out."
+    ),
 ):
     """Prebuild the decode-once image cache for a dataset (training builds it too, on first use)."""
-    from medtransfer.data.cache import CacheSettings, ImageCache
-    from medtransfer.data.discover import discover
-    from medtransfer.runtime import default_decode_workers
+    from medtransfer.train.pipeline import prebuild_cache
 
-    records = discover(data)
-    image_cache = ImageCache(cache_dir or default_cache_dir(), CacheSettings(size=size))
-    images = image_cache.build([r.path for r in records], skip_bad=skip_bad_images, progress=True, workers=workers or default_decode_workers())
-    stats = image_cache.stats()
-    console.print(f"{len(images)} images cached ({images.built} decoded now) in {stats['location']}")
+    prebuild_cache(
+        data, cache_dir=cache_dir or default_cache_dir(), size=size, workers=workers, skip_bad=skip_bad_images,
+        console=console,
+    )
 
 
 @app.command()

@@ -2,12 +2,16 @@
 
 Precedence, stated once: dataclass defaults < YAML file (--config) < command-line flags.
 The resolved object is saved as RUN/config.yaml and components receive the parts they need.
+`TrainConfig.validate` checks each value on its own; choices owned by other modules
+(backbone, strategy, threshold policy, precision...) are checked by
+`medtransfer.train.validate.validate_config`, which asks those modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 import yaml
 
 from medtransfer.errors import ConfigError
+from medtransfer.rundir import CONFIG_FILE
 
 
 @dataclass
@@ -137,28 +142,66 @@ class TrainConfig:
             (self.num_workers >= -1, "num_workers", self.num_workers, "-1 (chosen by device) or 0 or more"),
             (self.class_weights in ("none", "balanced"), "class_weights", self.class_weights, "none or balanced"),
             (self.sampler in ("shuffle", "balanced"), "sampler", self.sampler, "shuffle or balanced"),
-            (self.loss in ("cross-entropy", "focal"), "loss", self.loss, "cross-entropy or focal"),
             (self.calibrate in ("none", "temperature"), "calibrate", self.calibrate, "none or temperature"),
             (self.bootstrap >= 0, "bootstrap", self.bootstrap, "0 (off) or a number of resamples"),
-            (self.labels in ("folder", "kermany-3class"), "labels", self.labels, "folder or kermany-3class"),
         ]
         for ok, name, value, expected in checks:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {expected}")
-        # Checked here, before anything is written, so that a typo never surfaces after training.
-        from medtransfer.runtime import ACCELERATORS, PRECISIONS
-        from medtransfer.evaluation.metrics import parse_threshold_policy
-
-        parse_threshold_policy(self.threshold)
-        for name, value, choices in (("accelerator", self.accelerator, ACCELERATORS), ("precision", self.precision, PRECISIONS)):
-            if value not in choices:
-                raise ConfigError(f"--{name}: got {value!r}; choose one of {', '.join(choices)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def write_yaml(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def default_cache_dir() -> Path:
+    """The decoded-image cache shared by all runs: $MEDTRANSFER_CACHE, else ~/.cache/medtransfer."""
+    if os.environ.get("MEDTRANSFER_CACHE"):
+        return Path(os.environ["MEDTRANSFER_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "medtransfer"
+
+
+def parse_set_values(items: list[str] | None) -> dict[str, str]:
+    """`--set KEY=VALUE` items as settings (values are coerced later, with the other sources)."""
+    values = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set label_smoothing=0.1")
+        values[key.strip().replace("-", "_")] = value
+    return values
+
+
+def resolve_train_config(
+    *, out: Path | None, resume: Path | None, config_file: Path | None, overrides: dict[str, Any]
+) -> tuple[TrainConfig, Path]:
+    """The settings and run folder of `medtransfer train`.
+
+    A new run: defaults < `config_file` < `overrides`, into `out`. A resumed run: the run's
+    own config.yaml < `overrides`, in `resume`. A missing cache_dir becomes
+    :func:`default_cache_dir`. `overrides` values of None mean "not given".
+    """
+    if resume is not None:
+        if config_file is not None or overrides.get("data") is not None:
+            raise ConfigError("--resume: takes the run's own config.yaml; leave out --config and --data")
+        if out is not None and Path(out) != Path(resume):
+            raise ConfigError(f"--resume {resume}: continues the run in its own folder; leave out --out {out}")
+        saved = Path(resume) / CONFIG_FILE
+        config = TrainConfig.from_sources(saved if saved.is_file() else None, overrides)
+        run_dir = Path(resume)
+    else:
+        if out is None:
+            raise ConfigError("--out: required; name a new folder for the run, e.g. --out runs/first")
+        config = TrainConfig.from_sources(config_file, overrides)
+        if not config.data:
+            raise ConfigError("--data: required; pass the dataset folder or CSV (or set data: in --config)")
+        run_dir = Path(out)
+    if config.cache_dir is None:
+        config.cache_dir = str(default_cache_dir())
+    return config, run_dir
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -20,3 +20,11 @@ class ConfigError(MedtransferError):
 
 class WeightsError(MedtransferError):
     """Pretrained or saved weights that cannot be obtained or do not fit the model."""
+
+
+class TrainingInterrupted(MedtransferError):
+    """The user stopped training; the run directory holds the last full epoch and can be resumed."""
+
+    def __init__(self, run_dir):
+        super().__init__(f"training interrupted; continue it with: medtransfer train --resume {run_dir}")
+        self.run_dir = run_dir

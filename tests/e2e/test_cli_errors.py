@@ -120,7 +120,44 @@ def test_output_dir_holding_a_run_points_to_resume(dataset, tmp_path, capsys):
 def test_bad_option_values(dataset, tmp_path, capsys, option, value, fragments):
     code, err = run(["train", "--data", dataset, "--out", tmp_path / "run", *FAST, option, value], capsys)
     assert_one_line_error(code, err, *fragments)
-    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was trained or written
+    assert not (tmp_path / "run").exists()  # refused before the run folder was created
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--strategy", "linear-probe", "--set", "augment=false", "--set", "label_smoothing=0.1"],
+         ["--label-smoothing: got 0.1", "linear probe on cached features", "remove the setting"]),
+        (["--strategy", "finetune", "--freeze-children", "2"], ["--freeze-children: got 2", "only --strategy freeze"]),
+        (["--set", "augment=false", "--hflip"], ["--horizontal-flip: got True", "augment is false"]),
+    ],
+)
+def test_a_setting_the_chosen_path_ignores_is_refused(dataset, tmp_path, capsys, args, fragments):
+    code, err = run(["train", "--data", dataset, "--out", tmp_path / "run", *FAST, *args], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--set", "lr"], ["--set 'lr'", "expected KEY=VALUE"]),
+        (["--set", "learning_rate=0.1"], ["options: unknown setting 'learning_rate'"]),
+        (["--out", None], ["--out: required"]),
+        (["--data", None], ["--data: required"]),
+        (["--resume", "RUN"], ["--resume: takes the run's own config.yaml", "leave out --config and --data"]),
+    ],
+)
+def test_flag_errors(dataset, tmp_path, capsys, args, fragments):
+    base = {"--data": dataset, "--out": tmp_path / "run"}
+    extra = []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in base and value is None:
+            del base[flag]
+        else:
+            extra += [flag, tmp_path / "run" if value == "RUN" else value]
+    code, err = run(["train", *[x for pair in base.items() for x in pair], *FAST, *extra], capsys)
+    assert_one_line_error(code, err, *fragments)
 
 
 def test_predict_with_a_folder_that_is_not_a_run(tmp_path, capsys, make_image):
@@ -148,3 +185,15 @@ def test_split_command_writes_a_patient_level_split(make_kaggle_tree, tmp_path, 
     assert sum(r["split"] == "val" for r in rows) == 10
     code, err = run(["split", "--data", root, "--out", tmp_path], capsys)
     assert_one_line_error(code, err, f"--out {tmp_path}", "is a folder")
+
+
+def test_cache_command_uses_the_training_cache_size_by_default(dataset, tmp_path, capsys):
+    from medtransfer.config import TrainConfig
+    from medtransfer.data.cache import CacheSettings, ImageCache
+
+    code, _ = run(["cache", "--data", dataset, "--cache-dir", tmp_path / "cache", "--workers", "1"], capsys)
+    assert code == 0
+    images = ImageCache(tmp_path / "cache", CacheSettings(size=TrainConfig().cache_size)).build(
+        sorted(dataset.rglob("*.jpeg")), workers=1
+    )
+    assert len(images) == 12 and images.built == 0  # all found in the cache at the default size

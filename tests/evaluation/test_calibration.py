@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy.special import log_softmax
 from sklearn.metrics import brier_score_loss, log_loss
 
 from medtransfer.errors import ConfigError, DataError
@@ -155,3 +156,20 @@ def test_apply_temperature_keeps_argmax_and_normalises():
 def test_bad_input_raises_domain_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("seed, scale", [(0, 4.0), (1, 0.5), (2, 1.0)])
+def test_fit_temperature_matches_a_dense_grid_search(seed, scale):
+    rng = np.random.default_rng(seed)
+    logits, labels = _calibrated_logits(rng, 800, 3)
+    logits = logits * scale
+    rows = np.arange(labels.shape[0])
+
+    def nll(t):  # scipy's log-softmax as the independent reference
+        return -log_softmax(logits / t, axis=1)[rows, labels].mean()
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 20001))  # steps of 0.03% in T
+    coarse = grid[::50][int(np.argmin([nll(t) for t in grid[::50]]))]
+    fine = grid[(grid > coarse / 1.02) & (grid < coarse * 1.02)]
+    reference = fine[int(np.argmin([nll(t) for t in fine]))]
+    assert fit_temperature(logits, labels) == pytest.approx(reference, rel=1e-3)

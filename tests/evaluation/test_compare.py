@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medtransfer.errors import ConfigError, DataError
-from medtransfer.evaluation import metrics
+from medtransfer.evaluation import metrics, resampling
 from medtransfer.evaluation.compare import OUTPUT_FILES, compare_runs
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -53,7 +53,7 @@ def _write_folder(
     folder = root / name
     folder.mkdir(parents=True)
     test = metrics.binary_metrics(y, prob, threshold=0.5)
-    test.update(metrics.bootstrap_ci(y, prob, threshold=0.5, groups=patients, n_resamples=50))
+    test.update(resampling.bootstrap_ci(y, prob, threshold=0.5, groups=patients, n_resamples=50))
     test["patients"] = len(set(patients))
     test["calibration"] = {"temperature": 1.2, "ece_before": 0.08, "ece_after": 0.031}
     data = {"backbone": backbone, "strategy": "freeze", "positive_class": positive, "threshold": 0.5, "test": test}

@@ -8,13 +8,13 @@ from sklearn.metrics import roc_auc_score
 
 from medtransfer.evaluation.calibration import apply_temperature
 from medtransfer.evaluation.evaluate import (
-    OperatingPoint,
     SplitOutputs,
     default_positive_class,
     fit_operating_point,
     split_metrics,
     write_predictions,
 )
+from medtransfer.evaluation.thresholds import OperatingPoint
 
 
 def outputs(seed: int, n: int = 300, scale: float = 12.0) -> SplitOutputs:

@@ -9,7 +9,8 @@ from PIL import Image
 from medtransfer.errors import DataError
 from medtransfer.evaluation import plots
 from medtransfer.evaluation.calibration import apply_temperature
-from medtransfer.evaluation.metrics import binary_metrics, roc_band
+from medtransfer.evaluation.metrics import binary_metrics
+from medtransfer.evaluation.resampling import roc_band
 
 
 @pytest.fixture(scope="module")

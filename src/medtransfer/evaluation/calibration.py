@@ -1,10 +1,10 @@
 """Calibration: ECE, Brier score, reliability bins and temperature scaling.
 
-Pure numpy. Bins are equal-width on [0, 1]: bin i holds ``edges[i] <= p < edges[i+1]``,
-the last bin also holds ``p == 1``. Temperature scaling (Guo et al. 2017, "On
-Calibration of Modern Neural Networks", ICML) divides the logits by one scalar T > 0
-fitted on validation data by minimising the negative log-likelihood; it changes
-confidence but never the argmax.
+Numpy, plus scipy's bounded scalar minimiser for the temperature. Bins are equal-width
+on [0, 1]: bin i holds ``edges[i] <= p < edges[i+1]``, the last bin also holds
+``p == 1``. Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
+Networks", ICML) divides the logits by one scalar T > 0 fitted on validation data by
+minimising the negative log-likelihood; it changes confidence but never the argmax.
 
 Example
 -------
@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 from medtransfer.errors import ConfigError, DataError
 
@@ -33,8 +34,6 @@ __all__ = [
     "reliability_bins",
     "top_label_ece",
 ]
-
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...
 
 
 # --------------------------------------------------------------------------- inputs
@@ -197,11 +196,11 @@ def fit_temperature(
 ) -> float:
     """Fit the temperature T > 0 minimising the NLL of ``softmax(logits / T)``.
 
-    Golden-section search on ``log T`` within ``bounds``: the NLL is convex in 1/T, hence
-    unimodal in log T, so the search finds the global minimum inside the bounds (a
-    bound is returned when the optimum lies beyond it, e.g. T -> 0 for perfectly
-    separated data). Stops when the bracket is narrower than ``tol`` in log T or after
-    ``max_iter`` steps. Fit on validation logits only.
+    Bounded scalar minimisation (scipy's Brent method) over ``log T`` within ``bounds``:
+    the NLL is convex in 1/T, hence unimodal in log T, so the search finds the global
+    minimum inside the bounds (a bound is returned when the optimum lies beyond it, e.g.
+    T -> 0 for perfectly separated data). ``tol`` is the absolute tolerance in log T and
+    ``max_iter`` caps the iterations. Fit on validation logits only.
     """
     z, y = _logits_labels(logits, labels)
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
@@ -214,22 +213,10 @@ def fit_temperature(
     def nll(log_t: float) -> float:
         return float(-_log_softmax(z * math.exp(-log_t))[rows, y].mean())
 
-    a, b = math.log(lo_t), math.log(hi_t)
-    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-    fc, fd = nll(c), nll(d)
-    for _ in range(int(max_iter)):
-        if b - a < tol:
-            break
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - _GOLDEN * (b - a)
-            fc = nll(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + _GOLDEN * (b - a)
-            fd = nll(d)
-    # Compare the bracket's interior best with the bounds themselves (optimum at an edge).
-    best = min((fc, c), (fd, d), (nll(math.log(lo_t)), math.log(lo_t)), (nll(math.log(hi_t)), math.log(hi_t)))
+    lo, hi = math.log(lo_t), math.log(hi_t)
+    found = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": tol, "maxiter": int(max_iter)})
+    # The bounded method never evaluates the bounds themselves: compare with them (optimum at an edge).
+    best = min((float(found.fun), float(found.x)), (nll(lo), lo), (nll(hi), hi))
     return float(math.exp(best[1]))
 
 

@@ -14,8 +14,8 @@ tested against the first (the reference). Each pair gets
 
 * a paired bootstrap of ``AUC_a - AUC_b`` that resamples *patients* (the
   ``patient_id`` column; images when the column is absent, and the output says so), see
-  :func:`medtransfer.evaluation.metrics.paired_bootstrap_auc_test`;
-* DeLong's test (image-level), :func:`medtransfer.evaluation.metrics.delong_test`.
+  :func:`medtransfer.evaluation.resampling.paired_bootstrap_auc_test`;
+* DeLong's test (image-level), :func:`medtransfer.evaluation.resampling.delong_test`.
 
 Example
 -------
@@ -35,7 +35,7 @@ import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import html as h
-from medtransfer.evaluation import metrics
+from medtransfer.evaluation import resampling
 from medtransfer.rundir import Predictions, RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["ComparisonResult", "OUTPUT_FILES", "compare_runs"]
@@ -220,8 +220,8 @@ def _paired_test(fa: _Folder, fb: _Folder, positive: str, *, n_resamples: int, s
     else:
         groups = None if pb.patient_ids is None else [pb.patient_ids[i] for i in order]
     try:
-        boot = metrics.paired_bootstrap_auc_test(y, prob_a, prob_b, groups=groups, n_resamples=n_resamples, seed=seed)
-        delong = metrics.delong_test(y, prob_a, prob_b)
+        boot = resampling.paired_bootstrap_auc_test(y, prob_a, prob_b, groups=groups, n_resamples=n_resamples, seed=seed)
+        delong = resampling.delong_test(y, prob_a, prob_b)
     except DataError as exc:
         raise DataError(f"comparing {fa.path} with {fb.path}: {exc}") from None
     return {

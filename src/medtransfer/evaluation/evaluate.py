@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from medtransfer.evaluation import calibration, metrics, plots
+from medtransfer.evaluation import calibration, metrics, plots, resampling, thresholds
+from medtransfer.evaluation.thresholds import OperatingPoint
 
 
 @dataclass
@@ -39,32 +40,12 @@ def default_positive_class(classes: list[str]) -> str:
     return "PNEUMONIA" if "PNEUMONIA" in classes else classes[-1]
 
 
-@dataclass
-class OperatingPoint:
-    """What is fitted on validation and applied everywhere else."""
-
-    positive_index: int
-    temperature: float
-    threshold: float
-    policy: str
-
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return calibration.apply_temperature(logits, self.temperature)
-
-    def predict(self, probs: np.ndarray) -> np.ndarray:
-        """Binary: positive when p >= threshold. N classes: argmax (threshold applies to positive-vs-rest metrics)."""
-        if probs.shape[1] == 2:
-            negative = 1 - self.positive_index
-            return np.where(probs[:, self.positive_index] >= self.threshold, self.positive_index, negative)
-        return probs.argmax(axis=1)
-
-
 def fit_operating_point(val: SplitOutputs, *, positive_index: int, policy: str, calibrate: str) -> OperatingPoint:
     temperature = calibration.fit_temperature(val.logits, val.labels) if calibrate == "temperature" else 1.0
     probs = calibration.apply_temperature(val.logits, temperature)
-    parsed = metrics.parse_threshold_policy(policy)
+    parsed = thresholds.parse_threshold_policy(policy)
     is_positive = (val.labels == positive_index).astype(int)
-    threshold = metrics.choose_threshold(is_positive, probs[:, positive_index], parsed)
+    threshold = thresholds.choose_threshold(is_positive, probs[:, positive_index], parsed)
     return OperatingPoint(positive_index, float(temperature), float(threshold), policy)
 
 
@@ -94,7 +75,7 @@ def split_metrics(
     }
     result["patients"] = len(set(outputs.patient_ids))
     if bootstrap > 0:
-        intervals = metrics.bootstrap_ci(
+        intervals = resampling.bootstrap_ci(
             is_positive,
             probs[:, positive],
             threshold=point.threshold,
@@ -152,7 +133,7 @@ def write_plots(
             ci=split_result.get("auc_ci"),
             operating_point=(fpr, tpr),
             label=f"{classes[positive]} vs rest" if len(classes) > 2 else classes[positive],
-            band=metrics.roc_band(is_positive, probs[:, positive], outputs.patient_ids, n_resamples=band_resamples, seed=seed)
+            band=resampling.roc_band(is_positive, probs[:, positive], groups=outputs.patient_ids, n_resamples=band_resamples, seed=seed)
             if band_resamples
             else None,
         ),
@@ -161,7 +142,7 @@ def write_plots(
             probs[:, positive],
             plot_dir / f"{prefix}_pr.png",
             average_precision=split_result["average_precision"],
-            band=metrics.pr_band(is_positive, probs[:, positive], outputs.patient_ids, n_resamples=band_resamples, seed=seed)
+            band=resampling.pr_band(is_positive, probs[:, positive], groups=outputs.patient_ids, n_resamples=band_resamples, seed=seed)
             if band_resamples
             else None,
         ),

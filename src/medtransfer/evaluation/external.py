@@ -17,7 +17,8 @@ from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import discover
 from medtransfer.errors import ConfigError, DataError
-from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, split_metrics, write_plots, write_predictions
+from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
+from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.rundir import write_metrics
 

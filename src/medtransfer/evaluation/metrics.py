@@ -1,8 +1,12 @@
-"""Classification metrics, threshold policies and bootstrap confidence intervals.
+"""Point metrics of a classifier: AUC, average precision, confusion matrix, sensitivity,
+specificity, precision, NPV, F1, ROC and precision-recall curve points.
 
 Pure numpy functions (no scikit-learn: it is only the independent reference in the
 tests). Every public function returns JSON-ready python values (``float``, ``int``,
-``list``) except the curve helpers, which return numpy arrays for plotting.
+``list``) except the curve helpers, which return numpy arrays for plotting. Threshold
+policies live in :mod:`~medtransfer.evaluation.thresholds`, bootstrap intervals, curve
+bands and DeLong's test in :mod:`~medtransfer.evaluation.resampling`; both build on the
+input checks and the :class:`RankedScores` machinery defined here.
 
 Conventions
 -----------
@@ -38,38 +42,22 @@ import numpy as np
 from medtransfer.errors import ConfigError, DataError
 
 __all__ = [
-    "ThresholdPolicy",
+    "RankedScores",
+    "binary_inputs",
     "binary_metrics",
-    "bootstrap_ci",
-    "choose_threshold",
-    "delong_test",
+    "check_threshold",
     "multiclass_metrics",
-    "paired_bootstrap_auc_test",
-    "parse_threshold_policy",
     "pr_curve_points",
-    "roc_band",
+    "require_both_classes",
     "roc_curve_points",
+    "safe_div",
 ]
-
-# Resamples are drawn in chunks of this many rows, so memory stays ~ chunk * n floats.
-_CHUNK = 256
-
-_BOOTSTRAP_METRICS = (
-    "auc",
-    "average_precision",
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "npv",
-    "f1",
-)
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def _binary_inputs(y_true: Any, prob_pos: Any, *, scores_name: str = "prob_pos"):
+def binary_inputs(y_true: Any, prob_pos: Any, *, scores_name: str = "prob_pos") -> tuple[np.ndarray, np.ndarray]:
     """Validate and convert to (int64 labels, float64 scores), both 1-D, same length."""
     y = np.asarray(y_true)
     s = np.asarray(prob_pos, dtype=np.float64) if _is_numeric(prob_pos) else None
@@ -121,7 +109,8 @@ def _first_bad(arr: np.ndarray, ok) -> Any:
     return arr.ravel()[0].item() if arr.size else None
 
 
-def _require_both_classes(y: np.ndarray, what: str) -> None:
+def require_both_classes(y: np.ndarray, what: str) -> None:
+    """DataError naming ``what`` unless the 0/1 labels ``y`` hold both classes."""
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.shape[0]:
         present = 1 if n_pos else 0
@@ -131,7 +120,8 @@ def _require_both_classes(y: np.ndarray, what: str) -> None:
         )
 
 
-def _check_threshold(threshold: Any) -> float:
+def check_threshold(threshold: Any) -> float:
+    """The threshold as a finite float; ConfigError otherwise."""
     try:
         t = float(threshold)
     except (TypeError, ValueError):
@@ -141,36 +131,13 @@ def _check_threshold(threshold: Any) -> float:
     return t
 
 
-def _check_resampling(n_resamples: Any, confidence: Any) -> tuple[int, float]:
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
-        raise ConfigError(f"n_resamples must be a positive integer; got {n_resamples!r}.")
-    try:
-        c = float(confidence)
-    except (TypeError, ValueError):
-        c = float("nan")
-    if not 0.0 < c < 1.0:
-        raise ConfigError(f"confidence must be strictly between 0 and 1 (e.g. 0.95); got {confidence!r}.")
-    return int(n_resamples), c
-
-
-def _group_index(groups: Any, n: int) -> tuple[np.ndarray, int]:
-    """Map group ids (any hashables) to 0..G-1; ``None`` gives one group per sample."""
-    if groups is None:
-        return np.arange(n, dtype=np.int64), n
-    values = list(np.asarray(groups, dtype=object).ravel()) if not isinstance(groups, list) else groups
-    if len(values) != n:
-        raise DataError(f"groups must have one id per sample ({n}); got {len(values)}.")
-    index: dict[Any, int] = {}
-    inv = np.fromiter((index.setdefault(g, len(index)) for g in values), dtype=np.int64, count=n)
-    return inv, len(index)
-
-
 # ---------------------------------------------------------------- ranking machinery
 
 
 @dataclass(frozen=True)
-class _Ranked:
-    """Samples sorted by ascending score, with blocks of tied scores.
+class RankedScores:
+    """Samples sorted by ascending score, with blocks of tied scores: the one ranking of
+    the package (AUC, curves, threshold policies, bootstrap and DeLong all read it).
 
     Every ranking metric is computed from per-resample sample weights ``W`` (shape
     ``(b, n)`` in sorted order; all ones for the plain estimate, bootstrap counts for a
@@ -184,7 +151,7 @@ class _Ranked:
     ends: np.ndarray  # one past the last index of each tie block, shape (U,)
 
     @classmethod
-    def build(cls, y: np.ndarray, s: np.ndarray) -> "_Ranked":
+    def build(cls, y: np.ndarray, s: np.ndarray) -> "RankedScores":
         order = np.argsort(s, kind="stable")
         ss = s[order]
         new = np.empty(ss.shape[0], dtype=bool)
@@ -198,6 +165,10 @@ class _Ranked:
     def values(self) -> np.ndarray:
         """The distinct scores, ascending."""
         return self.scores[self.starts]
+
+    def unit_weights(self) -> np.ndarray:
+        """``W`` of the plain (not resampled) estimate: one row of ones."""
+        return np.ones((1, self.scores.shape[0]))
 
     def cumulative(self, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cumulative positive / negative weight below each sorted index: ``(b, n + 1)``."""
@@ -229,13 +200,26 @@ class _Ranked:
         valid = (P > 0) & (N > 0)
         # Mann-Whitney: each positive beats the negatives strictly below it, ties count 1/2.
         num = (pos_blk * (neg_lo + 0.5 * neg_blk)).sum(axis=1)
-        auc = _safe_div(num, P * N)
-        precision = _safe_div(tp, tp + fp)
-        ap = _safe_div((pos_blk * precision).sum(axis=1), P)
+        auc = safe_div(num, P * N)
+        precision = safe_div(tp, tp + fp)
+        ap = safe_div((pos_blk * precision).sum(axis=1), P)
         return np.where(valid, auc, 0.0), np.where(valid, ap, 0.0), valid
 
+    def placements(self) -> np.ndarray:
+        """Per sample, in input order: for a positive, the fraction of negatives scored
+        below it; for a negative, the fraction of positives scored above it (ties count
+        1/2 in both). The mean over the positives is the AUC; these are the structural
+        components of DeLong's variance (midrank differences in Sun & Xu 2014)."""
+        pos_blk, neg_blk, tp, _, P, N, neg_lo = self.counts_at_blocks(self.unit_weights())
+        block = np.repeat(np.arange(self.starts.shape[0]), self.ends - self.starts)
+        below = (neg_lo[0] + 0.5 * neg_blk[0]) / N[0]
+        above = (tp[0] - 0.5 * pos_blk[0]) / P[0]  # tp includes the tied block: keep half of it
+        out = np.empty(self.scores.shape[0])
+        out[self.order] = np.where(self.y == 1.0, below[block], above[block])
+        return out
 
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+
+def safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den with 0.0 where den == 0 (no warnings, no NaN)."""
     num, den = np.broadcast_arrays(np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64))
     out = np.zeros(num.shape)
@@ -264,11 +248,11 @@ def binary_metrics(y_true: Any, prob_pos: Any, *, threshold: float) -> dict:
             (AUC and sensitivity/specificity need both).
         ConfigError: non-finite threshold.
     """
-    y, s = _binary_inputs(y_true, prob_pos)
-    t = _check_threshold(threshold)
-    _require_both_classes(y, "AUC")
-    ranked = _Ranked.build(y, s)
-    auc, ap, _ = ranked.auc_ap(np.ones((1, y.shape[0])))
+    y, s = binary_inputs(y_true, prob_pos)
+    t = check_threshold(threshold)
+    require_both_classes(y, "AUC")
+    ranked = RankedScores.build(y, s)
+    auc, ap, _ = ranked.auc_ap(ranked.unit_weights())
     pred = s >= t
     tp = int(np.sum(pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))
@@ -295,10 +279,10 @@ def roc_curve_points(y_true: Any, prob_pos: Any) -> tuple[np.ndarray, np.ndarray
     """ROC curve at every distinct score, as ``sklearn.metrics.roc_curve(...,
     drop_intermediate=False)``: thresholds descend and start with ``inf`` so the curve
     starts at (0, 0). Raises DataError unless both classes are present."""
-    y, s = _binary_inputs(y_true, prob_pos)
-    _require_both_classes(y, "ROC curve")
-    ranked = _Ranked.build(y, s)
-    _, _, tp, fp, P, N, _ = ranked.counts_at_blocks(np.ones((1, y.shape[0])))
+    y, s = binary_inputs(y_true, prob_pos)
+    require_both_classes(y, "ROC curve")
+    ranked = RankedScores.build(y, s)
+    _, _, tp, fp, P, N, _ = ranked.counts_at_blocks(ranked.unit_weights())
     tpr = np.concatenate(([0.0], tp[0, ::-1] / P[0]))
     fpr = np.concatenate(([0.0], fp[0, ::-1] / N[0]))
     thresholds = np.concatenate(([np.inf], ranked.values[::-1]))
@@ -309,12 +293,12 @@ def pr_curve_points(y_true: Any, prob_pos: Any) -> tuple[np.ndarray, np.ndarray,
     """Precision-recall curve as ``sklearn.metrics.precision_recall_curve``: thresholds
     are the distinct scores ascending; precision and recall have one extra final point
     (1.0, 0.0). Raises DataError when there is no positive sample."""
-    y, s = _binary_inputs(y_true, prob_pos)
+    y, s = binary_inputs(y_true, prob_pos)
     if int(y.sum()) == 0:
         raise DataError("PR curve needs at least one positive sample (label 1) in y_true; got none.")
-    ranked = _Ranked.build(y, s)
-    _, _, tp, fp, P, _, _ = ranked.counts_at_blocks(np.ones((1, y.shape[0])))
-    precision = np.append(_safe_div(tp[0], tp[0] + fp[0]), 1.0)
+    ranked = RankedScores.build(y, s)
+    _, _, tp, fp, P, _, _ = ranked.counts_at_blocks(ranked.unit_weights())
+    precision = np.append(safe_div(tp[0], tp[0] + fp[0]), 1.0)
     recall = np.append(tp[0] / P[0], 0.0)
     return precision, recall, ranked.values.copy()
 
@@ -360,7 +344,8 @@ def multiclass_metrics(y_true: Any, probs: Any, *, class_names: Sequence[str]) -
                 f"one-vs-rest AUC for class {name!r} needs samples of that class and of the others; "
                 f"got {support} of {y.shape[0]}. Evaluate on a split that contains every class."
             )
-        auc, _, _ = _Ranked.build(yc, p[:, c]).auc_ap(np.ones((1, y.shape[0])))
+        ranked = RankedScores.build(yc, p[:, c])
+        auc, _, _ = ranked.auc_ap(ranked.unit_weights())
         tp = int(cm[c, c])
         predicted = int(cm[:, c].sum())
         per_class[name] = {
@@ -378,429 +363,3 @@ def multiclass_metrics(y_true: Any, probs: Any, *, class_names: Sequence[str]) -
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
-
-
-# ---------------------------------------------------------------- threshold policies
-
-_POLICY_FORMS = (
-    "youden, f1, sensitivity:X, specificity:X (0 < X <= 1) or fixed:T (0 <= T <= 1), "
-    "e.g. 'sensitivity:0.95'"
-)
-_POLICY_KINDS = ("youden", "f1", "sensitivity", "specificity", "fixed")
-
-
-@dataclass(frozen=True)
-class ThresholdPolicy:
-    """How to pick the decision threshold (on the validation split, never on test).
-
-    ``kind`` is one of ``youden`` (max TPR - FPR), ``f1`` (max F1), ``sensitivity``
-    (highest threshold with sensitivity >= value), ``specificity`` (lowest threshold with
-    specificity >= value) or ``fixed`` (value is the threshold). ``str(policy)`` gives
-    the text form accepted by :func:`parse_threshold_policy`.
-    """
-
-    kind: str
-    value: float | None = None
-
-    def __post_init__(self) -> None:
-        text = self.kind if self.value is None else f"{self.kind}:{self.value}"
-        if self.kind not in _POLICY_KINDS:
-            raise ConfigError(f"--threshold: got {text!r}; expected {_POLICY_FORMS}.")
-        if self.kind in ("youden", "f1"):
-            if self.value is not None:
-                raise ConfigError(f"--threshold: got {text!r}; {self.kind} takes no value. Expected {_POLICY_FORMS}.")
-            return
-        v = self.value
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if ok and self.kind == "fixed":
-            ok = 0.0 <= v <= 1.0
-        elif ok:
-            ok = 0.0 < v <= 1.0
-        if not ok:
-            raise ConfigError(f"--threshold: got {text!r}; expected {_POLICY_FORMS}.")
-        object.__setattr__(self, "value", float(v))
-
-    def __str__(self) -> str:
-        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
-
-
-def parse_threshold_policy(text: str) -> ThresholdPolicy:
-    """Parse ``youden``, ``f1``, ``sensitivity:0.95``, ``specificity:0.9`` or
-    ``fixed:0.5`` (case-insensitive). Raises ConfigError naming ``--threshold``."""
-    if not isinstance(text, str):
-        raise ConfigError(f"--threshold: got {text!r}; expected {_POLICY_FORMS}.")
-    kind, sep, raw = text.strip().lower().partition(":")
-    kind = kind.strip()
-    if kind not in _POLICY_KINDS or (kind in ("youden", "f1") and sep):
-        raise ConfigError(f"--threshold: got {text!r}; expected {_POLICY_FORMS}.")
-    if kind in ("youden", "f1"):
-        return ThresholdPolicy(kind)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"--threshold: got {text!r}; expected {_POLICY_FORMS}.") from None
-    try:
-        return ThresholdPolicy(kind, value)
-    except ConfigError:
-        raise ConfigError(f"--threshold: got {text!r}; expected {_POLICY_FORMS}.") from None
-
-
-def _interval_midpoint(candidates: np.ndarray, optimal: np.ndarray) -> float:
-    """Midpoint of the threshold interval that reproduces the highest run of optimal candidates."""
-    top = int(np.flatnonzero(optimal)[-1])
-    bottom = top
-    while bottom > 0 and optimal[bottom - 1]:
-        bottom -= 1
-    if bottom == 0:  # everything called positive: no candidate below to leave a margin to
-        return float(candidates[0])
-    return float((candidates[bottom - 1] + candidates[top]) / 2.0)
-
-
-def choose_threshold(y_true: Any, prob_pos: Any, policy: ThresholdPolicy) -> float:
-    """Pick a threshold on validation data; predicted positive means ``prob >= t``.
-
-    Candidates are the distinct values of ``prob_pos``. For Youden's J and F1, the
-    optimum is the highest run of consecutive candidates with the best value (ties go to
-    the fewest positive calls); every threshold between the candidate below that run and
-    its top gives the same predictions, and the midpoint of that interval is returned
-    (a maximum-margin choice: on well-separated validation data the top candidate alone
-    can sit at p = 1.0, which the next data set will not reach). ``sensitivity:X``
-    returns the highest candidate with sensitivity >= X (always exists: the lowest
-    candidate calls everything positive); ``specificity:X`` the lowest candidate with
-    specificity >= X (DataError if none reaches X, which happens when many negatives
-    share the top score, e.g. saturated probabilities of 1.0).
-    """
-    if not isinstance(policy, ThresholdPolicy):
-        raise ConfigError(f"policy must be a ThresholdPolicy (see parse_threshold_policy); got {policy!r}.")
-    if policy.kind == "fixed":
-        return float(policy.value)  # type: ignore[arg-type]
-    y, s = _binary_inputs(y_true, prob_pos)
-    _require_both_classes(y, f"threshold policy {str(policy)!r}")
-    ranked = _Ranked.build(y, s)
-    _, _, tp, fp, P, N, _ = ranked.counts_at_blocks(np.ones((1, y.shape[0])))
-    tp, fp = np.rint(tp[0]).astype(np.int64), np.rint(fp[0]).astype(np.int64)
-    n_pos, n_neg = int(round(P[0])), int(round(N[0]))
-    candidates = ranked.values
-    if policy.kind == "youden":
-        # J * P * N = tp * N - fp * P: exact integer comparison, no float ties.
-        j = tp * n_neg - fp * n_pos
-        return _interval_midpoint(candidates, j == j.max())
-    elif policy.kind == "f1":
-        f1 = 2.0 * tp / (tp + fp + n_pos)
-        return _interval_midpoint(candidates, f1 >= f1.max() - 1e-12)
-    elif policy.kind == "sensitivity":
-        idx = np.flatnonzero(tp / n_pos >= policy.value)[-1]
-    else:  # specificity
-        ok = np.flatnonzero((n_neg - fp) / n_neg >= policy.value)
-        if ok.size == 0:
-            best = (n_neg - fp[-1]) / n_neg
-            raise DataError(
-                f"threshold policy {str(policy)!r}: no threshold reaches specificity {policy.value:g} "
-                f"on these {y.shape[0]} samples (best {best:.3f}: {int(fp[-1])} negatives share the "
-                f"top score {candidates[-1]:g}). Use a lower target, another policy, or calibrated probabilities."
-            )
-        idx = ok[0]
-    return float(candidates[idx])
-
-
-# ------------------------------------------------------------------------ bootstrap
-
-
-def _resample_counts(rng: np.random.Generator, b: int, n_groups: int) -> np.ndarray:
-    """(b, G) counts of each group in b resamples of G groups drawn with replacement."""
-    draws = rng.integers(0, n_groups, size=(b, n_groups))
-    draws += (np.arange(b) * n_groups)[:, None]
-    return np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups)
-
-
-def _chunks(n_resamples: int):
-    done = 0
-    while done < n_resamples:
-        b = min(_CHUNK, n_resamples - done)
-        yield b
-        done += b
-
-
-def _percentile_ci(values: np.ndarray, confidence: float) -> list[float]:
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return [float(lo), float(hi)]
-
-
-def bootstrap_ci(
-    y_true: Any,
-    prob_pos: Any,
-    *,
-    threshold: float,
-    groups: Any = None,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict:
-    """Percentile confidence intervals by (cluster) bootstrap.
-
-    Groups (patient ids) are resampled with replacement and every image of a drawn
-    patient is kept, so correlated images of one patient do not shrink the interval;
-    ``groups=None`` resamples images. Metrics use the same conventions as
-    :func:`binary_metrics` (precision/NPV with an empty denominator are 0.0). A resample
-    that lacks a class is skipped for the metrics that need it (AUC and average
-    precision: both classes; sensitivity and F1: positives; specificity: negatives);
-    ``n_valid`` reports how many resamples each interval uses. Output never holds NaN.
-
-    Returns ``{"auc_ci": [lo, hi], "average_precision_ci", "accuracy_ci",
-    "sensitivity_ci", "specificity_ci", "precision_ci", "npv_ci", "f1_ci",
-    "n_resamples", "n_valid": {metric: count}, "confidence", "n_groups"}``.
-    """
-    y, s = _binary_inputs(y_true, prob_pos)
-    t = _check_threshold(threshold)
-    n_resamples, confidence = _check_resampling(n_resamples, confidence)
-    inv, n_groups = _group_index(groups, y.shape[0])
-    _require_both_classes(y, "bootstrap_ci")
-    ranked = _Ranked.build(y, s)
-    inv_sorted = inv[ranked.order]
-    pred = (ranked.scores >= t).astype(np.float64)
-    pos = ranked.y
-    tp_vec, fp_vec = pos * pred, (1.0 - pos) * pred
-    rng = np.random.default_rng(seed)
-    collected: dict[str, list[np.ndarray]] = {m: [] for m in _BOOTSTRAP_METRICS}
-    for b in _chunks(n_resamples):
-        W = _resample_counts(rng, b, n_groups)[:, inv_sorted].astype(np.float64)
-        auc, ap, both = ranked.auc_ap(W)
-        P, total = W @ pos, W.sum(axis=1)
-        N = total - P
-        tp, fp = W @ tp_vec, W @ fp_vec
-        fn, tn = P - tp, N - fp
-        has_pos, has_neg = P > 0, N > 0
-        collected["auc"].append(auc[both])
-        collected["average_precision"].append(ap[both])
-        collected["accuracy"].append((tp + tn) / total)
-        collected["sensitivity"].append(_safe_div(tp, P)[has_pos])
-        collected["specificity"].append(_safe_div(tn, N)[has_neg])
-        collected["precision"].append(_safe_div(tp, tp + fp))
-        collected["npv"].append(_safe_div(tn, tn + fn))
-        collected["f1"].append(_safe_div(2 * tp, 2 * tp + fp + fn)[has_pos])
-    out: dict[str, Any] = {}
-    n_valid: dict[str, int] = {}
-    for m in _BOOTSTRAP_METRICS:
-        values = np.concatenate(collected[m])
-        if values.size == 0:
-            raise DataError(
-                f"bootstrap_ci: no resample had the classes needed for {m} "
-                f"({n_groups} groups, {n_resamples} resamples). Use more data or more resamples."
-            )
-        out[f"{m}_ci"] = _percentile_ci(values, confidence)
-        n_valid[m] = int(values.size)
-    out.update(n_resamples=n_resamples, n_valid=n_valid, confidence=confidence, n_groups=n_groups)
-    return out
-
-
-def paired_bootstrap_auc_test(
-    y_true: Any,
-    prob_a: Any,
-    prob_b: Any,
-    *,
-    groups: Any = None,
-    n_resamples: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> dict:
-    """Compare two models' AUCs on the same samples by a paired (cluster) bootstrap.
-
-    Both models are scored on the same resamples. ``ci`` is the percentile interval of
-    ``auc_a - auc_b``; the two-sided ``p_value`` inverts that interval,
-    ``min(1, 2 * (min(#diff <= 0, #diff >= 0) + 1) / (B + 1))`` over the B valid
-    resamples (so it is never exactly 0). Resamples with a single class are skipped.
-
-    Returns ``{"auc_a", "auc_b", "auc_diff", "ci": [lo, hi], "p_value", "n_resamples",
-    "n_valid"}``.
-    """
-    y, sa = _binary_inputs(y_true, prob_a, scores_name="prob_a")
-    _, sb = _binary_inputs(y_true, prob_b, scores_name="prob_b")
-    if sa.shape != sb.shape:
-        raise DataError(f"prob_a and prob_b must have the same length; got {sa.shape[0]} and {sb.shape[0]}.")
-    n_resamples, confidence = _check_resampling(n_resamples, confidence)
-    inv, n_groups = _group_index(groups, y.shape[0])
-    _require_both_classes(y, "paired_bootstrap_auc_test")
-    ra, rb = _Ranked.build(y, sa), _Ranked.build(y, sb)
-    ones = np.ones((1, y.shape[0]))
-    auc_a, auc_b = float(ra.auc_ap(ones)[0][0]), float(rb.auc_ap(ones)[0][0])
-    inv_a, inv_b = inv[ra.order], inv[rb.order]
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for b in _chunks(n_resamples):
-        counts = _resample_counts(rng, b, n_groups).astype(np.float64)
-        a, _, valid = ra.auc_ap(counts[:, inv_a])
-        bb, _, _ = rb.auc_ap(counts[:, inv_b])
-        diffs.append((a - bb)[valid])
-    d = np.concatenate(diffs)
-    if d.size == 0:
-        raise DataError(
-            f"paired_bootstrap_auc_test: no resample contained both classes ({n_groups} groups). Use more data."
-        )
-    tail = min(int(np.sum(d <= 0)), int(np.sum(d >= 0)))
-    p_value = min(1.0, 2.0 * (tail + 1) / (d.size + 1))
-    return {
-        "auc_a": auc_a,
-        "auc_b": auc_b,
-        "auc_diff": auc_a - auc_b,
-        "ci": _percentile_ci(d, confidence),
-        "p_value": float(p_value),
-        "n_resamples": n_resamples,
-        "n_valid": int(d.size),
-    }
-
-
-def roc_band(
-    y_true: Any,
-    prob_pos: Any,
-    groups: Any = None,
-    n_resamples: int = 200,
-    seed: int = 0,
-    *,
-    confidence: float = 0.95,
-    grid_size: int = 101,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pointwise percentile band of the ROC curve by (cluster) bootstrap.
-
-    Each resampled ROC curve is read at a fixed FPR grid ``linspace(0, 1, grid_size)``
-    (linear between ROC points; at an FPR with a vertical segment, the top of it).
-    Returns ``(fpr_grid, tpr_lo, tpr_hi)`` for :func:`medtransfer.evaluation.plots.plot_roc`.
-    """
-    y, s = _binary_inputs(y_true, prob_pos)
-    n_resamples, confidence = _check_resampling(n_resamples, confidence)
-    _check_grid(grid_size)
-    inv, n_groups = _group_index(groups, y.shape[0])
-    _require_both_classes(y, "roc_band")
-    ranked = _Ranked.build(y, s)
-    inv_sorted = inv[ranked.order]
-    grid = np.linspace(0.0, 1.0, int(grid_size))
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b in _chunks(n_resamples):
-        W = _resample_counts(rng, b, n_groups)[:, inv_sorted].astype(np.float64)
-        _, _, tp, fp, P, N, _ = ranked.counts_at_blocks(W)
-        valid = (P > 0) & (N > 0)
-        for i in np.flatnonzero(valid):
-            tpr = np.concatenate(([0.0], tp[i, ::-1] / P[i]))
-            fpr = np.concatenate(([0.0], fp[i, ::-1] / N[i]))
-            rows.append(_tpr_on_grid(fpr, tpr, grid))
-    return _pointwise_band(grid, rows, confidence, what="roc_band", n_groups=n_groups)
-
-
-def pr_band(
-    y_true: Any,
-    prob_pos: Any,
-    groups: Any = None,
-    n_resamples: int = 200,
-    seed: int = 0,
-    *,
-    confidence: float = 0.95,
-    grid_size: int = 101,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pointwise percentile band of the precision-recall curve by (cluster) bootstrap.
-
-    Each resampled curve is read as interpolated precision (the best precision at recall
-    >= r) on ``linspace(0, 1, grid_size)``. Returns ``(recall_grid, precision_lo,
-    precision_hi)`` for :func:`medtransfer.evaluation.plots.plot_pr`.
-    """
-    y, s = _binary_inputs(y_true, prob_pos)
-    n_resamples, confidence = _check_resampling(n_resamples, confidence)
-    _check_grid(grid_size)
-    inv, n_groups = _group_index(groups, y.shape[0])
-    _require_both_classes(y, "pr_band")
-    members = [np.flatnonzero(inv == g) for g in range(n_groups)]
-    grid = np.linspace(0.0, 1.0, int(grid_size))
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n_resamples):
-        drawn = np.concatenate([members[g] for g in rng.integers(0, n_groups, n_groups)])
-        if y[drawn].min() == y[drawn].max():
-            continue  # a single class: no curve
-        precision, recall, _ = pr_curve_points(y[drawn], s[drawn])
-        best = np.maximum.accumulate(precision)  # recall decreases along the arrays: best at recall >= r
-        order = np.argsort(recall, kind="stable")
-        rows.append(np.interp(grid, recall[order], best[order]))
-    return _pointwise_band(grid, rows, confidence, what="pr_band", n_groups=n_groups)
-
-
-def _check_grid(grid_size: Any) -> None:
-    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
-        raise ConfigError(f"grid_size must be an integer >= 2; got {grid_size!r}.")
-
-
-def _pointwise_band(
-    grid: np.ndarray, rows: list[np.ndarray], confidence: float, *, what: str, n_groups: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Percentile band over resampled curves read on a common grid."""
-    if not rows:
-        raise DataError(f"{what}: no resample contained both classes ({n_groups} groups). Use more data.")
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(np.vstack(rows), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
-    return grid, lo, hi
-
-
-def _tpr_on_grid(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Read a ROC polyline (fpr, tpr non-decreasing) at ``grid``; top of vertical jumps."""
-    j = np.searchsorted(fpr, grid, side="right") - 1
-    exact = fpr[j] == grid
-    nxt = np.minimum(j + 1, fpr.shape[0] - 1)
-    span = fpr[nxt] - fpr[j]
-    frac = _safe_div(grid - fpr[j], span)
-    interp = tpr[j] + frac * (tpr[nxt] - tpr[j])
-    return np.where(exact, tpr[j], interp)
-
-
-# -------------------------------------------------------------------------- DeLong
-
-
-def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank."""
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    new = np.empty(xs.shape[0], dtype=bool)
-    new[0] = True
-    np.not_equal(xs[1:], xs[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    ends = np.append(starts[1:], xs.shape[0])
-    block = np.cumsum(new) - 1
-    ranks = np.empty(xs.shape[0])
-    ranks[order] = ((starts + 1 + ends) / 2.0)[block]
-    return ranks
-
-
-def delong_test(y_true: Any, prob_a: Any, prob_b: Any) -> dict:
-    """DeLong's test for two correlated ROC AUCs (DeLong et al. 1988, Biometrics 44:837),
-    fast midrank algorithm of Sun & Xu (2014, IEEE SPL 21:1389). Image-level only (no
-    patient grouping: use :func:`paired_bootstrap_auc_test` for clustered data).
-
-    Returns ``{"auc_a", "auc_b", "auc_diff" (a - b), "z", "p_value"}`` (two-sided). When
-    the two score vectors give identical placements (zero variance of the difference),
-    ``z = 0`` and ``p_value = 1``.
-    """
-    y, sa = _binary_inputs(y_true, prob_a, scores_name="prob_a")
-    _, sb = _binary_inputs(y_true, prob_b, scores_name="prob_b")
-    if sa.shape != sb.shape:
-        raise DataError(f"prob_a and prob_b must have the same length; got {sa.shape[0]} and {sb.shape[0]}.")
-    _require_both_classes(y, "delong_test")
-    pos, neg = y == 1, y == 0
-    m, n = int(pos.sum()), int(neg.sum())
-    if m < 2 or n < 2:
-        raise DataError(f"delong_test needs at least 2 samples of each class; got {m} positive and {n} negative.")
-    aucs, v10, v01 = [], [], []
-    for s in (sa, sb):
-        x, z = s[pos], s[neg]
-        tx, tz, txz = _midranks(x), _midranks(z), _midranks(np.concatenate((x, z)))
-        aucs.append((txz[:m].sum() - m * (m + 1) / 2.0) / (m * n))
-        v10.append((txz[:m] - tx) / n)  # per positive: fraction of negatives below it
-        v01.append(1.0 - (txz[m:] - tz) / m)  # per negative: fraction of positives above it
-    s10 = np.cov(np.vstack(v10))
-    s01 = np.cov(np.vstack(v01))
-    cov = s10 / m + s01 / n
-    var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
-    diff = float(aucs[0] - aucs[1])
-    if var <= 1e-15:
-        z, p = 0.0, 1.0
-    else:
-        z = diff / math.sqrt(var)
-        p = math.erfc(abs(z) / math.sqrt(2.0))
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "auc_diff": diff, "z": float(z), "p_value": float(p)}

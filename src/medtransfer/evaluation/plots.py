@@ -118,7 +118,7 @@ def plot_roc(
 ) -> Path:
     """ROC curve with AUC (and its CI) in the legend, the chance diagonal, the operating
     point ``(fpr, tpr)`` of the chosen threshold, and optionally a bootstrap band
-    ``(fpr_grid, tpr_lo, tpr_hi)`` from :func:`medtransfer.evaluation.metrics.roc_band`."""
+    ``(fpr_grid, tpr_lo, tpr_hi)`` from :func:`medtransfer.evaluation.resampling.roc_band`."""
     fpr, tpr, _ = roc_curve_points(y_true, prob_pos)
     name = f"{label} AUC " if label else "AUC "
     name += format_with_ci(auc, ci, confidence=confidence)
@@ -155,7 +155,7 @@ def plot_pr(
 ) -> Path:
     """Precision-recall curve (step), average precision in the legend, prevalence line, and
     optionally a bootstrap band ``(recall_grid, precision_lo, precision_hi)`` from
-    :func:`medtransfer.evaluation.metrics.pr_band`."""
+    :func:`medtransfer.evaluation.resampling.pr_band`."""
     precision, recall, _ = pr_curve_points(y_true, prob_pos)
     prevalence = float(np.mean(np.asarray(y_true) == 1))
     fig, ax = _figure(5.5, 5.5)

@@ -10,6 +10,8 @@ from torch import nn
 
 from medtransfer.models.strategies import TransferModel
 
+LOSSES = ("cross-entropy", "focal")  # focal: ClassifierModule(focal_gamma > 0)
+
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
     """LR multiplier: linear warm-up, then cosine decay to 1% of the peak."""

@@ -74,8 +74,16 @@ class TransferModel(nn.Module):
 
 @dataclass(frozen=True)
 class Strategy:
+    """A strategy by name; an unknown name or a negative count is refused on construction."""
+
     name: str = "finetune"
     freeze_children: int = 4
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"--strategy: got {self.name!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.freeze_children < 0:
+            raise ConfigError(f"--freeze-children: got {self.freeze_children}; expected 0 or more")
 
     def frozen_children(self, net: nn.Module, spec: BackboneSpec) -> list[str]:
         children = backbone_children(net, spec)
@@ -83,14 +91,12 @@ class Strategy:
             return []
         if self.name == "linear-probe":
             return children
-        if self.name == "freeze":
-            if not 0 <= self.freeze_children <= len(children):
-                raise ConfigError(
-                    f"--freeze-children: got {self.freeze_children}; {spec.name} has {len(children)} children before "
-                    f"the head ({', '.join(children)}); choose 0-{len(children)}"
-                )
-            return children[: self.freeze_children]
-        raise ConfigError(f"--strategy: got {self.name!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.freeze_children > len(children):
+            raise ConfigError(
+                f"--freeze-children: got {self.freeze_children}; {spec.name} has {len(children)} children before "
+                f"the head ({', '.join(children)}); choose 0-{len(children)}"
+            )
+        return children[: self.freeze_children]
 
 
 def build_transfer_model(net: nn.Module, spec: BackboneSpec, strategy: Strategy) -> TransferModel:

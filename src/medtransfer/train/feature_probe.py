@@ -144,11 +144,7 @@ def train_head_on_features(
     train_y, val_y = train_y.to(device, torch.long), val_y.to(device, torch.long)
     _check_pair("train", train_x, train_y, head.in_features)
     _check_pair("val", val_x, val_y, head.in_features)
-    weight = None
-    if class_weights is not None:
-        weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device)
-        if weight.shape != (head.out_features,):
-            raise ValueError(f"class_weights: expected {head.out_features} values, got shape {tuple(weight.shape)}")
+    weight = _class_weight(class_weights, head)
 
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -157,22 +153,13 @@ def train_head_on_features(
     head.train()
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
-        loss_sum, correct = 0.0, 0
-        for index in epoch_batches(len(train_x), batch_size, generator):
-            index = index.to(device)
-            logits = head(train_x[index])
-            loss = nn.functional.cross_entropy(logits, train_y[index], weight=weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(index)
-            correct += int((logits.argmax(1) == train_y[index]).sum())
+        train_loss, train_acc = _train_epoch(head, optimizer, train_x, train_y, weight, batch_size, generator)
         val_loss, val_acc = _evaluate(head, val_x, val_y, weight)
         history.append(
             {
                 "epoch": epoch,
-                "train_loss": loss_sum / len(train_x),
-                "train_acc": correct / len(train_x),
+                "train_loss": train_loss,
+                "train_acc": train_acc,
                 "val_loss": val_loss,
                 "val_acc": val_acc,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -187,3 +174,35 @@ def train_head_on_features(
             if patience is not None and since_best >= patience:
                 break
     return history, best_state
+
+
+def _class_weight(class_weights: Sequence[float] | torch.Tensor | None, head: nn.Linear) -> torch.Tensor | None:
+    if class_weights is None:
+        return None
+    weight = torch.as_tensor(class_weights, dtype=torch.float32, device=head.weight.device)
+    if weight.shape != (head.out_features,):
+        raise ValueError(f"class_weights: expected {head.out_features} values, got shape {tuple(weight.shape)}")
+    return weight
+
+
+def _train_epoch(
+    head: nn.Linear,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """One pass over the mini-batches of :func:`epoch_batches`; the mean loss and the accuracy."""
+    loss_sum, correct = 0.0, 0
+    for index in epoch_batches(len(x), batch_size, generator):
+        index = index.to(x.device)
+        logits = head(x[index])
+        loss = nn.functional.cross_entropy(logits, y[index], weight=weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(index)
+        correct += int((logits.argmax(1) == y[index]).sum())
+    return loss_sum / len(x), correct / len(x)

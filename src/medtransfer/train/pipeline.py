@@ -1,9 +1,15 @@
-"""`medtransfer train`: data -> split -> cache -> model -> Lightning fit -> evaluation -> run directory."""
+"""`medtransfer train` as named steps: check -> data -> model -> cache -> fit -> evaluate -> write.
+
+Nothing is written until every choice has been checked: the settings by
+:func:`~medtransfer.train.validate.validate_config`, the data by discovery and splitting,
+the model (weights that fit the backbone, children that exist) by building it. Only then
+is the run folder created, and the expensive part (decoding, training) starts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +19,6 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.config import TrainConfig
 from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
@@ -27,19 +32,12 @@ from medtransfer.data.split import (
     write_split_csv,
 )
 from medtransfer.data.transforms import eval_transform, train_transform
-from medtransfer.errors import ConfigError, DataError, MedtransferError
-from medtransfer.evaluation.evaluate import (
-    SplitOutputs,
-    default_positive_class,
-    fit_operating_point,
-    split_metrics,
-    write_plots,
-    write_predictions,
-)
-from medtransfer.evaluation import plots
-from medtransfer.models.backbones import create_backbone, get_backbone
+from medtransfer.errors import ConfigError, DataError
+from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class, fit_operating_point, split_metrics
+from medtransfer.models.backbones import BackboneSpec, create_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
+from medtransfer.rundir import CONFIG_FILE
 from medtransfer.runtime import (
     default_decode_workers,
     default_num_workers,
@@ -48,19 +46,55 @@ from medtransfer.runtime import (
     resolve_accelerator,
     resolve_precision,
 )
-from medtransfer.rundir import write_metrics
-from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history, write_history
-from medtransfer.train.feature_probe import extract_features, train_head_on_features
+from medtransfer.train.callbacks import read_history
+from medtransfer.train.fit import Fit, fit_with_lightning, train_probe_on_features
+from medtransfer.train.outputs import Evaluation, write_outputs
+from medtransfer.train.validate import uses_feature_probe, validate_config
 
-RUN_MARKER = "config.yaml"
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced; its fields, in order, are the keys of metrics.json."""
+
+    backbone: str
+    strategy: str
+    weights: str
+    params: dict[str, int]  # total, trainable
+    epochs_run: int
+    best_epoch: int
+    stopped_early: bool
+    train_seconds: float
+    positive_class: str
+    threshold: float
+    val: dict[str, Any]
+    test: dict[str, Any] | None  # None when the data has no test split
+    classes: list[str]
+    threshold_policy: str
+    total_seconds: float
+    precision: str
+    leakage: dict[str, Any]
+    data_summary: dict[str, Any]
+
+    def to_metrics(self) -> dict[str, Any]:
+        """metrics.json's content (DESIGN.md's key order; keys may be added, never renamed)."""
+        return dataclasses.asdict(self)
 
 
-class TrainingInterrupted(MedtransferError):
-    """Raised when the user stops training; the run directory can be resumed."""
+@dataclass(frozen=True)
+class Hardware:
+    accelerator: str  # "cpu" or "gpu"
+    precision: str  # resolved: 32-true, bf16-mixed or 16-mixed
+    device: torch.device
+    workers: int  # DataLoader workers
 
-    def __init__(self, run_dir: Path):
-        super().__init__(f"training interrupted; continue it with: medtransfer train --resume {run_dir}")
-        self.run_dir = run_dir
+
+@dataclass(frozen=True)
+class LabelledData:
+    records: list[Record]  # with their split
+    classes: list[str]
+    positive_class: str
+    leakage: dict[str, Any]
+    summary: dict[str, Any]
 
 
 @dataclass
@@ -70,22 +104,58 @@ class SplitData:
     labels: list[int]
 
 
-def prepare_run_dir(out: Path, *, resume: bool) -> None:
+def run_training(config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
+    """Train and evaluate into the run folder `out` (or continue the interrupted run there)."""
+    console = console or Console()
+    started = time.perf_counter()
+    validate_config(config)
+    hardware = resolve_hardware(config)
+    check_run_dir(out, resume=resume)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    data = load_labelled_data(config, out, console, resume=resume)
+    model = build_model(config, data.classes, console)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = cache_splits(data.records, data.classes, config, console)
+    if not resume:
+        config.write_yaml(out / CONFIG_FILE)
+        write_split_csv([r for s in splits.values() for r in s.records], out / "split.csv")
+    fit = train_model(model, splits, config, out, hardware, resume=resume, console=console)
+    evaluation = evaluate_model(model, splits, data, config, hardware)
+    history = read_history(out / "history.csv")
+    result = TrainResult(
+        backbone=config.backbone, strategy=config.strategy, weights=config.weights, params=model.parameter_counts(),
+        epochs_run=len(history), best_epoch=fit.best_epoch, stopped_early=fit.stopped_early,
+        train_seconds=round(sum(r["seconds"] for r in history), 1), positive_class=data.positive_class,
+        threshold=evaluation.point.threshold, val=evaluation.metrics["val"], test=evaluation.metrics.get("test"),
+        classes=data.classes, threshold_policy=config.threshold, total_seconds=round(time.perf_counter() - started, 1),
+        precision=hardware.precision, leakage=data.leakage, data_summary=data.summary,
+    )
+    write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
+                  console=console)
+    return result
+
+
+def resolve_hardware(config: TrainConfig) -> Hardware:
+    accelerator = resolve_accelerator(config.accelerator)  # fails when a GPU is asked for and none is visible
+    workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator)
+    return Hardware(accelerator, resolve_precision(config.precision, accelerator), device_for(accelerator), workers)
+
+
+def check_run_dir(out: Path, *, resume: bool) -> None:
     """A new run needs a new or empty folder; never overwrite a finished or foreign folder."""
     if resume:
-        if not (out / RUN_MARKER).is_file():
-            raise ConfigError(f"--resume {out}: not a medtransfer run (no {RUN_MARKER}); pass the --out folder of the run")
+        if not (out / CONFIG_FILE).is_file():
+            raise ConfigError(f"--resume {out}: not a medtransfer run (no {CONFIG_FILE}); pass the --out folder of the run")
         return
     if out.exists():
         if not out.is_dir():
             raise ConfigError(f"--out {out}: exists and is a file; choose a new folder")
-        if (out / RUN_MARKER).is_file():
+        if (out / CONFIG_FILE).is_file():
             raise ConfigError(
                 f"--out {out}: already holds a run; use --resume {out} to continue it, or choose a new folder"
             )
         if any(out.iterdir()):
             raise ConfigError(f"--out {out}: exists, is not empty and is not a medtransfer run; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def class_weights(labels: list[int], num_classes: int) -> list[float]:
@@ -94,19 +164,16 @@ def class_weights(labels: list[int], num_classes: int) -> list[float]:
     return (len(labels) / (num_classes * np.maximum(counts, 1))).tolist()
 
 
-def records_and_split(config: TrainConfig, run_dir: Path, console: Console, *, resume: bool) -> list[Record]:
-    split_file = run_dir / "split.csv"
-    if resume and split_file.is_file():
-        return read_split_csv(split_file)
+def draw_split(config: TrainConfig) -> list[Record]:
+    """The patient-level split of `config.data` (the same for `train` and `split`)."""
     records = discover(config.data, patient_regex=config.patient_regex, labels=config.labels)
-    records = resplit(
+    return resplit(
         records,
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
         seed=config.seed,
         keep_official_val=config.keep_official_val,
     )
-    return records
 
 
 def report_leakage(records: list[Record], config: TrainConfig, console: Console) -> dict:
@@ -121,15 +188,77 @@ def report_leakage(records: list[Record], config: TrainConfig, console: Console)
     return leakage.to_dict()
 
 
-def cache_splits(records: list[Record], classes: list[str], config: TrainConfig, console: Console) -> dict[str, SplitData]:
-    """Decode every image once (all bad images are listed before training starts)."""
-    cache = ImageCache(config.cache_dir, CacheSettings(size=config.cache_size))
-    images = cache.build(
-        [r.path for r in records], skip_bad=config.skip_bad_images, progress=config.progress,
-        workers=default_decode_workers(),
+def write_split(config: TrainConfig, out: Path, console: Console) -> None:
+    """`medtransfer split`: the split `train` would draw, checked for leakage, saved as CSV."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; name a CSV file, e.g. --out split.csv")
+    records = draw_split(config)
+    report_leakage(records, config, console)
+    for line in summary_lines(split_summary(records)):
+        console.print(line)
+    write_split_csv(records, out)
+    console.print(f"Wrote {out}")
+
+
+def load_labelled_data(config: TrainConfig, run_dir: Path, console: Console, *, resume: bool) -> LabelledData:
+    """Records with their split (a resumed run keeps its split.csv), classes, leakage and summary."""
+    split_file = run_dir / "split.csv"
+    records = read_split_csv(split_file) if resume and split_file.is_file() else draw_split(config)
+    classes = sorted({r.label for r in records})
+    positive_class = config.positive_class or default_positive_class(classes)
+    if positive_class not in classes:
+        raise ConfigError(f"--positive-class: got {positive_class!r}; classes are {', '.join(classes)}")
+    leakage = report_leakage(records, config, console)
+    summary = split_summary(records)
+    for line in summary_lines(summary):
+        console.print(line)
+    return LabelledData(records, classes, positive_class, leakage, summary)
+
+
+def build_model(config: TrainConfig, classes: list[str], console: Console) -> TransferModel:
+    net, spec = create_backbone(
+        config.backbone,
+        num_classes=len(classes),
+        weights=config.weights,
+        in_channels=config.in_channels,
+        output_stride=config.output_stride,
     )
+    model = build_transfer_model(net, spec, Strategy(config.strategy, config.freeze_children))
+    counts = model.parameter_counts()
+    console.print(
+        f"Model {config.backbone} ({config.weights}), strategy {config.strategy}"
+        + (f" (first {config.freeze_children} children frozen)" if config.strategy == "freeze" else "")
+        + f": {counts['total']:,} parameters, {counts['trainable']:,} trainable"
+    )
+    return model
+
+
+def decode_images(
+    cache: ImageCache, paths: list[Path], *, skip_bad: bool, progress: bool, console: Console, workers: int | None = None
+) -> CachedImages:
+    """Decode every image once into `cache` (all bad images are listed together)."""
+    images = cache.build(paths, skip_bad=skip_bad, progress=progress, workers=workers or default_decode_workers())
     for path, reason in images.skipped:
         console.print(f"[yellow]Skipped bad image[/yellow] {path}: {reason}")
+    return images
+
+
+def prebuild_cache(
+    data: Path, *, cache_dir: Path, size: int, workers: int | None, skip_bad: bool, console: Console
+) -> None:
+    """`medtransfer cache`: decode a dataset into the cache ahead of training."""
+    cache = ImageCache(cache_dir, CacheSettings(size=size))
+    paths = [r.path for r in discover(data)]
+    images = decode_images(cache, paths, skip_bad=skip_bad, progress=True, console=console, workers=workers)
+    console.print(f"{len(images)} images cached ({images.built} decoded now) in {cache.stats()['location']}")
+
+
+def cache_splits(records: list[Record], classes: list[str], config: TrainConfig, console: Console) -> dict[str, SplitData]:
+    """Decoded images per split (before training starts, so a bad image stops the run early)."""
+    cache = ImageCache(config.cache_dir, CacheSettings(size=config.cache_size))
+    images = decode_images(
+        cache, [r.path for r in records], skip_bad=config.skip_bad_images, progress=config.progress, console=console
+    )
     kept = [records[i] for i in images.positions]
     out: dict[str, SplitData] = {}
     for split in ("train", "val", "test"):
@@ -145,299 +274,94 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
     return out
 
 
-def run_training(config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
-    started = time.perf_counter()
-    accelerator = resolve_accelerator(config.accelerator)  # fails early when no GPU is visible
-    precision = resolve_precision(config.precision, accelerator)
-    if config.output_stride != 32:  # a backbone without dilation support fails here, before the run folder exists
-        get_backbone(config.backbone).build(output_stride=config.output_stride)
-    prepare_run_dir(out, resume=resume)
-    L.seed_everything(config.seed, workers=True, verbose=False)
-
-    records = records_and_split(config, out, console, resume=resume)
-    classes = sorted({r.label for r in records})
-    positive_class = config.positive_class or default_positive_class(classes)
-    if positive_class not in classes:
-        raise ConfigError(f"--positive-class: got {positive_class!r}; classes are {', '.join(classes)}")
-    leakage = report_leakage(records, config, console)
-    summary = split_summary(records)
-    for line in summary_lines(summary):
-        console.print(line)
-
-    net, spec = create_backbone(
-        config.backbone,
-        num_classes=len(classes),
-        weights=config.weights,
-        in_channels=config.in_channels,
-        output_stride=config.output_stride,
+def eval_datasets(splits: dict[str, SplitData], config: TrainConfig, spec: BackboneSpec) -> dict[str, CachedImageDataset]:
+    transform = eval_transform(
+        image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
+        channels=config.in_channels, crop_fraction=config.eval_crop_fraction,
     )
-    model = build_transfer_model(net, spec, Strategy(config.strategy, config.freeze_children))
-    counts = model.parameter_counts()
-    console.print(
-        f"Model {config.backbone} ({config.weights}), strategy {config.strategy}"
-        + (f" (first {config.freeze_children} children frozen)" if config.strategy == "freeze" else "")
-        + f": {counts['total']:,} parameters, {counts['trainable']:,} trainable"
-    )
+    return {name: CachedImageDataset(s.images, s.labels, transform) for name, s in splits.items()}
 
-    splits = cache_splits(records, classes, config, console)
-    kept_records = [r for s in splits.values() for r in s.records]
-    if not resume:
-        config.write_yaml(out / RUN_MARKER)
-        write_split_csv(kept_records, out / "split.csv")
 
-    workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator)
-    common = dict(image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std, channels=config.in_channels)
-    train_tf = train_transform(
-        **common,
-        crop_scale=config.crop_scale,
-        rotation_degrees=config.rotation_degrees,
-        brightness=config.brightness,
-        contrast=config.contrast,
-        horizontal_flip=config.horizontal_flip,
+def train_dataset(train: SplitData, config: TrainConfig, spec: BackboneSpec) -> CachedImageDataset:
+    """The training images, augmented unless `augment` is false (then as evaluation sees them)."""
+    if not config.augment:
+        return eval_datasets({"train": train}, config, spec)["train"]
+    transform = train_transform(
+        image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
+        channels=config.in_channels, crop_scale=config.crop_scale, rotation_degrees=config.rotation_degrees, brightness=config.brightness,
+        contrast=config.contrast, horizontal_flip=config.horizontal_flip,
     )
-    eval_tf = eval_transform(**common, crop_fraction=config.eval_crop_fraction)
-    datasets = {name: CachedImageDataset(s.images, s.labels, eval_tf) for name, s in splits.items()}
-    datamodule = TransferDataModule(
-        train=CachedImageDataset(splits["train"].images, splits["train"].labels, train_tf),
-        val=datasets["val"],
-        batch_size=config.batch_size,
-        num_workers=workers,
-        pin_memory=accelerator == "gpu",
-        sampler=config.sampler,
-        seed=config.seed,
-    )
+    return CachedImageDataset(train.images, train.labels, transform)
+
+
+def train_model(
+    model: TransferModel,
+    splits: dict[str, SplitData],
+    config: TrainConfig,
+    out: Path,
+    hardware: Hardware,
+    *,
+    resume: bool,
+    console: Console,
+) -> Fit:
+    """Fit with Lightning, or, for a linear probe without augmentation, on features computed once.
+
+    Leaves the best-on-validation weights in `model` and history.csv in `out`.
+    """
+    num_classes = model.head.out_features
+    weights = class_weights(splits["train"].labels, num_classes) if config.class_weights == "balanced" else None
+    console.print(f"Training on {hardware.accelerator} with {hardware.precision}, {hardware.workers} loader worker(s)")
+    if uses_feature_probe(config):
+        datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
+        return train_probe_on_features(
+            model, datasets, config, out / "history.csv", class_weights=weights, device=hardware.device,
+            precision=hardware.precision, workers=hardware.workers, console=console,
+        )
     module = ClassifierModule(
         model,
         lr=config.lr,
         weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs,
-        class_weights=class_weights(splits["train"].labels, len(classes)) if config.class_weights == "balanced" else None,
+        class_weights=weights,
         label_smoothing=config.label_smoothing,
         focal_gamma=config.focal_gamma if config.loss == "focal" else 0.0,
         channels_last=config.channels_last,
     )
-
-    console.print(f"Training on {accelerator} with {precision}, {workers} loader worker(s)")
-    if config.strategy == "linear-probe" and not config.augment:
-        best_epoch, stopped_early = train_probe_on_features(
-            model, datasets, splits, config, out, device=device_for(config.accelerator), precision=precision,
-            workers=workers, console=console,
-        )
-    else:
-        best_epoch, stopped_early = fit_with_lightning(
-            module, datamodule, config, out, accelerator=accelerator, precision=precision, resume=resume
-        )
-    history = read_history(out / "history.csv")
-    train_seconds = sum(r["seconds"] for r in history)
-    result = evaluate_and_save(
-        model,
-        splits,
-        datasets,
-        classes=classes,
-        positive_class=positive_class,
-        config=config,
-        out=out,
-        device=device_for(config.accelerator),
-        precision=precision,
-        workers=workers,
+    datamodule = TransferDataModule(
+        train=train_dataset(splits["train"], config, model.spec),
+        val=eval_datasets({"val": splits["val"]}, config, model.spec)["val"],
+        batch_size=config.batch_size,
+        num_workers=hardware.workers,
+        pin_memory=hardware.accelerator == "gpu",
+        sampler=config.sampler,
+        seed=config.seed,
     )
-    result.update(
-        {
-            "epochs_run": len(history),
-            "best_epoch": best_epoch,
-            "stopped_early": stopped_early,
-            "train_seconds": round(train_seconds, 1),
-            "total_seconds": round(time.perf_counter() - started, 1),
-            "params": counts,
-            "precision": precision,
-            "leakage": leakage,
-            "data_summary": summary,
-        }
+    return fit_with_lightning(
+        module, datamodule, config, out, accelerator=hardware.accelerator, precision=hardware.precision, resume=resume
     )
-    ordered = _ordered_metrics(result, config)
-    write_metrics(out, ordered)
-    if history:
-        plots.plot_history(history, out / "plots" / "history.png")
-    from medtransfer.evaluation.report import write_report
-    from medtransfer.explain.gallery import write_gallery
-
-    write_gallery(out, load_model(out))  # Grad-CAM of the most confident hits and misses, for the report
-    write_report(out, console=console)
-    return ordered
 
 
-def fit_with_lightning(
-    module: ClassifierModule,
-    datamodule: TransferDataModule,
-    config: TrainConfig,
-    out: Path,
-    *,
-    accelerator: str,
-    precision: str,
-    resume: bool,
-) -> tuple[int, bool]:
-    """Lightning fit with early stopping; loads the best-on-validation weights into the model."""
-    checkpoints = out / "checkpoints"
-    checkpoints.mkdir(exist_ok=True)
-    best = BestWeights(checkpoints / "best.safetensors")
-    early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=config.patience)
-    trainer = L.Trainer(
-        max_epochs=config.epochs,
-        accelerator=accelerator,
-        devices=config.devices if accelerator == "gpu" else 1,
-        precision=precision,
-        callbacks=[
-            early_stopping,
-            best,
-            HistoryWriter(out / "history.csv"),
-            # The latest epoch for --resume (one file; last.ckpt links to it). The best weights are
-            # kept by BestWeights as safetensors, so nothing is unpickled to reload them.
-            L.pytorch.callbacks.ModelCheckpoint(
-                dirpath=checkpoints, filename="latest", save_top_k=1, save_last="link", save_on_train_epoch_end=True
-            ),
-        ],
-        logger=False,
-        enable_progress_bar=config.progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=False,
-        default_root_dir=out,
-    )
-    last = checkpoints / "last.ckpt"
-    try:
-        with warnings.catch_warnings():
-            # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
-    except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown; last.ckpt holds the last full epoch
-        if trainer.interrupted:
-            raise TrainingInterrupted(out) from None
-        raise
-    if trainer.interrupted:
-        raise TrainingInterrupted(out)
-    if not best.path.is_file():
-        raise DataError("training produced no finite validation loss; lower --lr or check the data")
-    best.load_best(module.model.net)
-    return best.best_epoch, bool(early_stopping.stopped_epoch > 0)
-
-
-def train_probe_on_features(
-    model: TransferModel,
-    datasets: dict[str, CachedImageDataset],
-    splits: dict[str, SplitData],
-    config: TrainConfig,
-    out: Path,
-    *,
-    device: torch.device,
-    precision: str,
-    workers: int,
-    console: Console,
-) -> tuple[int, bool]:
-    """Linear probe without augmentation: one backbone pass, then the head trains on cached features."""
-    started = time.perf_counter()
-    features = {
-        name: extract_features(
-            model, datasets[name], batch_size=max(64, config.batch_size), device=device, precision=precision,
-            num_workers=workers,
-        )
-        for name in ("train", "val")
-    }
-    console.print(f"Feature pass: {sum(len(f) for f in features.values())} images in {time.perf_counter() - started:.1f} s")
-    labels = {name: torch.as_tensor(splits[name].labels) for name in ("train", "val")}
-    weights = class_weights(splits["train"].labels, model.head.out_features) if config.class_weights == "balanced" else None
-    history, best_state = train_head_on_features(
-        model.head, features["train"], labels["train"], features["val"], labels["val"], epochs=config.epochs,
-        lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size, class_weights=weights,
-        patience=config.patience, seed=config.seed,
-    )
-    history[0]["seconds"] += time.perf_counter() - started - sum(r["seconds"] for r in history)  # the feature pass
-    write_history(history, out / "history.csv")
-    model.head.load_state_dict(best_state)
-    best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
-    return best_epoch, len(history) < config.epochs
-
-
-def evaluate_and_save(
-    model: TransferModel,
-    splits: dict[str, SplitData],
-    datasets: dict[str, CachedImageDataset],
-    *,
-    classes: list[str],
-    positive_class: str,
-    config: TrainConfig,
-    out: Path,
-    device: torch.device,
-    precision: str,
-    workers: int,
-) -> dict[str, Any]:
-    """Best-on-validation model: calibrate and pick the threshold on val, then report val and test."""
+def evaluate_model(
+    model: TransferModel, splits: dict[str, SplitData], data: LabelledData, config: TrainConfig, hardware: Hardware
+) -> Evaluation:
+    """Best-on-validation model: calibrate and pick the threshold on val, then score val and test."""
+    datasets = eval_datasets({k: v for k, v in splits.items() if k in ("val", "test")}, config, model.spec)
     outputs = {}
-    for name in ("val", "test"):
-        if name not in splits:
-            continue
+    for name, dataset in datasets.items():
         logits = predict_logits(
-            model, datasets[name], batch_size=max(64, config.batch_size), num_workers=workers, device=device, precision=precision
+            model, dataset, batch_size=max(64, config.batch_size), num_workers=hardware.workers,
+            device=hardware.device, precision=hardware.precision,
         )
-        data = splits[name]
+        split = splits[name]
         outputs[name] = SplitOutputs(
-            [str(r.path) for r in data.records], np.asarray(data.labels), [r.patient_id for r in data.records], logits
+            [str(r.path) for r in split.records], np.asarray(split.labels), [r.patient_id for r in split.records], logits
         )
-    positive_index = classes.index(positive_class)
-    point = fit_operating_point(outputs["val"], positive_index=positive_index, policy=config.threshold, calibrate=config.calibrate)
-    result: dict[str, Any] = {
-        "positive_class": positive_class,
-        "classes": classes,
-        "threshold": point.threshold,
-        "threshold_policy": config.threshold,
-    }
-    for name, split_outputs in outputs.items():
-        result[name] = split_metrics(split_outputs, point, classes, bootstrap=config.bootstrap, seed=config.seed)
-        write_predictions(split_outputs, point, classes, out / f"predictions_{name}.csv")
-        write_plots(
-            split_outputs, point, classes, result[name], out / "plots", prefix=name,
-            band_resamples=min(200, config.bootstrap), seed=config.seed,
-        )
-    if "test" not in outputs:
-        result["test"] = None
-    save_model(
-        model,
-        model_info(
-            model,
-            classes=classes,
-            positive_class=positive_class,
-            threshold=point.threshold,
-            temperature=point.temperature,
-            image_size=config.image_size,
-            decode_size=config.cache_size,
-            eval_crop_fraction=config.eval_crop_fraction,
-            in_channels=config.in_channels,
-            output_stride=config.output_stride,
-            threshold_policy=config.threshold,
-            strategy=config.strategy,
-            frozen=model.frozen,
-            training_config=config.to_dict(),
-        ),
-        out,
+    point = fit_operating_point(
+        outputs["val"], positive_index=data.classes.index(data.positive_class), policy=config.threshold,
+        calibrate=config.calibrate,
     )
-    return result
-
-
-def _ordered_metrics(result: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """DESIGN.md's key order first; added keys after (keys may be added, never renamed)."""
-    head = {
-        "backbone": config.backbone,
-        "strategy": config.strategy,
-        "weights": config.weights,
-        "params": result.pop("params"),
-        "epochs_run": result.pop("epochs_run"),
-        "best_epoch": result.pop("best_epoch"),
-        "stopped_early": result.pop("stopped_early"),
-        "train_seconds": result.pop("train_seconds"),
-        "positive_class": result.pop("positive_class"),
-        "threshold": result.pop("threshold"),
-        "val": result.pop("val"),
-        "test": result.pop("test"),
+    metrics = {
+        name: split_metrics(split_outputs, point, data.classes, bootstrap=config.bootstrap, seed=config.seed)
+        for name, split_outputs in outputs.items()
     }
-    return {**head, **result}
+    return Evaluation(data.classes, data.positive_class, outputs, point, metrics)

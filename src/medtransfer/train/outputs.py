@@ -1,0 +1,82 @@
+"""The last step of a run: write everything it produced into the run folder.
+
+Predictions and plots per split, the saved model, metrics.json, the training curves, the
+CAM gallery and the report, in that order (the gallery reads the saved model, the report
+reads all the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from medtransfer.artifacts import ModelInfo, load_model, model_info, save_model
+from medtransfer.config import TrainConfig
+from medtransfer.evaluation import plots
+from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, write_plots, write_predictions
+from medtransfer.evaluation.report import write_report
+from medtransfer.explain.gallery import write_gallery
+from medtransfer.models.strategies import TransferModel
+from medtransfer.rundir import write_metrics
+
+__all__ = ["Evaluation", "write_outputs"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The trained model scored on val (where its operating point was chosen) and test."""
+
+    classes: list[str]
+    positive_class: str
+    outputs: dict[str, SplitOutputs]  # "val" and, when the data has one, "test"
+    point: OperatingPoint
+    metrics: dict[str, dict[str, Any]]  # per split, as in metrics.json
+
+
+def write_outputs(
+    out: Path,
+    *,
+    model: TransferModel,
+    config: TrainConfig,
+    evaluation: Evaluation,
+    metrics: dict[str, Any],
+    history: list[dict],
+    console: Console,
+) -> None:
+    """Write the run folder's results; `metrics` is metrics.json's content."""
+    point = evaluation.point
+    for name, split_outputs in evaluation.outputs.items():
+        write_predictions(split_outputs, point, evaluation.classes, out / f"predictions_{name}.csv")
+        write_plots(
+            split_outputs, point, evaluation.classes, evaluation.metrics[name], out / "plots", prefix=name,
+            band_resamples=min(200, config.bootstrap), seed=config.seed,
+        )
+    save_model(model, saved_model_info(model, config, evaluation), out)
+    write_metrics(out, metrics)
+    if history:
+        plots.plot_history(history, out / "plots" / "history.png")
+    write_gallery(out, load_model(out))  # Grad-CAM of the most confident hits and misses, for the report
+    write_report(out, console=console)
+
+
+def saved_model_info(model: TransferModel, config: TrainConfig, evaluation: Evaluation) -> ModelInfo:
+    """model.json: what predict, explain, export and serve need to use the model as evaluation did."""
+    return model_info(
+        model,
+        classes=evaluation.classes,
+        positive_class=evaluation.positive_class,
+        threshold=evaluation.point.threshold,
+        temperature=evaluation.point.temperature,
+        image_size=config.image_size,
+        decode_size=config.cache_size,
+        eval_crop_fraction=config.eval_crop_fraction,
+        in_channels=config.in_channels,
+        output_stride=config.output_stride,
+        threshold_policy=config.threshold,
+        strategy=config.strategy,
+        frozen=model.frozen,
+        training_config=config.to_dict(),
+    )

@@ -1,0 +1,120 @@
+"""Every training choice checked by the module that owns it, before a run folder exists.
+
+`TrainConfig.validate` checks each value on its own (ranges, types). Here each choice
+that another module defines is handed to that module (the backbone registry, the
+strategies, the threshold policies, the hardware resolvers, the label schemes), and a
+setting that the chosen training path would ignore is refused instead of being dropped
+in silence. Only values that differ from the default count as set.
+
+    >>> from medtransfer.config import TrainConfig
+    >>> validate_config(TrainConfig(strategy="linear-probe", augment=False, label_smoothing=0.1))
+    Traceback (most recent call last):
+    ...
+    medtransfer.errors.ConfigError: --label-smoothing: got 0.1, but the linear probe on cached features ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtransfer.config import TrainConfig
+from medtransfer.data.discover import LABEL_SCHEMES
+from medtransfer.errors import ConfigError
+from medtransfer.evaluation.thresholds import parse_threshold_policy
+from medtransfer.models.backbones import WEIGHT_CHOICES, get_backbone, load_weights_file
+from medtransfer.models.module import LOSSES
+from medtransfer.models.strategies import Strategy
+from medtransfer.runtime import resolve_accelerator, resolve_precision
+
+__all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_config"]
+
+
+def uses_feature_probe(config: TrainConfig) -> bool:
+    """A linear probe without augmentation trains its head on features computed once."""
+    return config.strategy == "linear-probe" and not config.augment
+
+
+@dataclass(frozen=True)
+class IgnoredSettings:
+    """Settings that a training path does not read, when `applies` says that path is chosen."""
+
+    applies: Callable[[TrainConfig], bool]
+    settings: tuple[str, ...]
+    reason: str  # completes "got VALUE, but ..."
+    fix: str
+
+
+IGNORED_SETTINGS = (
+    IgnoredSettings(
+        uses_feature_probe,
+        ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices"),
+        "the linear probe on cached features (strategy linear-probe, augment false) ignores it: the head trains "
+        "with plain cross-entropy, shuffled batches and a constant learning rate on one device",
+        "remove the setting, or set augment=true to train through Lightning",
+    ),
+    IgnoredSettings(
+        lambda config: not config.augment,
+        ("crop_scale", "rotation_degrees", "brightness", "contrast", "horizontal_flip"),
+        "augment is false, so no augmentation is applied",
+        "remove the setting, or leave augment at true",
+    ),
+    IgnoredSettings(
+        lambda config: config.strategy != "freeze",
+        ("freeze_children",),
+        "only --strategy freeze freezes a number of children",
+        "remove the setting, or use --strategy freeze",
+    ),
+    IgnoredSettings(
+        lambda config: config.loss != "focal",
+        ("focal_gamma",),
+        "only --loss focal uses it",
+        "remove the setting, or use --loss focal",
+    ),
+    IgnoredSettings(
+        lambda config: config.accelerator == "cpu",
+        ("devices",),
+        "training on the CPU runs on one device",
+        "remove the setting, or use --accelerator gpu",
+    ),
+)
+
+
+def ignored_settings(config: TrainConfig) -> list[str]:
+    """One message per setting (changed from its default) that the chosen path ignores."""
+    defaults = TrainConfig()
+    messages = []
+    for rule in IGNORED_SETTINGS:
+        if not rule.applies(config):
+            continue
+        for name in rule.settings:
+            value = getattr(config, name)
+            if value != getattr(defaults, name):
+                messages.append(f"--{name.replace('_', '-')}: got {value!r}, but {rule.reason}; {rule.fix}")
+    return messages
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Raise ConfigError (or WeightsError) for the first choice that its owner refuses.
+
+    Reads no data; a weights file is opened once to check that it holds a state dict
+    (whether it fits the backbone is checked when the model is built, still before the
+    run folder is created).
+    """
+    config.validate()
+    parse_threshold_policy(config.threshold)
+    resolve_precision(config.precision, resolve_accelerator(config.accelerator))  # also: no GPU visible
+    if config.labels not in LABEL_SCHEMES:
+        raise ConfigError(f"--labels: got {config.labels!r}; choose one of {', '.join(LABEL_SCHEMES)}")
+    if config.loss not in LOSSES:
+        raise ConfigError(f"--loss: got {config.loss!r}; choose one of {', '.join(LOSSES)}")
+    Strategy(config.strategy, config.freeze_children)
+    spec = get_backbone(config.backbone)
+    if config.output_stride != 32:  # a backbone without dilation support refuses here
+        spec.build(output_stride=config.output_stride)
+    if config.weights not in WEIGHT_CHOICES:
+        load_weights_file(Path(config.weights))
+    ignored = ignored_settings(config)
+    if ignored:
+        raise ConfigError(ignored[0])
