@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
-from medtransfer.artifacts import load_model, model_info, save_model
+from medtransfer.artifacts import ModelInfo, load_model, model_info, save_model
 from medtransfer.config import TrainConfig
 from medtransfer.evaluation import plots
 from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, write_plots, write_predictions
@@ -62,7 +62,7 @@ def write_outputs(
     write_report(out, console=console)
 
 
-def saved_model_info(model: TransferModel, config: TrainConfig, evaluation: Evaluation) -> dict[str, Any]:
+def saved_model_info(model: TransferModel, config: TrainConfig, evaluation: Evaluation) -> ModelInfo:
     """model.json: what predict, explain, export and serve need to use the model as evaluation did."""
     return model_info(
         model,
