@@ -120,14 +120,6 @@ class ModelInfo:
                                data["std"])
         return cls(**values)
 
-    # Transitional: explain/*, cli.py and benchmarks/cam_trust.py still read info["key"]; the lead
-    # switches them to attributes (info.decode_size) at merge and then deletes these two methods.
-    def __getitem__(self, key: str) -> Any:
-        return self.to_json()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_json().get(key, default)
-
 
 def _field_error(source: str | Path, name: str, expected: str, value: Any) -> WeightsError:
     shown = repr(value)

@@ -219,7 +219,7 @@ def write_gallery(
         "method": method,
         "target_layer": layer,
         "map_cells": list(cells),
-        "input_size": saved_model.info["image_size"],
+        "input_size": saved_model.info.image_size,
         "split": split,
         "explained_class": "predicted",
         "threshold": threshold,
