@@ -255,7 +255,7 @@ def test_rgba_is_composited_onto_black_not_dropped() -> None:
     out = decode_bytes(_png(np.dstack([rgb, alpha]), mode="RGBA"), size=SIZE, resample="box")
     assert out.shape == (SIZE, SIZE, 3)
     assert out[:, : SIZE // 2].max() == 0
-    np.testing.assert_allclose(out[:, SIZE // 2 : 3 * SIZE // 4], np.broadcast_to([100, 50, 25], (SIZE, SIZE // 4, 3)), atol=1)
+    assert np.abs(out[:, SIZE // 2 : 3 * SIZE // 4].astype(int) - [100, 50, 25]).max() <= 1  # half of each
     assert (out[:, 3 * SIZE // 4 :] == [200, 100, 50]).all()
 
 
@@ -363,7 +363,10 @@ def test_our_limit_replaces_pillows_own_bomb_guard(monkeypatch) -> None:
         Image.open(io.BytesIO(header_only))
     with pytest.raises(ImageTooLargeError, match="20000 x 20000 = 400.0 megapixels"):
         decode_bytes(header_only, size=SIZE)
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (_ for _ in ()).throw(RuntimeError("decoding starts")))
+    def refuse_to_decode(self):
+        raise RuntimeError("decoding starts")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse_to_decode)
     with pytest.raises(DataError) as info:  # allowed by our limit: Pillow's guard no longer stops it
         decode_bytes(header_only, size=SIZE, max_pixels=400_000_000)
     assert str(info.value) == "not a readable image (RuntimeError: decoding starts)"

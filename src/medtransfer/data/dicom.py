@@ -100,7 +100,10 @@ def _read(data: bytes, max_pixels: int):
         raise DataError("DICOM file without pixel data (a report, RT plan or DICOMDIR?): nothing to classify")
     if "TransferSyntaxUID" not in dataset.file_meta:
         if dataset[keyword].is_undefined_length:
-            raise DataError("compressed DICOM pixel data without a transfer syntax (no file meta); re-export it as a DICOM Part 10 file")
+            raise DataError(
+                "compressed DICOM pixel data without a transfer syntax (no file meta); "
+                "re-export it as a DICOM Part 10 file"
+            )
         implicit, little = dataset.original_encoding
         dataset.file_meta.TransferSyntaxUID = (
             ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
