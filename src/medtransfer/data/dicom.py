@@ -139,8 +139,8 @@ def _check_deflated(data: bytes, max_pixels: int) -> None:
         total += len(chunk)
         if total > declared + 2 * _STEP:  # header and trailing elements fit in the slack
             raise DataError(
-                f"deflated DICOM expands beyond the {rows} x {columns} x {frames} frames its header "
-                "declares; refused before decoding"
+                f"deflated DICOM expands beyond what its header declares ({columns} x {rows} pixels, "
+                f"{frames} frame(s)); refused before decoding"
             )
 
 
