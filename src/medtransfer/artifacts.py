@@ -21,6 +21,7 @@ from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import WeightsError
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
+from medtransfer.safeio import atomic_path, write_text_atomic
 
 MODEL_DIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
@@ -117,11 +118,10 @@ def save_model(model: TransferModel, info: dict[str, Any], run_dir: Path) -> Pat
     model_dir = run_dir / MODEL_DIR
     model_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"format": "medtransfer", "backbone": info["backbone"]})
+    with atomic_path(model_dir / WEIGHTS_FILE) as temporary:  # never overwrite weights in place
+        save_file(state, str(temporary), metadata={"format": "medtransfer", "backbone": info["backbone"]})
     payload = {"format_version": FORMAT_VERSION, **info, "versions": versions()}
-    temporary = model_dir / (MODEL_JSON + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(model_dir / MODEL_JSON)
+    write_text_atomic(model_dir / MODEL_JSON, json.dumps(payload, indent=2))
     return model_dir
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
+from medtransfer.safeio import write_text_atomic
 
 __all__ = ["GALLERY_DIR", "GALLERY_FILE", "GalleryGroup", "PredictionRow", "read_predictions", "select_gallery", "write_gallery"]
 
@@ -226,10 +227,7 @@ def write_gallery(
         "positive_class": positive,
     }
     path = run_dir / GALLERY_FILE
-    temporary = run_dir / (GALLERY_FILE + ".tmp")
-    temporary.write_text(json.dumps(gallery, indent=2), encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(gallery, indent=2))
 
 
 def _render(
