@@ -2,8 +2,11 @@
 
 Nothing is written until every choice has been checked: the settings by
 :func:`~medtransfer.train.validate.validate_config`, the data by discovery and splitting,
-the model (weights that fit the backbone, children that exist) by building it. Only then
-is the run folder created, and the expensive part (decoding, training) starts.
+the model (weights that fit the backbone, children that exist) by building it, the splits
+by :func:`~medtransfer.train.validate.validate_splits`. Only then is the run's marker
+(config.yaml) written, and the expensive part (decoding, training) starts. The folder
+itself is created first to hold its lock (:mod:`medtransfer.train.runfolder`), and removed
+again when a check fails.
 """
 
 from __future__ import annotations
