@@ -84,3 +84,13 @@ def test_recorded_paths_are_absolute(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     config = with_absolute_paths(TrainConfig(data="data", cache_dir="cache", weights="imagenet"))
     assert (config.data, config.cache_dir, config.weights) == (str(tmp_path / "data"), str(tmp_path / "cache"), "imagenet")
+
+
+def test_a_second_train_out_of_a_run_still_training_names_the_holder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 1\n")
+    with FolderLock(run):  # this process is "training"
+        with pytest.raises(ConfigError, match=rf"^--out {run}: the run is in use by process {os.getpid()}"):
+            with hold_run_folder(run, resume=False):
+                pass

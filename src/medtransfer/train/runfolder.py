@@ -34,17 +34,20 @@ def hold_run_folder(out: Path, *, resume: bool) -> Iterator[None]:
     """Hold the folder's lock for the block (a second writer fails at once, naming the holder)
     after checking that it may be used; a folder created here and left empty is removed."""
     created = not out.exists()
+    if not resume and not (out / CONFIG_FILE).is_file():
+        check_run_dir(out, resume=False)  # a foreign folder is refused before a lock file is put in it
     lock = FolderLock(out, what="--resume" if resume else "--out")
-    lock.acquire()
+    lock.acquire()  # a run still training: fails here, naming its process
     try:
         check_run_dir(out, resume=resume)
         yield
     except BaseException:
         lock.release()
-        if created and out.is_dir() and all(p.name in LOCK_FILES for p in out.iterdir()):
+        if out.is_dir() and all(p.name in LOCK_FILES for p in out.iterdir()):
             for name in LOCK_FILES:
                 (out / name).unlink(missing_ok=True)
-            out.rmdir()
+            if created:
+                out.rmdir()
         raise
     else:
         lock.release()
