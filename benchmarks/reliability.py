@@ -72,6 +72,8 @@ def killed_run(data: Path, folder: Path, cache: Path, delay: float) -> bool:
 
 def finish(data: Path, folder: Path, cache: Path) -> str | None:
     """Resume (or restart, when the kill came before the run's marker) until done; the error line if lost."""
+    if (folder / "metrics.json").is_file() and (folder / "report.html").is_file():
+        return None  # the kill came after the run had finished
     if not (folder / "config.yaml").is_file():
         for leftover in folder.glob("*") if folder.exists() else []:
             leftover.unlink()
@@ -101,7 +103,7 @@ def main() -> None:
         completed, lost, landed, auc_diff, loss_diff, errors = 0, 0, 0, 0.0, 0.0, []
         for i in range(options.kills):
             folder, cache = work / f"run{i}", work / f"cache{i + 1}"
-            landed += killed_run(data, folder, cache, rng.uniform(0.5, seconds))
+            landed += killed_run(data, folder, cache, rng.uniform(0.5, 0.9 * seconds))
             error = finish(data, folder, cache)
             if error is not None:
                 lost += 1
