@@ -49,6 +49,7 @@ def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str
         deterministic=False,
         default_root_dir=out,
         plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # ResumeCheckpoint and BestWeights keep what a run needs
     )
 
 
