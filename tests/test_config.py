@@ -263,7 +263,7 @@ def test_config_imports_only_the_lowest_modules():
     # Choices owned by other modules are checked by medtransfer.train.validate, not here.
     code = "import sys, medtransfer.config; print(sorted(m for m in sys.modules if m.startswith('medtransfer.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert set(eval(loaded)) <= {"medtransfer.config", "medtransfer.errors", "medtransfer.rundir"}
+    assert set(eval(loaded)) <= {"medtransfer.config", "medtransfer.errors", "medtransfer.rundir", "medtransfer.safeio"}
 
 
 def test_choices_of_other_modules_are_not_checked_here():
@@ -308,12 +308,22 @@ def test_new_run_resolves_defaults_yaml_flags_and_the_cache_folder(tmp_path, mon
     assert config.cache_dir == str(tmp_path / "cache")
 
 
-def test_resumed_run_takes_its_own_config_then_flags(tmp_path):
+def test_resumed_run_takes_its_own_config_then_the_flags_that_do_not_change_results(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     TrainConfig.from_dict({"data": "/d", "epochs": 3, "cache_dir": "/c"}).write_yaml(run / CONFIG_FILE)
-    config, run_dir = resolve_train_config(out=None, resume=run, config_file=None, overrides={"epochs": 9})
-    assert run_dir == run and (config.data, config.epochs, config.cache_dir) == ("/d", 9, "/c")
+    config, run_dir = resolve_train_config(
+        out=None, resume=run, config_file=None, overrides={"num_workers": 2, "progress": False, "epochs": None}
+    )
+    assert run_dir == run and (config.data, config.epochs, config.cache_dir, config.num_workers) == ("/d", 3, "/c", 2)
+
+
+def test_resume_refuses_settings_that_would_change_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig.from_dict({"data": "/d", "epochs": 3}).write_yaml(run / CONFIG_FILE)
+    with pytest.raises(ConfigError, match=r"^--resume .*run's own settings, so --epochs, --lr cannot change; leave them out"):
+        resolve_train_config(out=None, resume=run, config_file=None, overrides={"epochs": 9, "lr": 0.1, "progress": False})
 
 
 @pytest.mark.parametrize(

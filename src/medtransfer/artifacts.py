@@ -37,6 +37,7 @@ from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import DataError, MedtransferError, WeightsError
 from medtransfer.models.backbones import OUTPUT_STRIDES, create_backbone
 from medtransfer.models.strategies import TransferModel
+from medtransfer.safeio import atomic_path, write_text_atomic
 
 MODEL_DIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
@@ -371,10 +372,9 @@ def save_model(model: TransferModel, info: ModelInfo, run_dir: Path) -> Path:
     payload = {"format_version": FORMAT_VERSION, **dataclasses.replace(info, versions=versions()).to_json()}
     ModelInfo.from_json(payload, source=model_dir / MODEL_JSON)
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"format": "medtransfer", "backbone": info.backbone})
-    temporary = model_dir / (MODEL_JSON + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(model_dir / MODEL_JSON)
+    with atomic_path(model_dir / WEIGHTS_FILE) as temporary:  # never overwrite weights in place
+        save_file(state, str(temporary), metadata={"format": "medtransfer", "backbone": info.backbone})
+    write_text_atomic(model_dir / MODEL_JSON, json.dumps(payload, indent=2))
     return model_dir
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from medtransfer.errors import ConfigError
-from medtransfer.rundir import CONFIG_FILE
+from medtransfer.rundir import CONFIG_FILE, write_yaml_atomic
 
 
 @dataclass
@@ -153,7 +153,7 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def write_yaml(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_yaml_atomic(path, self.to_dict())
 
 
 def default_cache_dir() -> Path:
@@ -175,6 +175,10 @@ def parse_set_values(items: list[str] | None) -> dict[str, str]:
     return values
 
 
+# Settings a resumed run may change: they do not change what the run computes.
+RESUME_OVERRIDABLE = ("num_workers", "progress", "cache_dir")
+
+
 def resolve_train_config(
     *, out: Path | None, resume: Path | None, config_file: Path | None, overrides: dict[str, Any]
 ) -> tuple[TrainConfig, Path]:
@@ -189,6 +193,14 @@ def resolve_train_config(
             raise ConfigError("--resume: takes the run's own config.yaml; leave out --config and --data")
         if out is not None and Path(out) != Path(resume):
             raise ConfigError(f"--resume {resume}: continues the run in its own folder; leave out --out {out}")
+        changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUME_OVERRIDABLE)
+        if changed:
+            listed = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ConfigError(
+                f"--resume {resume}: continues with the run's own settings, so {listed} cannot change; leave "
+                f"{'it' if len(changed) == 1 else 'them'} out (only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE)} "
+                "may), or start a new run with --out"
+            )
         saved = Path(resume) / CONFIG_FILE
         config = TrainConfig.from_sources(saved if saved.is_file() else None, overrides)
         run_dir = Path(resume)

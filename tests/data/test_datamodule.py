@@ -4,15 +4,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from sklearn.utils.class_weight import compute_class_weight
+from torch.utils.data import Dataset
 
-from medtransfer.data.datamodule import balanced_sampler, image_tensor
+from medtransfer.data.datamodule import EpochSampler, SeededItems, TransferDataModule, balanced_sampler, image_tensor
 from medtransfer.train.pipeline import class_weights
 
 
 def test_balanced_sampler_draws_each_class_about_equally():
     labels = [0] * 900 + [1] * 100
-    drawn = Counter(labels[i] for i in balanced_sampler(labels, seed=0))
+    drawn = Counter(labels[i] for i, _ in balanced_sampler(labels, seed=0))
     assert sum(drawn.values()) == 1000
     assert abs(drawn[0] - drawn[1]) < 100
 
@@ -20,6 +22,53 @@ def test_balanced_sampler_draws_each_class_about_equally():
 def test_balanced_sampler_is_seeded():
     labels = [0] * 50 + [1] * 10
     assert list(balanced_sampler(labels, seed=1)) == list(balanced_sampler(labels, seed=1))
+
+
+def test_epoch_sampler_is_a_shuffle_that_depends_on_seed_and_epoch_only():
+    sampler = EpochSampler(20, seed=3)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(20))  # each item once
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first
+    fresh = EpochSampler(20, seed=3)  # a new process resuming at epoch 1 draws the same
+    fresh.set_epoch(1)
+    assert list(fresh) == second
+    assert list(EpochSampler(20, seed=4)) != first
+
+
+class RandomItems(Dataset):
+    """Each item is a random draw, as an augmented image is."""
+
+    labels = [0, 1, 0, 1]
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.rand(3), self.labels[index]
+
+
+def test_seeded_items_repeat_their_augmentation_and_leave_the_callers_random_state_alone():
+    items = SeededItems(RandomItems())
+    torch.manual_seed(0)
+    expected_next = torch.rand(1)
+    torch.manual_seed(0)
+    first = items[(2, 123)][0]
+    assert torch.equal(torch.rand(1), expected_next)
+    assert torch.equal(items[(2, 123)][0], first) and not torch.equal(items[(2, 124)][0], first)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_batches_are_the_same_for_any_number_of_workers(workers):
+    module = TransferDataModule(train=RandomItems(), val=RandomItems(), batch_size=2, num_workers=workers, seed=5)
+    reference = TransferDataModule(train=RandomItems(), val=RandomItems(), batch_size=2, num_workers=0, seed=5)
+    for epoch in (0, 1):
+        loaders = [m.train_dataloader() for m in (module, reference)]
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+        for (x, y), (x_ref, y_ref) in zip(*loaders):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
 def test_balanced_class_weights_equal_scikit_learn():

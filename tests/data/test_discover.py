@@ -522,3 +522,16 @@ def test_kermany_3class_discovery_refuses_ambiguous_pneumonia(make_kaggle_tree):
     root = make_kaggle_tree({"train": {"NORMAL": 1, "PNEUMONIA": ["person1_bacteria_1.jpeg", "scan7.jpeg"]}})
     with pytest.raises(DataError, match="scan7.jpeg"):
         discover(root, labels="kermany-3class")
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("img/a1.png,A\nimg/b1.png,B\n./img/a1.png,A\n", r"line 4: ./img/a1.png is listed again \(first on line 2\); keep one row per image"),
+        ("img/a1.png,A\nimg/a1.png,B\n", r"line 3: img/a1.png is listed again with label B where it had A \(first on line 2\)"),
+    ],
+)
+def test_csv_manifest_listing_an_image_twice_is_refused(csv_images, rows, message):
+    manifest = _write_csv(csv_images / "list.csv", "path,label\n" + rows)
+    with pytest.raises(DataError, match=message):
+        discover(manifest)

@@ -10,13 +10,13 @@ import torch
 
 from medtransfer.config import TrainConfig
 from medtransfer.data.discover import discover
-from medtransfer.errors import ConfigError, MedtransferError, WeightsError
+from medtransfer.errors import ConfigError, DataError, MedtransferError, WeightsError
 from medtransfer.evaluation.thresholds import parse_threshold_policy
 from medtransfer.models.backbones import get_backbone, load_weights_file
 from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_precision
 from medtransfer.train import validate
-from medtransfer.train.validate import IGNORED_SETTINGS, ignored_settings, uses_feature_probe, validate_config
+from medtransfer.train.validate import IGNORED_SETTINGS, ignored_settings, uses_feature_probe, validate_config, validate_splits
 
 
 def refusal(call) -> str:
@@ -157,3 +157,31 @@ def test_all_ignored_settings_are_listed():
 def test_docstring_example():
     failed, tried = doctest.testmod(validate, optionflags=doctest.ELLIPSIS)
     assert (failed, tried) == (0, 2)
+
+
+# ------------------------------------------------------------ splits, before the first epoch
+
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "threshold", "message"),
+    [
+        ({"train": ["NORMAL", "PNEUMONIA"], "val": ["NORMAL", "NORMAL"]}, "sensitivity:0.95",
+         r"the val split holds only NORMAL \(2 image\(s\)\), but --threshold sensitivity:0.95 chooses the threshold on it "
+         r"and needs the positive class PNEUMONIA and another class; raise --val-fraction"),
+        ({"train": ["NORMAL", "PNEUMONIA"], "val": CLASSES, "test": ["PNEUMONIA"]}, "youden",
+         r"the test split holds only PNEUMONIA .*AUC and the other scores are computed on it"),
+        ({"train": ["NORMAL", "NORMAL"], "val": CLASSES, "test": CLASSES}, "youden",
+         r"class\(es\) PNEUMONIA appear in val/test but not in the train split"),
+        ({"train": ["NORMAL"], "val": CLASSES}, "youden", r"the train split has 1 image\(s\); training needs at least 2"),
+    ],
+)
+def test_splits_that_would_fail_after_training_are_refused_before_it(labels, threshold, message):
+    with pytest.raises(DataError, match=r"^--data /d: " + message):
+        validate_splits(labels, CLASSES, TrainConfig(data="/d", threshold=threshold), "PNEUMONIA")
+
+
+def test_usable_splits_pass():
+    validate_splits({"train": CLASSES, "val": CLASSES, "test": CLASSES}, CLASSES, TrainConfig(data="/d"), "PNEUMONIA")

@@ -6,12 +6,13 @@ bad images are all listed before training starts and the cache is shared across 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medtransfer.data.cache import CachedImages
 
@@ -39,12 +40,65 @@ class CachedImageDataset(Dataset):
         return self.transform(image_tensor(self.images[index])), self.labels[index]
 
 
-def balanced_sampler(labels: Sequence[int], *, seed: int) -> WeightedRandomSampler:
+class EpochSampler(Sampler):
+    """The training order of one epoch as a function of (seed, epoch) only, with a seed per item.
+
+    Yields ``(index, item_seed)``; :class:`SeededItems` applies the item's seed around its
+    augmentation. So the images, their order and their random crops in epoch k are the same
+    whether the run went straight through or was killed and resumed at epoch k, and whatever
+    the number of loader workers. Lightning calls :meth:`set_epoch` before every epoch.
+    ``weights`` (one per item) draws with replacement in proportion (``--sampler balanced``);
+    without them every item is seen once per epoch, shuffled.
+    """
+
+    def __init__(self, size: int, *, seed: int, weights: Sequence[float] | None = None):
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from every part (seed + epoch would make (0, 1) and (1, 0) collide)."""
+    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def balanced_sampler(labels: Sequence[int], *, seed: int) -> EpochSampler:
     """Draw each class equally often per epoch (for --sampler balanced)."""
     counts = np.bincount(labels)
-    weights = 1.0 / counts[np.asarray(labels)]
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), generator=generator)
+    return EpochSampler(len(labels), seed=seed, weights=(1.0 / counts[np.asarray(labels)]).tolist())
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` computed under the torch seed that :class:`EpochSampler` gave the item;
+    the caller's random state is left as it was."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.labels = dataset.labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 class TransferDataModule(L.LightningDataModule):
@@ -65,11 +119,14 @@ class TransferDataModule(L.LightningDataModule):
         self.sampler, self.seed = sampler, seed
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
-        sampler = balanced_sampler(dataset.labels, seed=self.seed) if train and self.sampler == "balanced" else None
+        sampler = None
+        if train:  # an order and augmentation that depend on (seed, epoch) only, so --resume repeats them
+            balanced = self.sampler == "balanced"
+            sampler = balanced_sampler(dataset.labels, seed=self.seed) if balanced else EpochSampler(len(dataset), seed=self.seed)
+            dataset = SeededItems(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train and len(dataset) > self.batch_size,
             num_workers=self.num_workers,

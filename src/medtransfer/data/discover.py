@@ -16,6 +16,7 @@ chest X-ray set holds several images per patient and splitting by image leaks pa
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -178,7 +179,7 @@ def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Re
                 f"--data {manifest}: CSV manifest lacks column(s) {', '.join(sorted(missing))}; "
                 f"found {', '.join(sorted(columns)) or 'no header'}. Required: path,label[,patient_id][,split]"
             )
-        records = []
+        records, first_seen = [], {}
         for line_number, row in enumerate(reader, start=2):
             raw_path = (row.get("path") or "").strip()
             label = (row.get("label") or "").strip()
@@ -193,6 +194,15 @@ def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Re
                     f"--data {manifest}, line {line_number}: split {split!r} is not one of {', '.join(SPLIT_NAMES)}"
                 )
             patient = (row.get("patient_id") or "").strip() or patient_id_from_name(path, patient_regex)
+            key = os.path.normpath(os.path.abspath(path))
+            if key in first_seen:  # a repeat would weigh twice, or land in two splits, or teach two labels
+                line, first_label = first_seen[key]
+                clash = f" with label {label} where it had {first_label}" if label != first_label else ""
+                raise DataError(
+                    f"--data {manifest}, line {line_number}: {raw_path} is listed again{clash} (first on line {line}); "
+                    "keep one row per image"
+                )
+            first_seen[key] = (line_number, label)
             records.append(Record(path, label, patient, split))
     if not records:
         raise DataError(f"--data {manifest}: the CSV manifest lists no images")

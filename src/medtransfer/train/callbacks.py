@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 
+from medtransfer.safeio import atomic_path, write_csv_atomic
+
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
@@ -49,10 +51,7 @@ class HistoryWriter(L.Callback):
 
 
 def write_history(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in rows)
+    write_csv_atomic(path, HISTORY_COLUMNS, ([row[k] for k in HISTORY_COLUMNS] for row in rows))
 
 
 def read_history(path: Path) -> list[dict]:
@@ -80,9 +79,8 @@ class BestWeights(L.Callback):
         self.best_score = float(score)
         self.best_epoch = trainer.current_epoch + 1
         state = {k: v.detach().cpu().contiguous() for k, v in pl_module.model.net.state_dict().items()}
-        temporary = self.path.with_suffix(".tmp")
-        save_file(state, str(temporary))
-        temporary.replace(self.path)
+        with atomic_path(self.path) as temporary:
+            save_file(state, str(temporary))
 
     def load_best(self, model: torch.nn.Module) -> None:
         model.load_state_dict(load_file(str(self.path)), strict=True)

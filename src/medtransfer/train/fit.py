@@ -23,6 +23,7 @@ from medtransfer.errors import DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
 from medtransfer.train.callbacks import BestWeights, HistoryWriter, write_history
+from medtransfer.train.checkpointing import AtomicCheckpointIO, EpochSeeding, ResumeCheckpoint
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
 __all__ = ["Fit", "fit_with_lightning", "train_probe_on_features"]
@@ -47,6 +48,8 @@ def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str
         num_sanity_val_steps=0,
         deterministic=False,
         default_root_dir=out,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # ResumeCheckpoint and BestWeights keep what a run needs
     )
 
 
@@ -68,12 +71,9 @@ def fit_with_lightning(
     checkpoints.mkdir(exist_ok=True)
     best = BestWeights(checkpoints / "best.safetensors")
     early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=config.patience)
-    # The latest epoch for --resume (one file; last.ckpt links to it). The best weights are kept
-    # by BestWeights as safetensors, so nothing is unpickled to reload them.
-    latest = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=checkpoints, filename="latest", save_top_k=1, save_last="link", save_on_train_epoch_end=True
-    )
-    callbacks = [early_stopping, best, HistoryWriter(out / "history.csv"), latest]
+    # The latest epoch for --resume, saved last (after the states it records); the best weights are
+    # kept by BestWeights as safetensors. EpochSeeding makes the randomness of an epoch resumable.
+    callbacks = [EpochSeeding(config.seed), early_stopping, best, HistoryWriter(out / "history.csv"), ResumeCheckpoint(checkpoints)]
     trainer = _trainer(config, out, accelerator=accelerator, precision=precision, callbacks=callbacks)
     last = checkpoints / "last.ckpt"
     try:
@@ -81,7 +81,8 @@ def fit_with_lightning(
             # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None,
+                        weights_only=True)
     except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown; last.ckpt holds the last full epoch
         if trainer.interrupted:
             raise TrainingInterrupted(out) from None

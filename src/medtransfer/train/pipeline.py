@@ -2,8 +2,11 @@
 
 Nothing is written until every choice has been checked: the settings by
 :func:`~medtransfer.train.validate.validate_config`, the data by discovery and splitting,
-the model (weights that fit the backbone, children that exist) by building it. Only then
-is the run folder created, and the expensive part (decoding, training) starts.
+the model (weights that fit the backbone, children that exist) by building it, the splits
+by :func:`~medtransfer.train.validate.validate_splits`. Only then is the run's marker
+(config.yaml) written, and the expensive part (decoding, training) starts. The folder
+itself is created first to hold its lock (:mod:`medtransfer.train.runfolder`), and removed
+again when a check fails.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ from medtransfer.runtime import (
     resolve_precision,
 )
 from medtransfer.train.callbacks import read_history
+from medtransfer.train.runfolder import check_resumable, check_run_dir, hold_run_folder, with_absolute_paths
 from medtransfer.train.fit import Fit, fit_with_lightning, train_probe_on_features
 from medtransfer.train.outputs import Evaluation, write_outputs
-from medtransfer.train.validate import uses_feature_probe, validate_config
+from medtransfer.train.validate import uses_feature_probe, validate_config, validate_splits
 
 
 @dataclass(frozen=True)
@@ -105,19 +109,30 @@ class SplitData:
 
 
 def run_training(config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
-    """Train and evaluate into the run folder `out` (or continue the interrupted run there)."""
+    """Train and evaluate into the run folder `out` (or continue the interrupted run there).
+
+    One process at a time writes `out` (a second one fails naming the holder's PID); every
+    file in it is written atomically, so a run killed at any moment can be resumed."""
     console = console or Console()
-    started = time.perf_counter()
     validate_config(config)
     hardware = resolve_hardware(config)
-    check_run_dir(out, resume=resume)
+    if not resume:
+        config = with_absolute_paths(config)
+    with hold_run_folder(out, resume=resume):
+        return _train_into(out, config, hardware, resume=resume, console=console)
+
+
+def _train_into(out: Path, config: TrainConfig, hardware: Hardware, *, resume: bool, console: Console) -> TrainResult:
+    started = time.perf_counter()
+    if resume:
+        check_resumable(out, config, console)
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = load_labelled_data(config, out, console, resume=resume)
     model = build_model(config, data.classes, console)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = cache_splits(data.records, data.classes, config, console)
     if not resume:
-        config.write_yaml(out / CONFIG_FILE)
+        config.write_yaml(out / CONFIG_FILE)  # the run's marker, before the long cache build
+    splits = cache_splits(data.records, data.classes, config, console)
+    if not (out / "split.csv").is_file():
         write_split_csv([r for s in splits.values() for r in s.records], out / "split.csv")
     fit = train_model(model, splits, config, out, hardware, resume=resume, console=console)
     evaluation = evaluate_model(model, splits, data, config, hardware)
@@ -139,23 +154,6 @@ def resolve_hardware(config: TrainConfig) -> Hardware:
     accelerator = resolve_accelerator(config.accelerator)  # fails when a GPU is asked for and none is visible
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator)
     return Hardware(accelerator, resolve_precision(config.precision, accelerator), device_for(accelerator), workers)
-
-
-def check_run_dir(out: Path, *, resume: bool) -> None:
-    """A new run needs a new or empty folder; never overwrite a finished or foreign folder."""
-    if resume:
-        if not (out / CONFIG_FILE).is_file():
-            raise ConfigError(f"--resume {out}: not a medtransfer run (no {CONFIG_FILE}); pass the --out folder of the run")
-        return
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is a file; choose a new folder")
-        if (out / CONFIG_FILE).is_file():
-            raise ConfigError(
-                f"--out {out}: already holds a run; use --resume {out} to continue it, or choose a new folder"
-            )
-        if any(out.iterdir()):
-            raise ConfigError(f"--out {out}: exists, is not empty and is not a medtransfer run; choose a new folder")
 
 
 def class_weights(labels: list[int], num_classes: int) -> list[float]:
@@ -208,6 +206,10 @@ def load_labelled_data(config: TrainConfig, run_dir: Path, console: Console, *, 
     positive_class = config.positive_class or default_positive_class(classes)
     if positive_class not in classes:
         raise ConfigError(f"--positive-class: got {positive_class!r}; classes are {', '.join(classes)}")
+    validate_splits(
+        {split: [r.label for r in records if r.split == split] for split in ("train", "val", "test") if any(r.split == split for r in records)},
+        classes, config, positive_class,
+    )
     leakage = report_leakage(records, config, console)
     summary = split_summary(records)
     for line in summary_lines(summary):
@@ -254,7 +256,8 @@ def prebuild_cache(
 
 
 def cache_splits(records: list[Record], classes: list[str], config: TrainConfig, console: Console) -> dict[str, SplitData]:
-    """Decoded images per split (before training starts, so a bad image stops the run early)."""
+    """Decoded images per split (before training starts, so a bad image stops the run early),
+    checked again by :func:`validate_splits` once bad images are left out."""
     cache = ImageCache(config.cache_dir, CacheSettings(size=config.cache_size))
     images = decode_images(
         cache, [r.path for r in records], skip_bad=config.skip_bad_images, progress=config.progress, console=console
@@ -271,6 +274,8 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
     for split in ("train", "val"):
         if split not in out:
             raise DataError(f"--data {config.data}: no {split} images left after splitting; add images")
+    positive_class = config.positive_class or default_positive_class(classes)
+    validate_splits({k: [classes[i] for i in s.labels] for k, s in out.items()}, classes, config, positive_class)
     return out
 
 

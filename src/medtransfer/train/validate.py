@@ -21,14 +21,14 @@ from pathlib import Path
 
 from medtransfer.config import TrainConfig
 from medtransfer.data.discover import LABEL_SCHEMES
-from medtransfer.errors import ConfigError
+from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.thresholds import parse_threshold_policy
 from medtransfer.models.backbones import WEIGHT_CHOICES, get_backbone, load_weights_file
 from medtransfer.models.module import LOSSES
 from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_accelerator, resolve_precision
 
-__all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_config"]
+__all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_config", "validate_splits"]
 
 
 def uses_feature_probe(config: TrainConfig) -> bool:
@@ -118,3 +118,33 @@ def validate_config(config: TrainConfig) -> None:
     ignored = ignored_settings(config)
     if ignored:
         raise ConfigError(ignored[0])
+
+
+def validate_splits(labels: dict[str, list[str]], classes: list[str], config: TrainConfig, positive_class: str) -> None:
+    """Refuse, before the first epoch, a split that training or evaluation cannot use.
+
+    ``labels`` maps a split (train, val, test) to the labels of its images. Training needs
+    at least two images (BatchNorm cannot train on a batch of one) and every class; the
+    threshold policy, calibration and AUC on val (and the scores on test) need the positive
+    class and another one. Each refusal names the split, what it holds and the fix.
+    """
+    train = labels.get("train", [])
+    if len(train) < 2:
+        raise DataError(f"--data {config.data}: the train split has {len(train)} image(s); training needs at least 2; add images")
+    missing = [c for c in classes if c not in train]
+    if missing:
+        raise DataError(
+            f"--data {config.data}: class(es) {', '.join(missing)} appear in val/test but not in the train split; "
+            "the model cannot learn them: add training images of them, or remove them from the other splits"
+        )
+    for split in ("val", "test"):
+        held = sorted(set(labels.get(split, [])))
+        if split not in labels or (positive_class in held and len(held) >= 2):
+            continue
+        need = f"the positive class {positive_class} and another class"
+        use = f"--threshold {config.threshold} chooses the threshold" if split == "val" else "AUC and the other scores are computed"
+        fix = "raise --val-fraction or leave out --keep-official-val" if split == "val" else "raise --test-fraction, or add images of the missing class to the test folder"
+        raise DataError(
+            f"--data {config.data}: the {split} split holds only {', '.join(held) or 'no images'} ({len(labels[split])} "
+            f"image(s)), but {use} on it and needs {need}; {fix}"
+        )
