@@ -76,7 +76,8 @@ def test_a_tiny_run_returns_its_typed_result_and_writes_the_run_folder(data, tmp
 def test_feature_probe_run_without_a_test_split(make_kaggle_tree, tmp_path):
     root = make_kaggle_tree({"train": {"NORMAL": 8, "PNEUMONIA": 8}})
     out = tmp_path / "probe"
-    result = run_training(tiny(root, tmp_path, strategy="linear-probe", augment=False, epochs=3), out, console=quiet())
+    config = tiny(root, tmp_path, strategy="linear-probe", augment=False, epochs=3, test_fraction=0)
+    result = run_training(config, out, console=quiet())
     assert result.test is None and json.loads((out / "metrics.json").read_text())["test"] is None
     assert result.params["trainable"] == 1_026 and result.epochs_run <= 3
     assert not (out / "checkpoints").exists()  # no Lightning: the head trained on cached features
