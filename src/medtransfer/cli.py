@@ -165,6 +165,29 @@ def evaluate(
 
 
 @app.command()
+def recalibrate(
+    run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
+    data: Path = typer.Option(..., help="Small labelled local dataset (folder, CSV or .npz)."),
+    out: Path = typer.Option(..., help="New folder for the recalibrated model, metrics.json and report.html."),
+    fit_fraction: float = typer.Option(0.5, help="Share of the local patients that refits; the rest reports before/after."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed of the patient-level fit/report split and the bootstrap."),
+    split: str = typer.Option("test", help="Which split of --data to use (when it has splits)."),
+    bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Bootstrap resamples for 95% CIs (0 = off)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
+):
+    """Refit temperature and threshold (the run's policy) on part of a local labelled set; report before/after on the rest."""
+    from medtransfer.evaluation.recalibrate import recalibrate_model
+
+    recalibrate_model(
+        run, data, out, fit_fraction=fit_fraction, seed=seed, split=split, cache_dir=cache_dir or default_cache_dir(),
+        bootstrap=bootstrap, skip_bad=skip_bad_images, accelerator=accelerator, console=console,
+    )
+    console.print(f"Wrote {out / 'model'} and {out / 'report.html'}")
+
+
+@app.command()
 def compare(
     runs: List[Path] = typer.Argument(..., help="Two or more run or evaluation folders (the first is the reference)."),
     out: Optional[Path] = typer.Option(None, help="Also write comparison.md, comparison.html and comparison.json here."),
