@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from medtransfer.artifacts import load_model
-from medtransfer.cli import main
+from tests.e2e.test_train_predict import invoke
 
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--set", "cache_size=40",
         "--batch-size", "8", "--bootstrap", "20", "--num-workers", "0", "--no-progress", "--epochs", "1"]
-
-
-def invoke(args: list) -> int:
-    saved_argv = sys.argv
-    sys.argv = ["medtransfer", *map(str, args)]
-    try:
-        main()
-        return 0
-    except SystemExit as exit_:
-        return exit_.code or 0
-    finally:
-        sys.argv = saved_argv
 
 
 def split_rows(run: Path) -> list[dict]:
