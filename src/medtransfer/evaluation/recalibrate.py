@@ -58,6 +58,7 @@ def recalibrate_model(
     bootstrap: int = 2000,
     skip_bad: bool = False,
     accelerator: str = "auto",
+    progress: bool = True,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Refit temperature and threshold on `fit_fraction` of the local patients; report before/after on the rest."""
@@ -67,7 +68,7 @@ def recalibrate_model(
     saved = load_model(run)
     _check_out(out, run)
     records = split_local(discover_external(saved, data, split=split, cache_dir=cache_dir), fit_fraction, seed)
-    outputs = score_records(saved, records, cache_dir=cache_dir, skip_bad=skip_bad, accelerator=accelerator)
+    outputs = score_records(saved, records, cache_dir=cache_dir, skip_bad=skip_bad, accelerator=accelerator, progress=progress)
     before = OperatingPoint(saved.positive_index, saved.temperature, saved.threshold, saved.info.get("threshold_policy") or "")
     training = saved.info.get("training_config") or {}
     after = fit_operating_point(
@@ -120,11 +121,11 @@ def split_local(records: list[Record], fit_fraction: float, seed: int) -> list[R
 
 
 def score_records(
-    saved: SavedModel, records: list[Record], *, cache_dir: Path, skip_bad: bool, accelerator: str
+    saved: SavedModel, records: list[Record], *, cache_dir: Path, skip_bad: bool, accelerator: str, progress: bool = True
 ) -> dict[str, SplitOutputs]:
     """Logits of every record, decoded as training did, grouped by the records' split."""
     cache = ImageCache(cache_dir, CacheSettings(size=saved.info["decode_size"]))
-    images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=True, workers=default_decode_workers())
+    images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=progress, workers=default_decode_workers())
     kept = [records[i] for i in images.positions]
     labels = np.asarray([saved.classes.index(r.label) for r in kept])
     device = resolve_accelerator(accelerator)
