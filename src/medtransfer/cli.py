@@ -37,7 +37,7 @@ def _quiet_lightning() -> None:
 
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
+    data: Optional[str] = typer.Option(None, help="Dataset: DIR/{train,val,test}/CLASS/*, plain DIR/CLASS/*, a CSV manifest or a MedMNIST .npz."),
     out: Optional[Path] = typer.Option(None, help="New run folder to write."),
     config: Optional[Path] = typer.Option(None, help="YAML file of settings (flags override it)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder."),
@@ -145,7 +145,7 @@ def predict(
 @app.command()
 def evaluate(
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
-    data: Path = typer.Option(..., help="Labelled dataset folder or CSV manifest."),
+    data: Path = typer.Option(..., help="Labelled dataset: folder, CSV manifest or .npz (the run's class map applies)."),
     out: Path = typer.Option(..., help="New folder for metrics.json, predictions.csv, plots and report.html."),
     split: str = typer.Option("test", help="Which split of --data to evaluate (when it has splits)."),
     bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Bootstrap resamples for 95% CIs (0 = off)."),
@@ -205,7 +205,7 @@ def compare(
 
 @app.command()
 def split(
-    data: Path = typer.Option(..., help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
+    data: Path = typer.Option(..., help="Dataset: DIR/{train,val,test}/CLASS/*, plain DIR/CLASS/*, a CSV manifest or a MedMNIST .npz."),
     out: Path = typer.Option(..., help="CSV file to write: path,label,patient_id,split."),
     val_fraction: float = typer.Option(DEFAULTS.val_fraction, help="Patient-level validation fraction drawn from train+val."),
     test_fraction: Optional[float] = typer.Option(
@@ -235,7 +235,7 @@ def split(
 
 @app.command()
 def cache(
-    data: Path = typer.Option(..., help="Dataset folder or CSV manifest."),
+    data: Path = typer.Option(..., help="Dataset folder, CSV manifest or .npz (its images are written under the cache)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),
     size: int = typer.Option(DEFAULTS.cache_size, help="Stored image side in pixels (use the training cache_size)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the available cores, up to 8)."),
