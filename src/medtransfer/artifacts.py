@@ -76,6 +76,7 @@ class ModelInfo:
     frozen: tuple[str, ...] | None = None
     training_config: dict[str, Any] | None = None
     versions: dict[str, str] | None = None  # filled in by save_model
+    provenance: dict[str, Any] | None = None  # where a recalibrated model came from (trained, recalibrated)
 
     @property
     def positive_index(self) -> int:
@@ -194,6 +195,7 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "frozen": (_texts, "must be a list of layer names"),
     "training_config": (_mapping, "must be an object of setting: value"),
     "versions": (_mapping, "must be an object of package: version"),
+    "provenance": (_mapping, "must be an object (trained, recalibrated)"),
 }
 
 

@@ -37,7 +37,7 @@ def _quiet_lightning() -> None:
 
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
+    data: Optional[str] = typer.Option(None, help="Dataset: DIR/{train,val,test}/CLASS/*, plain DIR/CLASS/*, a CSV manifest or a MedMNIST .npz."),
     out: Optional[Path] = typer.Option(None, help="New run folder to write."),
     config: Optional[Path] = typer.Option(None, help="YAML file of settings (flags override it)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder."),
@@ -54,11 +54,13 @@ def train(
         None, help="32 (default); 16 or 8 dilate the last stage for finer heatmaps (efficientnet_lite0, resnet50, timm)."
     ),
     val_fraction: Optional[float] = typer.Option(None, help=f"Patient-level validation fraction drawn from train+val (default {DEFAULTS.val_fraction})."),
-    test_fraction: Optional[float] = typer.Option(None, help=f"Draw a patient-level test split when the data has none (default {DEFAULTS.test_fraction:g})."),
+    test_fraction: Optional[float] = typer.Option(None, help="Patient-level test fraction drawn when the data has no test split (default 0.2; 0: none)."),
     keep_official_val: Optional[bool] = typer.Option(None, "--keep-official-val", help="Use the data's own val split as is."),
     labels: Optional[str] = typer.Option(None, help="folder (default) or kermany-3class (NORMAL/BACTERIA/VIRUS from file names)."),
     patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
     positive_class: Optional[str] = typer.Option(None, help="Positive class (default PNEUMONIA when present, else the last)."),
+    class_map: Optional[List[str]] = typer.Option(None, help="Rename or merge a class, OLD=NEW (repeatable), e.g. BACTERIA=PNEUMONIA."),
+    class_names: Optional[str] = typer.Option(None, help="Names of an .npz file's class indices 0,1,..., comma-separated."),
     class_weights: Optional[str] = typer.Option(None, help="none (default) or balanced class-weighted loss."),
     sampler: Optional[str] = typer.Option(None, help="shuffle (default) or balanced (each class drawn equally often)."),
     loss: Optional[str] = typer.Option(None, help="cross-entropy (default) or focal."),
@@ -72,13 +74,16 @@ def train(
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: chosen by device)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
     skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help="Leave unreadable images out instead of stopping."),
-    strict: Optional[bool] = typer.Option(None, "--strict", help="Fail when a patient or identical image is in two splits."),
+    strict: Optional[bool] = typer.Option(
+        None, "--strict", help="Fail when a patient, an identical image or a near-duplicate image is in two splits."
+    ),
     horizontal_flip: Optional[bool] = typer.Option(None, "--hflip", help="Add random horizontal flips to augmentation."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):
     """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
     flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume", "set_values")}
+    flags["class_map"] = class_map or None  # not given: the YAML's map stays
     from medtransfer.train.pipeline import run_training
 
     settings, run_dir = resolve_train_config(
@@ -140,7 +145,7 @@ def predict(
 @app.command()
 def evaluate(
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
-    data: Path = typer.Option(..., help="Labelled dataset folder or CSV manifest."),
+    data: Path = typer.Option(..., help="Labelled dataset: folder, CSV manifest or .npz (the run's class map applies)."),
     out: Path = typer.Option(..., help="New folder for metrics.json, predictions.csv, plots and report.html."),
     split: str = typer.Option("test", help="Which split of --data to evaluate (when it has splits)."),
     bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Bootstrap resamples for 95% CIs (0 = off)."),
@@ -157,6 +162,29 @@ def evaluate(
         skip_bad=skip_bad_images, accelerator=accelerator, console=console,
     )
     _print_result({"test": result.get("test")}, result["threshold"])
+
+
+@app.command()
+def recalibrate(
+    run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
+    data: Path = typer.Option(..., help="Small labelled local dataset (folder, CSV or .npz)."),
+    out: Path = typer.Option(..., help="New folder for the recalibrated model, metrics.json and report.html."),
+    fit_fraction: float = typer.Option(0.5, help="Share of the local patients that refits; the rest reports before/after."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed of the patient-level fit/report split and the bootstrap."),
+    split: str = typer.Option("test", help="Which split of --data to use (when it has splits)."),
+    bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Bootstrap resamples for 95% CIs (0 = off)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
+):
+    """Refit temperature and threshold (the run's policy) on part of a local labelled set; report before/after on the rest."""
+    from medtransfer.evaluation.recalibrate import recalibrate_model
+
+    recalibrate_model(
+        run, data, out, fit_fraction=fit_fraction, seed=seed, split=split, cache_dir=cache_dir or default_cache_dir(),
+        bootstrap=bootstrap, skip_bad=skip_bad_images, accelerator=accelerator, console=console,
+    )
+    console.print(f"Wrote {out / 'model'} and {out / 'report.html'}")
 
 
 @app.command()
@@ -177,20 +205,29 @@ def compare(
 
 @app.command()
 def split(
-    data: Path = typer.Option(..., help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
+    data: Path = typer.Option(..., help="Dataset: DIR/{train,val,test}/CLASS/*, plain DIR/CLASS/*, a CSV manifest or a MedMNIST .npz."),
     out: Path = typer.Option(..., help="CSV file to write: path,label,patient_id,split."),
     val_fraction: float = typer.Option(DEFAULTS.val_fraction, help="Patient-level validation fraction drawn from train+val."),
-    test_fraction: float = typer.Option(DEFAULTS.test_fraction, help="Draw a patient-level test split when the data has none."),
+    test_fraction: Optional[float] = typer.Option(
+        None, help="Patient-level test fraction drawn when the data has no test split (default 0.2; 0: none)."
+    ),
     keep_official_val: bool = typer.Option(
         DEFAULTS.keep_official_val, "--keep-official-val", help="Use the data's own val split as is."
     ),
     seed: int = typer.Option(DEFAULTS.seed, help="Random seed."),
     labels: str = typer.Option(DEFAULTS.labels, help="folder or kermany-3class."),
     patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
-    strict: bool = typer.Option(DEFAULTS.strict, "--strict", help="Fail when a patient or identical image is in two splits."),
+    strict: bool = typer.Option(
+        DEFAULTS.strict, "--strict", help="Fail when a patient, an identical image or a near-duplicate image is in two splits."
+    ),
+    class_map: Optional[List[str]] = typer.Option(None, help="Rename or merge a class, OLD=NEW (repeatable)."),
+    class_names: Optional[str] = typer.Option(None, help="Names of an .npz file's class indices, comma-separated."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where an .npz file's images are written (default ~/.cache/medtransfer)."),
 ):
     """Draw the patient-level split that `train` would use, check it for leakage, and save it."""
-    flags = {k: v for k, v in locals().items() if k != "out"}
+    flags = {k: v for k, v in locals().items() if k != "out" and v is not None}
+    flags["class_map"] = class_map or {}
+    flags["cache_dir"] = str(cache_dir or default_cache_dir())
     from medtransfer.train.pipeline import write_split
 
     write_split(TrainConfig.from_dict({**flags, "data": str(data)}, source="options"), out, console)
@@ -198,7 +235,7 @@ def split(
 
 @app.command()
 def cache(
-    data: Path = typer.Option(..., help="Dataset folder or CSV manifest."),
+    data: Path = typer.Option(..., help="Dataset folder, CSV manifest or .npz (its images are written under the cache)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),
     size: int = typer.Option(DEFAULTS.cache_size, help="Stored image side in pixels (use the training cache_size)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the available cores, up to 8)."),

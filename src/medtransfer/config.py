@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import yaml
@@ -29,7 +30,8 @@ class TrainConfig:
     labels: str = "folder"  # or kermany-3class
     patient_regex: str | None = None
     val_fraction: float = 0.2
-    test_fraction: float = 0.0  # draw a patient-level test split when the data has none
+    # A patient-level test split is drawn when the data has none: this fraction, 0.2 when None.
+    test_fraction: float | None = None
     keep_official_val: bool = False
     positive_class: str | None = None  # default: PNEUMONIA when present, else the last class
     skip_bad_images: bool = False
@@ -77,6 +79,9 @@ class TrainConfig:
     calibrate: str = "temperature"  # or none
     # console
     progress: bool = True
+    # classes: OLD -> NEW renames or merges (--class-map OLD=NEW); names of an .npz file's label indices
+    class_map: dict[str, str] = field(default_factory=dict)
+    class_names: list[str] | None = None
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -110,12 +115,19 @@ class TrainConfig:
                 close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(known)}"
                 raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-        return {key: _coerce(key, value, getattr(defaults, key), source) for key, value in values.items()}
+        return {
+            key: _SPECIAL.get(key, _coerce)(key, value, getattr(defaults, key), source) for key, value in values.items()
+        }
 
     def validate(self) -> None:
         checks = [
             (0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number between 0 and 1"),
-            (0 <= self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in [0, 1)"),
+            (
+                self.test_fraction is None or 0 <= self.test_fraction < 1,
+                "test_fraction",
+                self.test_fraction,
+                "a number in [0, 1) (0: no test split drawn)",
+            ),
             (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
             (self.patience >= 1, "patience", self.patience, "at least 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
@@ -282,3 +294,60 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             f"{source}: setting {key!r} got {value!r}; expected {expected}"
         ) from None
     return value
+
+
+def _optional_fraction(key: str, value: Any, default: Any, source: str) -> float | None:
+    """None (also "none" or "") keeps the default rule; anything else must be a number."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return _coerce(key, value, 0.0, source)
+
+
+def _class_map(key: str, value: Any, default: Any, source: str) -> dict[str, str]:
+    """A YAML mapping {OLD: NEW}, or OLD=NEW text (several separated by commas, as --set gives them)."""
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item.strip()]
+    if not isinstance(value, (dict, list, tuple)) and value is not None:
+        raise ConfigError(f"{source}: setting {key!r} got {value!r}; expected a mapping OLD: NEW or OLD=NEW items")
+    return parse_class_map(value)
+
+
+def _class_names(key: str, value: Any, default: Any, source: str) -> list[str] | None:
+    """A YAML list, or names separated by commas."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
+        raise ConfigError(f"{source}: setting {key!r} got {value!r}; expected class names, e.g. normal,pneumonia")
+    names = [str(v).strip() for v in items]
+    if not all(names):
+        raise ConfigError(f"{source}: setting {key!r} got {value!r}; a class name is empty")
+    return names
+
+
+_SPECIAL = {"test_fraction": _optional_fraction, "class_map": _class_map, "class_names": _class_names}
+
+
+def parse_class_map(values: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """{OLD: NEW} from "OLD=NEW" strings (the repeatable flag) or a YAML mapping.
+
+    >>> parse_class_map(["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"])
+    {'BACTERIA': 'PNEUMONIA', 'VIRUS': 'PNEUMONIA'}
+    """
+    if values is None:
+        return {}
+    pairs = [(str(k), str(v)) for k, v in values.items()] if isinstance(values, Mapping) else []
+    if not isinstance(values, Mapping):
+        for value in [values] if isinstance(values, str) else values:
+            old, sep, new = str(value).partition("=")
+            if not sep:
+                raise ConfigError(f"--class-map {value!r}: expected OLD=NEW, e.g. --class-map BACTERIA=PNEUMONIA")
+            pairs.append((old, new))
+    mapping: dict[str, str] = {}
+    for old, new in ((o.strip(), n.strip()) for o, n in pairs):
+        if not old or not new:
+            raise ConfigError(f"--class-map '{old}={new}': both the old and the new class name are needed")
+        if mapping.get(old, new) != new:
+            raise ConfigError(f"--class-map maps {old!r} twice ({old}={mapping[old]}, {old}={new}); keep one")
+        mapping[old] = new
+    return mapping

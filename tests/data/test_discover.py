@@ -14,7 +14,6 @@ from medtransfer.data.discover import (
     apply_class_map,
     discover,
     kermany_3class_label,
-    parse_class_map,
     patient_id_from_name,
 )
 from medtransfer.errors import ConfigError, DataError
@@ -234,39 +233,6 @@ def test_names_with_spaces_and_upper_case_suffixes_are_discovered(make_image, tm
 
 
 # --------------------------------------------------------------------------- class map
-
-
-@pytest.mark.parametrize(
-    ("values", "expected"),
-    [
-        (["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"], {"BACTERIA": "PNEUMONIA", "VIRUS": "PNEUMONIA"}),
-        (["0=NORMAL", "1=PNEUMONIA"], {"0": "NORMAL", "1": "PNEUMONIA"}),
-        ([" Normal = NORMAL "], {"Normal": "NORMAL"}),  # spaces around names are dropped
-        (["a=b=c"], {"a": "b=c"}),  # the first '=' separates
-        (["A=B", "A=B"], {"A": "B"}),  # repeated identically: fine
-        ("A=B", {"A": "B"}),  # one string
-        ({"COVID-19": "COVID", 0: "NORMAL"}, {"COVID-19": "COVID", "0": "NORMAL"}),  # a YAML mapping
-        (None, {}),
-        ([], {}),
-    ],
-)
-def test_parse_class_map(values, expected):
-    assert parse_class_map(values) == expected
-
-
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        (["PNEUMONIA"], "--class-map 'PNEUMONIA': expected OLD=NEW"),
-        (["=PNEUMONIA"], "--class-map '=PNEUMONIA': both the old and the new class name are needed"),
-        (["A= "], "--class-map 'A=': both"),
-        (["A=B", "A=C"], "--class-map maps 'A' twice (A=B, A=C)"),
-    ],
-)
-def test_parse_class_map_names_the_bad_value(values, message):
-    with pytest.raises(ConfigError) as info:
-        parse_class_map(values)
-    assert message in str(info.value)
 
 
 def test_apply_class_map_renames_and_merges():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -257,31 +257,6 @@ def discover(
         records = apply_class_map(records, class_map)
     check_class_sets(records)
     return records
-
-
-def parse_class_map(values: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
-    """{OLD: NEW} from "OLD=NEW" strings (the repeatable flag) or a YAML mapping.
-
-    >>> parse_class_map(["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"])
-    {'BACTERIA': 'PNEUMONIA', 'VIRUS': 'PNEUMONIA'}
-    """
-    if values is None:
-        return {}
-    pairs = [(str(k), str(v)) for k, v in values.items()] if isinstance(values, Mapping) else []
-    if not isinstance(values, Mapping):
-        for value in [values] if isinstance(values, str) else values:
-            old, sep, new = str(value).partition("=")
-            if not sep:
-                raise ConfigError(f"--class-map {value!r}: expected OLD=NEW, e.g. --class-map BACTERIA=PNEUMONIA")
-            pairs.append((old, new))
-    mapping: dict[str, str] = {}
-    for old, new in ((o.strip(), n.strip()) for o, n in pairs):
-        if not old or not new:
-            raise ConfigError(f"--class-map '{old}={new}': both the old and the new class name are needed")
-        if mapping.get(old, new) != new:
-            raise ConfigError(f"--class-map maps {old!r} twice ({old}={mapping[old]}, {old}={new}); keep one")
-        mapping[old] = new
-    return mapping
 
 
 def apply_class_map(records: list[Record], class_map: Mapping[str, str]) -> list[Record]:

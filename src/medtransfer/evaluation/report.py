@@ -24,12 +24,13 @@ from medtransfer import __version__
 from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
 from medtransfer.evaluation.published import published_section
+from medtransfer.evaluation.report_findings import leakage_html, shift_html
 from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["SECTION_IDS", "write_report"]
 
 # In reading order: the verdict first, then what it rests on, the settings last.
-SECTION_IDS = ("summary", "data", "metrics", "curves", "calibration", "training", "explanations", "published", "configuration")
+SECTION_IDS = ("summary", "shift", "data", "metrics", "curves", "calibration", "training", "explanations", "published", "configuration")
 
 
 def write_report(run_dir: Path, *, console: Any = None, title: str | None = None) -> Path:
@@ -245,18 +246,7 @@ def _data(run: _Run) -> str:
     else:
         rows = [(_split_label(n), *(h.format_number(v) for v in (s.n, s.n_positive, s.patients))) for n, s in m.splits.items()]
         parts.append(h.table(["Split", "Images", "Positive", "Patients"], rows) if rows else h.note("No data summary in metrics.json."))
-    leakage = m.leakage
-    if leakage is None:
-        parts.append(h.note("No leakage check recorded in metrics.json."))
-    elif leakage.get("clean"):
-        parts.append(h.note("Leakage check passed: no patient and no byte-identical image appears in two splits.", css="ok"))
-    else:
-        text = (
-            f"Leakage check failed: {h.format_number(leakage.get('shared_patients'))} patient(s) in more than one split, "
-            f"{h.format_number(leakage.get('duplicate_images'))} byte-identical image(s) in more than one split."
-        )
-        examples = "".join(f"<li>{h.escape(x)}</li>" for x in leakage.get("examples") or [])
-        parts.append(h.note(text, css="warn") + (f"<ul>{examples}</ul>" if examples else ""))
+    parts.append(leakage_html(m.leakage))
     return h.section("data", "Data", "\n".join(parts))
 
 
@@ -439,7 +429,11 @@ def _other_figures(run: _Run) -> str:
     return h.section("other-figures", "Other figures", h.figures([(p, p.stem.replace("_", " ")) for p in extra]))
 
 
+def _shift(run: _Run) -> str:
+    return shift_html(run.metrics.extra.get("shift"))
+
+
 _SECTIONS = {
-    "summary": _summary, "data": _data, "metrics": _metrics, "curves": _curves, "calibration": _calibration,
+    "summary": _summary, "shift": _shift, "data": _data, "metrics": _metrics, "curves": _curves, "calibration": _calibration,
     "training": _training, "explanations": _explanations, "published": _published, "configuration": _configuration,
 }

@@ -21,11 +21,13 @@ import lightning as L
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
-from medtransfer.config import TrainConfig
+from medtransfer.config import TrainConfig, default_cache_dir
 from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.data.discover import Record, discover
+from medtransfer.data.near_duplicates import ImageHashes, hash_images
 from medtransfer.data.split import (
     check_leakage,
     read_split_csv,
@@ -162,27 +164,43 @@ def class_weights(labels: list[int], num_classes: int) -> list[float]:
     return (len(labels) / (num_classes * np.maximum(counts, 1))).tolist()
 
 
-def draw_split(config: TrainConfig) -> list[Record]:
-    """The patient-level split of `config.data` (the same for `train` and `split`)."""
-    records = discover(config.data, patient_regex=config.patient_regex, labels=config.labels)
-    return resplit(
-        records,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-        keep_official_val=config.keep_official_val,
+def discover_records(config: TrainConfig) -> list[Record]:
+    """The labelled images of `config.data`: label scheme, class map and .npz class names applied."""
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    return discover(
+        config.data, patient_regex=config.patient_regex, labels=config.labels, class_map=config.class_map,
+        class_names=config.class_names, extract_dir=cache_dir / "npz",
     )
 
 
-def report_leakage(records: list[Record], config: TrainConfig, console: Console) -> dict:
-    leakage = check_leakage(records)
-    if leakage.clean:
-        console.print("Leakage check: no patient and no identical image in two splits.")
-    else:
-        for line in leakage.lines():
-            console.print(f"[yellow]Leakage:[/yellow] {line}")
-        if config.strict:
-            raise DataError(f"--strict: {leakage.lines()[0]}; remove the duplicates or run without --strict")
+def draw_split_hashed(config: TrainConfig) -> tuple[list[Record], ImageHashes]:
+    """The patient-level split of `config.data` and the content hashes it was drawn with.
+
+    Images are hashed once: near-duplicates travel together in the split, and the leakage
+    check reuses the same hashes.
+    """
+    records = discover_records(config)
+    hashes = hash_images([r.path for r in records])
+    drawn = resplit(
+        records, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
+        keep_official_val=config.keep_official_val, hashes=hashes,
+    )
+    return drawn, hashes
+
+
+def draw_split(config: TrainConfig) -> list[Record]:
+    """The patient-level split of `config.data` (the same for `train` and `split`)."""
+    return draw_split_hashed(config)[0]
+
+
+def report_leakage(records: list[Record], config: TrainConfig, console: Console, hashes: ImageHashes | None = None) -> dict:
+    """Check IDs, bytes and content across splits: the summary line, each finding as a warning."""
+    leakage = check_leakage(records, hashes=hashes)
+    console.print(leakage.summary(), markup=False, highlight=False)
+    for line in leakage.lines():
+        console.print(f"[yellow]Leakage:[/yellow] {escape(line)}")
+    if config.strict and not leakage.clean:
+        raise DataError(f"--strict: {leakage.lines()[0]}; remove the duplicates or run without --strict")
     return leakage.to_dict()
 
 
@@ -190,8 +208,8 @@ def write_split(config: TrainConfig, out: Path, console: Console) -> None:
     """`medtransfer split`: the split `train` would draw, checked for leakage, saved as CSV."""
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; name a CSV file, e.g. --out split.csv")
-    records = draw_split(config)
-    report_leakage(records, config, console)
+    records, hashes = draw_split_hashed(config)
+    report_leakage(records, config, console, hashes)
     for line in summary_lines(split_summary(records)):
         console.print(line)
     write_split_csv(records, out)
@@ -201,7 +219,11 @@ def write_split(config: TrainConfig, out: Path, console: Console) -> None:
 def load_labelled_data(config: TrainConfig, run_dir: Path, console: Console, *, resume: bool) -> LabelledData:
     """Records with their split (a resumed run keeps its split.csv), classes, leakage and summary."""
     split_file = run_dir / "split.csv"
-    records = read_split_csv(split_file) if resume and split_file.is_file() else draw_split(config)
+    if resume and split_file.is_file():
+        records = read_split_csv(split_file)
+        hashes = hash_images([r.path for r in records])
+    else:
+        records, hashes = draw_split_hashed(config)
     classes = sorted({r.label for r in records})
     positive_class = config.positive_class or default_positive_class(classes)
     if positive_class not in classes:
@@ -210,7 +232,7 @@ def load_labelled_data(config: TrainConfig, run_dir: Path, console: Console, *, 
         {split: [r.label for r in records if r.split == split] for split in ("train", "val", "test") if any(r.split == split for r in records)},
         classes, config, positive_class,
     )
-    leakage = report_leakage(records, config, console)
+    leakage = report_leakage(records, config, console, hashes)
     summary = split_summary(records)
     for line in summary_lines(summary):
         console.print(line)
@@ -250,7 +272,8 @@ def prebuild_cache(
 ) -> None:
     """`medtransfer cache`: decode a dataset into the cache ahead of training."""
     cache = ImageCache(cache_dir, CacheSettings(size=size))
-    paths = [r.path for r in discover(data)]
+    config = TrainConfig(data=str(data), cache_dir=str(cache_dir))  # an .npz is extracted where train finds it
+    paths = [r.path for r in discover_records(config)]
     images = decode_images(cache, paths, skip_bad=skip_bad, progress=True, console=console, workers=workers)
     console.print(f"{len(images)} images cached ({images.built} decoded now) in {cache.stats()['location']}")
 
