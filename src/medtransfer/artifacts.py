@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import WeightsError
 from medtransfer.models.backbones import create_backbone
+from medtransfer.models.heads import apply_head
 from medtransfer.models.strategies import TransferModel
 
 MODEL_DIR = "model"
@@ -150,6 +151,7 @@ def load_model(path: str | Path) -> SavedModel:
         in_channels=info.get("in_channels", 3),
         output_stride=info.get("output_stride", 32),
     )
+    apply_head(net, spec, info.get("head", "linear"))  # models saved before heads existed have a Linear one
     state = load_file(str(model_dir / WEIGHTS_FILE))
     try:
         net.load_state_dict(state, strict=True)

@@ -83,7 +83,7 @@ def test_frozen_layers_stay_frozen_and_in_eval_mode_through_train_and_eval_switc
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("thaw",), r"^--strategy: got 'thaw'; choose one of finetune, freeze, linear-probe$"),
+        (("thaw",), r"^--strategy: got .thaw.; choose one of finetune, freeze, linear-probe, lp-ft, gradual$"),
         (("freeze", -1), r"^--freeze-children: got -1; expected 0 or more$"),
     ],
 )
@@ -93,6 +93,6 @@ def test_strategy_refuses_unknown_names_and_negative_counts_on_construction(args
 
 
 def test_every_named_strategy_can_be_built():
-    assert {Strategy(name).name for name in STRATEGIES} == {"finetune", "freeze", "linear-probe"}
+    assert {Strategy(name).name for name in STRATEGIES} == {"finetune", "freeze", "linear-probe", "lp-ft", "gradual"}
     for name in STRATEGIES:
         assert resnet18(Strategy(name)).parameter_counts()["total"] == 11_177_538

@@ -3,11 +3,17 @@
 - :func:`fit_with_lightning`: Lightning with early stopping on validation loss, the best
   weights kept as safetensors and the latest epoch checkpointed for ``--resume``;
 - :func:`train_probe_on_features`: a linear probe without augmentation, trained on backbone
-  features computed once (see :mod:`medtransfer.train.feature_probe`).
+  features computed once (see :mod:`medtransfer.train.feature_probe`); also the first phase
+  of LP-FT (:func:`probe_phase`).
+
+The strategy's callbacks join the Lightning fit here: gradual unfreezing and weight
+averaging (EMA: the averaged weights are validated and kept; SWA: the final averaged
+weights are kept, early stopping is off since SWA averages up to the last epoch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,16 +28,24 @@ from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.errors import DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
-from medtransfer.train.callbacks import BestWeights, HistoryWriter, write_history
+from medtransfer.train.callbacks import (
+    BestWeights,
+    GradualUnfreezing,
+    HistoryWriter,
+    read_history,
+    weight_averaging_callback,
+    write_history,
+)
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
-__all__ = ["Fit", "fit_with_lightning", "train_probe_on_features"]
+__all__ = ["Fit", "fit_with_lightning", "probe_phase", "train_probe_on_features"]
 
 
 @dataclass(frozen=True)
 class Fit:
     best_epoch: int  # 1-based epoch whose weights the model now holds
     stopped_early: bool
+    wise_ft: dict | None = None  # the WiSE-FT record when the weights were interpolated afterwards
 
 
 def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str, callbacks: list) -> L.Trainer:
@@ -66,14 +80,22 @@ def fit_with_lightning(
     """
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
-    best = BestWeights(checkpoints / "best.safetensors")
-    early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=config.patience)
+    averaging = weight_averaging_callback(config.weight_averaging, lr=config.lr, ema_decay=config.ema_decay)
+    swa = config.weight_averaging == "swa"
+    best = BestWeights(checkpoints / "best.safetensors", averaging=None if swa else averaging)
+    # SWA averages up to the last epoch: stopping early would skip the averaging.
+    patience = config.epochs + 1 if swa else config.patience
+    early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=patience)
     # The latest epoch for --resume (one file; last.ckpt links to it). The best weights are kept
     # by BestWeights as safetensors, so nothing is unpickled to reload them.
     latest = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=checkpoints, filename="latest", save_top_k=1, save_last="link", save_on_train_epoch_end=True
     )
     callbacks = [early_stopping, best, HistoryWriter(out / "history.csv"), latest]
+    if config.strategy == "gradual":
+        callbacks.insert(0, GradualUnfreezing(config.unfreeze_every, config.lr_decay))
+    if averaging is not None:
+        callbacks.insert(0, averaging)
     trainer = _trainer(config, out, accelerator=accelerator, precision=precision, callbacks=callbacks)
     last = checkpoints / "last.ckpt"
     try:
@@ -90,6 +112,8 @@ def fit_with_lightning(
         raise TrainingInterrupted(out)
     if not best.path.is_file():
         raise DataError("training produced no finite validation loss; lower --lr or check the data")
+    if swa:  # the model holds the SWA average (BN statistics recomputed) after the last epoch
+        return Fit(len(read_history(out / "history.csv")), False)
     best.load_best(module.model.net)
     return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0))
 
@@ -127,3 +151,12 @@ def train_probe_on_features(
     model.head.load_state_dict(best_state)
     best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
     return Fit(best_epoch, len(history) < config.epochs)
+
+
+def probe_phase(model: TransferModel, datasets: dict[str, CachedImageDataset], config: TrainConfig, history_path: Path,
+                **kwargs) -> Fit:
+    """LP-FT's first phase: the head trains on frozen, unaugmented features for `lp_epochs` at `lp_lr`
+    (history in `history_path`); the model keeps the best-on-validation head. `kwargs`: those of
+    :func:`train_probe_on_features`."""
+    settings = dataclasses.replace(config, epochs=config.lp_epochs, lr=config.lp_lr)
+    return train_probe_on_features(model, datasets, settings, history_path, **kwargs)
