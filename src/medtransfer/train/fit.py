@@ -103,6 +103,10 @@ def fit_with_lightning(
             # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+            # SWA swaps the per-step schedule for its own per-epoch SWALR at its start, as intended.
+            warnings.filterwarnings("ignore", message=r"SWA is currently only supported every epoch.*")
+            # checkpoints/ may already hold best.safetensors or WiSE-FT's start.safetensors.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty.*")
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
     except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown; last.ckpt holds the last full epoch
         if trainer.interrupted:
