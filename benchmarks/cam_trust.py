@@ -271,8 +271,8 @@ def _cases(run_dir: Path, data_root: Path, saved: Any) -> tuple[list[torch.Tenso
     from medtransfer.data.datamodule import image_tensor
     from medtransfer.data.synthetic import lesion_mask_path
 
-    positive = saved.info["positive_class"]
-    decode_size = saved.info["decode_size"]
+    positive = saved.info.positive_class
+    decode_size = saved.info.decode_size
     transform = saved.transform()
     inputs, masks, patients, skipped = [], [], [], 0
     with (run_dir / "split.csv").open(newline="") as handle:
@@ -287,7 +287,7 @@ def _cases(run_dir: Path, data_root: Path, saved: Any) -> tuple[list[torch.Tenso
         if not mask.any():  # the lesion lies outside the centre crop
             skipped += 1
             continue
-        inputs.append(transform(image_tensor(np.array(decode_image(image_path, size=decode_size)))))
+        inputs.append(saved.preprocess(image_path))
         masks.append(mask)
         patients.append(record["patient_id"])
     return inputs, masks, patients, skipped
@@ -362,11 +362,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cam_started = time.perf_counter()
     saved = load_model(run_dir)
-    tolerance = args.tolerance_px if args.tolerance_px is not None else round(0.025 * saved.info["image_size"])
+    tolerance = args.tolerance_px if args.tolerance_px is not None else round(0.025 * saved.info.image_size)
     data = data_dir(out, args.image_size)
     inputs, masks, patients, skipped = _cases(run_dir, data, saved)
     if not inputs:
-        raise SystemExit(f"cam_trust: no {saved.info['positive_class']} test image with a lesion mask in {data}")
+        raise SystemExit(f"cam_trust: no {saved.info.positive_class} test image with a lesion mask in {data}")
     positive = saved.positive_index
     trained, layer, feature_size = _maps(saved.model, inputs, positive, args.method, args.target_layer)
     randomized_model = randomize_weights(load_model(run_dir).model, seed=args.seed)
@@ -405,8 +405,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "map_grid": feature_size,
         "backbone": args.backbone,
         "weights": args.weights,
-        "image_size": saved.info["image_size"],
-        "output_stride": saved.info.get("output_stride", 32),
+        "image_size": saved.info.image_size,
+        "output_stride": saved.info.output_stride,
         "epochs": args.epochs,
         "train_seed": args.train_seed,
         "epochs_run": metrics.get("epochs_run"),

@@ -59,13 +59,13 @@ def build_demo_model(folder: Path) -> Path:
 
 
 def naive_transform(saved) -> T.Compose:
-    size = saved.info["image_size"]
+    size = saved.info.image_size
     return T.Compose(
         [
-            T.Resize(int(round(size / saved.info["eval_crop_fraction"]))),
+            T.Resize(int(round(size / saved.info.eval_crop_fraction))),
             T.CenterCrop(size),
             T.ToTensor(),
-            T.Normalize(saved.info["mean"], saved.info["std"]),
+            T.Normalize(saved.info.mean, saved.info.std),
         ]
     )
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     with contextlib.ExitStack() as stack:
         run_dir = args.run or build_demo_model(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-predict-"))))
         saved = load_model(run_dir)
-    log(f"{len(paths)} images, model {saved.info['backbone']} ({'given' if args.run else 'demo, random weights'}), "
+    log(f"{len(paths)} images, model {saved.info.backbone} ({'given' if args.run else 'demo, random weights'}), "
         f"{accelerator}, precision {precision}")
 
     # Baseline first, on its own fp32 NCHW copy (predict_files converts saved.model to channels_last).
@@ -156,9 +156,9 @@ def run(args: argparse.Namespace) -> dict:
         "images": len(paths),
         "example_image_size": list(example_size),
         "batch_size": args.batch_size,
-        "model": saved.info["backbone"] + ("" if args.run else " (demo, weights none)"),
-        "image_size": saved.info["image_size"],
-        "decode_size": saved.info["decode_size"],
+        "model": saved.info.backbone + ("" if args.run else " (demo, weights none)"),
+        "image_size": saved.info.image_size,
+        "decode_size": saved.info.decode_size,
         "accelerator": accelerator,
         "precision": precision,
         "baseline": "PIL full decode, Resize, CenterCrop, fp32 NCHW, batch of 1",

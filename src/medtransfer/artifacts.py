@@ -1,63 +1,204 @@
 """The saved model: RUN/model/weights.safetensors + RUN/model/model.json.
 
 Loading never unpickles: tensors come from safetensors, everything else from JSON. The
-JSON carries what is needed to rebuild the network and preprocess an image exactly as
-in evaluation (decode size, crop, normalisation), plus the decision threshold, the
-positive class and the calibration temperature chosen on validation.
+JSON (:class:`ModelInfo`) carries what is needed to rebuild the network and preprocess an
+image exactly as in evaluation (decode size, crop, normalisation), plus the operating point
+chosen on validation: the calibration temperature, the decision threshold and the positive
+class. :class:`SavedModel` turns an image into the model's input (:meth:`SavedModel.preprocess`)
+and logits into a decision (:meth:`SavedModel.decide`), so predict, export, serve, explain
+and the benchmarks prepare and decide one way.
+
+    >>> saved = load_model("runs/demo")  # doctest: +SKIP
+    >>> decision = saved.decide(saved.model(saved.preprocess("xray.png")[None]))  # doctest: +SKIP
+    >>> saved.classes[decision.predicted[0]], decision.probabilities[0]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from torchvision.transforms import v2
 
+from medtransfer.data.datamodule import image_tensor
+from medtransfer.data.decode import decode_image
 from medtransfer.data.transforms import eval_transform
-from medtransfer.errors import WeightsError
-from medtransfer.models.backbones import create_backbone
-from medtransfer.models.heads import apply_head
+from medtransfer.errors import DataError, MedtransferError, WeightsError
+from medtransfer.models.backbones import OUTPUT_STRIDES, create_backbone
+from medtransfer.models.heads import HEADS, apply_head
 from medtransfer.models.strategies import TransferModel
 
 MODEL_DIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_JSON = "model.json"
 FORMAT_VERSION = 1
+_FIX = "Correct the field, or train the model again with `medtransfer train`."
+
+ImageSource = str | Path | bytes | np.ndarray
 
 
-@dataclass
-class SavedModel:
-    model: TransferModel
-    info: dict[str, Any]
+# ---------------------------------------------------------------------- model.json
 
-    @property
-    def classes(self) -> list[str]:
-        return self.info["classes"]
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """model.json, typed. Field order is the file's key order; optional fields that are None are not written.
+
+    Defaults exist only for fields that older model.json files may lack (output_stride came
+    with the dilated backbones; the rest is description, not needed to predict).
+    """
+
+    backbone: str
+    classes: tuple[str, ...]
+    positive_class: str
+    threshold: float  # on the temperature-scaled probability of positive_class
+    temperature: float = 1.0
+    image_size: int
+    decode_size: int  # side of the decoded (cached) image, before resize + centre crop
+    eval_crop_fraction: float = 0.875
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_channels: int = 3
+    output_stride: int = 32
+    threshold_policy: str | None = None  # how the threshold was chosen on validation, e.g. "youden"
+    strategy: str | None = None
+    frozen: tuple[str, ...] | None = None
+    training_config: dict[str, Any] | None = None
+    versions: dict[str, str] | None = None  # filled in by save_model
+    head: str | None = None  # models/heads.py, rebuilt on load; None (files from before heads): linear
+    wise_ft: dict[str, Any] | None = None  # WiSE-FT mixing chosen on validation (train/wise_ft.py)
 
     @property
     def positive_index(self) -> int:
-        return self.classes.index(self.info["positive_class"])
+        return self.classes.index(self.positive_class)
 
-    @property
-    def threshold(self) -> float:
-        return float(self.info["threshold"])
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object (lists for tuples; None fields left out), without format_version."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
-    @property
-    def temperature(self) -> float:
-        return float(self.info.get("temperature", 1.0))
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | Path) -> ModelInfo:
+        """Validate a parsed model.json; every problem is a WeightsError naming source, field and value."""
+        if not isinstance(data, dict):
+            raise WeightsError(f"{source}: must hold a JSON object; got {type(data).__name__}. {_FIX}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise WeightsError(
+                f"{source}: field 'format_version' must be {FORMAT_VERSION}; got {version!r}. "
+                "The model was written by another medtransfer version; load it with that version or train again."
+            )
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is dataclasses.MISSING:
+                    raise WeightsError(f"{source}: field {f.name!r} is missing. {_FIX}")
+                continue
+            parse, expected = _PARSERS[f.name]
+            try:
+                values[f.name] = parse(data[f.name])
+            except (TypeError, ValueError):
+                raise _field_error(source, f.name, expected, data[f.name]) from None
+        classes = values["classes"]
+        if values["positive_class"] not in classes:
+            raise _field_error(source, "positive_class", f"must be one of the classes ({', '.join(classes)})",
+                               values["positive_class"])
+        if len(values["std"]) != len(values["mean"]):
+            raise _field_error(source, "std", f"must have as many values as 'mean' ({len(values['mean'])})",
+                               data["std"])
+        return cls(**values)
 
-    def transform(self):
-        return eval_transform(
-            image_size=self.info["image_size"],
-            mean=self.info["mean"],
-            std=self.info["std"],
-            channels=self.info.get("in_channels", 3),
-            crop_fraction=self.info["eval_crop_fraction"],
-        )
+
+def _field_error(source: str | Path, name: str, expected: str, value: Any) -> WeightsError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return WeightsError(f"{source}: field {name!r} {expected}; got {shown}. {_FIX}")
+
+
+def _real(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError
+    return float(value)
+
+
+def _checked(convert: Callable[[Any], Any], ok: Callable[[Any], bool]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        converted = convert(value)
+        if not ok(converted):
+            raise ValueError
+        return converted
+
+    return parse
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError
+    return value
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError
+    return tuple(_text(v) for v in value)
+
+
+def _reals(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list):
+        raise ValueError
+    return tuple(_real(v) for v in value)
+
+
+def _mapping(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError
+    return value
+
+
+_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "backbone": (_text, "must be a backbone name (text)"),
+    "classes": (_checked(_texts, lambda c: len(c) >= 2 and len(set(c)) == len(c)),
+                "must be a list of at least 2 distinct class names"),
+    "positive_class": (_text, "must be a class name (text)"),
+    "threshold": (_checked(_real, lambda t: 0.0 <= t <= 1.0), "must be a number between 0 and 1"),
+    "temperature": (_checked(_real, lambda t: t > 0.0), "must be a number > 0"),
+    "image_size": (_checked(_integer, lambda n: n >= 1), "must be a whole number of pixels >= 1"),
+    "decode_size": (_checked(_integer, lambda n: n >= 1), "must be a whole number of pixels >= 1"),
+    "eval_crop_fraction": (_checked(_real, lambda f: 0.0 < f <= 1.0), "must be a number in (0, 1]"),
+    "mean": (_checked(_reals, lambda m: len(m) in (1, 3)), "must be a list of 1 or 3 numbers"),
+    "std": (_checked(_reals, lambda s: len(s) in (1, 3) and min(s) > 0), "must be a list of 1 or 3 numbers > 0"),
+    "in_channels": (_checked(_integer, lambda n: n in (1, 3)), "must be 1 or 3"),
+    "output_stride": (_checked(_integer, lambda n: n in OUTPUT_STRIDES),
+                      f"must be one of {', '.join(map(str, OUTPUT_STRIDES))}"),
+    "threshold_policy": (_text, "must be a threshold policy (text, e.g. 'youden')"),
+    "strategy": (_text, "must be a strategy name (text)"),
+    "frozen": (_texts, "must be a list of layer names"),
+    "training_config": (_mapping, "must be an object of setting: value"),
+    "versions": (_mapping, "must be an object of package: version"),
+    "head": (_checked(_text, lambda h: h in HEADS), f"must be one of {', '.join(HEADS)}"),
+    "wise_ft": (_mapping, "must be an object (alpha, criterion, grid, val_loss)"),
+}
 
 
 def model_info(
@@ -72,28 +213,35 @@ def model_info(
     eval_crop_fraction: float = 0.875,
     in_channels: int = 3,
     output_stride: int = 32,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The model.json fields that load_model and SavedModel.transform rely on, plus `extra`.
-
-    Backbone name and normalisation come from the model itself, so they cannot disagree with
-    the weights.
-    """
-    return {
-        "backbone": model.spec.name,
-        "classes": list(classes),
-        "positive_class": positive_class,
-        "threshold": float(threshold),
-        "temperature": float(temperature),
-        "image_size": image_size,
-        "decode_size": decode_size,
-        "eval_crop_fraction": eval_crop_fraction,
-        "mean": list(model.spec.normalization.mean),
-        "std": list(model.spec.normalization.std),
-        "in_channels": in_channels,
-        "output_stride": output_stride,
-        **extra,
-    }
+    threshold_policy: str | None = None,
+    strategy: str | None = None,
+    frozen: list[str] | None = None,
+    training_config: dict[str, Any] | None = None,
+    head: str | None = None,
+    wise_ft: dict[str, Any] | None = None,
+) -> ModelInfo:
+    """The ModelInfo of `model`: backbone name and normalisation come from the model itself,
+    so they cannot disagree with the weights."""
+    return ModelInfo(
+        backbone=model.spec.name,
+        classes=tuple(classes),
+        positive_class=positive_class,
+        threshold=float(threshold),
+        temperature=float(temperature),
+        image_size=image_size,
+        decode_size=decode_size,
+        eval_crop_fraction=eval_crop_fraction,
+        mean=tuple(model.spec.normalization.mean),
+        std=tuple(model.spec.normalization.std),
+        in_channels=in_channels,
+        output_stride=output_stride,
+        threshold_policy=threshold_policy,
+        strategy=strategy,
+        frozen=None if frozen is None else tuple(frozen),
+        training_config=training_config,
+        head=head,
+        wise_ft=wise_ft,
+    )
 
 
 def versions() -> dict[str, str]:
@@ -113,13 +261,126 @@ def versions() -> dict[str, str]:
     }
 
 
-def save_model(model: TransferModel, info: dict[str, Any], run_dir: Path) -> Path:
-    """Write weights and JSON; the JSON is written last so a half-saved model is never taken as whole."""
+# ---------------------------------------------------------------------- the saved model
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the saved operating point makes of a batch of logits."""
+
+    probabilities: np.ndarray  # (n, classes) float64: softmax(logits / temperature)
+    predicted: np.ndarray  # (n,) class indices
+
+
+@dataclass
+class SavedModel:
+    model: TransferModel
+    info: ModelInfo
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info.classes)
+
+    @property
+    def positive_index(self) -> int:
+        return self.info.positive_index
+
+    @property
+    def threshold(self) -> float:
+        return self.info.threshold
+
+    @property
+    def temperature(self) -> float:
+        return self.info.temperature
+
+    def transform(self) -> v2.Compose:
+        """The evaluation transform: uint8 C x H x W at decode size -> normalised float model input."""
+        return eval_transform(
+            image_size=self.info.image_size,
+            mean=self.info.mean,
+            std=self.info.std,
+            channels=self.info.in_channels,
+            crop_fraction=self.info.eval_crop_fraction,
+        )
+
+    @cached_property
+    def _halves(self) -> tuple[v2.Compose, v2.Compose]:
+        steps = list(self.transform().transforms)
+        cut = next(i for i, step in enumerate(steps) if isinstance(step, v2.ToDtype))
+        return v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
+
+    def decode(self, source: ImageSource) -> torch.Tensor:
+        """uint8 C x H x W at the saved decode size, as the cache stores it (evaluation's input).
+
+        `source` is a file path, the file's bytes, or a uint8 (or 16-bit grayscale) H x W [x 3]
+        array, which is decoded as the PNG file it would be saved as.
+        """
+        if isinstance(source, np.ndarray):
+            source = _png_bytes(source)
+        return image_tensor(decode_image(source, size=self.info.decode_size))
+
+    def crop(self, decoded: torch.Tensor) -> torch.Tensor:
+        """The image as the model sees it, still uint8: resize, centre crop, channels matched."""
+        return self._halves[0](decoded)
+
+    def normalise(self, cropped: torch.Tensor) -> torch.Tensor:
+        """crop()'s output -> the float model input (scaled to [0, 1], then mean/std normalised)."""
+        return self._halves[1](cropped)
+
+    def preprocess(self, source: ImageSource) -> torch.Tensor:
+        """One image -> float C x image_size x image_size, bit for bit what evaluation feeds the model."""
+        return self.normalise(self.crop(self.decode(source)))
+
+    def decide(self, logits: np.ndarray | torch.Tensor) -> Decision:
+        """Probabilities softmax(logits / temperature); predicted class by the saved operating point."""
+        if isinstance(logits, torch.Tensor):
+            logits = logits.detach().float().cpu().numpy()
+        probabilities = calibrated_probabilities(logits, self.info.temperature)
+        return Decision(probabilities, predicted_classes(probabilities, self.info.positive_index, self.info.threshold))
+
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / temperature) per row, in float64 (a stable log-softmax)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise DataError(f"logits must be an (n, classes) array with 2 or more classes; got shape {z.shape}")
+    z = z / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    return np.exp(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
+
+
+def predicted_classes(probabilities: np.ndarray, positive_index: int, threshold: float) -> np.ndarray:
+    """Two classes: the positive one when its probability reaches the threshold, else the other.
+    More classes: the argmax (the threshold then applies to positive-vs-rest metrics only)."""
+    if probabilities.shape[1] == 2:
+        return np.where(probabilities[:, positive_index] >= threshold, positive_index, 1 - positive_index)
+    return probabilities.argmax(axis=1)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    try:
+        image = Image.fromarray(array)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"image array: got shape {array.shape}, dtype {array.dtype}; pass uint8 H x W or H x W x 3 (or uint16 H x W)"
+        ) from None
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------- files
+
+
+def save_model(model: TransferModel, info: ModelInfo, run_dir: Path) -> Path:
+    """Write weights and model.json (the one writer of that file). The JSON is written last, so a
+    half-saved model is never taken as whole, and is checked as load_model checks it."""
     model_dir = run_dir / MODEL_DIR
     model_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, **dataclasses.replace(info, versions=versions()).to_json()}
+    ModelInfo.from_json(payload, source=model_dir / MODEL_JSON)
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"format": "medtransfer", "backbone": info["backbone"]})
-    payload = {"format_version": FORMAT_VERSION, **info, "versions": versions()}
+    save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"format": "medtransfer", "backbone": info.backbone})
     temporary = model_dir / (MODEL_JSON + ".tmp")
     temporary.write_text(json.dumps(payload, indent=2))
     temporary.replace(model_dir / MODEL_JSON)
@@ -138,25 +399,34 @@ def find_model_dir(path: str | Path) -> Path:
     )
 
 
+def read_model_info(model_dir: Path) -> ModelInfo:
+    json_path = model_dir / MODEL_JSON
+    try:
+        data = json.loads(json_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{json_path}: not valid JSON ({exc.msg}, line {exc.lineno}). {_FIX}") from None
+    return ModelInfo.from_json(data, source=json_path)
+
+
 def load_model(path: str | Path) -> SavedModel:
     model_dir = find_model_dir(path)
+    info = read_model_info(model_dir)
     try:
-        info = json.loads((model_dir / MODEL_JSON).read_text())
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"--run {path}: {model_dir / MODEL_JSON} is not valid JSON ({exc.msg})") from None
-    net, spec = create_backbone(
-        info["backbone"],
-        num_classes=len(info["classes"]),
-        weights="none",
-        in_channels=info.get("in_channels", 3),
-        output_stride=info.get("output_stride", 32),
-    )
-    apply_head(net, spec, info.get("head", "linear"))  # models saved before heads existed have a Linear one
+        net, spec = create_backbone(
+            info.backbone,
+            num_classes=len(info.classes),
+            weights="none",
+            in_channels=info.in_channels,
+            output_stride=info.output_stride,
+        )
+    except MedtransferError as exc:
+        raise WeightsError(f"{model_dir / MODEL_JSON}: field 'backbone' {info.backbone!r}: {exc}") from None
+    apply_head(net, spec, info.head or "linear")
     state = load_file(str(model_dir / WEIGHTS_FILE))
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"--run {path}: weights do not fit {info['backbone']}: {str(exc).splitlines()[0]}") from None
+        raise WeightsError(f"--run {path}: weights do not fit {info.backbone}: {str(exc).splitlines()[0]}") from None
     model = TransferModel(net, spec)
     model.eval()
     return SavedModel(model=model, info=info)

@@ -133,7 +133,7 @@ def predict(
     for row in rows:
         table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"])
     console.print(table)
-    console.print(f"threshold {saved.threshold:.3f} on p({saved.info['positive_class']})")
+    console.print(f"threshold {saved.threshold:.3f} on p({saved.info.positive_class})")
     if csv is not None:
         write_rows(rows, csv)
         console.print(f"Wrote {csv}")

@@ -51,8 +51,8 @@ def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, to
         raise ConfigError(f"--out {out}: name a .onnx file")
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = CalibratedClassifier(saved.model.eval(), saved.temperature).eval()
-    size = saved.info["image_size"]
-    example = torch.randn(2, saved.info.get("in_channels", 3), size, size)
+    size = saved.info.image_size
+    example = torch.randn(2, saved.info.in_channels, size, size)
     torch.onnx.export(
         wrapper,
         (example,),
@@ -65,20 +65,21 @@ def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, to
     )
     graph = onnx.load(str(out))
     entry = graph.metadata_props.add()
-    entry.key, entry.value = "medtransfer", json.dumps({k: saved.info[k] for k in PREPROCESSING_KEYS if k in saved.info})
+    info = saved.info.to_json()
+    entry.key, entry.value = "medtransfer", json.dumps({k: info[k] for k in PREPROCESSING_KEYS if k in info})
     onnx.save(graph, str(out))
     verify(saved, out, onnxruntime, tolerance=tolerance)
     return out
 
 
 def verify(saved: SavedModel, path: Path, onnxruntime, *, tolerance: float) -> float:
-    """Largest difference between onnxruntime's and PyTorch's probabilities on a random batch."""
-    size = saved.info["image_size"]
-    batch = torch.randn(3, saved.info.get("in_channels", 3), size, size, generator=torch.Generator().manual_seed(0))
+    """Largest difference between onnxruntime's probabilities and SavedModel.decide's on a random batch."""
+    size = saved.info.image_size
+    batch = torch.randn(3, saved.info.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     _, onnx_probs = session.run(None, {"image": batch.numpy()})
     with torch.no_grad():
-        torch_probs = torch.softmax(saved.model.eval()(batch) / saved.temperature, dim=1).numpy()
+        torch_probs = saved.decide(saved.model.eval()(batch)).probabilities
     difference = float(np.abs(onnx_probs - torch_probs).max())
     if difference > tolerance:
         raise WeightsError(f"--out {path}: ONNX probabilities differ from PyTorch by {difference:.2e} (> {tolerance:g})")

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from medtransfer.artifacts import SavedModel
-from medtransfer.data.decode import decode_image
-from medtransfer.data.datamodule import image_tensor
+from medtransfer.artifacts import Decision, SavedModel
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import DataError
-from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.runtime import autocast, device_for, resolve_accelerator, resolve_precision
 
 
@@ -33,26 +31,49 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     return paths
 
 
-def operating_point(saved: SavedModel) -> OperatingPoint:
-    return OperatingPoint(saved.positive_index, saved.temperature, saved.threshold, saved.info.get("threshold_policy", ""))
-
-
 def load_batch(saved: SavedModel, paths: list[Path], *, skip_bad: bool = False) -> tuple[torch.Tensor, list[Path], list[str]]:
-    """Decode exactly as evaluation did (same decode size, crop, normalisation); list every bad file."""
-    transform = saved.transform()
+    """Preprocess exactly as evaluation did (SavedModel.preprocess); list every bad file."""
     tensors, kept, bad = [], [], []
     for path in paths:
         try:
-            array = decode_image(path, size=saved.info["decode_size"])
+            tensors.append(saved.preprocess(path))
         except DataError as exc:
             bad.append(str(exc).split("; fix or remove")[0])  # "<path>: not a readable image (reason)"
             continue
-        tensors.append(transform(image_tensor(array)))
         kept.append(path)
     if bad and not skip_bad:
         more = f"; ... and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise DataError(f"{len(bad)} unreadable image(s): {'; '.join(bad[:5])}{more}. Use --skip-bad-images to leave them out")
     return (torch.stack(tensors) if tensors else torch.zeros(0)), kept, bad
+
+
+@dataclass
+class Classifier:
+    """The saved model on a device at a precision: preprocessed images in, decisions out."""
+
+    saved: SavedModel
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def on(cls, saved: SavedModel, *, accelerator: str = "auto", precision: str = "auto") -> Classifier:
+        device = device_for(accelerator)
+        precision = resolve_precision(precision, resolve_accelerator(accelerator))
+        saved.model.eval().to(device).to(memory_format=torch.channels_last)
+        return cls(saved, device, precision)
+
+    def __call__(self, images: torch.Tensor) -> Decision:
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            logits = self.saved.model(images.to(self.device).contiguous(memory_format=torch.channels_last))
+        return self.saved.decide(logits)
+
+
+def decision_row(saved: SavedModel, path: str, decision: Decision, i: int) -> dict:
+    """path, prob_<class> per class, pred: one image's row as predict prints and writes it."""
+    row = {"path": path}
+    row.update({f"prob_{c}": float(decision.probabilities[i, k]) for k, c in enumerate(saved.classes)})
+    row["pred"] = saved.classes[int(decision.predicted[i])]
+    return row
 
 
 def predict_files(
@@ -65,24 +86,14 @@ def predict_files(
     skip_bad: bool = False,
 ) -> list[dict]:
     """One row per image: path, calibrated probability per class, predicted class (saved threshold)."""
-    device = device_for(accelerator)
-    precision = resolve_precision(precision, resolve_accelerator(accelerator))
-    model = saved.model.eval().to(device).to(memory_format=torch.channels_last)
-    point = operating_point(saved)
+    classify = Classifier.on(saved, accelerator=accelerator, precision=precision)
     rows = []
     for start in range(0, len(paths), batch_size):
         images, kept, _ = load_batch(saved, paths[start : start + batch_size], skip_bad=skip_bad)
         if not kept:
             continue
-        with torch.inference_mode(), autocast(device, precision):
-            logits = model(images.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
-        probs = point.probabilities(logits)
-        predicted = point.predict(probs)
-        for i, path in enumerate(kept):
-            row = {"path": str(path)}
-            row.update({f"prob_{c}": float(probs[i, k]) for k, c in enumerate(saved.classes)})
-            row["pred"] = saved.classes[int(predicted[i])]
-            rows.append(row)
+        decision = classify(images)
+        rows.extend(decision_row(saved, str(path), decision, i) for i, path in enumerate(kept))
     return rows
 
 

@@ -1,19 +1,21 @@
-"""Image decoding (medtransfer.data.decode): formats, modes, draft decode, DICOM windowing, errors."""
+"""Image decoding (medtransfer.data.decode): formats, modes, draft decode, transparency, the pixel
+limit before decoding, refused formats, errors. DICOM specifics: tests/data/test_dicom.py."""
 
 from __future__ import annotations
 
 import io
+import struct
+import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from PIL import Image, ImageFile
 
-from medtransfer.data.cache import CacheSettings, ImageCache
-from medtransfer.data.decode import GRAY_TOLERANCE, decode_bytes, decode_image, is_dicom
-from medtransfer.data.discover import discover
+from medtransfer.data.decode import ACCEPTED_FORMATS, GRAY_TOLERANCE, decode_bytes, decode_image
+from medtransfer.data.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, ImageTooLargeError
 from medtransfer.errors import ConfigError, DataError
 
 SIZE = 32
@@ -173,8 +175,13 @@ def test_decode_bytes_reason_has_no_file_name_and_hides_buffer_addresses() -> No
     with pytest.raises(DataError) as info:
         decode_bytes(b"plain text, no image", size=SIZE)
     message = str(info.value)
-    assert message.startswith("not a readable image (UnidentifiedImageError")
-    assert "BytesIO" not in message and "0x" not in message
+    assert message == "not a readable image (unrecognised format; medtransfer reads JPEG, PNG, BMP, TIFF or DICOM)"
+    truncated = io.BytesIO()
+    Image.fromarray(_gradient(64, 64)).save(truncated, "PNG")
+    with pytest.raises(DataError) as info:
+        decode_bytes(truncated.getvalue()[:-40], size=SIZE)  # PIL's own error names its buffer
+    message = str(info.value)
+    assert message.startswith("not a readable image (") and "BytesIO" not in message and "0x" not in message
 
 
 @pytest.mark.parametrize(
@@ -190,79 +197,183 @@ def test_invalid_settings_are_config_errors_listing_the_choices(tmp_path: Path, 
         decode_bytes(path.read_bytes(), **kwargs)
 
 
-# ----------------------------------------------------------------- DICOM
+# ----------------------------------------------------------------- accepted formats only
 
 
-def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", slope: float = 1.0,
-                intercept: float = 0.0, window: tuple[float, float] | None = None) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientID, ds.Modality = "P1", "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True)
+def _foreign(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "EPS":  # Pillow writes EPS without Ghostscript; reading it would run Ghostscript
+        Image.fromarray(_gradient(16, 16)).save(buf, "EPS")
+    else:
+        Image.fromarray(np.stack([_gradient(16, 16)] * 3, axis=-1)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "named"),
+    [("GIF", "GIF files are not accepted"), ("EPS", "EPS files are not accepted"),
+     ("WEBP", "WebP or another RIFF files are not accepted"), ("ICO", "ICO files are not accepted"),
+     ("PPM", "unrecognised format"), ("TGA", "unrecognised format")],
+)
+def test_other_formats_are_refused_with_the_accepted_list(fmt: str, named: str, monkeypatch) -> None:
+    from PIL import EpsImagePlugin
+
+    if fmt == "WEBP" and not Image.registered_extensions().get(".webp"):
+        pytest.skip("this Pillow build cannot write WebP")
+    data = _foreign(fmt)
+    with Image.open(io.BytesIO(data)) as probe:  # Pillow itself would open every one of them
+        assert probe.size == (16, 16)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript was run"))
+    with pytest.raises(DataError) as info:
+        decode_bytes(data, size=SIZE)
+    assert str(info.value) == f"not a readable image ({named}; medtransfer reads JPEG, PNG, BMP, TIFF or DICOM)"
+    assert ", ".join(ACCEPTED_FORMATS[:-1]) in str(info.value)
+
+
+def test_a_refused_format_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "scan.gif"
+    path.write_bytes(_foreign("GIF"))
+    with pytest.raises(DataError, match=r"scan\.gif: not a readable image \(GIF files are not accepted.*--skip-bad-images"):
+        decode_image(path, size=SIZE)
+
+
+# ----------------------------------------------------------------- transparency
+
+
+def _png(arr: np.ndarray, mode: str | None = None, **info) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, "PNG", **info)
+    return buf.getvalue()
+
+
+def test_rgba_is_composited_onto_black_not_dropped() -> None:
+    rgb = np.zeros((SIZE, SIZE, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    alpha = np.full((SIZE, SIZE), 255, np.uint8)
+    alpha[:, : SIZE // 2] = 0  # left half fully transparent
+    alpha[:, SIZE // 2 : 3 * SIZE // 4] = 128  # then half transparent
+    out = decode_bytes(_png(np.dstack([rgb, alpha]), mode="RGBA"), size=SIZE, resample="box")
+    assert out.shape == (SIZE, SIZE, 3)
+    assert out[:, : SIZE // 2].max() == 0
+    assert np.abs(out[:, SIZE // 2 : 3 * SIZE // 4].astype(int) - [100, 50, 25]).max() <= 1  # half of each
+    assert (out[:, 3 * SIZE // 4 :] == [200, 100, 50]).all()
+
+
+def test_gray_alpha_and_palette_transparency_are_composited_too() -> None:
+    gray = np.full((SIZE, SIZE), 180, np.uint8)
+    alpha = np.full((SIZE, SIZE), 255, np.uint8)
+    alpha[: SIZE // 2] = 0
+    la = decode_bytes(_png(np.dstack([gray, alpha]), mode="LA"), size=SIZE, resample="box")
+    assert la.shape == (SIZE, SIZE) and la[: SIZE // 2].max() == 0 and la[SIZE // 2 :].min() == 180
+
+    indices = np.zeros((SIZE, SIZE), np.uint8)
+    indices[:, SIZE // 2 :] = 1
+    palette = Image.fromarray(indices, mode="P")
+    palette.putpalette([255, 255, 255, 90, 90, 90] + [0] * 762)  # index 0 white, but transparent
+    buf = io.BytesIO()
+    palette.save(buf, "PNG", transparency=0)
+    out = decode_bytes(buf.getvalue(), size=SIZE, resample="box")
+    assert out[:, : SIZE // 2].max() == 0 and (out[:, SIZE // 2 :] == 90).all()
+
+
+def test_opaque_alpha_changes_nothing() -> None:
+    g = _gradient(SIZE, SIZE)
+    opaque = _png(np.dstack([g, g, g, np.full_like(g, 255)]), mode="RGBA")
+    np.testing.assert_array_equal(decode_bytes(opaque, size=SIZE), decode_bytes(_png(g), size=SIZE))
+
+
+# ----------------------------------------------------------------- decompression bombs
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def huge_png(width: int, height: int, *, rows: int | None = None) -> bytes:
+    """A valid 16-bit grayscale PNG of zeros, compressed row by row (never held whole);
+    ``rows`` < height writes only that many rows (a header-only stand-in)."""
+    packer = zlib.compressobj(9)
+    row = bytes(1 + 2 * width)  # filter byte + 16-bit zeros
+    idat = b"".join(packer.compress(row) for _ in range(height if rows is None else rows)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(huge_png(13000, 13000))
     return path
 
 
-def ramp(rows: int = 40, cols: int = 50) -> np.ndarray:
-    return np.tile(np.linspace(0, 4095, cols), (rows, 1)).astype(np.uint16)
+def test_bomb_png_is_a_real_13000_square_16_bit_png_of_a_few_hundred_kb(bomb_png: Path) -> None:
+    assert bomb_png.stat().st_size < 1_000_000
+    with pytest.warns(Image.DecompressionBombWarning), Image.open(bomb_png) as im:
+        assert im.size == (13000, 13000) and im.mode == "I;16"
 
 
-def test_dicom_is_recognised_by_content_not_suffix(tmp_path):
-    path = write_dicom(tmp_path / "no_suffix", ramp())
-    assert is_dicom(path.read_bytes()) and not is_dicom(make_gray_jpeg(tmp_path).read_bytes())
-    assert decode_image(path, size=16).shape == (16, 16)
+def test_bomb_png_is_refused_fast_without_decoding(bomb_png: Path, monkeypatch) -> None:
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or real_load(self))
+    tracemalloc.start()
+    started = time.perf_counter()
+    with pytest.raises(ImageTooLargeError) as info:
+        decode_image(bomb_png, size=224)
+    elapsed = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 1.0
+    assert loads == []  # no pixel decoded
+    assert peak < 20 * 2**20  # the file's bytes and the header, not 338 MB of pixels
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{bomb_png}: image too large (13000 x 13000 = 169.0 megapixels")
+    assert f"over the limit of {DEFAULT_MAX_PIXELS / 1e6:g} megapixels" in message
+    assert f"{MAX_PIXELS_ENV}=169000000" in message
 
 
-def test_dicom_is_decoded_to_uint8_gray_with_the_full_range(tmp_path):
-    image = decode_image(write_dicom(tmp_path / "a.dcm", ramp()), size=32)
-    assert image.shape == (32, 32) and image.dtype == np.uint8
-    assert image[:, 0].mean() < 10 and image[:, -1].mean() > 245  # dark left, bright right
+def test_the_limit_comes_from_the_keyword_then_the_environment(monkeypatch) -> None:
+    png = _png(_gradient(50, 40))
+    assert decode_bytes(png, size=SIZE, max_pixels=2000).shape == (SIZE, SIZE)
+    with pytest.raises(ImageTooLargeError, match=r"50 x 40 = 0\.0 megapixels, over the limit of 0\.001999"):
+        decode_bytes(png, size=SIZE, max_pixels=1999)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1999")
+    with pytest.raises(ImageTooLargeError):
+        decode_bytes(png, size=SIZE)
+    assert decode_bytes(png, size=SIZE, max_pixels=2000).shape == (SIZE, SIZE)  # the keyword wins
+    monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
+    with pytest.raises(ConfigError, match=f"{MAX_PIXELS_ENV}='lots'"):
+        decode_image(png, size=SIZE)
 
 
-def test_monochrome1_is_inverted_so_bone_stays_bright(tmp_path):
-    normal = decode_image(write_dicom(tmp_path / "m2.dcm", ramp()), size=32)
-    inverted = decode_image(write_dicom(tmp_path / "m1.dcm", ramp(), photometric="MONOCHROME1"), size=32)
-    assert np.abs(normal.astype(int) + inverted.astype(int) - 255).max() <= 2
+def test_jpeg_and_tiff_headers_are_checked_before_decoding(tmp_path: Path) -> None:
+    for suffix in ("jpg", "tif", "bmp"):
+        path = _save(tmp_path / f"wide.{suffix}", _gradient(300, 200))
+        with pytest.raises(ImageTooLargeError, match="300 x 200"):
+            decode_image(path, size=SIZE, max_pixels=300 * 200 - 1)
+        assert decode_image(path, size=SIZE, max_pixels=300 * 200).shape == (SIZE, SIZE)
 
 
-def test_window_from_the_file_is_applied(tmp_path):
-    windowed = decode_image(write_dicom(tmp_path / "w.dcm", ramp(), window=(2048.0, 1024.0)), size=50)
-    row = windowed[25].astype(int)
-    assert row[:15].max() <= 2 and row[-15:].min() >= 253  # outside the window: clipped to black / white
-    assert 60 < row[25] < 195  # the centre of the window is mid-grey
+def test_our_limit_replaces_pillows_own_bomb_guard(monkeypatch) -> None:
+    """Pillow refuses above 2 x Image.MAX_IMAGE_PIXELS in open(); the project's limit decides."""
+    header_only = huge_png(20000, 20000, rows=1)  # 400 MP declared, above Pillow's hard limit
+    assert 20000 * 20000 > 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(header_only))
+    with pytest.raises(ImageTooLargeError, match="20000 x 20000 = 400.0 megapixels"):
+        decode_bytes(header_only, size=SIZE)
+    def refuse_to_decode(self):
+        raise RuntimeError("decoding starts")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse_to_decode)
+    with pytest.raises(DataError) as info:  # allowed by our limit: Pillow's guard no longer stops it
+        decode_bytes(header_only, size=SIZE, max_pixels=400_000_000)
+    assert str(info.value) == "not a readable image (RuntimeError: decoding starts)"
 
 
-def test_window_is_in_modality_units_after_rescale(tmp_path):
-    """Stored values x2 - 1000, window given in those units: the same picture as the raw window."""
-    raw = decode_image(write_dicom(tmp_path / "raw.dcm", ramp(), window=(2048.0, 1024.0)), size=50)
-    rescaled = write_dicom(tmp_path / "hu.dcm", ramp(), slope=2.0, intercept=-1000.0, window=(3096.0, 2048.0))
-    assert np.abs(decode_image(rescaled, size=50).astype(int) - raw.astype(int)).max() <= 2
-
-
-def test_dicom_files_are_discovered_and_cached_like_other_images(tmp_path):
-    for split in ("train",):
-        for label, n in (("NORMAL", 2), ("PNEUMONIA", 2)):
-            for i in range(n):
-                write_dicom(tmp_path / "data" / split / label / f"IM-{i:04d}-0001.dcm", ramp() // (i + 1))
-    records = discover(tmp_path / "data")
-    assert len(records) == 4 and {r.label for r in records} == {"NORMAL", "PNEUMONIA"}
-    cached = ImageCache(tmp_path / "cache", CacheSettings(size=24)).build([r.path for r in records])
-    assert len(cached) == 4 and cached[0].shape == (24, 24)
-
-
-def test_a_broken_dicom_is_a_data_error_naming_the_file(tmp_path):
-    path = tmp_path / "broken.dcm"
-    path.write_bytes(b"\0" * 128 + b"DICM" + b"\x08\x00\x10\x00garbage")
-    with pytest.raises(DataError, match="broken.dcm: not a readable image"):
-        decode_image(path, size=16)
+def test_no_warning_escapes_for_large_images(recwarn) -> None:
+    header_only = huge_png(12000, 12000, rows=1)  # above Pillow's warning level (89 MP)
+    with pytest.raises(ImageTooLargeError):
+        decode_bytes(header_only, size=SIZE)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -95,6 +95,6 @@ def test_prepare_images_shows_what_the_model_sees(tmp_path, saved):
     assert batch.dtype == next(saved.model.parameters()).dtype
     assert [s.shape for s in shown] == [(64, 64), (64, 64)] and shown[0].dtype == np.uint8
     # the grayscale file reaches the model as three equal channels: undoing the normalisation gives the shown image
-    mean, std = torch.tensor(saved.info["mean"])[:, None, None], torch.tensor(saved.info["std"])[:, None, None]
+    mean, std = torch.tensor(saved.info.mean)[:, None, None], torch.tensor(saved.info.std)[:, None, None]
     seen = (batch[0] * std + mean) * 255
     assert (seen - torch.from_numpy(shown[0]).float()).abs().max() < 0.51

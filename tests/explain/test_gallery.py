@@ -14,7 +14,7 @@ from PIL import Image
 
 from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.errors import ConfigError, DataError
-from medtransfer.explain.gallery import PredictionRow, caption, read_predictions, select_gallery, write_gallery
+from medtransfer.explain.gallery import PredictionRow, caption, gallery_rows, select_gallery, write_gallery
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
 
@@ -222,7 +222,7 @@ def test_relative_paths_resolve_against_the_run_directory(run_dir, tmp_path):
     _write_predictions(run_dir, CSV_ROWS[:1], images=run_dir / "imgs")
     text = (run_dir / "predictions_test.csv").read_text().replace(str(run_dir / "imgs"), "imgs")
     (run_dir / "predictions_test.csv").write_text(text)
-    rows = read_predictions(run_dir / "predictions_test.csv", BINARY, base=run_dir)
+    rows = gallery_rows(run_dir, BINARY)
     assert rows[0].path == run_dir / "imgs" / "tp1.png"
 
 

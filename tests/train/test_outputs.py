@@ -61,7 +61,7 @@ def test_write_outputs_fills_the_run_folder(tmp_path, evaluation):
     assert [float(r["prob_PNEUMONIA"]) for r in rows] == pytest.approx(expected[:, 1].tolist())
     assert [r["pred"] for r in rows] == ["PNEUMONIA" if p >= 0.55 else "NORMAL" for p in expected[:, 1]]
     saved = load_model(out)
-    assert (saved.threshold, saved.info["temperature"], saved.info["frozen"]) == (0.55, 2.0, ["conv1", "bn1", "relu", "maxpool"])
+    assert (saved.threshold, saved.info.temperature, list(saved.info.frozen)) == (0.55, 2.0, ["conv1", "bn1", "relu", "maxpool"])
     for name in ["predictions_val.csv", "model/weights.safetensors", "plots/history.png", "plots/val_roc.png",
                  "plots/test_confusion.png", "gallery.json", "report.html"]:
         assert (out / name).is_file(), name
@@ -71,7 +71,7 @@ def test_saved_model_info_carries_what_inference_needs(evaluation):
     net, spec = create_backbone("resnet18", num_classes=2, weights="none")
     model = build_transfer_model(net, spec, Strategy("finetune"))
     config = TrainConfig(image_size=96, cache_size=112, eval_crop_fraction=0.9, in_channels=1, threshold="fixed:0.55")
-    info = saved_model_info(model, config, evaluation)
+    info = saved_model_info(model, config, evaluation).to_json()
     assert {k: info[k] for k in ("backbone", "classes", "positive_class", "threshold", "temperature", "image_size",
                                  "decode_size", "eval_crop_fraction", "in_channels", "threshold_policy")} == {
         "backbone": "resnet18", "classes": CLASSES, "positive_class": "PNEUMONIA", "threshold": 0.55,

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["CacheSettings", "CachedImages", "ImageCache"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: transparency composited, palette and 16-bit RGB DICOM decoded as colour
 """Bump when the on-disk layout or the output of :func:`~medtransfer.data.decode.decode_image` changes."""
 
 _SCHEMA = """

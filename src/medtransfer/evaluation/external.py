@@ -18,7 +18,7 @@ from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import discover
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
-from medtransfer.predict import operating_point
+from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.rundir import write_metrics
 
@@ -43,7 +43,8 @@ def evaluate_saved_model(
         raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder (the run is never written to)")
     if out.resolve() == Path(run).resolve() or out.resolve() == find_model_dir(run).resolve():
         raise ConfigError(f"--out {out}: must differ from the run folder; evaluation never writes into the run")
-    training = saved.info.get("training_config", {})
+    info = saved.info
+    training = info.training_config or {}
     records = discover(data, patient_regex=training.get("patient_regex"), labels=training.get("labels", "folder"))
     if any(r.split for r in records):
         records = [r for r in records if r.split == split]
@@ -55,7 +56,7 @@ def evaluate_saved_model(
             f"--data {data}: classes {', '.join(unknown)} are unknown to the model (it knows {', '.join(saved.classes)})"
         )
     out.mkdir(parents=True, exist_ok=True)
-    cache = ImageCache(cache_dir, CacheSettings(size=saved.info["decode_size"]))
+    cache = ImageCache(cache_dir, CacheSettings(size=info.decode_size))
     images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=True, workers=default_decode_workers())
     kept = [records[i] for i in images.positions]
     labels = [saved.classes.index(r.label) for r in kept]
@@ -67,7 +68,7 @@ def evaluate_saved_model(
         precision=resolve_precision(precision, accelerator),
     )
     outputs = SplitOutputs([str(r.path) for r in kept], np.asarray(labels), [r.patient_id for r in kept], logits)
-    point = operating_point(saved)
+    point = OperatingPoint(info.positive_index, info.temperature, info.threshold, info.threshold_policy or "")
     result = split_metrics(outputs, point, saved.classes, bootstrap=bootstrap, seed=seed)
     write_predictions(outputs, point, saved.classes, out / "predictions.csv")
     write_plots(outputs, point, saved.classes, result, out / "plots", prefix="test", band_resamples=min(200, bootstrap), seed=seed)
@@ -75,11 +76,11 @@ def evaluate_saved_model(
         "run": str(run),
         "data": str(data),
         "split": split,
-        "backbone": saved.info["backbone"],
-        "strategy": saved.info.get("strategy"),
-        "positive_class": saved.info["positive_class"],
-        "threshold": saved.threshold,
-        "threshold_policy": saved.info.get("threshold_policy"),
+        "backbone": info.backbone,
+        "strategy": info.strategy,
+        "positive_class": info.positive_class,
+        "threshold": info.threshold,
+        "threshold_policy": info.threshold_policy,
         "test": result,
     }
     write_metrics(out, metrics)

@@ -22,6 +22,7 @@ import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.calibration import apply_temperature
+from medtransfer.artifacts import predicted_classes
 from medtransfer.evaluation.metrics import RankedScores, binary_inputs, require_both_classes
 
 __all__ = ["OperatingPoint", "ThresholdPolicy", "choose_threshold", "parse_threshold_policy"]
@@ -162,7 +163,4 @@ class OperatingPoint:
 
     def predict(self, probs: np.ndarray) -> np.ndarray:
         """Binary: positive when p >= threshold. N classes: argmax (threshold applies to positive-vs-rest metrics)."""
-        if probs.shape[1] == 2:
-            negative = 1 - self.positive_index
-            return np.where(probs[:, self.positive_index] >= self.threshold, self.positive_index, negative)
-        return probs.argmax(axis=1)
+        return predicted_classes(probs, self.positive_index, self.threshold)  # the saved model's own rule

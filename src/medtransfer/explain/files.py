@@ -7,7 +7,7 @@ image exactly as the model saw it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 
 from medtransfer.errors import ConfigError
 from medtransfer.explain.cam import ClassActivationMap
-from medtransfer.explain.render import gray_from_input, gray_from_pixels, prediction_caption, save_overlay
+from medtransfer.explain.render import gray_from_pixels, prediction_caption, save_overlay
 
 __all__ = ["explain_files", "prepare_images"]
 
@@ -48,16 +48,10 @@ def explain_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = list(saved_model.classes)
-    positive, threshold, temperature = saved_model.positive_index, saved_model.threshold, saved_model.temperature
-
-    def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / temperature, dim=1)
+    positive, threshold = saved_model.positive_index, saved_model.threshold
 
     def decide(logits: torch.Tensor) -> torch.Tensor:
-        probabilities = probabilities_of(logits)
-        if len(classes) == 2:
-            return torch.where(probabilities[:, positive] >= threshold, positive, 1 - positive)
-        return probabilities.argmax(dim=1)
+        return torch.as_tensor(saved_model.decide(logits).predicted, device=logits.device)
 
     rows: list[dict[str, Any]] = []
     used_stems: dict[str, int] = {}
@@ -66,7 +60,7 @@ def explain_files(
             batch_paths = [Path(p) for p in paths[start : start + batch_size]]
             shown, batch = prepare_images(saved_model, batch_paths)
             result = cam(batch, class_index=decide)
-            probabilities = probabilities_of(result.logits).cpu()
+            probabilities = saved_model.decide(result.logits).probabilities
             maps = result.maps.cpu().numpy().astype(np.float32)
             for i, path in enumerate(batch_paths):
                 index = int(result.class_index[i])
@@ -90,44 +84,18 @@ def explain_files(
 def prepare_images(saved_model: Any, paths: Sequence[str | Path]) -> tuple[list[np.ndarray], torch.Tensor]:
     """Image files -> (the images as the model sees them, for display; the batch of model inputs).
 
-    Each file is decoded at the saved decode size and sent through the saved evaluation
-    transform, as prediction does. The displayed image is the uint8 result of the
-    transform's geometric steps (resize, centre crop) as an H x W grayscale array; for a
-    transform of unknown layout it is the float model input itself. The inputs come as
-    one N x C x H x W tensor on the model's device and in its dtype.
+    Each file goes through the saved model's own preprocessing (``decode``, ``crop``,
+    ``normalise``: what ``SavedModel.preprocess`` does, bit for bit). The displayed image is
+    the uint8 crop as an H x W grayscale array. The inputs come as one N x C x H x W tensor
+    on the model's device and in its dtype.
     """
-    from medtransfer.data.decode import decode_image
-    from medtransfer.data.datamodule import image_tensor
-
-    geometric, to_input = _split_transform(saved_model.transform())
     parameter = next(saved_model.model.parameters())
     shown, inputs = [], []
     for path in paths:
-        decoded = np.array(decode_image(Path(path), size=saved_model.info["decode_size"]))  # writable copy for torch
-        pixels = image_tensor(decoded)
-        if geometric is None:
-            model_input = to_input(pixels)
-            shown.append(gray_from_input(model_input))
-        else:
-            pixels = geometric(pixels)
-            model_input = to_input(pixels)
-            shown.append(gray_from_pixels(pixels))
-        inputs.append(model_input)
+        pixels = saved_model.crop(saved_model.decode(Path(path)))
+        inputs.append(saved_model.normalise(pixels))
+        shown.append(gray_from_pixels(pixels))
     return shown, torch.stack(inputs).to(device=parameter.device, dtype=parameter.dtype)
-
-
-def _split_transform(transform: Any) -> tuple[Callable | None, Callable]:
-    """(uint8 geometric steps, the rest) of an eval transform, split before its ToDtype.
-
-    ``(None, transform)`` for an unknown layout: the model input itself is shown.
-    """
-    from torchvision.transforms import v2
-
-    steps = list(getattr(transform, "transforms", []))
-    for i, step in enumerate(steps):
-        if isinstance(step, v2.ToDtype):
-            return v2.Compose(steps[:i]), v2.Compose(steps[i:])
-    return None, transform
 
 
 def _unique_stem(stem: str, used: dict[str, int]) -> str:

@@ -28,7 +28,6 @@ PosixPath('runs/demo/gallery.json')
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -40,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
+from medtransfer.rundir import RunDir
 
-__all__ = ["GALLERY_DIR", "GALLERY_FILE", "GalleryGroup", "PredictionRow", "read_predictions", "select_gallery", "write_gallery"]
+__all__ = ["GALLERY_DIR", "GALLERY_FILE", "GalleryGroup", "PredictionRow", "gallery_rows", "select_gallery", "write_gallery"]
 
 GALLERY_FILE = "gallery.json"
 GALLERY_DIR = Path("plots") / "gallery"
@@ -73,38 +73,34 @@ class GalleryGroup:
     rows: tuple[PredictionRow, ...]
 
 
-def read_predictions(path: Path, classes: Sequence[str], *, base: Path | None = None) -> list[PredictionRow]:
-    """Rows of a predictions CSV for a model with these ``classes``.
+def gallery_rows(run_dir: Path, classes: Sequence[str], *, split: str = "test") -> list[PredictionRow] | None:
+    """Rows of the run's ``predictions_<split>.csv`` (read by :class:`RunDir`) for a model with these ``classes``.
 
-    A relative image path is taken as it stands when that file exists, else relative to
-    ``base`` (the run directory).
+    A relative image path is taken as it stands when that file exists, else relative to the
+    run directory. None when the run has no such file.
 
     Raises:
-        DataError: a missing column, an unknown class name or a probability that is not a number.
+        DataError: a missing ``prob_<class>`` or ``pred`` column, or a class name the model does not have.
     """
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        needed = ["path", "label", "pred", *[f"prob_{c}" for c in classes]]
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise DataError(
-                f"{path}: missing column(s) {', '.join(missing)}; expected path,label,"
-                f"{','.join(f'prob_{c}' for c in classes)},pred for the model's classes. Got: {','.join(columns)}"
-            )
-        rows = []
-        for line, record in enumerate(reader, start=2):
-            for key in ("label", "pred"):
-                if record[key] not in classes:
-                    raise DataError(f"{path}, line {line}: {key} {record[key]!r} is not one of the model's classes {list(classes)}")
-            try:
-                probabilities = {c: float(record[f"prob_{c}"]) for c in classes}
-            except (TypeError, ValueError):
-                raise DataError(f"{path}, line {line}: a prob_<class> value is not a number: {record}") from None
-            image = Path(record["path"])
-            if not image.is_absolute() and not image.exists() and base is not None:
-                image = base / image
-            rows.append(PredictionRow(image, record["label"], record["pred"], probabilities))
+    table = RunDir(run_dir).predictions(split)
+    if table is None:
+        return None
+    missing = [c for c in [*(f"prob_{c}" for c in classes), "pred"] if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{table.file}: missing column(s) {', '.join(missing)}; expected path,label,"
+            f"{','.join(f'prob_{c}' for c in classes)},pred for the model's classes. Got: {','.join(table.columns)}"
+        )
+    rows = []
+    for line, (path, label, predicted) in enumerate(zip(table.paths, table.labels, table.predicted), start=2):
+        for key, value in (("label", label), ("pred", predicted)):
+            if value not in classes:
+                raise DataError(f"{table.file}, line {line}: {key} {value!r} is not one of the model's classes {list(classes)}")
+        image = Path(path)
+        if not image.is_absolute() and not image.exists():
+            image = Path(run_dir) / image
+        probabilities = {c: float(table.probability(c)[line - 2]) for c in classes}
+        rows.append(PredictionRow(image, label, predicted, probabilities))
     return rows
 
 
@@ -186,13 +182,13 @@ def write_gallery(
     if method not in METHODS:
         raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
     run_dir = Path(run_dir)
-    predictions = run_dir / f"predictions_{split}.csv"
-    if not predictions.is_file():
-        return None
     classes = list(saved_model.classes)
     positive = classes[saved_model.positive_index]
     threshold = saved_model.threshold
-    rows = [r for r in read_predictions(predictions, classes, base=run_dir) if r.path.is_file()]
+    all_rows = gallery_rows(run_dir, classes, split=split)
+    if all_rows is None:
+        return None
+    rows = [r for r in all_rows if r.path.is_file()]
     groups = select_gallery(rows, classes, positive_class=positive, per_group=per_group)
     if not groups:
         return None
@@ -219,7 +215,7 @@ def write_gallery(
         "method": method,
         "target_layer": layer,
         "map_cells": list(cells),
-        "input_size": saved_model.info["image_size"],
+        "input_size": saved_model.info.image_size,
         "split": split,
         "explained_class": "predicted",
         "threshold": threshold,

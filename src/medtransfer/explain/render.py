@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["gray_from_input", "gray_from_pixels", "overlay", "prediction_caption", "save_overlay"]
+__all__ = ["gray_from_pixels", "overlay", "prediction_caption", "save_overlay"]
 
 
 def overlay(image_gray: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
@@ -90,10 +90,3 @@ def gray_from_pixels(pixels: torch.Tensor) -> np.ndarray:
     """uint8 C x H x W image tensor -> uint8 H x W (channel mean): the image as the model saw it."""
     return pixels.float().mean(dim=0).round().clamp(0, 255).to(torch.uint8).numpy()
 
-
-def gray_from_input(model_input: torch.Tensor) -> np.ndarray:
-    """Normalised float C x H x W model input -> float H x W (channel mean), for when no uint8 image exists.
-
-    :func:`overlay` min-max stretches it.
-    """
-    return model_input.float().mean(dim=0).numpy()

@@ -1,9 +1,9 @@
 """`medtransfer serve`: a FastAPI app and one self-contained web page over a saved model.
 
 POST /predict takes an uploaded image and answers with the calibrated probabilities, the
-class at the saved threshold and, on request, a Grad-CAM overlay; the image goes through
-exactly the code path of `medtransfer predict`. Bad uploads get a 4xx with a one-line reason
-(domain errors become HTTP errors here and only here). The page at / uses nothing outside
+class at the saved threshold and, on request, a Grad-CAM overlay; the upload goes through
+exactly the code path of `medtransfer predict` (SavedModel.preprocess, then predict.Classifier).
+Bad uploads get a 4xx with a one-line reason (domain errors become HTTP errors here and only here). The page at / uses nothing outside
 this server.
 """
 
@@ -17,19 +17,18 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 
 from medtransfer.artifacts import SavedModel
-from medtransfer.data.decode import decode_image
 from medtransfer.errors import DataError, MedtransferError
-from medtransfer.predict import predict_files
+from medtransfer.predict import Classifier, decision_row
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+MODEL_KEYS = ("backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size")
 
 
 def create_app(saved: SavedModel, *, accelerator: str = "cpu") -> FastAPI:
-    app = FastAPI(title="medtransfer", description=f"{saved.info['backbone']} classifier: {', '.join(saved.classes)}")
-    model_info = {
-        key: saved.info.get(key)
-        for key in ("backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size")
-    }
+    app = FastAPI(title="medtransfer", description=f"{saved.info.backbone} classifier: {', '.join(saved.classes)}")
+    stored = saved.info.to_json()
+    model_info = {key: stored.get(key) for key in MODEL_KEYS}
+    classify = Classifier.on(saved, accelerator=accelerator)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -51,25 +50,20 @@ def create_app(saved: SavedModel, *, accelerator: str = "cpu") -> FastAPI:
             raise HTTPException(400, f"file {file.filename!r} is empty; upload a PNG or JPEG image")
         if len(payload) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"file {file.filename!r} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
-        try:  # the same decoder as predict; checked first so the answer names the upload, not a temp file
-            decode_image(payload, size=16)
+        try:
+            image = saved.preprocess(payload)
         except DataError:
             raise HTTPException(415, f"file {file.filename!r} is not a readable image; upload a PNG or JPEG") from None
-        suffix = Path(file.filename or "upload.png").suffix.lower() or ".png"
-        with tempfile.TemporaryDirectory(prefix="medtransfer-serve-") as folder:
-            image = Path(folder) / f"upload{suffix}"
-            image.write_bytes(payload)
-            try:
-                row = predict_files(saved, [image], accelerator=accelerator)[0]
-                overlay = _gradcam_png(saved, image, Path(folder)) if cam else None
-            except MedtransferError as exc:
-                raise HTTPException(400, str(exc)) from None
-        probabilities = {c: row[f"prob_{c}"] for c in saved.classes}
+        try:
+            row = decision_row(saved, str(file.filename), classify(image[None]), 0)
+            overlay = _gradcam_png(saved, payload, file.filename) if cam else None
+        except MedtransferError as exc:
+            raise HTTPException(400, str(exc)) from None
         answer = {
             "filename": file.filename,
             "predicted": row["pred"],
-            "probabilities": probabilities,
-            "positive_class": saved.info["positive_class"],
+            "probabilities": {c: row[f"prob_{c}"] for c in saved.classes},
+            "positive_class": saved.info.positive_class,
             "threshold": saved.threshold,
         }
         if overlay is not None:
@@ -79,11 +73,16 @@ def create_app(saved: SavedModel, *, accelerator: str = "cpu") -> FastAPI:
     return app
 
 
-def _gradcam_png(saved: SavedModel, image: Path, folder: Path) -> str:
+def _gradcam_png(saved: SavedModel, payload: bytes, filename: str | None) -> str:
+    """The Grad-CAM overlay PNG, base64; explain_files reads files, so the upload goes to a temp folder."""
     from medtransfer.explain.files import explain_files
 
-    row = explain_files(saved, [image], folder / "cam")[0]
-    return base64.b64encode(Path(row["overlay"]).read_bytes()).decode("ascii")
+    suffix = Path(filename or "upload.png").suffix.lower() or ".png"
+    with tempfile.TemporaryDirectory(prefix="medtransfer-serve-") as folder:
+        image = Path(folder) / f"upload{suffix}"
+        image.write_bytes(payload)
+        row = explain_files(saved, [image], Path(folder) / "cam")[0]
+        return base64.b64encode(Path(row["overlay"]).read_bytes()).decode("ascii")
 
 
 PAGE = """<!doctype html>

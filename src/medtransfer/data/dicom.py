@@ -1,0 +1,252 @@
+"""DICOM files as PACS exports them -> an 8-bit PIL image ("L" or "RGB") of the first frame.
+
+Read:
+
+- Part 10 files (128-byte preamble and ``DICM``) and files without preamble or file meta,
+  recognised by their first element (see :func:`is_dicom`). A file without a transfer
+  syntax gets the encoding pydicom detected while reading it (native pixel data only).
+- Every transfer syntax pydicom decodes with its maintained plugins: native little and big
+  endian, deflated, RLE; JPEG baseline, 12-bit extended and lossless (pylibjpeg-libjpeg),
+  JPEG-LS (pyjpegls), JPEG 2000 (pylibjpeg-openjpeg).
+- Multi-frame files: only the first frame is decoded; :func:`dicom_to_image` returns the
+  frame count so that the caller can say so.
+- Colour: pydicom converts YBR to RGB; PALETTE COLOR goes through the file's colour LUT;
+  samples deeper than 8 bits are scaled by BitsStored (not wrapped modulo 256).
+- Grayscale: modality LUT, then the file's VOI window, MONOCHROME1 inverted.
+
+Decompression bombs: the header's Rows x Columns is checked against the pixel limit
+(:mod:`medtransfer.data.limits`) before any pixel is decoded. Deflated files are expanded
+in bounded steps, refused when they would grow beyond what the header declares. A
+compressed frame must not be larger than the header says: its codestream's own size (JPEG
+SOF, JPEG 2000 SIZ), by which decoders allocate, is read first, and RLE segments are
+measured before pydicom expands them.
+
+pydicom's warnings about malformed values it works around are silenced: a file either
+decodes or fails with one :class:`~medtransfer.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image
+
+from medtransfer.data.limits import check_pixels
+from medtransfer.errors import DataError
+
+__all__ = ["dicom_to_image", "is_dicom"]
+
+_FIRST_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")  # (0002,xxxx) or (0008,xxxx), LE or BE
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS
+_STEP = 1 << 20  # bytes inflated at a time; the first step holds the header
+
+
+def is_dicom(data: bytes) -> bool:
+    """True for DICOM content: 'DICM' after the 128-byte preamble, or a file that starts with
+    a group 0002/0008 element followed by an explicit VR or a plausible implicit length.
+
+    No other accepted format (JPEG, PNG, BMP, TIFF) starts with those bytes.
+    """
+    if len(data) > 132 and data[128:132] == b"DICM":
+        return True
+    if len(data) < 8 or data[:2] not in _FIRST_GROUPS:
+        return False
+    explicit_vr = data[4:6].isalpha() and data[4:6].isupper()
+    return explicit_vr or int.from_bytes(data[4:8], "little") < len(data)
+
+
+def dicom_to_image(data: bytes, *, max_pixels: int) -> tuple[Image.Image, int]:
+    """The first frame as a radiologist's viewer would show it, and the file's frame count.
+
+    Raises:
+        DataError: no pixel data, compressed data without a transfer syntax, a compressed
+            frame larger than the header, or a header over ``max_pixels``
+            (:class:`~medtransfer.data.limits.ImageTooLargeError`).
+        Exception: pydicom's or a plugin's own error for a corrupt file (the caller words it).
+    """
+    try:
+        import pydicom  # noqa: F401  (a clear message when missing)
+    except ImportError:
+        raise DataError("DICOM images need pydicom: pip install pydicom") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about every value it works around
+        dataset = _read(data, max_pixels)
+        if "Rows" not in dataset or "Columns" not in dataset:
+            raise DataError("DICOM pixel data without Rows and Columns (a corrupt or partial file)")
+        frames = max(int(dataset.get("NumberOfFrames") or 1), 1)
+        check_pixels(int(dataset.Columns), int(dataset.Rows), limit=max_pixels)
+        _check_encoded_frame(dataset, frames)
+        dataset.pixel_array_options(index=0, as_rgb=True)  # decode the first frame only
+        return _to_image(dataset.pixel_array, dataset), frames
+
+
+def _read(data: bytes, max_pixels: int):
+    """The dataset, with a transfer syntax; deflated files checked before pydicom expands them."""
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if _DEFLATED.encode() in data[:8192]:
+        _check_deflated(data, max_pixels)
+    dataset = dcmread(io.BytesIO(data), force=True)
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in dataset), None)
+    if keyword is None:
+        raise DataError("DICOM file without pixel data (a report, RT plan or DICOMDIR?): nothing to classify")
+    if "TransferSyntaxUID" not in dataset.file_meta:
+        if dataset[keyword].is_undefined_length:
+            raise DataError(
+                "compressed DICOM pixel data without a transfer syntax (no file meta); "
+                "re-export it as a DICOM Part 10 file"
+            )
+        implicit, little = dataset.original_encoding
+        dataset.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    return dataset
+
+
+def _check_deflated(data: bytes, max_pixels: int) -> None:
+    """Refuse a deflated dataset whose header or whose expanded size exceeds the limits.
+
+    pydicom inflates the whole dataset in one call; a few hundred KB can expand to GB.
+    """
+    from pydicom.filereader import read_dataset, read_preamble
+
+    stream = io.BytesIO(data)
+    read_preamble(stream, force=True)
+    read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag.group != 2)
+    chunks = _inflated(memoryview(data)[stream.tell() :])
+    head = b""
+    for piece in chunks:  # the first step's worth of the dataset holds its header
+        head += piece
+        if len(head) >= _STEP:
+            break
+    header = read_dataset(io.BytesIO(head), is_implicit_VR=False, is_little_endian=True,
+                          stop_when=lambda tag, *_: tag >= 0x7FE00008)  # stop before any pixel data
+    rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+    frames = max(int(header.get("NumberOfFrames") or 1), 1)
+    check_pixels(columns, rows, limit=max_pixels, frames=frames)  # all frames are inflated
+    bits = int(header.get("BitsAllocated") or 8)
+    declared = rows * columns * frames * int(header.get("SamplesPerPixel") or 1) * bits // 8
+    total = len(head)
+    for chunk in chunks:
+        total += len(chunk)
+        if total > declared + 2 * _STEP:  # header and trailing elements fit in the slack
+            raise DataError(
+                f"deflated DICOM expands beyond what its header declares ({columns} x {rows} pixels, "
+                f"{frames} frame(s)); refused before decoding"
+            )
+
+
+def _inflated(body: memoryview) -> Iterator[bytes]:
+    """Raw-deflate output in pieces of at most ``_STEP`` bytes (never the whole at once)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    for start in range(0, len(body), _STEP):
+        pending: bytes | memoryview = body[start : start + _STEP]
+        while pending:
+            piece = inflater.decompress(pending, _STEP)
+            pending = inflater.unconsumed_tail
+            if piece:
+                yield piece
+        if inflater.eof:
+            return
+    while piece := inflater.decompress(b"", _STEP):
+        yield piece
+
+
+def _check_encoded_frame(dataset, frames: int) -> None:
+    """Compressed first frame: what its decoder will allocate must not exceed the (checked)
+    header's Rows x Columns; a larger codestream is corrupt or hostile."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import RLELossless
+
+    if "PixelData" not in dataset or not dataset["PixelData"].is_undefined_length:
+        return  # native pixel data: pydicom allocates by the header
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    frame = next(generate_frames(dataset.PixelData, number_of_frames=frames), b"")
+    if dataset.file_meta.TransferSyntaxUID == RLELossless:
+        _check_rle(frame, rows * columns)
+        return
+    width, height = _codestream_size(frame) or (0, 0)
+    if width * height > rows * columns:
+        raise DataError(
+            f"compressed frame larger than its header ({width} x {height} pixels, the header says "
+            f"{columns} x {rows}); refused before decoding"
+        )
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG / JPEG-LS frame header or a JPEG 2000 SIZ marker; None if absent."""
+    if frame[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 9 <= len(frame) and frame[pos] == 0xFF:
+            marker = frame[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in _SOF_MARKERS:
+                height, width = struct.unpack(">HH", frame[pos + 5 : pos + 9])
+                return width, height
+            pos += 2 + int.from_bytes(frame[pos + 2 : pos + 4], "big")
+        return None
+    siz = frame.find(b"\xff\x4f\xff\x51", 0, 1 << 16)  # SOC then SIZ, bare or inside a JP2 box
+    if siz < 0 or len(frame) < siz + 24:
+        return None
+    x, y, x0, y0 = struct.unpack(">4I", frame[siz + 8 : siz + 24])
+    return x - x0, y - y0
+
+
+def _check_rle(frame: bytes, plane: int) -> None:
+    """Every RLE segment must expand to about one plane (Rows x Columns bytes), not more."""
+    count = int.from_bytes(frame[:4], "little")
+    offsets = [*struct.unpack("<15I", frame[4:64])[: min(count, 15)], len(frame)]
+    for start, end in zip(offsets, offsets[1:]):
+        cap, out, pos = plane + 1024, 0, start  # slack for encoders' padding
+        while pos < end and out <= cap:
+            n = frame[pos]
+            if n < 128:
+                out, pos = out + n + 1, pos + n + 2  # literal run of n + 1 bytes
+            else:
+                out, pos = out + (257 - n if n > 128 else 0), pos + (2 if n > 128 else 1)  # replicate run
+        if out > cap:
+            raise DataError(f"RLE segment expands beyond the {plane} bytes its header declares; refused before decoding")
+
+
+def _to_image(pixels: np.ndarray, dataset) -> Image.Image:
+    """RGB or windowed grayscale 8-bit image (see the module docstring)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(pixels, dataset)
+        return Image.fromarray(_rgb_to_8bit(rgb, bits=8 * rgb.dtype.itemsize), mode="RGB")
+    if pixels.ndim == 3:  # RGB samples (pydicom has converted YBR to RGB)
+        return Image.fromarray(_rgb_to_8bit(pixels, bits=int(dataset.get("BitsStored") or 8)), mode="RGB")
+    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
+        values = apply_voi_lut(values, dataset).astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if photometric == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return Image.fromarray(np.rint(scaled * 255.0).astype(np.uint8), mode="L")
+
+
+def _rgb_to_8bit(rgb: np.ndarray, *, bits: int) -> np.ndarray:
+    """Scale samples of ``bits`` bits to 0..255 (signed data: by its own range)."""
+    if rgb.dtype == np.uint8:
+        return rgb
+    values = rgb.astype(np.float32)
+    if np.issubdtype(rgb.dtype, np.signedinteger):
+        low, high = float(values.min()), float(values.max())
+        values -= low
+        values *= 255.0 / (high - low) if high > low else 0.0
+    else:
+        values *= 255.0 / float(2 ** min(max(bits, 1), 32) - 1)
+    return np.rint(np.clip(values, 0.0, 255.0, out=values), out=values).astype(np.uint8)

@@ -1,0 +1,75 @@
+"""The one pixel limit every image decoder obeys (train and its cache, predict, explain, serve).
+
+A few hundred kilobytes of PNG, or of deflated DICOM, can declare 13000 x 13000 16-bit
+pixels and take gigabytes and many seconds to decode. Every decoder therefore reads the
+dimensions from the file's header and calls :func:`check_pixels` **before** decoding.
+
+The limit counts width x height of the one frame that is decoded (like Pillow's own guard,
+colour channels are not counted). Default: :data:`DEFAULT_MAX_PIXELS` = 50 megapixels,
+e.g. 7000 x 7000: about twice the largest mammography detectors (4728 x 5928 = 28 MP)
+and five times a large chest radiograph (3000 x 3000); one decode at this size needs
+about 1 GB of memory. Precedence: a ``max_pixels`` argument, else the environment variable
+:data:`MAX_PIXELS_ENV`, else the default (see :func:`max_pixels_limit`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from medtransfer.errors import ConfigError, DataError
+
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "ImageTooLargeError", "check_pixels", "max_pixels_limit"]
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Largest width x height decoded when neither ``max_pixels`` nor the environment sets one."""
+
+MAX_PIXELS_ENV = "MEDTRANSFER_MAX_PIXELS"
+"""Environment variable that sets the pixel limit for every command and the server."""
+
+
+class ImageTooLargeError(DataError):
+    """An image whose header declares more pixels than the limit (refused before decoding)."""
+
+
+def max_pixels_limit(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: ``max_pixels`` if given, else ``$MEDTRANSFER_MAX_PIXELS``, else the default.
+
+    Raises:
+        ConfigError: the value is not a positive integer (the message names its source).
+
+    Example:
+        >>> max_pixels_limit(1000)
+        1000
+    """
+    if max_pixels is not None:
+        return _positive(max_pixels, "max_pixels")
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)  # accepts 60000000 and 6e7
+    except ValueError:
+        raise ConfigError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive number of pixels, e.g. 60000000.") from None
+    return _positive(value, MAX_PIXELS_ENV)
+
+
+def check_pixels(width: int, height: int, *, limit: int, frames: int = 1) -> None:
+    """Raise :class:`ImageTooLargeError` when ``width x height`` (x ``frames``) exceeds ``limit``.
+
+    ``frames`` counts frames that must all be expanded to reach the first one (deflated DICOM).
+    """
+    pixels = int(width) * int(height) * max(int(frames), 1)
+    if pixels <= limit:
+        return
+    shape = f"{width} x {height}" + (f" x {frames} frames" if frames > 1 else "")
+    raise ImageTooLargeError(
+        f"image too large ({shape} = {pixels / 1e6:.1f} megapixels, over the limit of {limit / 1e6:g} "
+        f"megapixels, checked before decoding; if the file is genuine, raise the limit with "
+        f"{MAX_PIXELS_ENV}={pixels})"
+    )
+
+
+def _positive(value: object, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{source} must be a positive number of pixels, got {value!r}.")
+    return value
