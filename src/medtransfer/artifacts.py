@@ -36,6 +36,7 @@ from medtransfer.data.decode import decode_image
 from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import DataError, MedtransferError, WeightsError
 from medtransfer.models.backbones import OUTPUT_STRIDES, create_backbone
+from medtransfer.models.heads import HEADS, apply_head
 from medtransfer.models.strategies import TransferModel
 from medtransfer.safeio import atomic_path, write_text_atomic
 
@@ -76,6 +77,8 @@ class ModelInfo:
     frozen: tuple[str, ...] | None = None
     training_config: dict[str, Any] | None = None
     versions: dict[str, str] | None = None  # filled in by save_model
+    head: str | None = None  # models/heads.py, rebuilt on load; None (files from before heads): linear
+    wise_ft: dict[str, Any] | None = None  # WiSE-FT mixing chosen on validation (train/wise_ft.py)
     provenance: dict[str, Any] | None = None  # where a recalibrated model came from (trained, recalibrated)
 
     @property
@@ -195,6 +198,8 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "frozen": (_texts, "must be a list of layer names"),
     "training_config": (_mapping, "must be an object of setting: value"),
     "versions": (_mapping, "must be an object of package: version"),
+    "head": (_checked(_text, lambda h: h in HEADS), f"must be one of {', '.join(HEADS)}"),
+    "wise_ft": (_mapping, "must be an object (alpha, criterion, grid, val_loss)"),
     "provenance": (_mapping, "must be an object (trained, recalibrated)"),
 }
 
@@ -215,6 +220,8 @@ def model_info(
     strategy: str | None = None,
     frozen: list[str] | None = None,
     training_config: dict[str, Any] | None = None,
+    head: str | None = None,
+    wise_ft: dict[str, Any] | None = None,
 ) -> ModelInfo:
     """The ModelInfo of `model`: backbone name and normalisation come from the model itself,
     so they cannot disagree with the weights."""
@@ -235,6 +242,8 @@ def model_info(
         strategy=strategy,
         frozen=None if frozen is None else tuple(frozen),
         training_config=training_config,
+        head=head,
+        wise_ft=wise_ft,
     )
 
 
@@ -414,6 +423,7 @@ def load_model(path: str | Path) -> SavedModel:
         )
     except MedtransferError as exc:
         raise WeightsError(f"{model_dir / MODEL_JSON}: field 'backbone' {info.backbone!r}: {exc}") from None
+    apply_head(net, spec, info.head or "linear")
     state = load_file(str(model_dir / WEIGHTS_FILE))
     try:
         net.load_state_dict(state, strict=True)

@@ -54,6 +54,15 @@ class TrainConfig:
     in_channels: int = 3  # 1: grayscale in one channel (first convolution's RGB filters summed)
     output_stride: int = 32  # 16 or 8: last stage dilated instead of strided, finer class activation maps
     freeze_children: int = 4
+    # transfer strategies (see models/strategies.py, models/heads.py, train/wise_ft.py)
+    head: str = "linear"  # linear, mlp or dwconv
+    lp_epochs: int = 10  # lp-ft: epochs of the linear-probe phase (on cached features)
+    lp_lr: float = 1e-3  # lp-ft: learning rate of the linear-probe phase
+    unfreeze_every: int = 1  # gradual: epochs between two child groups thawing
+    lr_decay: float = 1.0  # learning rate factor per child group from the head down (1.0: off)
+    weight_averaging: str = "none"  # none, ema or swa
+    ema_decay: float = 0.999
+    wise_ft: bool = False  # interpolate start and fine-tuned weights, mixing chosen on val
     # optimisation
     epochs: int = 30
     patience: int = 10
@@ -156,6 +165,12 @@ class TrainConfig:
             (self.sampler in ("shuffle", "balanced"), "sampler", self.sampler, "shuffle or balanced"),
             (self.calibrate in ("none", "temperature"), "calibrate", self.calibrate, "none or temperature"),
             (self.bootstrap >= 0, "bootstrap", self.bootstrap, "0 (off) or a number of resamples"),
+            (self.lp_epochs >= 1, "lp_epochs", self.lp_epochs, "at least 1"),
+            (self.lp_lr > 0, "lp_lr", self.lp_lr, "a positive number"),
+            (self.unfreeze_every >= 1, "unfreeze_every", self.unfreeze_every, "at least 1"),
+            (0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "a number in (0, 1], e.g. 0.7 (1.0: off)"),
+            (self.weight_averaging in ("none", "ema", "swa"), "weight_averaging", self.weight_averaging, "none, ema or swa"),
+            (0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1), e.g. 0.999"),
         ]
         for ok, name, value, expected in checks:
             if not ok:

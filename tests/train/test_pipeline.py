@@ -56,7 +56,7 @@ def test_a_tiny_run_returns_its_typed_result_and_writes_the_run_folder(data, tmp
 
     assert isinstance(result, TrainResult)
     assert (result.backbone, result.strategy, result.weights) == ("resnet18", "freeze", "none")
-    assert result.params == {"total": 11_177_538, "trainable": 11_168_002}
+    assert result.params == {"total": 11_177_538, "trainable": 11_168_002, "head": 1_026}
     assert result.epochs_run == 2 and 1 <= result.best_epoch <= 2 and result.stopped_early is False
     assert result.classes == ["NORMAL", "PNEUMONIA"] and result.positive_class == "PNEUMONIA"
     assert 0.0 <= result.threshold <= 1.0 and result.threshold_policy == "youden"

@@ -185,3 +185,38 @@ def test_splits_that_would_fail_after_training_are_refused_before_it(labels, thr
 
 def test_usable_splits_pass():
     validate_splits({"train": CLASSES, "val": CLASSES, "test": CLASSES}, CLASSES, TrainConfig(data="/d"), "PNEUMONIA")
+
+
+# --------------------------------------------------------------------------- transfer strategies
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"head": "conv"}, "--head: got 'conv'; choose one of linear, mlp, dwconv"),
+        ({"strategy": "linear-probe", "wise_ft": True}, "--wise-ft: got true, but a linear probe's start has a random head"),
+        ({"strategy": "linear-probe", "augment": False, "head": "dwconv"}, "--head: got 'dwconv', but the linear probe on cached features"),
+        ({"strategy": "gradual", "weight_averaging": "swa"}, "--weight-averaging: got 'swa', but --strategy gradual keeps frozen"),
+        ({"lp_epochs": 3}, "--lp_epochs: got 3, but only --strategy lp-ft has a linear-probe phase"),
+        ({"strategy": "finetune", "unfreeze_every": 2}, "--unfreeze_every: got 2, but only --strategy gradual"),
+        ({"strategy": "linear-probe", "lr_decay": 0.7}, "--lr_decay: got 0.7, but"),
+        ({"ema_decay": 0.99}, "--ema_decay: got 0.99, but only --weight-averaging ema uses it"),
+        ({"lr_decay": 1.5}, "--lr-decay: got 1.5; expected a number in (0, 1]"),
+        ({"weight_averaging": "polyak"}, "--weight-averaging: got 'polyak'; expected none, ema or swa"),
+    ],
+)
+def test_transfer_choices_that_cannot_work_are_refused_before_the_run(values, message):
+    assert refusal(lambda: validate_config(TrainConfig(**values))).startswith(message.replace("_", "-"))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"strategy": "lp-ft", "lp_epochs": 3, "lp_lr": 1e-2, "wise_ft": True, "weight_averaging": "swa", "head": "dwconv"},
+        {"strategy": "gradual", "unfreeze_every": 2, "lr_decay": 0.7, "weight_averaging": "ema", "ema_decay": 0.99},
+        {"strategy": "freeze", "lr_decay": 0.7, "head": "mlp", "wise_ft": True},
+        {"strategy": "linear-probe", "augment": False, "head": "mlp"},
+    ],
+)
+def test_transfer_combinations_that_work_are_accepted(values):
+    validate_config(TrainConfig(**values))

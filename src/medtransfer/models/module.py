@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from medtransfer.models.strategies import TransferModel
+from medtransfer.models.strategies import TransferModel, parameter_groups
 
 LOSSES = ("cross-entropy", "focal")  # focal: ClassifierModule(focal_gamma > 0)
 
@@ -33,10 +33,12 @@ class ClassifierModule(L.LightningModule):
         label_smoothing: float = 0.0,
         focal_gamma: float = 0.0,
         channels_last: bool = True,
+        lr_decay: float = 1.0,
     ):
         super().__init__()
         self.model = model
         self.lr = lr
+        self.lr_decay = lr_decay  # per child group from the head down (1.0: one learning rate)
         self.weight_decay = weight_decay
         self.warmup_epochs = warmup_epochs
         self.focal_gamma = focal_gamma
@@ -83,8 +85,8 @@ class ClassifierModule(L.LightningModule):
         return self._step(batch, "val")
 
     def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        groups = parameter_groups(self.model, self.lr, self.lr_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))
         schedule = torch.optim.lr_scheduler.LambdaLR(

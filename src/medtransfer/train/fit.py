@@ -3,11 +3,17 @@
 - :func:`fit_with_lightning`: Lightning with early stopping on validation loss, the best
   weights kept as safetensors and the latest epoch checkpointed for ``--resume``;
 - :func:`train_probe_on_features`: a linear probe without augmentation, trained on backbone
-  features computed once (see :mod:`medtransfer.train.feature_probe`).
+  features computed once (see :mod:`medtransfer.train.feature_probe`); also the first phase
+  of LP-FT (:func:`probe_phase`).
+
+The strategy's callbacks join the Lightning fit here: gradual unfreezing and weight
+averaging (EMA: the averaged weights are validated and kept; SWA: the final averaged
+weights are kept, early stopping is off since SWA averages up to the last epoch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,17 +28,25 @@ from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.errors import DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
-from medtransfer.train.callbacks import BestWeights, HistoryWriter, write_history
+from medtransfer.train.callbacks import (
+    BestWeights,
+    GradualUnfreezing,
+    HistoryWriter,
+    read_history,
+    weight_averaging_callback,
+    write_history,
+)
 from medtransfer.train.checkpointing import AtomicCheckpointIO, EpochSeeding, ResumeCheckpoint
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
-__all__ = ["Fit", "fit_with_lightning", "train_probe_on_features"]
+__all__ = ["Fit", "fit_with_lightning", "probe_phase", "train_probe_on_features"]
 
 
 @dataclass(frozen=True)
 class Fit:
     best_epoch: int  # 1-based epoch whose weights the model now holds
     stopped_early: bool
+    wise_ft: dict | None = None  # the WiSE-FT record when the weights were interpolated afterwards
 
 
 def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str, callbacks: list) -> L.Trainer:
@@ -69,11 +83,20 @@ def fit_with_lightning(
     """
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
-    best = BestWeights(checkpoints / "best.safetensors")
-    early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=config.patience)
+    averaging = weight_averaging_callback(config.weight_averaging, lr=config.lr, ema_decay=config.ema_decay)
+    swa = config.weight_averaging == "swa"
+    best = BestWeights(checkpoints / "best.safetensors", averaging=None if swa else averaging)
+    # SWA averages up to the last epoch: stopping early would skip the averaging.
+    patience = config.epochs + 1 if swa else config.patience
+    early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=patience)
     # The latest epoch for --resume, saved last (after the states it records); the best weights are
     # kept by BestWeights as safetensors. EpochSeeding makes the randomness of an epoch resumable.
-    callbacks = [EpochSeeding(config.seed), early_stopping, best, HistoryWriter(out / "history.csv"), ResumeCheckpoint(checkpoints)]
+    callbacks = [EpochSeeding(config.seed), early_stopping, best, HistoryWriter(out / "history.csv")]
+    if config.strategy == "gradual":
+        callbacks.insert(1, GradualUnfreezing(config.unfreeze_every, config.lr_decay))
+    if averaging is not None:
+        callbacks.insert(1, averaging)
+    callbacks.append(ResumeCheckpoint(checkpoints))
     trainer = _trainer(config, out, accelerator=accelerator, precision=precision, callbacks=callbacks)
     last = checkpoints / "last.ckpt"
     try:
@@ -81,6 +104,8 @@ def fit_with_lightning(
             # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+            # SWA swaps the per-step schedule for its own per-epoch SWALR at its start, as intended.
+            warnings.filterwarnings("ignore", message=r"SWA is currently only supported every epoch.*")
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None,
                         weights_only=True)
     except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown; last.ckpt holds the last full epoch
@@ -91,6 +116,8 @@ def fit_with_lightning(
         raise TrainingInterrupted(out)
     if not best.path.is_file():
         raise DataError("training produced no finite validation loss; lower --lr or check the data")
+    if swa:  # the model holds the SWA average (BN statistics recomputed) after the last epoch
+        return Fit(len(read_history(out / "history.csv")), False)
     best.load_best(module.model.net)
     return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0))
 
@@ -128,3 +155,12 @@ def train_probe_on_features(
     model.head.load_state_dict(best_state)
     best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
     return Fit(best_epoch, len(history) < config.epochs)
+
+
+def probe_phase(model: TransferModel, datasets: dict[str, CachedImageDataset], config: TrainConfig, history_path: Path,
+                **kwargs) -> Fit:
+    """LP-FT's first phase: the head trains on frozen, unaugmented features for `lp_epochs` at `lp_lr`
+    (history in `history_path`); the model keeps the best-on-validation head. `kwargs`: those of
+    :func:`train_probe_on_features`."""
+    settings = dataclasses.replace(config, epochs=config.lp_epochs, lr=config.lp_lr)
+    return train_probe_on_features(model, datasets, settings, history_path, **kwargs)

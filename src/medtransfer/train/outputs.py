@@ -54,7 +54,7 @@ def write_outputs(
             split_outputs, point, evaluation.classes, evaluation.metrics[name], out / "plots", prefix=name,
             band_resamples=min(200, config.bootstrap), seed=config.seed,
         )
-    save_model(model, saved_model_info(model, config, evaluation), out)
+    save_model(model, saved_model_info(model, config, evaluation, wise_ft=metrics.get("wise_ft")), out)
     write_metrics(out, metrics)
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
@@ -62,7 +62,9 @@ def write_outputs(
     write_report(out, console=console)
 
 
-def saved_model_info(model: TransferModel, config: TrainConfig, evaluation: Evaluation) -> ModelInfo:
+def saved_model_info(
+    model: TransferModel, config: TrainConfig, evaluation: Evaluation, *, wise_ft: dict[str, Any] | None = None
+) -> ModelInfo:
     """model.json: what predict, explain, export and serve need to use the model as evaluation did."""
     return model_info(
         model,
@@ -77,6 +79,8 @@ def saved_model_info(model: TransferModel, config: TrainConfig, evaluation: Eval
         output_stride=config.output_stride,
         threshold_policy=config.threshold,
         strategy=config.strategy,
+        head=config.head,
         frozen=model.frozen,
         training_config=config.to_dict(),
+        wise_ft=wise_ft,
     )

@@ -52,10 +52,13 @@ from medtransfer.runtime import (
     resolve_precision,
 )
 from medtransfer.train.callbacks import read_history
-from medtransfer.train.runfolder import check_resumable, check_run_dir, hold_run_folder, with_absolute_paths
-from medtransfer.train.fit import Fit, fit_with_lightning, train_probe_on_features
+from medtransfer.train.fit import Fit, fit_with_lightning, probe_phase, train_probe_on_features
 from medtransfer.train.outputs import Evaluation, write_outputs
+from medtransfer.train.runfolder import check_resumable, check_run_dir, hold_run_folder, with_absolute_paths
 from medtransfer.train.validate import uses_feature_probe, validate_config, validate_splits
+from medtransfer.train.wise_ft import choose_mixing, load_or_save_start
+
+LP_HISTORY = "history_lp.csv"  # LP-FT's probe phase; history.csv holds the fine-tuning epochs
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class TrainResult:
     precision: str
     leakage: dict[str, Any]
     data_summary: dict[str, Any]
+    head: str = "linear"
+    wise_ft: dict[str, Any] | None = None  # the mixing coefficient chosen on val (train/wise_ft.py)
 
     def to_metrics(self) -> dict[str, Any]:
         """metrics.json's content (DESIGN.md's key order; keys may be added, never renamed)."""
@@ -142,10 +147,12 @@ def _train_into(out: Path, config: TrainConfig, hardware: Hardware, *, resume: b
     result = TrainResult(
         backbone=config.backbone, strategy=config.strategy, weights=config.weights, params=model.parameter_counts(),
         epochs_run=len(history), best_epoch=fit.best_epoch, stopped_early=fit.stopped_early,
-        train_seconds=round(sum(r["seconds"] for r in history), 1), positive_class=data.positive_class,
+        train_seconds=round(sum(r["seconds"] for r in history + read_history(out / LP_HISTORY)), 1),
+        positive_class=data.positive_class,
         threshold=evaluation.point.threshold, val=evaluation.metrics["val"], test=evaluation.metrics.get("test"),
         classes=data.classes, threshold_policy=config.threshold, total_seconds=round(time.perf_counter() - started, 1),
-        precision=hardware.precision, leakage=data.leakage, data_summary=data.summary,
+        precision=hardware.precision, leakage=data.leakage, data_summary=data.summary, head=config.head,
+        wise_ft=fit.wise_ft,
     )
     write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
                   console=console)
@@ -247,12 +254,12 @@ def build_model(config: TrainConfig, classes: list[str], console: Console) -> Tr
         in_channels=config.in_channels,
         output_stride=config.output_stride,
     )
-    model = build_transfer_model(net, spec, Strategy(config.strategy, config.freeze_children))
+    model = build_transfer_model(net, spec, Strategy(config.strategy, config.freeze_children), config.head)
     counts = model.parameter_counts()
     console.print(
         f"Model {config.backbone} ({config.weights}), strategy {config.strategy}"
         + (f" (first {config.freeze_children} children frozen)" if config.strategy == "freeze" else "")
-        + f": {counts['total']:,} parameters, {counts['trainable']:,} trainable"
+        + f": {counts['total']:,} parameters, {counts['trainable']:,} trainable, head {config.head} {counts['head']:,}"
     )
     return model
 
@@ -336,15 +343,20 @@ def train_model(
 
     Leaves the best-on-validation weights in `model` and history.csv in `out`.
     """
-    num_classes = model.head.out_features
-    weights = class_weights(splits["train"].labels, num_classes) if config.class_weights == "balanced" else None
+    weights = class_weights(splits["train"].labels, model.num_classes) if config.class_weights == "balanced" else None
     console.print(f"Training on {hardware.accelerator} with {hardware.precision}, {hardware.workers} loader worker(s)")
+    probe_settings = dict(
+        class_weights=weights, device=hardware.device, precision=hardware.precision, workers=hardware.workers,
+        console=console,
+    )
     if uses_feature_probe(config):
         datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
-        return train_probe_on_features(
-            model, datasets, config, out / "history.csv", class_weights=weights, device=hardware.device,
-            precision=hardware.precision, workers=hardware.workers, console=console,
-        )
+        return train_probe_on_features(model, datasets, config, out / "history.csv", **probe_settings)
+    if config.strategy == "lp-ft" and not (resume and (out / "checkpoints" / "last.ckpt").is_file()):
+        console.print(f"LP-FT phase 1: the head trains on frozen features for up to {config.lp_epochs} epochs")
+        datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
+        probe_phase(model, datasets, config, out / LP_HISTORY, **probe_settings)
+    start = load_or_save_start(model.net, out / "checkpoints" / "start.safetensors") if config.wise_ft else None
     module = ClassifierModule(
         model,
         lr=config.lr,
@@ -354,6 +366,7 @@ def train_model(
         label_smoothing=config.label_smoothing,
         focal_gamma=config.focal_gamma if config.loss == "focal" else 0.0,
         channels_last=config.channels_last,
+        lr_decay=config.lr_decay,
     )
     datamodule = TransferDataModule(
         train=train_dataset(splits["train"], config, model.spec),
@@ -364,9 +377,18 @@ def train_model(
         sampler=config.sampler,
         seed=config.seed,
     )
-    return fit_with_lightning(
+    fit = fit_with_lightning(
         module, datamodule, config, out, accelerator=hardware.accelerator, precision=hardware.precision, resume=resume
     )
+    if start is None:
+        return fit
+    val = eval_datasets({"val": splits["val"]}, config, model.spec)["val"]
+    mixing = choose_mixing(
+        model, start, val, splits["val"].labels, batch_size=max(64, config.batch_size), num_workers=hardware.workers,
+        device=hardware.device, precision=hardware.precision,
+    )
+    console.print(f"WiSE-FT: mixing coefficient {mixing['alpha']} (lowest validation loss over {mixing['grid']})")
+    return dataclasses.replace(fit, wise_ft=mixing)
 
 
 def evaluate_model(

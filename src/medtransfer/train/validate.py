@@ -24,6 +24,7 @@ from medtransfer.data.discover import LABEL_SCHEMES
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.thresholds import parse_threshold_policy
 from medtransfer.models.backbones import WEIGHT_CHOICES, get_backbone, load_weights_file
+from medtransfer.models.heads import check_head
 from medtransfer.models.module import LOSSES
 from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_accelerator, resolve_precision
@@ -49,7 +50,8 @@ class IgnoredSettings:
 IGNORED_SETTINGS = (
     IgnoredSettings(
         uses_feature_probe,
-        ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices"),
+        ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices",
+         "lr_decay", "weight_averaging"),
         "the linear probe on cached features (strategy linear-probe, augment false) ignores it: the head trains "
         "with plain cross-entropy, shuffled batches and a constant learning rate on one device",
         "remove the setting, or set augment=true to train through Lightning",
@@ -65,6 +67,30 @@ IGNORED_SETTINGS = (
         ("freeze_children",),
         "only --strategy freeze freezes a number of children",
         "remove the setting, or use --strategy freeze",
+    ),
+    IgnoredSettings(
+        lambda config: config.strategy != "lp-ft",
+        ("lp_epochs", "lp_lr"),
+        "only --strategy lp-ft has a linear-probe phase",
+        "remove the setting, or use --strategy lp-ft",
+    ),
+    IgnoredSettings(
+        lambda config: config.strategy != "gradual",
+        ("unfreeze_every",),
+        "only --strategy gradual unfreezes during training",
+        "remove the setting, or use --strategy gradual",
+    ),
+    IgnoredSettings(
+        lambda config: config.strategy == "linear-probe",
+        ("lr_decay",),
+        "a linear probe trains only the head, which always gets --lr",
+        "remove the setting, or use another strategy",
+    ),
+    IgnoredSettings(
+        lambda config: config.weight_averaging != "ema",
+        ("ema_decay",),
+        "only --weight-averaging ema uses it",
+        "remove the setting, or use --weight-averaging ema",
     ),
     IgnoredSettings(
         lambda config: config.loss != "focal",
@@ -115,6 +141,7 @@ def validate_config(config: TrainConfig) -> None:
         spec.build(output_stride=config.output_stride)
     if config.weights not in WEIGHT_CHOICES:
         load_weights_file(Path(config.weights))
+    check_transfer_choices(config)
     ignored = ignored_settings(config)
     if ignored:
         raise ConfigError(ignored[0])
@@ -147,4 +174,24 @@ def validate_splits(labels: dict[str, list[str]], classes: list[str], config: Tr
         raise DataError(
             f"--data {config.data}: the {split} split holds only {', '.join(held) or 'no images'} ({len(labels[split])} "
             f"image(s)), but {use} on it and needs {need}; {fix}"
+        )
+
+
+def check_transfer_choices(config: TrainConfig) -> None:
+    """Heads, weight averaging and WiSE-FT that the chosen strategy cannot use."""
+    check_head(config.head)
+    if config.wise_ft and config.strategy == "linear-probe":
+        raise ConfigError(
+            "--wise-ft: got true, but a linear probe's start has a random head, so interpolating towards it only "
+            "shrinks the logits; use --strategy finetune, freeze, lp-ft or gradual, or leave out --wise-ft"
+        )
+    if config.head == "dwconv" and uses_feature_probe(config):
+        raise ConfigError(
+            "--head: got 'dwconv', but the linear probe on cached features (strategy linear-probe, augment false) "
+            "sees pooled features only; use --head linear or mlp, or set augment=true"
+        )
+    if config.weight_averaging == "swa" and config.strategy not in ("finetune", "lp-ft"):
+        raise ConfigError(
+            f"--weight-averaging: got 'swa', but --strategy {config.strategy} keeps frozen BatchNorm layers whose "
+            "statistics SWA would recompute; use --weight-averaging ema, or --strategy finetune or lp-ft"
         )
