@@ -67,7 +67,10 @@ def train(
     calibrate: Optional[str] = typer.Option(None, help="temperature (default) or none."),
     seed: Optional[int] = typer.Option(None, help=f"Random seed (default {DEFAULTS.seed})."),
     accelerator: Optional[str] = typer.Option(None, help="auto (default), cpu or gpu."),
-    devices: Optional[str] = typer.Option(None, help="GPUs to use (default auto)."),
+    devices: Optional[str] = typer.Option(None, help="Devices per node: a count, GPU ids like 0,1, or auto (default: all GPUs, or 1 CPU process)."),
+    num_nodes: Optional[int] = typer.Option(None, help="Machines to train on (default 1); launch with torchrun or srun, see README 'Scaling out'."),
+    distributed: Optional[str] = typer.Option(None, help="Lightning strategy for several devices: auto (default), ddp or ddp_spawn."),
+    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (helps on GPUs; slow start)."),
     precision: Optional[str] = typer.Option(None, help="auto (default: bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: chosen by device)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
@@ -86,6 +89,8 @@ def train(
     )
     _quiet_lightning()
     result = run_training(settings, run_dir, resume=resume is not None, console=console)
+    if result is None:  # a DDP process other than rank 0: rank 0 prints
+        return
     _print_result({"val": result.val, "test": result.test}, result.threshold)
 
 

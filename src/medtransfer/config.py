@@ -21,6 +21,8 @@ import yaml
 from medtransfer.errors import ConfigError
 from medtransfer.rundir import CONFIG_FILE
 
+DISTRIBUTED = ("auto", "ddp", "ddp_spawn")  # Lightning strategies `train --distributed` passes on
+
 
 @dataclass
 class TrainConfig:
@@ -71,6 +73,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16-mixed on CPUs with bf16 support or GPUs, else 32-true
     num_workers: int = -1  # -1: chosen by device
     channels_last: bool = True
+    num_nodes: int = 1  # machines; devices per machine is `devices`
+    distributed: str = "auto"  # Lightning strategy: auto, ddp (one process per device) or ddp_spawn
+    compile: bool = False  # torch.compile the model (in place; saved weights keep their names)
     # evaluation
     threshold: str = "youden"
     bootstrap: int = 2000
@@ -144,6 +149,8 @@ class TrainConfig:
             (self.sampler in ("shuffle", "balanced"), "sampler", self.sampler, "shuffle or balanced"),
             (self.calibrate in ("none", "temperature"), "calibrate", self.calibrate, "none or temperature"),
             (self.bootstrap >= 0, "bootstrap", self.bootstrap, "0 (off) or a number of resamples"),
+            (self.num_nodes >= 1, "num_nodes", self.num_nodes, "1 or more machines"),
+            (self.distributed in DISTRIBUTED, "distributed", self.distributed, " or ".join(DISTRIBUTED)),
         ]
         for ok, name, value, expected in checks:
             if not ok:

@@ -6,14 +6,17 @@ bad images are all listed before training starts and the cache is shared across 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
 
 from medtransfer.data.cache import CachedImages
+from medtransfer.errors import DataError
 
 
 def image_tensor(array: np.ndarray) -> torch.Tensor:
@@ -47,6 +50,68 @@ def balanced_sampler(labels: Sequence[int], *, seed: int) -> WeightedRandomSampl
     return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), generator=generator)
 
 
+def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
+    """Per-sample weights 1 / class count: every class drawn equally often (as balanced_sampler draws)."""
+    counts = np.bincount(labels)
+    return torch.as_tensor(1.0 / counts[np.asarray(labels)], dtype=torch.double)
+
+
+class DistributedWeightedSampler(Sampler[int]):
+    """A weighted draw with replacement, the same on every rank, then sharded (--sampler balanced under DDP).
+
+    Every rank draws the same ``ceil(n / world) * world`` indices from a generator seeded
+    with ``seed + epoch`` (so Lightning's ``set_epoch`` gives a new draw each epoch) and
+    keeps every ``world``-th one from its rank: the ranks together see one weighted epoch.
+    """
+
+    def __init__(self, weights: torch.Tensor, *, num_replicas: int, rank: int, seed: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(len(self.weights) / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.num_samples * self.num_replicas, True, generator=generator)
+        return iter(drawn[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``num_replicas``-th index from ``rank``, in order, without padding (validation under DDP).
+
+    Unlike DistributedSampler, no image is repeated to even out the shards, so metrics
+    reduced over the ranks (sums of values and of counts, as Lightning's ``sync_dist``
+    does for batch-weighted means) count each validation image exactly once.
+    """
+
+    def __init__(self, length: int, *, num_replicas: int, rank: int):
+        self.indices = list(range(rank, length, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def split_fingerprint(*datasets: Dataset) -> str:
+    """A digest of the images and labels of `datasets` (the split each rank sees)."""
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        paths = getattr(getattr(dataset, "images", None), "paths", None) or range(len(dataset))
+        for path, label in zip(paths, dataset.labels):
+            digest.update(f"{path}\t{label}\n".encode())
+        digest.update(b"--\n")
+    return digest.hexdigest()
+
+
 class TransferDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -64,8 +129,35 @@ class TransferDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.sampler, self.seed = sampler, seed
 
+    def _ranks(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def setup(self, stage: str) -> None:
+        """Under DDP: every rank must hold the same split (it is drawn from the seed on each)."""
+        world, _ = self._ranks()
+        if world > 1 and torch.distributed.is_initialized():
+            prints: list[str | None] = [None] * world
+            torch.distributed.all_gather_object(prints, split_fingerprint(self.train_set, self.val_set))
+            if len(set(prints)) > 1:
+                raise DataError("the ranks drew different splits; pass the same --data and --seed on every node")
+            if len(self.val_set) < world:
+                raise DataError(f"{len(self.val_set)} validation images for {world} processes; use fewer --devices")
+
+    def _sampler(self, dataset: Dataset, *, train: bool) -> Sampler | None:
+        """The sampler for one rank: Lightning's sampler replacement is off (use_distributed_sampler=False)."""
+        world, rank = self._ranks()
+        balanced = train and self.sampler == "balanced"
+        if world == 1:
+            return balanced_sampler(dataset.labels, seed=self.seed) if balanced else None
+        if balanced:
+            return DistributedWeightedSampler(balanced_weights(dataset.labels), num_replicas=world, rank=rank, seed=self.seed)
+        if train:
+            return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return ShardSampler(len(dataset), num_replicas=world, rank=rank)
+
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
-        sampler = balanced_sampler(dataset.labels, seed=self.seed) if train and self.sampler == "balanced" else None
+        sampler = self._sampler(dataset, train=train)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

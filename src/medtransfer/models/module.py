@@ -72,8 +72,12 @@ class ClassifierModule(L.LightningModule):
         loss = self.loss(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # sync_dist: under DDP the epoch values are sums of value x batch size over all ranks divided by
+        # the summed batch sizes, so early stopping and the best epoch are decided on the same number
+        # everywhere; validation logs no step values, so ranks with unequal shards never wait on each other.
+        logged = {"on_epoch": True, "prog_bar": True, "batch_size": len(labels), "sync_dist": True}
+        self.log(f"{stage}/loss", loss, on_step=on_step, **logged)
+        self.log(f"{stage}/acc", accuracy, on_step=False, **logged)
         return loss
 
     def training_step(self, batch, batch_idx):

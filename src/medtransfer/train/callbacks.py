@@ -33,7 +33,7 @@ class HistoryWriter(L.Callback):
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:  # under DDP only rank 0 writes the run folder
             return
         row = {
             "epoch": trainer.current_epoch + 1,
@@ -79,6 +79,8 @@ class BestWeights(L.Callback):
             return
         self.best_score = float(score)
         self.best_epoch = trainer.current_epoch + 1
+        if not trainer.is_global_zero:  # every rank tracks the (synced) best score; rank 0 writes it
+            return
         state = {k: v.detach().cpu().contiguous() for k, v in pl_module.model.net.state_dict().items()}
         temporary = self.path.with_suffix(".tmp")
         save_file(state, str(temporary))

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.errors import DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
-from medtransfer.train.callbacks import BestWeights, HistoryWriter, write_history
+from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history, write_history
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
 __all__ = ["Fit", "fit_with_lightning", "train_probe_on_features"]
@@ -32,13 +33,19 @@ __all__ = ["Fit", "fit_with_lightning", "train_probe_on_features"]
 class Fit:
     best_epoch: int  # 1-based epoch whose weights the model now holds
     stopped_early: bool
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    distributed: str = "none"  # the Lightning strategy when several processes trained: ddp, ddp_spawn
 
 
 def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str, callbacks: list) -> L.Trainer:
     return L.Trainer(
         max_epochs=config.epochs,
         accelerator=accelerator,
-        devices=config.devices if accelerator == "gpu" else 1,
+        devices=config.devices,  # "auto": every visible GPU, or one CPU process
+        num_nodes=config.num_nodes,
+        strategy=config.distributed,
+        use_distributed_sampler=False,  # TransferDataModule shards itself (weighted draws, unpadded validation)
         precision=precision,
         callbacks=callbacks,
         logger=False,
@@ -65,7 +72,7 @@ def fit_with_lightning(
     Raises TrainingInterrupted after Ctrl-C (the run can be resumed from its last full epoch).
     """
     checkpoints = out / "checkpoints"
-    checkpoints.mkdir(exist_ok=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
     best = BestWeights(checkpoints / "best.safetensors")
     early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=config.patience)
     # The latest epoch for --resume (one file; last.ckpt links to it). The best weights are kept
@@ -76,6 +83,8 @@ def fit_with_lightning(
     callbacks = [early_stopping, best, HistoryWriter(out / "history.csv"), latest]
     trainer = _trainer(config, out, accelerator=accelerator, precision=precision, callbacks=callbacks)
     last = checkpoints / "last.ckpt"
+    if config.compile:
+        module.model.net.compile()  # in place: parameter names, hence saved weights, are unchanged
     try:
         with warnings.catch_warnings():
             # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
@@ -88,10 +97,27 @@ def fit_with_lightning(
         raise
     if trainer.interrupted:
         raise TrainingInterrupted(out)
+    setup = {"devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "distributed": _distributed_name(trainer)}
+    if not trainer.is_global_zero:  # only rank 0 goes on to evaluate and write the run folder
+        return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0), **setup)
     if not best.path.is_file():
         raise DataError("training produced no finite validation loss; lower --lr or check the data")
     best.load_best(module.model.net)
-    return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0))
+    if best.best_epoch == 0:  # ddp_spawn trained copies of the callbacks in other processes: read their files
+        history = read_history(out / "history.csv")
+        finite = [r for r in history if math.isfinite(r["val_loss"])]
+        best_epoch = int(min(finite, key=lambda r: r["val_loss"])["epoch"]) if finite else 0
+        return Fit(best_epoch, len(history) < config.epochs, **setup)
+    return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0), **setup)
+
+
+def _distributed_name(trainer: L.Trainer) -> str:
+    """"none" for one process, else Lightning's strategy as --distributed names it (ddp, ddp_spawn)."""
+    if trainer.world_size == 1:
+        return "none"
+    name = getattr(trainer.strategy, "strategy_name", type(trainer.strategy).__name__.lower())
+    start = getattr(trainer.strategy, "_start_method", "popen")
+    return name if start == "popen" else f"{name}_{start}"
 
 
 def train_probe_on_features(

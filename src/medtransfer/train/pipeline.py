@@ -42,6 +42,8 @@ from medtransfer.runtime import (
     default_decode_workers,
     default_num_workers,
     device_for,
+    hardware_summary,
+    is_global_zero,
     predict_logits,
     resolve_accelerator,
     resolve_precision,
@@ -74,6 +76,7 @@ class TrainResult:
     precision: str
     leakage: dict[str, Any]
     data_summary: dict[str, Any]
+    hardware: dict[str, Any]  # accelerator, devices, num_nodes, world_size, distributed, precision, cpu, gpu
 
     def to_metrics(self) -> dict[str, Any]:
         """metrics.json's content (DESIGN.md's key order; keys may be added, never renamed)."""
@@ -104,22 +107,35 @@ class SplitData:
     labels: list[int]
 
 
-def run_training(config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
-    """Train and evaluate into the run folder `out` (or continue the interrupted run there)."""
+def run_training(
+    config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None
+) -> TrainResult | None:
+    """Train and evaluate into the run folder `out` (or continue the interrupted run there).
+
+    Under DDP every process runs this; only global rank 0 writes the run folder, evaluates
+    and returns the result (the other ranks return None after training).
+    """
+    zero = is_global_zero()  # from the launcher's environment: torchrun and Lightning's DDP re-run this
     console = console or Console()
+    console = console if zero else Console(quiet=True)
     started = time.perf_counter()
     validate_config(config)
     hardware = resolve_hardware(config)
-    check_run_dir(out, resume=resume)
+    if zero:
+        check_run_dir(out, resume=resume)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = load_labelled_data(config, out, console, resume=resume)
+    data = load_labelled_data(config, out, console, resume=resume)  # the same split on every rank: seeded
     model = build_model(config, data.classes, console)
     out.mkdir(parents=True, exist_ok=True)
     splits = cache_splits(data.records, data.classes, config, console)
-    if not resume:
+    if not resume and zero:
         config.write_yaml(out / CONFIG_FILE)
         write_split_csv([r for s in splits.values() for r in s.records], out / "split.csv")
+    if not zero and uses_feature_probe(config):
+        return None  # the feature probe runs in one process
     fit = train_model(model, splits, config, out, hardware, resume=resume, console=console)
+    if not is_global_zero():
+        return None
     evaluation = evaluate_model(model, splits, data, config, hardware)
     history = read_history(out / "history.csv")
     result = TrainResult(
@@ -129,6 +145,10 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         threshold=evaluation.point.threshold, val=evaluation.metrics["val"], test=evaluation.metrics.get("test"),
         classes=data.classes, threshold_policy=config.threshold, total_seconds=round(time.perf_counter() - started, 1),
         precision=hardware.precision, leakage=data.leakage, data_summary=data.summary,
+        hardware=hardware_summary(
+            accelerator=hardware.accelerator, precision=hardware.precision, devices=fit.devices,
+            num_nodes=fit.num_nodes, distributed=fit.distributed,
+        ),
     )
     write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
                   console=console)
