@@ -115,7 +115,7 @@ def _distributed_name(trainer: L.Trainer) -> str:
     """"none" for one process, else Lightning's strategy as --distributed names it (ddp, ddp_spawn)."""
     if trainer.world_size == 1:
         return "none"
-    name = getattr(trainer.strategy, "strategy_name", type(trainer.strategy).__name__.lower())
+    name = type(trainer.strategy).__name__.lower().removesuffix("strategy")  # DDPStrategy -> ddp
     start = getattr(trainer.strategy, "_start_method", "popen")
     return name if start == "popen" else f"{name}_{start}"
 
