@@ -23,6 +23,7 @@ from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.errors import DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
+from medtransfer.runtime import is_global_zero
 from medtransfer.train.callbacks import BestWeights, HistoryWriter, read_history, write_history
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
@@ -72,7 +73,8 @@ def fit_with_lightning(
     Raises TrainingInterrupted after Ctrl-C (the run can be resumed from its last full epoch).
     """
     checkpoints = out / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    if is_global_zero():  # under torchrun every rank runs this; only rank 0 writes the run folder
+        checkpoints.mkdir(parents=True, exist_ok=True)
     best = BestWeights(checkpoints / "best.safetensors")
     early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=config.patience)
     # The latest epoch for --resume (one file; last.ckpt links to it). The best weights are kept

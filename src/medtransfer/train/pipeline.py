@@ -126,7 +126,8 @@ def run_training(
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = load_labelled_data(config, out, console, resume=resume)  # the same split on every rank: seeded
     model = build_model(config, data.classes, console)
-    out.mkdir(parents=True, exist_ok=True)
+    if zero:  # other ranks never write into `out`: rank 0 may still be checking it
+        out.mkdir(parents=True, exist_ok=True)
     splits = cache_splits(data.records, data.classes, config, console)
     if not resume and zero:
         config.write_yaml(out / CONFIG_FILE)
