@@ -36,3 +36,32 @@ def test_image_tensor_shapes_and_read_only_arrays(shape, expected):
     assert tuple(tensor.shape) == expected
     channels_first = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     assert np.array_equal(tensor.numpy(), channels_first)
+
+
+# ----------------------------------------------------------------- samplers under DDP
+
+
+def test_the_distributed_weighted_sampler_shards_one_shared_draw_that_changes_each_epoch():
+    import torch
+
+    from medtransfer.data.datamodule import DistributedWeightedSampler, balanced_weights
+
+    labels = [0] * 90 + [1] * 10
+    ranks = [DistributedWeightedSampler(balanced_weights(labels), num_replicas=3, rank=r, seed=7) for r in range(3)]
+    first = [list(s) for s in ranks]
+    assert [len(s) for s in first] == [34, 34, 34] and all(len(s) == 34 for s in ranks)
+    # The ranks hold the shards of one draw: interleaved back, it is that draw.
+    drawn = torch.multinomial(balanced_weights(labels), 102, True, generator=torch.Generator().manual_seed(7)).tolist()
+    assert [first[i % 3][i // 3] for i in range(102)] == drawn
+    minority = sum(labels[i] for shard in first for i in shard) / 102
+    assert 0.35 < minority < 0.65  # balanced, while the data is 10% class 1
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    assert [list(s) for s in ranks] != first
+
+
+def test_the_shard_sampler_gives_every_validation_index_to_exactly_one_rank():
+    from medtransfer.data.datamodule import ShardSampler
+
+    shards = [list(ShardSampler(5, num_replicas=2, rank=r)) for r in range(2)]
+    assert shards == [[0, 2, 4], [1, 3]] and sorted(shards[0] + shards[1]) == list(range(5))
