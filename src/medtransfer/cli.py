@@ -115,31 +115,41 @@ def predict(
     batch_size: int = typer.Option(32, help="Images per batch."),
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    num_workers: int = typer.Option(-1, help="Decoding processes (default: chosen by device; 0 decodes in this process)."),
 ):
-    """Per-image class probabilities (calibrated) and the predicted class at the saved threshold."""
+    """Per-image class probabilities (calibrated) and the predicted class at the saved threshold.
+
+    Streams: files are decoded in worker processes and rows written to --csv as they come, so
+    memory stays flat for any number of images; the table is printed for up to 50 images."""
     from medtransfer.artifacts import load_model
-    from medtransfer.predict import expand_inputs, predict_files, write_rows
+    from medtransfer.predict import expand_inputs, predict_with_progress
 
     saved = load_model(run)
     files = expand_inputs(paths)
-    rows = predict_files(saved, files, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images)
-    table = Table()
-    table.add_column("path", overflow="fold")
-    for c in saved.classes:
-        table.add_column(f"p({c})", justify="right")
-    table.add_column("predicted")
-    for row in rows:
-        table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"])
-    console.print(table)
+    rows = predict_with_progress(
+        saved, files, csv_path=csv, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images,
+        num_workers=num_workers, keep=TABLE_ROWS if cam is None else None, console=error_console,
+    )
+    if len(files) <= TABLE_ROWS:
+        table = Table()
+        table.add_column("path", overflow="fold")
+        for c in saved.classes:
+            table.add_column(f"p({c})", justify="right")
+        table.add_column("predicted")
+        for row in rows:
+            table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"])
+        console.print(table)
     console.print(f"threshold {saved.threshold:.3f} on p({saved.info['positive_class']})")
     if csv is not None:
-        write_rows(rows, csv)
         console.print(f"Wrote {csv}")
     if cam is not None:
         from medtransfer.explain.files import explain_files
 
         explain_files(saved, [Path(r["path"]) for r in rows], cam)
         console.print(f"Wrote heatmaps to {cam}")
+
+
+TABLE_ROWS = 50  # predict prints a table up to this many images; more go to --csv only
 
 
 @app.command()

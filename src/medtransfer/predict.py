@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.artifacts import SavedModel
 from medtransfer.data.decode import decode_image
@@ -13,7 +15,7 @@ from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import DataError
 from medtransfer.evaluation.thresholds import OperatingPoint
-from medtransfer.runtime import autocast, device_for, resolve_accelerator, resolve_precision
+from medtransfer.runtime import autocast, default_num_workers, device_for, resolve_accelerator, resolve_precision
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -37,24 +39,6 @@ def operating_point(saved: SavedModel) -> OperatingPoint:
     return OperatingPoint(saved.positive_index, saved.temperature, saved.threshold, saved.info.get("threshold_policy", ""))
 
 
-def load_batch(saved: SavedModel, paths: list[Path], *, skip_bad: bool = False) -> tuple[torch.Tensor, list[Path], list[str]]:
-    """Decode exactly as evaluation did (same decode size, crop, normalisation); list every bad file."""
-    transform = saved.transform()
-    tensors, kept, bad = [], [], []
-    for path in paths:
-        try:
-            array = decode_image(path, size=saved.info["decode_size"])
-        except DataError as exc:
-            bad.append(str(exc).split("; fix or remove")[0])  # "<path>: not a readable image (reason)"
-            continue
-        tensors.append(transform(image_tensor(array)))
-        kept.append(path)
-    if bad and not skip_bad:
-        more = f"; ... and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(f"{len(bad)} unreadable image(s): {'; '.join(bad[:5])}{more}. Use --skip-bad-images to leave them out")
-    return (torch.stack(tensors) if tensors else torch.zeros(0)), kept, bad
-
-
 def predict_files(
     saved: SavedModel,
     paths: list[Path],
@@ -65,31 +49,135 @@ def predict_files(
     skip_bad: bool = False,
 ) -> list[dict]:
     """One row per image: path, calibrated probability per class, predicted class (saved threshold)."""
+    return list(
+        stream_predictions(
+            saved, paths, batch_size=batch_size, accelerator=accelerator, precision=precision, skip_bad=skip_bad
+        )
+    )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class _DecodedFiles(Dataset):
+    """Decodes one file per item in a DataLoader worker; a bad file yields its reason instead of pixels."""
+
+    def __init__(self, paths: list[Path], decode_size: int, transform):
+        self.paths, self.decode_size, self.transform = paths, decode_size, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            array = decode_image(self.paths[index], size=self.decode_size)
+        except DataError as exc:
+            return index, None, str(exc).split("; fix or remove")[0]  # "<path>: not a readable image (reason)"
+        return index, self.transform(image_tensor(array)), None
+
+
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[str]]:
+    kept = [(i, t) for i, t, _ in items if t is not None]
+    bad = [reason for _, t, reason in items if t is None]
+    return [i for i, _ in kept], (torch.stack([t for _, t in kept]) if kept else None), bad
+
+
+def stream_predictions(
+    saved: SavedModel,
+    paths: list[Path],
+    *,
+    batch_size: int = 32,
+    accelerator: str = "auto",
+    precision: str = "auto",
+    skip_bad: bool = False,
+    num_workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[dict]:
+    """predict_files' rows, in input order, as each batch is done: memory stays bounded for any number of files.
+
+    Files are decoded in `num_workers` DataLoader processes while the model runs;
+    `progress(n)` is called with the number of files each batch consumed. A bad file
+    stops the stream with a DataError naming the bad files of its batch, unless `skip_bad`.
+    """
     device = device_for(accelerator)
     precision = resolve_precision(precision, resolve_accelerator(accelerator))
     model = saved.model.eval().to(device).to(memory_format=torch.channels_last)
     point = operating_point(saved)
-    rows = []
-    for start in range(0, len(paths), batch_size):
-        images, kept, _ = load_batch(saved, paths[start : start + batch_size], skip_bad=skip_bad)
-        if not kept:
+    loader = DataLoader(
+        _DecodedFiles(paths, saved.info["decode_size"], saved.transform()), batch_size=batch_size,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    for indices, images, bad in loader:
+        if bad and not skip_bad:
+            raise DataError(f"{len(bad)} unreadable image(s): {'; '.join(bad[:5])}. Use --skip-bad-images to leave them out")
+        if progress is not None:
+            progress(len(indices) + len(bad))
+        if not indices:
             continue
         with torch.inference_mode(), autocast(device, precision):
-            logits = model(images.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+            batch = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            logits = model(batch).float().cpu().numpy()
         probs = point.probabilities(logits)
         predicted = point.predict(probs)
-        for i, path in enumerate(kept):
-            row = {"path": str(path)}
-            row.update({f"prob_{c}": float(probs[i, k]) for k, c in enumerate(saved.classes)})
-            row["pred"] = saved.classes[int(predicted[i])]
-            rows.append(row)
-    return rows
+        for row, index in enumerate(indices):
+            out = {"path": str(paths[index])}
+            out.update({f"prob_{c}": float(probs[row, k]) for k, c in enumerate(saved.classes)})
+            out["pred"] = saved.classes[int(predicted[row])]
+            yield out
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
+def write_rows(rows: Iterable[dict], path: Path) -> int:
+    """Write rows to a CSV as they come (a stream is never held in memory); returns how many."""
+    count = 0
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
+        writer = None
         for row in rows:
+            if writer is None:
+                writer = csv.DictWriter(handle, fieldnames=list(row))
+                writer.writeheader()
             writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+            count += 1
+    return count
 
+
+
+def predict_with_progress(
+    saved: SavedModel,
+    paths: list[Path],
+    *,
+    csv_path: Path | None,
+    batch_size: int = 32,
+    accelerator: str = "auto",
+    skip_bad: bool = False,
+    num_workers: int = -1,
+    keep: int | None = None,
+    console=None,
+) -> list[dict]:
+    """`medtransfer predict`: stream rows into `csv_path` under a progress bar (images/s); return the first `keep` rows (all when None)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    workers = num_workers if num_workers >= 0 else default_num_workers(resolve_accelerator(accelerator))
+    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn())
+    kept: list[dict] = []
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("predict", total=len(paths), rate="-")
+
+        def advance(n: int) -> None:
+            bar.update(task, advance=n)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.1f}" if speed else "-")
+
+        def rows() -> Iterator[dict]:
+            for row in stream_predictions(saved, paths, batch_size=batch_size, accelerator=accelerator,
+                                          skip_bad=skip_bad, num_workers=workers, progress=advance):
+                if keep is None or len(kept) < keep:
+                    kept.append(row)
+                yield row
+
+        if csv_path is not None:
+            write_rows(rows(), csv_path)
+        else:
+            for _ in rows():
+                pass
+    return kept
