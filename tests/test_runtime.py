@@ -209,3 +209,12 @@ def test_hardware_summary_records_the_distributed_setup():
         "precision": "32-true", "gpu": None, "cpu": "x", "cores": 1, "torch": "x",
     }
     assert summary["cpu"] and summary["cores"] >= 1
+
+
+def test_hardware_summary_names_the_gpu_on_cuda(monkeypatch):
+    from medtransfer.runtime import hardware_summary
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    summary = hardware_summary(accelerator="gpu", precision="bf16-mixed", devices=8)
+    assert (summary["gpu"], summary["world_size"], summary["distributed"]) == ("NVIDIA H100 80GB HBM3", 8, "none")

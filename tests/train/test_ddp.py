@@ -96,7 +96,8 @@ def data(make_kaggle_tree) -> Path:
 def test_a_two_process_run_writes_the_same_run_folder_as_one_process(data, tmp_path):
     settings = dict(data=str(data), backbone="resnet18", weights="none", image_size=16, cache_size=16, epochs=1,
                     batch_size=4, bootstrap=0, num_workers=0, progress=False, cache_dir=str(tmp_path / "cache"),
-                    accelerator="cpu", precision="32-true", sampler="balanced")
+                    accelerator="cpu", precision="32-true", sampler="balanced",
+                    strategy="freeze", freeze_children=4)  # frozen on every rank before DDP wraps the model
     single = run_training(TrainConfig.from_dict(settings), tmp_path / "one", console=Console(quiet=True))
     double = run_training(
         TrainConfig.from_dict({**settings, "devices": "2", "distributed": "ddp_spawn"}), tmp_path / "two",
@@ -105,7 +106,7 @@ def test_a_two_process_run_writes_the_same_run_folder_as_one_process(data, tmp_p
 
     assert folder_listing(tmp_path / "two") == folder_listing(tmp_path / "one")
     one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
-    assert list(two) == list(one) and list(two["val"]) == list(one["val"])
+    assert list(two) == list(one) and list(two["val"]) == list(one["val"]) and two["params"] == one["params"]
     splits = [row["split"] for row in csv.DictReader((tmp_path / "two" / "split.csv").open())]
     assert two["val"]["n"] == splits.count("val") == single.val["n"]
     assert two["test"]["n"] == splits.count("test") == 7

@@ -19,7 +19,7 @@ from medtransfer.data.discover import discover
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
 from medtransfer.predict import operating_point
-from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
+from medtransfer.runtime import default_decode_workers, default_num_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.rundir import write_metrics
 
 
@@ -63,6 +63,7 @@ def evaluate_saved_model(
     logits = predict_logits(
         saved.model,
         CachedImageDataset(images, labels, saved.transform()),
+        num_workers=default_num_workers(accelerator),  # pixels come from the memory-mapped cache, in workers
         device=device_for(accelerator),
         precision=resolve_precision(precision, accelerator),
     )
