@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medtransfer.artifacts import load_model, model_info, save_model
-from medtransfer.errors import DataError
+from medtransfer.errors import ConfigError, DataError
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
 from medtransfer.predict import predict_with_progress, stream_predictions, write_rows
@@ -23,7 +23,9 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     save_model(model, model_info(model, classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5,
                                  image_size=32, decode_size=32), folder)
-    return load_model(folder)
+    loaded = load_model(folder)
+    loaded.folder = folder  # for export
+    return loaded
 
 
 @pytest.fixture
@@ -59,3 +61,16 @@ def test_the_csv_is_written_from_the_stream_and_only_the_asked_rows_are_kept(sav
                                                                                     "prob_PNEUMONIA", "pred"]
     assert [r["path"] for r in kept] == [str(f) for f in files[:3]]
     assert write_rows(iter([]), tmp_path / "empty.csv") == 0
+
+
+def test_onnxruntime_gives_the_probabilities_torch_gives(saved, files, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from medtransfer.export import export_onnx
+
+    onnx_path = export_onnx(saved.folder, tmp_path / "model.onnx")
+    torch_rows = list(stream_predictions(saved, files, batch_size=4, accelerator="cpu", precision="32-true"))
+    onnx_rows = list(stream_predictions(saved, files, batch_size=4, accelerator="cpu", onnx_path=onnx_path))
+    assert [r["path"] for r in onnx_rows] == [r["path"] for r in torch_rows]
+    assert max(abs(a["prob_PNEUMONIA"] - b["prob_PNEUMONIA"]) for a, b in zip(torch_rows, onnx_rows)) < 1e-4
+    with pytest.raises(ConfigError, match="does not exist; run `medtransfer export"):
+        list(stream_predictions(saved, files, onnx_path=tmp_path / "missing.onnx"))

@@ -116,19 +116,24 @@ def predict(
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
     num_workers: int = typer.Option(-1, help="Decoding processes (default: chosen by device; 0 decodes in this process)."),
+    runtime: str = typer.Option("torch", help="torch, or onnxruntime (runs RUN/model/model.onnx from `medtransfer export`)."),
 ):
     """Per-image class probabilities (calibrated) and the predicted class at the saved threshold.
 
     Streams: files are decoded in worker processes and rows written to --csv as they come, so
     memory stays flat for any number of images; the table is printed for up to 50 images."""
-    from medtransfer.artifacts import load_model
+    from medtransfer.artifacts import find_model_dir, load_model
+    from medtransfer.errors import ConfigError
     from medtransfer.predict import expand_inputs, predict_with_progress
 
     saved = load_model(run)
     files = expand_inputs(paths)
+    if runtime not in ("torch", "onnxruntime"):
+        raise ConfigError(f"--runtime: got {runtime!r}; choose torch or onnxruntime")
+    onnx_path = find_model_dir(run) / "model.onnx" if runtime == "onnxruntime" else None
     rows = predict_with_progress(
         saved, files, csv_path=csv, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images,
-        num_workers=num_workers, keep=TABLE_ROWS if cam is None else None, console=error_console,
+        num_workers=num_workers, keep=TABLE_ROWS if cam is None else None, console=error_console, onnx_path=onnx_path,
     )
     if len(files) <= TABLE_ROWS:
         table = Table()

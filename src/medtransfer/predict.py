@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -13,8 +14,11 @@ from medtransfer.artifacts import SavedModel
 from medtransfer.data.decode import decode_image
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.discover import IMAGE_SUFFIXES
-from medtransfer.errors import DataError
+from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.thresholds import OperatingPoint
+if TYPE_CHECKING:
+    import numpy as np
+
 from medtransfer.runtime import autocast, default_num_workers, device_for, resolve_accelerator, resolve_precision
 
 
@@ -92,15 +96,18 @@ def stream_predictions(
     skip_bad: bool = False,
     num_workers: int = 0,
     progress: Callable[[int], None] | None = None,
+    onnx_path: Path | None = None,
 ) -> Iterator[dict]:
     """predict_files' rows, in input order, as each batch is done: memory stays bounded for any number of files.
 
     Files are decoded in `num_workers` DataLoader processes while the model runs;
     `progress(n)` is called with the number of files each batch consumed. A bad file
     stops the stream with a DataError naming the bad files of its batch, unless `skip_bad`.
+    With `onnx_path` (the exported model) the batches run in onnxruntime instead of torch.
     """
     device = device_for(accelerator)
     precision = resolve_precision(precision, resolve_accelerator(accelerator))
+    logits_of = onnx_logits(onnx_path) if onnx_path is not None else None
     model = saved.model.eval().to(device).to(memory_format=torch.channels_last)
     point = operating_point(saved)
     loader = DataLoader(
@@ -114,9 +121,12 @@ def stream_predictions(
             progress(len(indices) + len(bad))
         if not indices:
             continue
-        with torch.inference_mode(), autocast(device, precision):
-            batch = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            logits = model(batch).float().cpu().numpy()
+        if logits_of is not None:
+            logits = logits_of(images)
+        else:
+            with torch.inference_mode(), autocast(device, precision):
+                batch = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                logits = model(batch).float().cpu().numpy()
         probs = point.probabilities(logits)
         predicted = point.predict(probs)
         for row, index in enumerate(indices):
@@ -141,6 +151,18 @@ def write_rows(rows: Iterable[dict], path: Path) -> int:
 
 
 
+def onnx_logits(path: Path) -> Callable[[torch.Tensor], "np.ndarray"]:
+    """A function batch -> logits running the model exported by `medtransfer export` in onnxruntime (CPU)."""
+    if not path.is_file():
+        raise ConfigError(f"--runtime onnxruntime: {path} does not exist; run `medtransfer export --run RUN` first")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError("--runtime onnxruntime needs onnxruntime: pip install onnxruntime") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda images: session.run(["logits"], {"image": images.float().numpy()})[0]
+
+
 def predict_with_progress(
     saved: SavedModel,
     paths: list[Path],
@@ -152,6 +174,7 @@ def predict_with_progress(
     num_workers: int = -1,
     keep: int | None = None,
     console=None,
+    onnx_path: Path | None = None,
 ) -> list[dict]:
     """`medtransfer predict`: stream rows into `csv_path` under a progress bar (images/s); return the first `keep` rows (all when None)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -170,7 +193,8 @@ def predict_with_progress(
 
         def rows() -> Iterator[dict]:
             for row in stream_predictions(saved, paths, batch_size=batch_size, accelerator=accelerator,
-                                          skip_bad=skip_bad, num_workers=workers, progress=advance):
+                                          skip_bad=skip_bad, num_workers=workers, progress=advance,
+                                          onnx_path=onnx_path):
                 if keep is None or len(kept) < keep:
                     kept.append(row)
                 yield row
