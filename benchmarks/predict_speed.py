@@ -39,7 +39,7 @@ from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
-from medtransfer.predict import predict_files
+from medtransfer.predict import predict_files, stream_predictions
 from medtransfer.runtime import available_cores, device_for, place_model, resolve_accelerator, resolve_precision
 
 TARGETS = {"ratio": 2.0, "single_image_latency_ms": 150.0}
@@ -144,6 +144,41 @@ def run_streaming(args: argparse.Namespace) -> dict:
     return result
 
 
+def onnx_comparison(args: argparse.Namespace, saved, paths: list[Path]) -> dict:
+    """torch vs onnxruntime (the model `medtransfer export` writes) on the same files, in one run, on the CPU."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return {"onnxruntime": "not installed"}
+    from medtransfer.export import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="mt-onnx-") as tmp:
+        model_dir = args.run or build_demo_model(Path(tmp) / "model")  # seeded: the same weights as `saved`
+        onnx_path = export_onnx(model_dir, Path(tmp) / "model.onnx")
+        options = dict(batch_size=args.batch_size, accelerator="cpu", precision="32-true")
+        figures = {}
+        for name, extra in (("torch_fp32", {}), ("onnxruntime", {"onnx_path": onnx_path})):
+            list(stream_predictions(saved, paths[:1], **options, **extra))  # warm-up
+            started = time.perf_counter()
+            rows = list(stream_predictions(saved, paths, **options, **extra))
+            seconds = time.perf_counter() - started
+            latencies = []
+            for _ in range(args.latency_calls):
+                started = time.perf_counter()
+                list(stream_predictions(saved, paths[:1], **options, **extra))
+                latencies.append((time.perf_counter() - started) * 1000)
+            figures[name] = (len(paths) / seconds, statistics.median(latencies), rows)
+            log(f"{name}: {figures[name][0]:.1f} img/s, single image {figures[name][1]:.1f} ms")
+    columns = [k for k in figures["torch_fp32"][2][0] if k.startswith("prob_")]
+    difference = max(abs(a[c] - b[c]) for a, b in zip(figures["torch_fp32"][2], figures["onnxruntime"][2]) for c in columns)
+    return {
+        "torch_fp32_img_s": round(figures["torch_fp32"][0], 2), "onnxruntime_img_s": round(figures["onnxruntime"][0], 2),
+        "torch_fp32_latency_ms": round(figures["torch_fp32"][1], 1),
+        "onnxruntime_latency_ms": round(figures["onnxruntime"][1], 1),
+        "onnx_max_prob_difference": float(difference), "onnx_outputs_equal": difference < 1e-4,
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     paths = sorted(
         p for p in args.data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
@@ -191,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
     latency = statistics.median(latencies)
     log(f"single image latency: median {latency:.1f} ms over {len(latencies)} calls")
 
+    onnx = onnx_comparison(args, saved, paths)
     predict_img_s = len(paths) / predict_seconds
     baseline_img_s = len(paths) / baseline_seconds
     ratio = predict_img_s / baseline_img_s
@@ -202,6 +238,7 @@ def run(args: argparse.Namespace) -> dict:
         "baseline_img_s": round(baseline_img_s, 2),
         "ratio": round(ratio, 3),
         "single_image_latency_ms": round(latency, 1),
+        **onnx,
         "latency_ms_min_max": [round(min(latencies), 1), round(max(latencies), 1)],
         "latency_calls": len(latencies),
         "targets": TARGETS,
