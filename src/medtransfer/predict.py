@@ -43,21 +43,12 @@ def operating_point(saved: SavedModel) -> OperatingPoint:
     return OperatingPoint(saved.positive_index, saved.temperature, saved.threshold, saved.info.get("threshold_policy", ""))
 
 
-def predict_files(
-    saved: SavedModel,
-    paths: list[Path],
-    *,
-    batch_size: int = 32,
-    accelerator: str = "auto",
-    precision: str = "auto",
-    skip_bad: bool = False,
-) -> list[dict]:
-    """One row per image: path, calibrated probability per class, predicted class (saved threshold)."""
-    return list(
-        stream_predictions(
-            saved, paths, batch_size=batch_size, accelerator=accelerator, precision=precision, skip_bad=skip_bad
-        )
-    )
+def predict_files(saved: SavedModel, paths: list[Path], **options) -> list[dict]:
+    """One row per image: path, calibrated probability per class, predicted class (saved threshold).
+
+    `options` are :func:`stream_predictions`' (batch_size, accelerator, precision, skip_bad, ...).
+    """
+    return list(stream_predictions(saved, paths, **options))
 
 
 # --------------------------------------------------------------------------- streaming
