@@ -76,7 +76,10 @@ def train(
     calibrate: Optional[str] = typer.Option(None, help="temperature (default) or none."),
     seed: Optional[int] = typer.Option(None, help=f"Random seed (default {DEFAULTS.seed})."),
     accelerator: Optional[str] = typer.Option(None, help="auto (default), cpu or gpu."),
-    devices: Optional[str] = typer.Option(None, help="GPUs to use (default auto)."),
+    devices: Optional[str] = typer.Option(None, help="Devices per node: a count, GPU ids like 0,1, or auto (default: all GPUs, or 1 CPU process)."),
+    num_nodes: Optional[int] = typer.Option(None, help="Machines to train on (default 1); launch with torchrun or srun, see README 'Scaling out'."),
+    distributed: Optional[str] = typer.Option(None, help="Lightning strategy for several devices: auto (default), ddp or ddp_spawn."),
+    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (helps on GPUs; slow start)."),
     precision: Optional[str] = typer.Option(None, help="auto (default: bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: chosen by device)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
@@ -98,6 +101,8 @@ def train(
     )
     _quiet_lightning()
     result = run_training(settings, run_dir, resume=resume is not None, console=console)
+    if result is None:  # a DDP process other than rank 0: rank 0 prints
+        return
     _print_result({"val": result.val, "test": result.test}, result.threshold)
 
 
@@ -122,31 +127,46 @@ def predict(
     batch_size: int = typer.Option(32, help="Images per batch."),
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    num_workers: int = typer.Option(-1, help="Decoding processes (default: chosen by device; 0 decodes in this process)."),
+    runtime: str = typer.Option("torch", help="torch, or onnxruntime (runs RUN/model/model.onnx from `medtransfer export`)."),
 ):
-    """Per-image class probabilities (calibrated) and the predicted class at the saved threshold."""
-    from medtransfer.artifacts import load_model
-    from medtransfer.predict import expand_inputs, predict_files, write_rows
+    """Per-image class probabilities (calibrated) and the predicted class at the saved threshold.
+
+    Streams: files are decoded in worker processes and rows written to --csv as they come, so
+    memory stays flat for any number of images; the table is printed for up to 50 images."""
+    from medtransfer.artifacts import find_model_dir, load_model
+    from medtransfer.errors import ConfigError
+    from medtransfer.predict import expand_inputs, predict_with_progress
 
     saved = load_model(run)
     files = expand_inputs(paths)
-    rows = predict_files(saved, files, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images)
-    table = Table()
-    table.add_column("path", overflow="fold")
-    for c in saved.classes:
-        table.add_column(f"p({c})", justify="right")
-    table.add_column("predicted")
-    for row in rows:
-        table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"])
-    console.print(table)
+    if runtime not in ("torch", "onnxruntime"):
+        raise ConfigError(f"--runtime: got {runtime!r}; choose torch or onnxruntime")
+    onnx_path = find_model_dir(run) / "model.onnx" if runtime == "onnxruntime" else None
+    rows = predict_with_progress(
+        saved, files, csv_path=csv, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images,
+        num_workers=num_workers, keep=TABLE_ROWS if cam is None else None, console=error_console, onnx_path=onnx_path,
+    )
+    if len(files) <= TABLE_ROWS:
+        table = Table()
+        table.add_column("path", overflow="fold")
+        for c in saved.classes:
+            table.add_column(f"p({c})", justify="right")
+        table.add_column("predicted")
+        for row in rows:
+            table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"])
+        console.print(table)
     console.print(f"threshold {saved.threshold:.3f} on p({saved.info.positive_class})")
     if csv is not None:
-        write_rows(rows, csv)
         console.print(f"Wrote {csv}")
     if cam is not None:
         from medtransfer.explain.files import explain_files
 
         explain_files(saved, [Path(r["path"]) for r in rows], cam)
         console.print(f"Wrote heatmaps to {cam}")
+
+
+TABLE_ROWS = 50  # predict prints a table up to this many images; more go to --csv only
 
 
 @app.command()

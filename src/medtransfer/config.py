@@ -22,6 +22,8 @@ import yaml
 from medtransfer.errors import ConfigError
 from medtransfer.rundir import CONFIG_FILE, write_yaml_atomic
 
+DISTRIBUTED = ("auto", "ddp", "ddp_spawn")  # Lightning strategies `train --distributed` passes on
+
 
 @dataclass
 class TrainConfig:
@@ -82,6 +84,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16-mixed on CPUs with bf16 support or GPUs, else 32-true
     num_workers: int = -1  # -1: chosen by device
     channels_last: bool = True
+    num_nodes: int = 1  # machines; devices per machine is `devices`
+    distributed: str = "auto"  # Lightning strategy: auto, ddp (one process per device) or ddp_spawn
+    compile: bool = False  # torch.compile the model (in place; saved weights keep their names)
     # evaluation
     threshold: str = "youden"
     bootstrap: int = 2000
@@ -171,6 +176,8 @@ class TrainConfig:
             (0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "a number in (0, 1], e.g. 0.7 (1.0: off)"),
             (self.weight_averaging in ("none", "ema", "swa"), "weight_averaging", self.weight_averaging, "none, ema or swa"),
             (0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1), e.g. 0.999"),
+            (self.num_nodes >= 1, "num_nodes", self.num_nodes, "1 or more machines"),
+            (self.distributed in DISTRIBUTED, "distributed", self.distributed, " or ".join(DISTRIBUTED)),
         ]
         for ok, name, value, expected in checks:
             if not ok:

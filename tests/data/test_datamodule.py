@@ -85,3 +85,39 @@ def test_image_tensor_shapes_and_read_only_arrays(shape, expected):
     assert tuple(tensor.shape) == expected
     channels_first = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     assert np.array_equal(tensor.numpy(), channels_first)
+
+
+# ----------------------------------------------------------------- samplers under DDP
+
+
+def test_the_epoch_sampler_shards_one_shared_weighted_draw_that_changes_each_epoch():
+    from medtransfer.data.datamodule import balanced_weights
+
+    labels = [0] * 90 + [1] * 10
+    weights = balanced_weights(labels).tolist()
+    ranks = [EpochSampler(100, seed=7, weights=weights, num_replicas=3, rank=r) for r in range(3)]
+    first = [list(s) for s in ranks]
+    assert [len(s) for s in first] == [34, 34, 34] and all(len(s) == 34 for s in ranks)
+    # Each rank computes the same draw from (seed, epoch) alone, so a rank built again agrees with itself.
+    assert [list(EpochSampler(100, seed=7, weights=weights, num_replicas=3, rank=r)) for r in range(3)] == first
+    assert len({seed for shard in first for _, seed in shard}) == 102  # one draw, split: no item seed repeats
+    minority = sum(labels[i] for shard in first for i, _ in shard) / 102
+    assert 0.35 < minority < 0.65  # balanced, while the data is 10% class 1
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    assert [list(s) for s in ranks] != first
+
+
+def test_the_epoch_sampler_shards_a_shuffle_so_each_image_is_seen_once_per_epoch():
+    ranks = [EpochSampler(10, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    indices = sorted(i for sampler in ranks for i, _ in sampler)
+    assert indices == list(range(10))
+    single = [i for i, _ in EpochSampler(10, seed=3)]
+    assert [i for i, _ in ranks[0]] == single[0::2] and [i for i, _ in ranks[1]] == single[1::2]
+
+
+def test_the_shard_sampler_gives_every_validation_index_to_exactly_one_rank():
+    from medtransfer.data.datamodule import ShardSampler
+
+    shards = [list(ShardSampler(5, num_replicas=2, rank=r)) for r in range(2)]
+    assert shards == [[0, 2, 4], [1, 3]] and sorted(shards[0] + shards[1]) == list(range(5))

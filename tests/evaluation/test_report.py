@@ -356,3 +356,11 @@ def test_evaluation_report_names_what_was_evaluated(tmp_path):
     summary = _section(write_report(run).read_text(), "summary")
     assert "/external/set (test split) with the model of runs/a" in summary
     assert "Classes</th><td>NORMAL, PNEUMONIA</td>" in summary  # from the header of predictions.csv
+
+
+def test_the_run_facts_name_the_hardware_and_distributed_setup(tmp_path):
+    metrics = _metrics()
+    metrics["hardware"] = {"accelerator": "gpu", "devices": 4, "num_nodes": 2, "world_size": 8, "distributed": "ddp",
+                           "precision": "bf16-mixed", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "x", "cores": 32}
+    text = write_report(make_run(tmp_path / "run", metrics=metrics)).read_text()
+    assert "4 x NVIDIA H100 80GB HBM3 on 2 nodes (world size 8, ddp)" in text

@@ -104,7 +104,7 @@ PROBE = {"strategy": "linear-probe", "augment": False}
         ({"strategy": "finetune", "freeze_children": 2}, "--freeze-children", "2", "only --strategy freeze"),
         ({"strategy": "linear-probe", "freeze_children": 5}, "--freeze-children", "5", "only --strategy freeze"),
         ({"focal_gamma": 1.0}, "--focal-gamma", "1.0", "only --loss focal"),
-        ({"accelerator": "cpu", "devices": "2"}, "--devices", "'2'", "on the CPU"),
+        ({**PROBE, "num_nodes": 2}, "--num-nodes", "2", "one device"),
     ],
 )
 def test_a_setting_the_chosen_path_ignores_is_refused_in_one_line(values, setting, shown, why):
@@ -121,6 +121,7 @@ def test_a_setting_the_chosen_path_ignores_is_refused_in_one_line(values, settin
         {"strategy": "linear-probe", "augment": True, "label_smoothing": 0.1, "sampler": "balanced"},
         {"strategy": "freeze", "freeze_children": 2, "augment": False, "label_smoothing": 0.1},
         {"accelerator": "auto", "devices": "2"},
+        {"accelerator": "cpu", "devices": "2", "distributed": "ddp_spawn"},  # one process per CPU device (gloo)
     ],
 )
 def test_the_same_settings_are_accepted_where_the_path_uses_them(values):

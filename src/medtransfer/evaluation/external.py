@@ -20,7 +20,7 @@ from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
 from medtransfer.evaluation.shift import shift_lines, shift_summary
 from medtransfer.evaluation.thresholds import OperatingPoint
-from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
+from medtransfer.runtime import default_decode_workers, default_num_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.rundir import Predictions, RunDir, write_metrics
 
 
@@ -55,6 +55,7 @@ def evaluate_saved_model(
     logits = predict_logits(
         saved.model,
         CachedImageDataset(images, labels, saved.transform()),
+        num_workers=default_num_workers(accelerator),  # pixels come from the memory-mapped cache, in workers
         device=device_for(accelerator),
         precision=resolve_precision(precision, accelerator),
     )

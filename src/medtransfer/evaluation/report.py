@@ -205,6 +205,7 @@ def _run_facts(run: _Run) -> str:
         ("Weights", m.weights),
         ("Parameters", params if m.params is not None else None),
         ("Numeric precision", m.precision),
+        ("Hardware", _hardware_text(m.extra.get("hardware"))),
         ("Epochs run", m.epochs_run),
         ("Best epoch (lowest val loss)", m.best_epoch),
         ("Stopped early", m.stopped_early),
@@ -213,6 +214,16 @@ def _run_facts(run: _Run) -> str:
     ]
     rows += [(label, h.format_number(value)) for label, value in facts if value is not None]
     return "<h3>Run</h3>" + h.table(None, rows) if rows else ""
+
+
+def _hardware_text(hardware: Any) -> str | None:
+    """metrics.json's hardware block in one line: "2 x NVIDIA H100 on 1 node (world size 2, ddp)"."""
+    if not isinstance(hardware, dict):
+        return None
+    device = hardware.get("gpu") or f"{hardware.get('cpu') or 'CPU'} ({hardware.get('cores')} cores)"
+    nodes = hardware.get("num_nodes", 1)
+    text = f"{hardware.get('devices', 1)} x {device} on {nodes} node{'s' if nodes != 1 else ''}"
+    return text + f" (world size {hardware.get('world_size', 1)}, {hardware.get('distributed', 'none')})"
 
 
 def _configuration(run: _Run) -> str:

@@ -38,7 +38,7 @@ class HistoryWriter(L.Callback):
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:  # under DDP only rank 0 writes the run folder
             return
         row = {
             "epoch": trainer.current_epoch + 1,
@@ -82,6 +82,8 @@ class BestWeights(L.Callback):
             return
         self.best_score = float(score)
         self.best_epoch = trainer.current_epoch + 1
+        if not trainer.is_global_zero:  # every rank tracks the (synced) best score; rank 0 writes it
+            return
         source = pl_module
         if self.averaging is not None and self.averaging._average_model is not None:  # swapped back after validation
             source = self.averaging._average_model.module

@@ -14,6 +14,7 @@ weights are kept, early stopping is off since SWA averages up to the last epoch)
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.errors import DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
+from medtransfer.runtime import is_global_zero
 from medtransfer.train.callbacks import (
     BestWeights,
     GradualUnfreezing,
@@ -47,13 +49,19 @@ class Fit:
     best_epoch: int  # 1-based epoch whose weights the model now holds
     stopped_early: bool
     wise_ft: dict | None = None  # the WiSE-FT record when the weights were interpolated afterwards
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    distributed: str = "none"  # the Lightning strategy when several processes trained: ddp, ddp_spawn
 
 
 def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str, callbacks: list) -> L.Trainer:
     return L.Trainer(
         max_epochs=config.epochs,
         accelerator=accelerator,
-        devices=config.devices if accelerator == "gpu" else 1,
+        devices=config.devices,  # "auto": every visible GPU, or one CPU process
+        num_nodes=config.num_nodes,
+        strategy=config.distributed,
+        use_distributed_sampler=False,  # TransferDataModule shards itself (weighted draws, unpadded validation)
         precision=precision,
         callbacks=callbacks,
         logger=False,
@@ -82,7 +90,8 @@ def fit_with_lightning(
     Raises TrainingInterrupted after Ctrl-C (the run can be resumed from its last full epoch).
     """
     checkpoints = out / "checkpoints"
-    checkpoints.mkdir(exist_ok=True)
+    if is_global_zero():  # under torchrun every rank runs this; only rank 0 writes the run folder
+        checkpoints.mkdir(parents=True, exist_ok=True)
     averaging = weight_averaging_callback(config.weight_averaging, lr=config.lr, ema_decay=config.ema_decay)
     swa = config.weight_averaging == "swa"
     best = BestWeights(checkpoints / "best.safetensors", averaging=None if swa else averaging)
@@ -99,6 +108,8 @@ def fit_with_lightning(
     callbacks.append(ResumeCheckpoint(checkpoints))
     trainer = _trainer(config, out, accelerator=accelerator, precision=precision, callbacks=callbacks)
     last = checkpoints / "last.ckpt"
+    if config.compile:
+        module.model.net.compile()  # in place: parameter names, hence saved weights, are unchanged
     try:
         with warnings.catch_warnings():
             # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
@@ -114,12 +125,29 @@ def fit_with_lightning(
         raise
     if trainer.interrupted:
         raise TrainingInterrupted(out)
+    setup = {"devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "distributed": _distributed_name(trainer)}
+    if not trainer.is_global_zero:  # only rank 0 goes on to evaluate and write the run folder
+        return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0), **setup)
     if not best.path.is_file():
         raise DataError("training produced no finite validation loss; lower --lr or check the data")
     if swa:  # the model holds the SWA average (BN statistics recomputed) after the last epoch
-        return Fit(len(read_history(out / "history.csv")), False)
+        return Fit(len(read_history(out / "history.csv")), False, **setup)
     best.load_best(module.model.net)
-    return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0))
+    if best.best_epoch == 0:  # ddp_spawn trained copies of the callbacks in other processes: read their files
+        history = read_history(out / "history.csv")
+        finite = [r for r in history if math.isfinite(r["val_loss"])]
+        best_epoch = int(min(finite, key=lambda r: r["val_loss"])["epoch"]) if finite else 0
+        return Fit(best_epoch, len(history) < config.epochs, **setup)
+    return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0), **setup)
+
+
+def _distributed_name(trainer: L.Trainer) -> str:
+    """"none" for one process, else Lightning's strategy as --distributed names it (ddp, ddp_spawn)."""
+    if trainer.world_size == 1:
+        return "none"
+    name = type(trainer.strategy).__name__.lower().removesuffix("strategy")  # DDPStrategy -> ddp
+    start = getattr(trainer.strategy, "_start_method", "popen")
+    return name if start == "popen" else f"{name}_{start}"
 
 
 def train_probe_on_features(

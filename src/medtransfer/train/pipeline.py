@@ -47,6 +47,8 @@ from medtransfer.runtime import (
     default_decode_workers,
     default_num_workers,
     device_for,
+    hardware_summary,
+    is_global_zero,
     predict_logits,
     resolve_accelerator,
     resolve_precision,
@@ -85,6 +87,7 @@ class TrainResult:
     data_summary: dict[str, Any]
     head: str = "linear"
     wise_ft: dict[str, Any] | None = None  # the mixing coefficient chosen on val (train/wise_ft.py)
+    hardware: dict[str, Any] | None = None  # accelerator, devices, num_nodes, world_size, distributed, precision, cpu, gpu
 
     def to_metrics(self) -> dict[str, Any]:
         """metrics.json's content (DESIGN.md's key order; keys may be added, never renamed)."""
@@ -115,33 +118,48 @@ class SplitData:
     labels: list[int]
 
 
-def run_training(config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
+def run_training(
+    config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None
+) -> TrainResult | None:
     """Train and evaluate into the run folder `out` (or continue the interrupted run there).
 
     One process at a time writes `out` (a second one fails naming the holder's PID); every
-    file in it is written atomically, so a run killed at any moment can be resumed."""
+    file in it is written atomically, so a run killed at any moment can be resumed. Under
+    DDP every process runs this; only global rank 0 holds and writes the run folder,
+    evaluates and returns the result (the other ranks return None after training).
+    """
+    zero = is_global_zero()  # from the launcher's environment: torchrun and Lightning's DDP re-run this
     console = console or Console()
+    console = console if zero else Console(quiet=True)
     validate_config(config)
     hardware = resolve_hardware(config)
     if not resume:
         config = with_absolute_paths(config)
+    if not zero:
+        return _train_into(out, config, hardware, resume=resume, console=console, zero=False)
     with hold_run_folder(out, resume=resume):
-        return _train_into(out, config, hardware, resume=resume, console=console)
+        return _train_into(out, config, hardware, resume=resume, console=console, zero=True)
 
 
-def _train_into(out: Path, config: TrainConfig, hardware: Hardware, *, resume: bool, console: Console) -> TrainResult:
+def _train_into(
+    out: Path, config: TrainConfig, hardware: Hardware, *, resume: bool, console: Console, zero: bool
+) -> TrainResult | None:
     started = time.perf_counter()
-    if resume:
+    if resume and zero:
         check_resumable(out, config, console)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = load_labelled_data(config, out, console, resume=resume)
+    data = load_labelled_data(config, out, console, resume=resume)  # the same split on every rank: seeded
     model = build_model(config, data.classes, console)
-    if not resume:
+    if not resume and zero:
         config.write_yaml(out / CONFIG_FILE)  # the run's marker, before the long cache build
     splits = cache_splits(data.records, data.classes, config, console)
-    if not (out / "split.csv").is_file():
+    if zero and not (out / "split.csv").is_file():
         write_split_csv([r for s in splits.values() for r in s.records], out / "split.csv")
+    if not zero and uses_feature_probe(config):
+        return None  # the feature probe runs in one process
     fit = train_model(model, splits, config, out, hardware, resume=resume, console=console)
+    if not is_global_zero():
+        return None
     evaluation = evaluate_model(model, splits, data, config, hardware)
     history = read_history(out / "history.csv")
     result = TrainResult(
@@ -153,6 +171,10 @@ def _train_into(out: Path, config: TrainConfig, hardware: Hardware, *, resume: b
         classes=data.classes, threshold_policy=config.threshold, total_seconds=round(time.perf_counter() - started, 1),
         precision=hardware.precision, leakage=data.leakage, data_summary=data.summary, head=config.head,
         wise_ft=fit.wise_ft,
+        hardware=hardware_summary(
+            accelerator=hardware.accelerator, precision=hardware.precision, devices=fit.devices,
+            num_nodes=fit.num_nodes, distributed=fit.distributed,
+        ),
     )
     write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
                   console=console)

@@ -51,7 +51,7 @@ IGNORED_SETTINGS = (
     IgnoredSettings(
         uses_feature_probe,
         ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices",
-         "lr_decay", "weight_averaging"),
+         "lr_decay", "weight_averaging", "num_nodes", "distributed"),
         "the linear probe on cached features (strategy linear-probe, augment false) ignores it: the head trains "
         "with plain cross-entropy, shuffled batches and a constant learning rate on one device",
         "remove the setting, or set augment=true to train through Lightning",
@@ -97,12 +97,6 @@ IGNORED_SETTINGS = (
         ("focal_gamma",),
         "only --loss focal uses it",
         "remove the setting, or use --loss focal",
-    ),
-    IgnoredSettings(
-        lambda config: config.accelerator == "cpu",
-        ("devices",),
-        "training on the CPU runs on one device",
-        "remove the setting, or use --accelerator gpu",
     ),
 )
 
