@@ -74,7 +74,8 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise BodyTooLarge(413, self._message(f"more than {self.max_bytes} bytes received"))
+                # Connection: close makes uvicorn drop the connection instead of reading the rest.
+                raise BodyTooLarge(413, self._message(f"more than {self.max_bytes} bytes received"), {"Connection": "close"})
             return message
 
         async def tracked(message: Message) -> None:
