@@ -256,7 +256,7 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on."),
     accelerator: str = typer.Option("cpu", help="cpu or gpu."),
     max_concurrent: int = typer.Option(2, help="Requests processed at once (one model copy each)."),
-    queue: int = typer.Option(16, help="Requests waiting beyond --max-concurrent; more get 503 with Retry-After."),
+    queue: int = typer.Option(64, help="Requests waiting beyond --max-concurrent; more get 503 with Retry-After."),
     max_upload_mb: float = typer.Option(50.0, help="Largest upload in MB; larger bodies get 413 while streaming."),
     token: Optional[str] = typer.Option(None, envvar="MEDTRANSFER_TOKEN", help="Require this token (env MEDTRANSFER_TOKEN)."),
     insecure: bool = typer.Option(False, help="Allow a host beyond localhost without a token."),

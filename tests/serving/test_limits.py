@@ -3,6 +3,7 @@ per request; and serving as a whole under 32 concurrent requests answers exactly
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -106,3 +107,24 @@ def test_32_concurrent_requests_answer_as_serial_ones(run, tmp_path, make_image)
         if job[1]:
             maps = [np.frombuffer(base64.b64decode(a["gradcam_map"]["float32_base64"]), "<f4") for a in (got, want)]
             np.testing.assert_allclose(maps[0], maps[1], atol=1e-5)
+
+
+def test_a_stalled_upload_gets_408_and_frees_its_slot():
+    from medtransfer.serving.limits import BodyLimit
+
+    async def app(scope, receive, send):
+        await receive()
+
+    async def silent():
+        await asyncio.sleep(30)
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    limit = BodyLimit(app, max_bytes=1000, read_timeout=0.1)
+    started = time.perf_counter()
+    asyncio.run(limit({"type": "http", "method": "POST", "path": "/predict", "headers": []}, silent, send))
+    assert time.perf_counter() - started < 5
+    assert sent[0]["status"] == 408 and b"upload stalled: nothing received for 0.1 s" in sent[1]["body"]

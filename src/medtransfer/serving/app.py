@@ -47,7 +47,7 @@ def create_app(
     accelerator: str = "cpu",
     run_dir: str | Path | None = None,
     max_concurrent: int = 2,
-    queue: int = 16,
+    queue: int = 64,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     token: str | None = None,
 ) -> Any:

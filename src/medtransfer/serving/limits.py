@@ -2,7 +2,7 @@
 
 Order, outermost first (see :func:`guard`): the access log (one JSON line per request),
 the token check, the body limit (``Content-Length`` first, then the bytes as they arrive;
-413 before the body fills memory or disk), and the admission limit (at most
+413 before the body fills memory or disk; 408 for an upload that stalls), and the admission limit (at most
 ``max_concurrent`` requests run and ``queue`` wait; one more gets 503 with ``Retry-After``). They are
 plain ASGI, not Starlette's BaseHTTPMiddleware, so the body streams through untouched.
 """
@@ -27,12 +27,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOGGER = logging.getLogger("medtransfer.serve")
 DEFAULT_MAX_UPLOAD_MB = 50
+READ_TIMEOUT_SECONDS = 30.0  # a client that sends nothing for this long loses its slot (408)
 RETRY_AFTER_SECONDS = 2
 OPEN_PATHS = ("/", "/health")  # the page must load before the user has typed the token
 
 
 class BodyTooLarge(HTTPException):
-    """Raised from inside receive(): FastAPI passes HTTPExceptions from body parsing through unchanged."""
+    """Raised from inside receive() (413, or 408 for a stalled upload): FastAPI passes HTTPExceptions from
+    body parsing through unchanged, so the client gets this status and message."""
 
 
 async def _reply(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -53,8 +55,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class BodyLimit:
     """413 for a body over ``max_bytes``: by Content-Length before reading, else by counting chunks."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout: float = READ_TIMEOUT_SECONDS) -> None:
+        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
 
     def _message(self, got: str) -> str:
         return (f"upload too large ({got}); the limit is {self.max_bytes / 2**20:g} MB "
@@ -71,7 +73,11 @@ class BodyLimit:
 
         async def counted() -> Message:
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTooLarge(408, f"upload stalled: nothing received for {self.read_timeout:g} s",
+                                   {"Connection": "close"}) from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 # Connection: close makes uvicorn drop the connection instead of reading the rest.
@@ -88,7 +94,7 @@ class BodyLimit:
         except BodyTooLarge as exc:
             if started:
                 raise
-            await _reply(send, 413, exc.detail, {"Connection": "close"})
+            await _reply(send, exc.status_code, exc.detail, {"Connection": "close"})
 
 
 class Admission:
