@@ -121,3 +121,17 @@ def test_bad_limits_are_refused_naming_the_option(run):
         create_app(load_model(run), max_concurrent=0)
     with pytest.raises(ConfigError, match="--max-upload-mb: got -1"):
         create_app(load_model(run), max_upload_mb=-1)
+
+
+def test_serve_refuses_a_public_host_without_a_token_in_one_line(run, capsys, monkeypatch):
+    import sys
+
+    from medtransfer.cli import main
+
+    monkeypatch.delenv("MEDTRANSFER_TOKEN", raising=False)
+    monkeypatch.setattr(sys, "argv", ["medtransfer", "serve", "--run", str(run), "--host", "0.0.0.0"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 1 and len(lines) == 1
+    assert lines[0].startswith("error: --host 0.0.0.0: ") and "--insecure" in lines[0]
