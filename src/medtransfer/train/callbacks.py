@@ -38,8 +38,10 @@ class HistoryWriter(L.Callback):
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not trainer.is_global_zero:  # under DDP only rank 0 writes the run folder
+        if trainer.sanity_checking:
             return
+        # Every rank reads the metrics: reading them syncs across ranks (a collective), so a rank
+        # that skipped it would wait in the next one alone. Only rank 0 writes the run folder.
         row = {
             "epoch": trainer.current_epoch + 1,
             "train_loss": _metric(trainer, "train/loss_epoch", "train/loss"),
@@ -49,6 +51,8 @@ class HistoryWriter(L.Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - self._started, 2),
         }
+        if not trainer.is_global_zero:
+            return
         rows = [r for r in read_history(self.path) if int(r["epoch"]) < row["epoch"]]  # a resumed epoch replaces its row
         write_history(rows + [row], self.path)
 
