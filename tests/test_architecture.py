@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "config": 2,
     "data": 2,
     "models": 2,
+    "ood": 2,
     "artifacts": 3,
     "evaluation": 4,
     "explain": 4,

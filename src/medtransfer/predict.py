@@ -6,11 +6,13 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medtransfer.artifacts import Decision, SavedModel
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import DataError
+from medtransfer.ood import ScoredModel
 from medtransfer.runtime import autocast, device_for, resolve_accelerator, resolve_precision
 
 
@@ -67,12 +69,25 @@ class Classifier:
             logits = self.saved.model(images.to(self.device).contiguous(memory_format=torch.channels_last))
         return self.saved.decide(logits)
 
+    def scored(self, images: torch.Tensor) -> tuple[Decision, np.ndarray | None]:
+        """The decision and, when the model has an OOD detector, each image's ood_score (one forward pass)."""
+        if self.saved.ood is None:
+            return self(images), None
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            logits, scores = ScoredModel(self.saved.model, self.saved.ood)(
+                images.to(self.device).contiguous(memory_format=torch.channels_last)
+            )
+        return self.saved.decide(logits), scores.float().cpu().numpy()
 
-def decision_row(saved: SavedModel, path: str, decision: Decision, i: int) -> dict:
-    """path, prob_<class> per class, pred: one image's row as predict prints and writes it."""
+
+def decision_row(saved: SavedModel, path: str, decision: Decision, i: int, scores: np.ndarray | None = None) -> dict:
+    """path, prob_<class> per class, pred (and ood_score, ood = in/out with a detector): one image's row."""
     row = {"path": path}
     row.update({f"prob_{c}": float(decision.probabilities[i, k]) for k, c in enumerate(saved.classes)})
     row["pred"] = saved.classes[int(decision.predicted[i])]
+    if scores is not None:
+        row["ood_score"] = float(scores[i])
+        row["ood"] = "out" if saved.ood.flags(scores[i]) else "in"
     return row
 
 
@@ -85,15 +100,16 @@ def predict_files(
     precision: str = "auto",
     skip_bad: bool = False,
 ) -> list[dict]:
-    """One row per image: path, calibrated probability per class, predicted class (saved threshold)."""
+    """One row per image: path, calibrated probability per class, predicted class (saved threshold),
+    and with an OOD detector ood_score (higher = more foreign) and ood ("out" above its threshold)."""
     classify = Classifier.on(saved, accelerator=accelerator, precision=precision)
     rows = []
     for start in range(0, len(paths), batch_size):
         images, kept, _ = load_batch(saved, paths[start : start + batch_size], skip_bad=skip_bad)
         if not kept:
             continue
-        decision = classify(images)
-        rows.extend(decision_row(saved, str(path), decision, i) for i, path in enumerate(kept))
+        decision, scores = classify.scored(images)
+        rows.extend(decision_row(saved, str(path), decision, i, scores) for i, path in enumerate(kept))
     return rows
 
 

@@ -21,6 +21,7 @@ from medtransfer.errors import DataError, MedtransferError
 from medtransfer.predict import Classifier, decision_row
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+OOD_MESSAGE = "This image does not look like the training data: the prediction may be meaningless."
 MODEL_KEYS = ("backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size")
 
 
@@ -55,7 +56,8 @@ def create_app(saved: SavedModel, *, accelerator: str = "cpu") -> FastAPI:
         except DataError:
             raise HTTPException(415, f"file {file.filename!r} is not a readable image; upload a PNG or JPEG") from None
         try:
-            row = decision_row(saved, str(file.filename), classify(image[None]), 0)
+            decision, scores = classify.scored(image[None])
+            row = decision_row(saved, str(file.filename), decision, 0, scores)
             overlay = _gradcam_png(saved, payload, file.filename) if cam else None
         except MedtransferError as exc:
             raise HTTPException(400, str(exc)) from None
@@ -66,6 +68,10 @@ def create_app(saved: SavedModel, *, accelerator: str = "cpu") -> FastAPI:
             "positive_class": saved.info.positive_class,
             "threshold": saved.threshold,
         }
+        if "ood_score" in row:  # absent for a model saved without an OOD detector
+            answer.update(ood_score=row["ood_score"], ood=row["ood"] == "out", ood_threshold=saved.ood.threshold)
+            if answer["ood"]:
+                answer["ood_message"] = OOD_MESSAGE
         if overlay is not None:
             answer["gradcam_png"] = overlay
         return answer
@@ -126,6 +132,11 @@ document.getElementById("form").addEventListener("submit", async (event) => {
     const row = table.insertRow(); row.insertCell().append(text(name)); row.insertCell().append(text(p.toFixed(4)));
   }
   result.append(heading, table);
+  if (answer.ood) {
+    const warn = document.createElement("p"); warn.id = "ood"; warn.className = "error";
+    warn.append(text(`${answer.ood_message} (OOD score ${answer.ood_score.toFixed(3)} > ${answer.ood_threshold.toFixed(3)})`));
+    result.prepend(warn);
+  }
   if (answer.gradcam_png) {
     const img = document.createElement("img"); img.alt = "Grad-CAM heatmap";
     img.src = "data:image/png;base64," + answer.gradcam_png; result.append(img);

@@ -37,6 +37,7 @@ from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class
 from medtransfer.models.backbones import BackboneSpec, create_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
+from medtransfer.ood import OODDetector, fit_detector
 from medtransfer.rundir import CONFIG_FILE
 from medtransfer.runtime import (
     default_decode_workers,
@@ -47,6 +48,7 @@ from medtransfer.runtime import (
     resolve_precision,
 )
 from medtransfer.train.callbacks import read_history
+from medtransfer.train.feature_probe import extract_features
 from medtransfer.train.fit import Fit, fit_with_lightning, train_probe_on_features
 from medtransfer.train.outputs import Evaluation, write_outputs
 from medtransfer.train.validate import uses_feature_probe, validate_config
@@ -121,6 +123,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         write_split_csv([r for s in splits.values() for r in s.records], out / "split.csv")
     fit = train_model(model, splits, config, out, hardware, resume=resume, console=console)
     evaluation = evaluate_model(model, splits, data, config, hardware)
+    ood = fit_ood(model, splits, config, hardware, console)
     history = read_history(out / "history.csv")
     result = TrainResult(
         backbone=config.backbone, strategy=config.strategy, weights=config.weights, params=model.parameter_counts(),
@@ -131,7 +134,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         precision=hardware.precision, leakage=data.leakage, data_summary=data.summary,
     )
     write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
-                  console=console)
+                  console=console, ood=ood)
     return result
 
 
@@ -365,3 +368,19 @@ def evaluate_model(
         for name, split_outputs in outputs.items()
     }
     return Evaluation(data.classes, data.positive_class, outputs, point, metrics)
+
+
+def fit_ood(
+    model: TransferModel, splits: dict[str, SplitData], config: TrainConfig, hardware: Hardware, console: Console
+) -> OODDetector:
+    """The out-of-distribution guard: fitted on the training split's penultimate features (as
+    evaluation sees the images), its threshold accepting 95% of the validation split."""
+    datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
+    features = {
+        name: extract_features(model, dataset, batch_size=max(64, config.batch_size), device=hardware.device,
+                               precision=hardware.precision, num_workers=hardware.workers).numpy()
+        for name, dataset in datasets.items()
+    }
+    detector = fit_detector(features["train"], np.asarray(splits["train"].labels), features["val"], seed=config.seed)
+    console.print(f"OOD guard: {detector.method}, threshold {detector.threshold:.3f} (accepts 95% of validation)")
+    return detector
