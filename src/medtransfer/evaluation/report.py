@@ -29,7 +29,7 @@ from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics, write_text_atom
 __all__ = ["SECTION_IDS", "write_report"]
 
 # In reading order: the verdict first, then what it rests on, the settings last.
-SECTION_IDS = ("summary", "data", "metrics", "curves", "calibration", "training", "explanations", "published", "configuration")
+SECTION_IDS = ("summary", "data", "metrics", "foreign-inputs", "curves", "calibration", "training", "explanations", "published", "configuration")
 
 
 def write_report(run_dir: Path, *, console: Any = None, title: str | None = None) -> Path:
@@ -439,7 +439,26 @@ def _other_figures(run: _Run) -> str:
     return h.section("other-figures", "Other figures", h.figures([(p, p.stem.replace("_", " ")) for p in extra]))
 
 
+def _foreign_inputs(run: _Run) -> str:
+    """metrics.json "ood" (written by `medtransfer evaluate` with an OOD detector): flagged share, metrics without."""
+    ood = run.metrics.extra.get("ood")
+    if not isinstance(ood, dict):
+        return ""
+    fmt = h.format_number
+    lead = (f"{fmt(ood.get('flagged'))} image(s) ({fmt(100 * ood.get('flagged_fraction', 0), 1)}%) do not look like the "
+            f"training data: OOD score ({h.escape(str(ood.get('method')))}) above {fmt(ood.get('threshold'))}, "
+            "the level that accepts 95% of the run's validation images.")
+    without = ood.get("test_without_flagged")
+    rows = []
+    if isinstance(without, dict) and isinstance(run.metrics.test, SplitMetrics):
+        rest = SplitMetrics.from_dict(without)
+        rows = [[label, fmt(run.metrics.test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS]
+        rows.append(["Images", fmt(run.metrics.test.n), fmt(rest.n)])
+    content = h.note(lead) + (h.table(["Metric", "All images", "Without flagged images"], rows, css="metrics") if rows else "")
+    return h.section("foreign-inputs", "Foreign inputs", content)
+
+
 _SECTIONS = {
-    "summary": _summary, "data": _data, "metrics": _metrics, "curves": _curves, "calibration": _calibration,
+    "summary": _summary, "data": _data, "metrics": _metrics, "foreign-inputs": _foreign_inputs, "curves": _curves, "calibration": _calibration,
     "training": _training, "explanations": _explanations, "published": _published, "configuration": _configuration,
 }

@@ -32,6 +32,7 @@ __all__ = ["Fit", "fit_with_lightning", "train_probe_on_features"]
 class Fit:
     best_epoch: int  # 1-based epoch whose weights the model now holds
     stopped_early: bool
+    features: dict[str, torch.Tensor] | None = None  # a linear probe's frozen-backbone train/val features, for reuse
 
 
 def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str, callbacks: list) -> L.Trainer:
@@ -126,4 +127,4 @@ def train_probe_on_features(
     write_history(history, history_path)
     model.head.load_state_dict(best_state)
     best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
-    return Fit(best_epoch, len(history) < config.epochs)
+    return Fit(best_epoch, len(history) < config.epochs, features)

@@ -123,7 +123,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: bool = False, consol
         write_split_csv([r for s in splits.values() for r in s.records], out / "split.csv")
     fit = train_model(model, splits, config, out, hardware, resume=resume, console=console)
     evaluation = evaluate_model(model, splits, data, config, hardware)
-    ood = fit_ood(model, splits, config, hardware, console)
+    ood = fit_ood(model, splits, config, hardware, console, features=fit.features)
     history = read_history(out / "history.csv")
     result = TrainResult(
         backbone=config.backbone, strategy=config.strategy, weights=config.weights, params=model.parameter_counts(),
@@ -371,16 +371,20 @@ def evaluate_model(
 
 
 def fit_ood(
-    model: TransferModel, splits: dict[str, SplitData], config: TrainConfig, hardware: Hardware, console: Console
+    model: TransferModel, splits: dict[str, SplitData], config: TrainConfig, hardware: Hardware, console: Console,
+    *, features: dict[str, torch.Tensor] | None = None,
 ) -> OODDetector:
     """The out-of-distribution guard: fitted on the training split's penultimate features (as
-    evaluation sees the images), its threshold accepting 95% of the validation split."""
-    datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
-    features = {
-        name: extract_features(model, dataset, batch_size=max(64, config.batch_size), device=hardware.device,
-                               precision=hardware.precision, num_workers=hardware.workers).numpy()
-        for name, dataset in datasets.items()
-    }
-    detector = fit_detector(features["train"], np.asarray(splits["train"].labels), features["val"], seed=config.seed)
+    evaluation sees the images), its threshold accepting 95% of the validation split. `features`:
+    the linear probe's (frozen backbone, so still valid), else one more pass over train and val."""
+    if features is None:
+        datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
+        features = {
+            name: extract_features(model, dataset, batch_size=max(64, config.batch_size), device=hardware.device,
+                                   precision=hardware.precision, num_workers=hardware.workers)
+            for name, dataset in datasets.items()
+        }
+    detector = fit_detector(features["train"].numpy(), np.asarray(splits["train"].labels), features["val"].numpy(),
+                            seed=config.seed)
     console.print(f"OOD guard: {detector.method}, threshold {detector.threshold:.3f} (accepts 95% of validation)")
     return detector
