@@ -153,3 +153,20 @@ def test_serve_answers_with_the_score_and_says_when_an_image_looks_foreign(guard
     answer = client.post("/predict", files={"file": ("upload.png", image.read_bytes(), "image/png")}).json()
     assert answer["ood"] is True and answer["ood_score"] >= 0 and answer["ood_message"] == OOD_MESSAGE
     assert "does not look like the training data" in OOD_MESSAGE and "answer.ood_message" in client.get("/").text
+
+
+def test_evaluate_reports_the_flagged_share_and_metrics_without_flagged_images(guarded_run, tmp_path, make_kaggle_tree):
+    from medtransfer.evaluation.external import evaluate_saved_model
+
+    data = make_kaggle_tree({"test": {"NORMAL": 6, "PNEUMONIA": 6}})
+    metrics = evaluate_saved_model(guarded_run, data, tmp_path / "eval", cache_dir=tmp_path / "cache", bootstrap=0,
+                                   accelerator="cpu", precision="32-true")
+    ood = metrics["ood"]
+    saved = load_model(guarded_run)
+    assert ood["method"] == saved.ood.method and ood["threshold"] == pytest.approx(saved.ood.threshold)
+    assert ood["flagged_fraction"] == pytest.approx(ood["flagged"] / 12)
+    if "test_without_flagged" in ood:
+        assert ood["test_without_flagged"]["n"] == 12 - ood["flagged"]
+    stored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert stored["ood"]["flagged"] == ood["flagged"]
+    assert "Foreign inputs" in (tmp_path / "eval" / "report.html").read_text()

@@ -440,22 +440,17 @@ def _other_figures(run: _Run) -> str:
 
 
 def _foreign_inputs(run: _Run) -> str:
-    """metrics.json "ood" (written by `medtransfer evaluate` with an OOD detector): flagged share, metrics without."""
-    ood = run.metrics.extra.get("ood")
+    """metrics.json "ood" (from `medtransfer evaluate` with an OOD detector): flagged share, metrics without them."""
+    ood, fmt, test = run.metrics.extra.get("ood"), h.format_number, run.metrics.test
     if not isinstance(ood, dict):
         return ""
-    fmt = h.format_number
     lead = (f"{fmt(ood.get('flagged'))} image(s) ({fmt(100 * ood.get('flagged_fraction', 0), 1)}%) do not look like the "
             f"training data: OOD score ({h.escape(str(ood.get('method')))}) above {fmt(ood.get('threshold'))}, "
             "the level that accepts 95% of the run's validation images.")
-    without = ood.get("test_without_flagged")
-    rows = []
-    if isinstance(without, dict) and isinstance(run.metrics.test, SplitMetrics):
-        rest = SplitMetrics.from_dict(without)
-        rows = [[label, fmt(run.metrics.test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS]
-        rows.append(["Images", fmt(run.metrics.test.n), fmt(rest.n)])
-    content = h.note(lead) + (h.table(["Metric", "All images", "Without flagged images"], rows, css="metrics") if rows else "")
-    return h.section("foreign-inputs", "Foreign inputs", content)
+    rest = SplitMetrics.from_dict(ood["test_without_flagged"]) if isinstance(ood.get("test_without_flagged"), dict) else None
+    rows = [[label, fmt(test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS] if rest and test else []
+    table = h.table(["Metric", "All images", "Without flagged images"], rows + [["Images", fmt(test.n), fmt(rest.n)]]) if rows else ""
+    return h.section("foreign-inputs", "Foreign inputs", h.note(lead) + table)
 
 
 _SECTIONS = {
