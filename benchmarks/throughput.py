@@ -1,6 +1,10 @@
 """Training throughput: the seed script's pipeline vs medtransfer's cached, bf16, channels_last loop.
 
     python benchmarks/throughput.py --data ../shared/data/kermany-fullres-sample
+    python benchmarks/throughput.py --data DIR --device cuda --backbone resnet50 --batch-size 128
+
+With ``--device cuda`` only two phases run, on the GPU: project_img_s and model_only_img_s
+(as below, bf16/fp16 autocast, channels_last, pinned batches) and their efficiency.
 
 Prints ONE JSON line on stdout (logs go to stderr). Every figure comes from this one run,
 on this machine, with the same model (torchvision resnet18, random init, 2 classes,
@@ -162,9 +166,9 @@ class MeterCallback(L.Callback):
             trainer.should_stop = True
 
 
-def new_model(classes: int, seed: int = 0) -> TransferModel:
+def new_model(classes: int, seed: int = 0, backbone: str = BACKBONE) -> TransferModel:
     torch.manual_seed(seed)
-    net, spec = create_backbone(BACKBONE, num_classes=classes, weights="none")
+    net, spec = create_backbone(backbone, num_classes=classes, weights="none")
     return build_transfer_model(net, spec, Strategy("finetune"))
 
 
@@ -195,19 +199,23 @@ def seed_style(paths, labels, classes, *, batch_size, warmup, cap, cores) -> dic
     return {"img_s": meter.rate(), "images_timed": meter.images, "num_workers": workers}
 
 
-def project(cache_images, labels, classes, *, batch_size, warmup, cap, precision) -> dict:
-    model = new_model(len(classes))
+def project(
+    cache_images, labels, classes, *, batch_size, warmup, cap, precision, accelerator="cpu", backbone=BACKBONE
+) -> dict:
+    model = new_model(len(classes), backbone=backbone)
     norm = model.spec.normalization
     transform = train_transform(image_size=IMAGE_SIZE, mean=norm.mean, std=norm.std)
     train_set = CachedImageDataset(cache_images, labels, transform)
-    workers = default_num_workers("cpu")
-    datamodule = TransferDataModule(train=train_set, val=train_set, batch_size=batch_size, num_workers=workers)
+    workers = default_num_workers(accelerator)
+    datamodule = TransferDataModule(
+        train=train_set, val=train_set, batch_size=batch_size, num_workers=workers, pin_memory=accelerator == "gpu"
+    )
     module = ClassifierModule(model, lr=LR, weight_decay=WEIGHT_DECAY, warmup_epochs=0)
     meter = Meter(warmup, cap)
     batches = len(labels) // batch_size if len(labels) > batch_size else 1
     trainer = L.Trainer(
         default_root_dir=tempfile.mkdtemp(prefix="mt-bench-lightning-"),  # nothing is written there
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         precision=precision,
         max_epochs=1,
@@ -226,8 +234,11 @@ def project(cache_images, labels, classes, *, batch_size, warmup, cap, precision
     return {"img_s": meter.rate(), "images_timed": meter.images, "num_workers": workers}
 
 
-def model_only(classes, *, batch_size, batches, warmup, cap, precision, channels_last: bool = True) -> dict:
-    model = place_model(new_model(len(classes)), torch.device("cpu"), channels_last=channels_last)
+def model_only(
+    classes, *, batch_size, batches, warmup, cap, precision, channels_last: bool = True,
+    device: torch.device = torch.device("cpu"), backbone: str = BACKBONE,
+) -> dict:
+    model = place_model(new_model(len(classes), backbone=backbone), device, channels_last=channels_last)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(0)
@@ -235,7 +246,9 @@ def model_only(classes, *, batch_size, batches, warmup, cap, precision, channels
     labels = torch.randint(0, len(classes), (batch_size,), generator=generator)
     meter = Meter(warmup, cap)
     for _ in range(batches):
-        train_step(model, optimizer, images, labels, channels_last=channels_last, device=torch.device("cpu"), precision=precision)
+        train_step(model, optimizer, images, labels, channels_last=channels_last, device=device, precision=precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the meter times finished steps, not queued kernels
         if meter.step_done(batch_size):
             break
     return {"img_s": meter.rate(), "images_timed": meter.images}
@@ -277,10 +290,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache for the project phase (default: a temp dir)")
     parser.add_argument("--seconds-per-phase", type=float, default=None, help="cap on each timed phase")
     parser.add_argument("--warmup-batches", type=int, default=1, help="batches excluded from each training phase")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: only project vs model-only on the GPU (the CPU-only phases are skipped)")
+    parser.add_argument("--backbone", default=BACKBONE, help="with --device cuda (e.g. resnet50, the GPU target)")
     return parser.parse_args(argv)
 
 
+def run_cuda(args: argparse.Namespace) -> dict:
+    """Project (warm cache, Lightning on the GPU) vs model-only (random tensors already on the GPU) images/s."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible")
+    paths, labels, classes = list_images(args.data, args.images)
+    batches = len(paths) // args.batch_size
+    if batches <= args.warmup_batches:
+        raise SystemExit(f"{len(paths)} images give {batches} batch(es) of {args.batch_size}; use more --images")
+    precision = resolve_precision("auto", "gpu")
+    common = dict(batch_size=args.batch_size, warmup=args.warmup_batches, cap=args.seconds_per_phase)
+    with contextlib.ExitStack() as stack:
+        cache_dir = args.cache_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-bench-warm-")))
+        cached = ImageCache(cache_dir, CacheSettings(size=DECODE_SIZE)).build(paths, workers=available_cores())
+        log("phase: model only on the GPU (random tensors)")
+        ceiling = model_only(classes, batches=batches, precision=precision, device=torch.device("cuda"),
+                             backbone=args.backbone, **common)
+        log(f"  {ceiling}")
+        log("phase: project on the GPU (warm cache, Lightning)")
+        proj = project(cached, labels, classes, precision=precision, accelerator="gpu", backbone=args.backbone, **common)
+        log(f"  {proj}")
+    efficiency = round(proj["img_s"] / ceiling["img_s"], 3) if proj["img_s"] and ceiling["img_s"] else None
+    return {
+        "benchmark": "throughput_cuda", "project_img_s": proj["img_s"], "model_only_img_s": ceiling["img_s"],
+        "efficiency": efficiency, "target": "efficiency >= 0.9", "target_met": bool(efficiency and efficiency >= 0.9),
+        "gpu": torch.cuda.get_device_name(0), "backbone": args.backbone, "image_size": IMAGE_SIZE,
+        "batch_size": args.batch_size, "precision": precision, "num_workers": proj["num_workers"],
+        "images": len(paths), "cores": available_cores(), "torch": torch.__version__, "data": str(args.data),
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.device == "cuda":
+        return run_cuda(args)
     cores = available_cores()
     paths, labels, classes = list_images(args.data, args.images)
     n = len(paths)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medtransfer.config import TrainConfig, default_cache_dir, parse_set_values, read_yaml, resolve_train_config
+from medtransfer.config import TrainConfig, default_cache_dir, parse_class_map, parse_set_values, read_yaml, resolve_train_config
 from medtransfer.errors import ConfigError
 from medtransfer.rundir import CONFIG_FILE
 
@@ -263,7 +263,7 @@ def test_config_imports_only_the_lowest_modules():
     # Choices owned by other modules are checked by medtransfer.train.validate, not here.
     code = "import sys, medtransfer.config; print(sorted(m for m in sys.modules if m.startswith('medtransfer.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert set(eval(loaded)) <= {"medtransfer.config", "medtransfer.errors", "medtransfer.rundir"}
+    assert set(eval(loaded)) <= {"medtransfer.config", "medtransfer.errors", "medtransfer.rundir", "medtransfer.safeio"}
 
 
 def test_choices_of_other_modules_are_not_checked_here():
@@ -308,12 +308,22 @@ def test_new_run_resolves_defaults_yaml_flags_and_the_cache_folder(tmp_path, mon
     assert config.cache_dir == str(tmp_path / "cache")
 
 
-def test_resumed_run_takes_its_own_config_then_flags(tmp_path):
+def test_resumed_run_takes_its_own_config_then_the_flags_that_do_not_change_results(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     TrainConfig.from_dict({"data": "/d", "epochs": 3, "cache_dir": "/c"}).write_yaml(run / CONFIG_FILE)
-    config, run_dir = resolve_train_config(out=None, resume=run, config_file=None, overrides={"epochs": 9})
-    assert run_dir == run and (config.data, config.epochs, config.cache_dir) == ("/d", 9, "/c")
+    config, run_dir = resolve_train_config(
+        out=None, resume=run, config_file=None, overrides={"num_workers": 2, "progress": False, "epochs": None}
+    )
+    assert run_dir == run and (config.data, config.epochs, config.cache_dir, config.num_workers) == ("/d", 3, "/c", 2)
+
+
+def test_resume_refuses_settings_that_would_change_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig.from_dict({"data": "/d", "epochs": 3}).write_yaml(run / CONFIG_FILE)
+    with pytest.raises(ConfigError, match=r"^--resume .*run's own settings, so --epochs, --lr cannot change; leave them out"):
+        resolve_train_config(out=None, resume=run, config_file=None, overrides={"epochs": 9, "lr": 0.1, "progress": False})
 
 
 @pytest.mark.parametrize(
@@ -330,3 +340,64 @@ def test_inconsistent_train_sources_are_config_errors(tmp_path, kwargs, message)
     kwargs = {k: tmp_path / v if isinstance(v, str) and v.isupper() else v for k, v in kwargs.items()}
     with pytest.raises(ConfigError, match=message):
         resolve_train_config(**kwargs)
+
+
+def test_class_map_class_names_and_test_fraction_from_yaml_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("class_map: {BACTERIA: PNEUMONIA, VIRUS: PNEUMONIA}\nclass_names: [normal, pneumonia]\ntest_fraction: 0.25\n")
+    config = TrainConfig.from_sources(path, {})
+    assert config.class_map == {"BACTERIA": "PNEUMONIA", "VIRUS": "PNEUMONIA"}
+    assert config.class_names == ["normal", "pneumonia"] and config.test_fraction == 0.25
+    flags = TrainConfig.from_sources(path, {"class_map": ["A=B"], **parse_set_values(["class_names=x,y", "test_fraction=none"])})
+    assert flags.class_map == {"A": "B"} and flags.class_names == ["x", "y"] and flags.test_fraction is None
+    assert TrainConfig().test_fraction is None and TrainConfig().class_map == {}
+    written = tmp_path / "out.yaml"
+    config.write_yaml(written)
+    assert TrainConfig.from_sources(written, {}) == config
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"class_map": ["BACTERIA"]}, "--class-map 'BACTERIA': expected OLD=NEW"),
+        ({"class_map": 3}, "setting 'class_map' got 3"),
+        ({"class_names": "a,,b"}, "setting 'class_names' got 'a,,b'; a class name is empty"),
+        ({"test_fraction": "half"}, "setting 'test_fraction' got 'half'; expected a number"),
+    ],
+)
+def test_bad_class_settings_are_one_line(values, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_sources(None, values)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"], {"BACTERIA": "PNEUMONIA", "VIRUS": "PNEUMONIA"}),
+        (["0=NORMAL", "1=PNEUMONIA"], {"0": "NORMAL", "1": "PNEUMONIA"}),
+        ([" Normal = NORMAL "], {"Normal": "NORMAL"}),  # spaces around names are dropped
+        (["a=b=c"], {"a": "b=c"}),  # the first '=' separates
+        (["A=B", "A=B"], {"A": "B"}),  # repeated identically: fine
+        ("A=B", {"A": "B"}),  # one string
+        ({"COVID-19": "COVID", 0: "NORMAL"}, {"COVID-19": "COVID", "0": "NORMAL"}),  # a YAML mapping
+        (None, {}),
+        ([], {}),
+    ],
+)
+def test_parse_class_map(values, expected):
+    assert parse_class_map(values) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["PNEUMONIA"], "--class-map 'PNEUMONIA': expected OLD=NEW"),
+        (["=PNEUMONIA"], "--class-map '=PNEUMONIA': both the old and the new class name are needed"),
+        (["A= "], "--class-map 'A=': both"),
+        (["A=B", "A=C"], "--class-map maps 'A' twice (A=B, A=C)"),
+    ],
+)
+def test_parse_class_map_names_the_bad_value(values, message):
+    with pytest.raises(ConfigError) as info:
+        parse_class_map(values)
+    assert message in str(info.value)

@@ -1,4 +1,5 @@
-"""predict: inputs expanded, images preprocessed as evaluation does, one row per image at the saved threshold."""
+"""predict: inputs expanded, images preprocessed as evaluation does, one row per image at the saved threshold,
+streamed in input order as batches finish (torch or onnxruntime), the CSV written from the stream."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import pytest
 import torch
 
 from medtransfer.artifacts import load_model, model_info, save_model
-from medtransfer.errors import DataError
+from medtransfer.errors import ConfigError, DataError
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
-from medtransfer.predict import Classifier, expand_inputs, load_batch, predict_files, write_rows
+from medtransfer.predict import Classifier, expand_inputs, predict_files, predict_with_progress, stream_predictions, write_rows
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,9 @@ def saved(tmp_path_factory):
     run = tmp_path_factory.mktemp("predict") / "run"
     save_model(model, model_info(model, classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5,
                                  temperature=0.25, image_size=40, decode_size=48), run)
-    return load_model(run)
+    saved = load_model(run)
+    saved.run = run  # for the ONNX export below
+    return saved
 
 
 @pytest.fixture
@@ -49,21 +52,6 @@ def test_expand_inputs_names_a_missing_path_and_an_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images found"):
         expand_inputs([tmp_path / "empty"])
-
-
-def test_load_batch_preprocesses_each_image_as_the_saved_model_does(saved, images):
-    batch, kept, bad = load_batch(saved, images)
-    assert kept == images and bad == []
-    assert torch.equal(batch, torch.stack([saved.preprocess(p) for p in images]))
-
-
-def test_load_batch_lists_unreadable_files_or_leaves_them_out(saved, images, tmp_path):
-    broken = tmp_path / "in" / "broken.png"
-    broken.write_bytes(b"\x89PNG truncated")
-    with pytest.raises(DataError, match=r"1 unreadable image\(s\): .*broken\.png: not a readable image.*--skip-bad-images"):
-        load_batch(saved, [images[0], broken])
-    batch, kept, bad = load_batch(saved, [images[0], broken], skip_bad=True)
-    assert kept == [images[0]] and len(bad) == 1 and batch.shape == (1, 3, 40, 40)
 
 
 def test_predict_files_rows_are_the_saved_models_decision(saved, images):
@@ -95,3 +83,54 @@ def test_write_rows_writes_six_decimals_and_the_header(tmp_path):
     with out.open(newline="") as handle:
         assert list(csv.reader(handle)) == [["path", "prob_NORMAL", "prob_PNEUMONIA", "pred"],
                                             ["a.png", "0.250000", "0.750000", "PNEUMONIA"]]
+
+
+# ----------------------------------------------------------------- streaming
+
+
+@pytest.fixture
+def files(tmp_path, make_image) -> list[Path]:
+    return [make_image(tmp_path / f"img{i}.png", size=(40, 36)) for i in range(7)]
+
+
+def test_the_stream_yields_one_row_per_file_in_order_with_the_same_values_in_any_batching(saved, files):
+    one = list(stream_predictions(saved, files, batch_size=7, accelerator="cpu", precision="32-true"))
+    seen = []
+    streamed = list(stream_predictions(saved, files, batch_size=3, accelerator="cpu", precision="32-true",
+                                       num_workers=1, progress=seen.append))
+    assert [r["path"] for r in streamed] == [str(f) for f in files] and seen == [3, 3, 1]
+    for a, b in zip(one, streamed):
+        assert a["pred"] == b["pred"] and a["prob_PNEUMONIA"] == pytest.approx(b["prob_PNEUMONIA"], abs=1e-5)
+
+
+def test_a_bad_file_stops_the_stream_with_its_name_unless_skipped(saved, files, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    paths = files[:2] + [bad] + files[2:]
+    with pytest.raises(DataError, match=r"1 unreadable image\(s\): .*broken.png.*--skip-bad-images"):
+        list(stream_predictions(saved, paths, batch_size=4, accelerator="cpu"))
+    rows = list(stream_predictions(saved, paths, batch_size=4, accelerator="cpu", skip_bad=True))
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+
+
+def test_the_csv_is_written_from_the_stream_and_only_the_asked_rows_are_kept(saved, files, tmp_path):
+    out = tmp_path / "predictions.csv"
+    kept = predict_with_progress(saved, files, csv_path=out, batch_size=2, accelerator="cpu", num_workers=0, keep=3)
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [str(f) for f in files] and list(rows[0]) == ["path", "prob_NORMAL",
+                                                                                    "prob_PNEUMONIA", "pred"]
+    assert [r["path"] for r in kept] == [str(f) for f in files[:3]]
+    assert write_rows(iter([]), tmp_path / "empty.csv") == 0
+
+
+def test_onnxruntime_gives_the_probabilities_torch_gives(saved, files, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from medtransfer.export import export_onnx
+
+    onnx_path = export_onnx(saved.run, tmp_path / "model.onnx")
+    torch_rows = list(stream_predictions(saved, files, batch_size=4, accelerator="cpu", precision="32-true"))
+    onnx_rows = list(stream_predictions(saved, files, batch_size=4, accelerator="cpu", onnx_path=onnx_path))
+    assert [r["path"] for r in onnx_rows] == [r["path"] for r in torch_rows]
+    assert max(abs(a["prob_PNEUMONIA"] - b["prob_PNEUMONIA"]) for a, b in zip(torch_rows, onnx_rows)) < 1e-4
+    with pytest.raises(ConfigError, match="does not exist; run `medtransfer export"):
+        list(stream_predictions(saved, files, onnx_path=tmp_path / "missing.onnx"))

@@ -164,3 +164,57 @@ def test_runtime_imports_only_torch_the_standard_library_and_errors():
     loaded = set(json.loads(out.stdout))
     assert {m for m in loaded if m.startswith("medtransfer")} == {"medtransfer", "medtransfer.errors", "medtransfer.runtime"}
     assert not {m.split(".")[0] for m in loaded} & {"lightning", "torchvision", "PIL", "timm", "sklearn", "pandas"}
+
+
+# ----------------------------------------------------------------- distributed ranks
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
+                  "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (0, 0, 1, True)),  # a plain process
+        ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, (3, 1, 4, False)),  # torchrun
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2"}, (1, 1, 2, False)),  # Lightning's launcher
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1", "WORLD_SIZE": "4"}, (1, 0, 4, False)),  # another node is never 0
+        ({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}, (5, 1, 8, False)),  # srun
+        ({"SLURM_PROCID": "0", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}, (1, 1, 2, False)),  # launched inside one task
+    ],
+)
+def test_ranks_come_from_the_launchers_environment_before_the_process_group_exists(monkeypatch, env, expected):
+    from medtransfer.runtime import global_rank, is_global_zero, local_rank, world_size
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert (global_rank(), local_rank(), world_size(), is_global_zero()) == expected
+
+
+def test_barrier_is_a_no_op_without_a_process_group():
+    from medtransfer.runtime import barrier
+
+    assert not torch.distributed.is_initialized()
+    barrier()
+
+
+def test_hardware_summary_records_the_distributed_setup():
+    from medtransfer.runtime import hardware_summary
+
+    summary = hardware_summary(accelerator="cpu", precision="32-true", devices=2, num_nodes=3, distributed="ddp")
+    assert summary | {"cpu": "x", "cores": 1, "torch": "x"} == {
+        "accelerator": "cpu", "devices": 2, "num_nodes": 3, "world_size": 6, "distributed": "ddp",
+        "precision": "32-true", "gpu": None, "cpu": "x", "cores": 1, "torch": "x",
+    }
+    assert summary["cpu"] and summary["cores"] >= 1
+
+
+def test_hardware_summary_names_the_gpu_on_cuda(monkeypatch):
+    from medtransfer.runtime import hardware_summary
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    summary = hardware_summary(accelerator="gpu", precision="bf16-mixed", devices=8)
+    assert (summary["gpu"], summary["world_size"], summary["distributed"]) == ("NVIDIA H100 80GB HBM3", 8, "none")

@@ -36,8 +36,10 @@ from medtransfer.data.decode import decode_image
 from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import DataError, MedtransferError, WeightsError
 from medtransfer.models.backbones import OUTPUT_STRIDES, create_backbone
+from medtransfer.models.heads import HEADS, apply_head
 from medtransfer.models.strategies import TransferModel
 from medtransfer.ood import OODDetector, load_detector
+from medtransfer.safeio import atomic_path, write_text_atomic
 
 MODEL_DIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
@@ -76,6 +78,9 @@ class ModelInfo:
     frozen: tuple[str, ...] | None = None
     training_config: dict[str, Any] | None = None
     versions: dict[str, str] | None = None  # filled in by save_model
+    head: str | None = None  # models/heads.py, rebuilt on load; None (files from before heads): linear
+    wise_ft: dict[str, Any] | None = None  # WiSE-FT mixing chosen on validation (train/wise_ft.py)
+    provenance: dict[str, Any] | None = None  # where a recalibrated model came from (trained, recalibrated)
 
     @property
     def positive_index(self) -> int:
@@ -194,6 +199,9 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "frozen": (_texts, "must be a list of layer names"),
     "training_config": (_mapping, "must be an object of setting: value"),
     "versions": (_mapping, "must be an object of package: version"),
+    "head": (_checked(_text, lambda h: h in HEADS), f"must be one of {', '.join(HEADS)}"),
+    "wise_ft": (_mapping, "must be an object (alpha, criterion, grid, val_loss)"),
+    "provenance": (_mapping, "must be an object (trained, recalibrated)"),
 }
 
 
@@ -213,6 +221,8 @@ def model_info(
     strategy: str | None = None,
     frozen: list[str] | None = None,
     training_config: dict[str, Any] | None = None,
+    head: str | None = None,
+    wise_ft: dict[str, Any] | None = None,
 ) -> ModelInfo:
     """The ModelInfo of `model`: backbone name and normalisation come from the model itself,
     so they cannot disagree with the weights."""
@@ -233,6 +243,8 @@ def model_info(
         strategy=strategy,
         frozen=None if frozen is None else tuple(frozen),
         training_config=training_config,
+        head=head,
+        wise_ft=wise_ft,
     )
 
 
@@ -373,10 +385,9 @@ def save_model(model: TransferModel, info: ModelInfo, run_dir: Path) -> Path:
     payload = {"format_version": FORMAT_VERSION, **dataclasses.replace(info, versions=versions()).to_json()}
     ModelInfo.from_json(payload, source=model_dir / MODEL_JSON)
     state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"format": "medtransfer", "backbone": info.backbone})
-    temporary = model_dir / (MODEL_JSON + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(model_dir / MODEL_JSON)
+    with atomic_path(model_dir / WEIGHTS_FILE) as temporary:  # never overwrite weights in place
+        save_file(state, str(temporary), metadata={"format": "medtransfer", "backbone": info.backbone})
+    write_text_atomic(model_dir / MODEL_JSON, json.dumps(payload, indent=2))
     return model_dir
 
 
@@ -414,6 +425,7 @@ def load_model(path: str | Path) -> SavedModel:
         )
     except MedtransferError as exc:
         raise WeightsError(f"{model_dir / MODEL_JSON}: field 'backbone' {info.backbone!r}: {exc}") from None
+    apply_head(net, spec, info.head or "linear")
     state = load_file(str(model_dir / WEIGHTS_FILE))
     try:
         net.load_state_dict(state, strict=True)

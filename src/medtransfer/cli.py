@@ -37,14 +37,21 @@ def _quiet_lightning() -> None:
 
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
+    data: Optional[str] = typer.Option(None, help="Dataset: DIR/{train,val,test}/CLASS/*, plain DIR/CLASS/*, a CSV manifest or a MedMNIST .npz."),
     out: Optional[Path] = typer.Option(None, help="New run folder to write."),
     config: Optional[Path] = typer.Option(None, help="YAML file of settings (flags override it)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder."),
     backbone: Optional[str] = typer.Option(None, help="resnet18 (default), resnet50, densenet121, efficientnet_lite0 or any timm name."),
     weights: Optional[str] = typer.Option(None, help="imagenet (default), none, or a .pth/.safetensors file."),
-    strategy: Optional[str] = typer.Option(None, help="finetune (default), freeze, or linear-probe."),
+    strategy: Optional[str] = typer.Option(None, help="finetune (default), freeze, linear-probe, lp-ft or gradual (see README 'Transfer strategies')."),
     freeze_children: Optional[int] = typer.Option(None, help=f"With --strategy freeze: how many first children to freeze (default {DEFAULTS.freeze_children})."),
+    head: Optional[str] = typer.Option(None, help="linear (default), mlp (one hidden layer, dropout) or dwconv (depthwise-separable block on the last feature map)."),
+    lp_epochs: Optional[int] = typer.Option(None, help=f"With --strategy lp-ft: epochs of the linear-probe phase (default {DEFAULTS.lp_epochs})."),
+    lp_lr: Optional[float] = typer.Option(None, help=f"With --strategy lp-ft: learning rate of the linear-probe phase (default {DEFAULTS.lp_lr:g})."),
+    unfreeze_every: Optional[int] = typer.Option(None, help=f"With --strategy gradual: epochs between two child groups thawing (default {DEFAULTS.unfreeze_every})."),
+    lr_decay: Optional[float] = typer.Option(None, help="Learning rate factor per child group from the head down, e.g. 0.7 (default 1.0: off)."),
+    weight_averaging: Optional[str] = typer.Option(None, help="none (default), ema (validated and saved: the average) or swa (last 20% of epochs)."),
+    wise_ft: Optional[bool] = typer.Option(None, "--wise-ft", help="Interpolate start and fine-tuned weights; mixing chosen by validation loss."),
     epochs: Optional[int] = typer.Option(None, help=f"Maximum epochs (default {DEFAULTS.epochs})."),
     patience: Optional[int] = typer.Option(None, help=f"Early stopping patience on validation loss (default {DEFAULTS.patience})."),
     batch_size: Optional[int] = typer.Option(None, help=f"Batch size (default {DEFAULTS.batch_size})."),
@@ -54,11 +61,13 @@ def train(
         None, help="32 (default); 16 or 8 dilate the last stage for finer heatmaps (efficientnet_lite0, resnet50, timm)."
     ),
     val_fraction: Optional[float] = typer.Option(None, help=f"Patient-level validation fraction drawn from train+val (default {DEFAULTS.val_fraction})."),
-    test_fraction: Optional[float] = typer.Option(None, help=f"Draw a patient-level test split when the data has none (default {DEFAULTS.test_fraction:g})."),
+    test_fraction: Optional[float] = typer.Option(None, help="Patient-level test fraction drawn when the data has no test split (default 0.2; 0: none)."),
     keep_official_val: Optional[bool] = typer.Option(None, "--keep-official-val", help="Use the data's own val split as is."),
     labels: Optional[str] = typer.Option(None, help="folder (default) or kermany-3class (NORMAL/BACTERIA/VIRUS from file names)."),
     patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
     positive_class: Optional[str] = typer.Option(None, help="Positive class (default PNEUMONIA when present, else the last)."),
+    class_map: Optional[List[str]] = typer.Option(None, help="Rename or merge a class, OLD=NEW (repeatable), e.g. BACTERIA=PNEUMONIA."),
+    class_names: Optional[str] = typer.Option(None, help="Names of an .npz file's class indices 0,1,..., comma-separated."),
     class_weights: Optional[str] = typer.Option(None, help="none (default) or balanced class-weighted loss."),
     sampler: Optional[str] = typer.Option(None, help="shuffle (default) or balanced (each class drawn equally often)."),
     loss: Optional[str] = typer.Option(None, help="cross-entropy (default) or focal."),
@@ -67,18 +76,24 @@ def train(
     calibrate: Optional[str] = typer.Option(None, help="temperature (default) or none."),
     seed: Optional[int] = typer.Option(None, help=f"Random seed (default {DEFAULTS.seed})."),
     accelerator: Optional[str] = typer.Option(None, help="auto (default), cpu or gpu."),
-    devices: Optional[str] = typer.Option(None, help="GPUs to use (default auto)."),
+    devices: Optional[str] = typer.Option(None, help="Devices per node: a count, GPU ids like 0,1, or auto (default: all GPUs, or 1 CPU process)."),
+    num_nodes: Optional[int] = typer.Option(None, help="Machines to train on (default 1); launch with torchrun or srun, see README 'Scaling out'."),
+    distributed: Optional[str] = typer.Option(None, help="Lightning strategy for several devices: auto (default), ddp or ddp_spawn."),
+    compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the model (helps on GPUs; slow start)."),
     precision: Optional[str] = typer.Option(None, help="auto (default: bf16-mixed where supported), 32-true, bf16-mixed, 16-mixed."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: chosen by device)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
     skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help="Leave unreadable images out instead of stopping."),
-    strict: Optional[bool] = typer.Option(None, "--strict", help="Fail when a patient or identical image is in two splits."),
+    strict: Optional[bool] = typer.Option(
+        None, "--strict", help="Fail when a patient, an identical image or a near-duplicate image is in two splits."
+    ),
     horizontal_flip: Optional[bool] = typer.Option(None, "--hflip", help="Add random horizontal flips to augmentation."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):
     """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
     flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume", "set_values")}
+    flags["class_map"] = class_map or None  # not given: the YAML's map stays
     from medtransfer.train.pipeline import run_training
 
     settings, run_dir = resolve_train_config(
@@ -86,6 +101,8 @@ def train(
     )
     _quiet_lightning()
     result = run_training(settings, run_dir, resume=resume is not None, console=console)
+    if result is None:  # a DDP process other than rank 0: rank 0 prints
+        return
     _print_result({"val": result.val, "test": result.test}, result.threshold)
 
 
@@ -110,31 +127,43 @@ def predict(
     batch_size: int = typer.Option(32, help="Images per batch."),
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    num_workers: int = typer.Option(-1, help="Decoding processes (default: chosen by device; 0 decodes in this process)."),
+    runtime: str = typer.Option("torch", help="torch, or onnxruntime (runs RUN/model/model.onnx from `medtransfer export`)."),
 ):
-    """Per-image class probabilities (calibrated) and the predicted class at the saved threshold."""
-    from medtransfer.artifacts import load_model
-    from medtransfer.predict import expand_inputs, predict_files, write_rows
+    """Per-image class probabilities (calibrated) and the predicted class at the saved threshold.
+
+    Streams: files are decoded in worker processes and rows written to --csv as they come, so
+    memory stays flat for any number of images; the table is printed for up to 50 images."""
+    from medtransfer.artifacts import find_model_dir, load_model
+    from medtransfer.errors import ConfigError
+    from medtransfer.predict import expand_inputs, predict_with_progress
 
     saved = load_model(run)
     files = expand_inputs(paths)
-    rows = predict_files(saved, files, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images)
-    table = Table()
-    table.add_column("path", overflow="fold")
-    for c in saved.classes:
-        table.add_column(f"p({c})", justify="right")
-    table.add_column("predicted")
+    if runtime not in ("torch", "onnxruntime"):
+        raise ConfigError(f"--runtime: got {runtime!r}; choose torch or onnxruntime")
+    onnx_path = find_model_dir(run) / "model.onnx" if runtime == "onnxruntime" else None
+    rows = predict_with_progress(
+        saved, files, csv_path=csv, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images,
+        num_workers=num_workers, keep=TABLE_ROWS if cam is None else None, console=error_console, onnx_path=onnx_path,
+    )
     scored = saved.ood is not None
-    if scored:
-        table.add_column("ood_score", justify="right")
-    for row in rows:
-        ood = [f"{row['ood_score']:.3f}" + (" FOREIGN" if row["ood"] == "out" else "")] if scored else []
-        table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"], *ood)
-    console.print(table)
+    if len(files) <= TABLE_ROWS:
+        table = Table()
+        table.add_column("path", overflow="fold")
+        for c in saved.classes:
+            table.add_column(f"p({c})", justify="right")
+        table.add_column("predicted")
+        if scored:
+            table.add_column("ood_score", justify="right")
+        for row in rows:
+            ood = [f"{row['ood_score']:.3f}" + (" FOREIGN" if row["ood"] == "out" else "")] if scored else []
+            table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"], *ood)
+        console.print(table)
     console.print(f"threshold {saved.threshold:.3f} on p({saved.info.positive_class})")
     if not scored:
         console.print("This model was saved without an OOD detector (train again to get ood_score and ood columns).")
     if csv is not None:
-        write_rows(rows, csv)
         console.print(f"Wrote {csv}")
     if cam is not None:
         from medtransfer.explain.files import explain_files
@@ -143,10 +172,13 @@ def predict(
         console.print(f"Wrote heatmaps to {cam}")
 
 
+TABLE_ROWS = 50  # predict prints a table up to this many images; more go to --csv only
+
+
 @app.command()
 def evaluate(
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
-    data: Path = typer.Option(..., help="Labelled dataset folder or CSV manifest."),
+    data: Path = typer.Option(..., help="Labelled dataset: folder, CSV manifest or .npz (the run's class map applies)."),
     out: Path = typer.Option(..., help="New folder for metrics.json, predictions.csv, plots and report.html."),
     split: str = typer.Option("test", help="Which split of --data to evaluate (when it has splits)."),
     bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Bootstrap resamples for 95% CIs (0 = off)."),
@@ -163,6 +195,29 @@ def evaluate(
         skip_bad=skip_bad_images, accelerator=accelerator, console=console,
     )
     _print_result({"test": result.get("test")}, result["threshold"])
+
+
+@app.command()
+def recalibrate(
+    run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
+    data: Path = typer.Option(..., help="Small labelled local dataset (folder, CSV or .npz)."),
+    out: Path = typer.Option(..., help="New folder for the recalibrated model, metrics.json and report.html."),
+    fit_fraction: float = typer.Option(0.5, help="Share of the local patients that refits; the rest reports before/after."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed of the patient-level fit/report split and the bootstrap."),
+    split: str = typer.Option("test", help="Which split of --data to use (when it has splits)."),
+    bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Bootstrap resamples for 95% CIs (0 = off)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
+):
+    """Refit temperature and threshold (the run's policy) on part of a local labelled set; report before/after on the rest."""
+    from medtransfer.evaluation.recalibrate import recalibrate_model
+
+    recalibrate_model(
+        run, data, out, fit_fraction=fit_fraction, seed=seed, split=split, cache_dir=cache_dir or default_cache_dir(),
+        bootstrap=bootstrap, skip_bad=skip_bad_images, accelerator=accelerator, console=console,
+    )
+    console.print(f"Wrote {out / 'model'} and {out / 'report.html'}")
 
 
 @app.command()
@@ -183,20 +238,29 @@ def compare(
 
 @app.command()
 def split(
-    data: Path = typer.Option(..., help="Dataset folder (DIR/{train,val,test}/CLASS/*) or CSV manifest."),
+    data: Path = typer.Option(..., help="Dataset: DIR/{train,val,test}/CLASS/*, plain DIR/CLASS/*, a CSV manifest or a MedMNIST .npz."),
     out: Path = typer.Option(..., help="CSV file to write: path,label,patient_id,split."),
     val_fraction: float = typer.Option(DEFAULTS.val_fraction, help="Patient-level validation fraction drawn from train+val."),
-    test_fraction: float = typer.Option(DEFAULTS.test_fraction, help="Draw a patient-level test split when the data has none."),
+    test_fraction: Optional[float] = typer.Option(
+        None, help="Patient-level test fraction drawn when the data has no test split (default 0.2; 0: none)."
+    ),
     keep_official_val: bool = typer.Option(
         DEFAULTS.keep_official_val, "--keep-official-val", help="Use the data's own val split as is."
     ),
     seed: int = typer.Option(DEFAULTS.seed, help="Random seed."),
     labels: str = typer.Option(DEFAULTS.labels, help="folder or kermany-3class."),
     patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
-    strict: bool = typer.Option(DEFAULTS.strict, "--strict", help="Fail when a patient or identical image is in two splits."),
+    strict: bool = typer.Option(
+        DEFAULTS.strict, "--strict", help="Fail when a patient, an identical image or a near-duplicate image is in two splits."
+    ),
+    class_map: Optional[List[str]] = typer.Option(None, help="Rename or merge a class, OLD=NEW (repeatable)."),
+    class_names: Optional[str] = typer.Option(None, help="Names of an .npz file's class indices, comma-separated."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where an .npz file's images are written (default ~/.cache/medtransfer)."),
 ):
     """Draw the patient-level split that `train` would use, check it for leakage, and save it."""
-    flags = {k: v for k, v in locals().items() if k != "out"}
+    flags = {k: v for k, v in locals().items() if k != "out" and v is not None}
+    flags["class_map"] = class_map or {}
+    flags["cache_dir"] = str(cache_dir or default_cache_dir())
     from medtransfer.train.pipeline import write_split
 
     write_split(TrainConfig.from_dict({**flags, "data": str(data)}, source="options"), out, console)
@@ -204,7 +268,7 @@ def split(
 
 @app.command()
 def cache(
-    data: Path = typer.Option(..., help="Dataset folder or CSV manifest."),
+    data: Path = typer.Option(..., help="Dataset folder, CSV manifest or .npz (its images are written under the cache)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache location (default ~/.cache/medtransfer)."),
     size: int = typer.Option(DEFAULTS.cache_size, help="Stored image side in pixels (use the training cache_size)."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes (default: the available cores, up to 8)."),

@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import yaml
 
 from medtransfer.errors import ConfigError
-from medtransfer.rundir import CONFIG_FILE
+from medtransfer.rundir import CONFIG_FILE, write_yaml_atomic
+
+DISTRIBUTED = ("auto", "ddp", "ddp_spawn")  # Lightning strategies `train --distributed` passes on
 
 
 @dataclass
@@ -29,7 +32,8 @@ class TrainConfig:
     labels: str = "folder"  # or kermany-3class
     patient_regex: str | None = None
     val_fraction: float = 0.2
-    test_fraction: float = 0.0  # draw a patient-level test split when the data has none
+    # A patient-level test split is drawn when the data has none: this fraction, 0.2 when None.
+    test_fraction: float | None = None
     keep_official_val: bool = False
     positive_class: str | None = None  # default: PNEUMONIA when present, else the last class
     skip_bad_images: bool = False
@@ -52,6 +56,15 @@ class TrainConfig:
     in_channels: int = 3  # 1: grayscale in one channel (first convolution's RGB filters summed)
     output_stride: int = 32  # 16 or 8: last stage dilated instead of strided, finer class activation maps
     freeze_children: int = 4
+    # transfer strategies (see models/strategies.py, models/heads.py, train/wise_ft.py)
+    head: str = "linear"  # linear, mlp or dwconv
+    lp_epochs: int = 10  # lp-ft: epochs of the linear-probe phase (on cached features)
+    lp_lr: float = 1e-3  # lp-ft: learning rate of the linear-probe phase
+    unfreeze_every: int = 1  # gradual: epochs between two child groups thawing
+    lr_decay: float = 1.0  # learning rate factor per child group from the head down (1.0: off)
+    weight_averaging: str = "none"  # none, ema or swa
+    ema_decay: float = 0.999
+    wise_ft: bool = False  # interpolate start and fine-tuned weights, mixing chosen on val
     # optimisation
     epochs: int = 30
     patience: int = 10
@@ -71,12 +84,18 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16-mixed on CPUs with bf16 support or GPUs, else 32-true
     num_workers: int = -1  # -1: chosen by device
     channels_last: bool = True
+    num_nodes: int = 1  # machines; devices per machine is `devices`
+    distributed: str = "auto"  # Lightning strategy: auto, ddp (one process per device) or ddp_spawn
+    compile: bool = False  # torch.compile the model (in place; saved weights keep their names)
     # evaluation
     threshold: str = "youden"
     bootstrap: int = 2000
     calibrate: str = "temperature"  # or none
     # console
     progress: bool = True
+    # classes: OLD -> NEW renames or merges (--class-map OLD=NEW); names of an .npz file's label indices
+    class_map: dict[str, str] = field(default_factory=dict)
+    class_names: list[str] | None = None
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -110,12 +129,19 @@ class TrainConfig:
                 close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(known)}"
                 raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-        return {key: _coerce(key, value, getattr(defaults, key), source) for key, value in values.items()}
+        return {
+            key: _SPECIAL.get(key, _coerce)(key, value, getattr(defaults, key), source) for key, value in values.items()
+        }
 
     def validate(self) -> None:
         checks = [
             (0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number between 0 and 1"),
-            (0 <= self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in [0, 1)"),
+            (
+                self.test_fraction is None or 0 <= self.test_fraction < 1,
+                "test_fraction",
+                self.test_fraction,
+                "a number in [0, 1) (0: no test split drawn)",
+            ),
             (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
             (self.patience >= 1, "patience", self.patience, "at least 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
@@ -144,6 +170,14 @@ class TrainConfig:
             (self.sampler in ("shuffle", "balanced"), "sampler", self.sampler, "shuffle or balanced"),
             (self.calibrate in ("none", "temperature"), "calibrate", self.calibrate, "none or temperature"),
             (self.bootstrap >= 0, "bootstrap", self.bootstrap, "0 (off) or a number of resamples"),
+            (self.lp_epochs >= 1, "lp_epochs", self.lp_epochs, "at least 1"),
+            (self.lp_lr > 0, "lp_lr", self.lp_lr, "a positive number"),
+            (self.unfreeze_every >= 1, "unfreeze_every", self.unfreeze_every, "at least 1"),
+            (0 < self.lr_decay <= 1, "lr_decay", self.lr_decay, "a number in (0, 1], e.g. 0.7 (1.0: off)"),
+            (self.weight_averaging in ("none", "ema", "swa"), "weight_averaging", self.weight_averaging, "none, ema or swa"),
+            (0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1), e.g. 0.999"),
+            (self.num_nodes >= 1, "num_nodes", self.num_nodes, "1 or more machines"),
+            (self.distributed in DISTRIBUTED, "distributed", self.distributed, " or ".join(DISTRIBUTED)),
         ]
         for ok, name, value, expected in checks:
             if not ok:
@@ -153,7 +187,7 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def write_yaml(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_yaml_atomic(path, self.to_dict())
 
 
 def default_cache_dir() -> Path:
@@ -175,6 +209,10 @@ def parse_set_values(items: list[str] | None) -> dict[str, str]:
     return values
 
 
+# Settings a resumed run may change: they do not change what the run computes.
+RESUME_OVERRIDABLE = ("num_workers", "progress", "cache_dir")
+
+
 def resolve_train_config(
     *, out: Path | None, resume: Path | None, config_file: Path | None, overrides: dict[str, Any]
 ) -> tuple[TrainConfig, Path]:
@@ -189,6 +227,14 @@ def resolve_train_config(
             raise ConfigError("--resume: takes the run's own config.yaml; leave out --config and --data")
         if out is not None and Path(out) != Path(resume):
             raise ConfigError(f"--resume {resume}: continues the run in its own folder; leave out --out {out}")
+        changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUME_OVERRIDABLE)
+        if changed:
+            listed = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ConfigError(
+                f"--resume {resume}: continues with the run's own settings, so {listed} cannot change; leave "
+                f"{'it' if len(changed) == 1 else 'them'} out (only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE)} "
+                "may), or start a new run with --out"
+            )
         saved = Path(resume) / CONFIG_FILE
         config = TrainConfig.from_sources(saved if saved.is_file() else None, overrides)
         run_dir = Path(resume)
@@ -270,3 +316,60 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             f"{source}: setting {key!r} got {value!r}; expected {expected}"
         ) from None
     return value
+
+
+def _optional_fraction(key: str, value: Any, default: Any, source: str) -> float | None:
+    """None (also "none" or "") keeps the default rule; anything else must be a number."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return _coerce(key, value, 0.0, source)
+
+
+def _class_map(key: str, value: Any, default: Any, source: str) -> dict[str, str]:
+    """A YAML mapping {OLD: NEW}, or OLD=NEW text (several separated by commas, as --set gives them)."""
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item.strip()]
+    if not isinstance(value, (dict, list, tuple)) and value is not None:
+        raise ConfigError(f"{source}: setting {key!r} got {value!r}; expected a mapping OLD: NEW or OLD=NEW items")
+    return parse_class_map(value)
+
+
+def _class_names(key: str, value: Any, default: Any, source: str) -> list[str] | None:
+    """A YAML list, or names separated by commas."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
+        raise ConfigError(f"{source}: setting {key!r} got {value!r}; expected class names, e.g. normal,pneumonia")
+    names = [str(v).strip() for v in items]
+    if not all(names):
+        raise ConfigError(f"{source}: setting {key!r} got {value!r}; a class name is empty")
+    return names
+
+
+_SPECIAL = {"test_fraction": _optional_fraction, "class_map": _class_map, "class_names": _class_names}
+
+
+def parse_class_map(values: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """{OLD: NEW} from "OLD=NEW" strings (the repeatable flag) or a YAML mapping.
+
+    >>> parse_class_map(["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"])
+    {'BACTERIA': 'PNEUMONIA', 'VIRUS': 'PNEUMONIA'}
+    """
+    if values is None:
+        return {}
+    pairs = [(str(k), str(v)) for k, v in values.items()] if isinstance(values, Mapping) else []
+    if not isinstance(values, Mapping):
+        for value in [values] if isinstance(values, str) else values:
+            old, sep, new = str(value).partition("=")
+            if not sep:
+                raise ConfigError(f"--class-map {value!r}: expected OLD=NEW, e.g. --class-map BACTERIA=PNEUMONIA")
+            pairs.append((old, new))
+    mapping: dict[str, str] = {}
+    for old, new in ((o.strip(), n.strip()) for o, n in pairs):
+        if not old or not new:
+            raise ConfigError(f"--class-map '{old}={new}': both the old and the new class name are needed")
+        if mapping.get(old, new) != new:
+            raise ConfigError(f"--class-map maps {old!r} twice ({old}={mapping[old]}, {old}={new}); keep one")
+        mapping[old] = new
+    return mapping

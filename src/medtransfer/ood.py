@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medtransfer.errors import WeightsError
+from medtransfer.safeio import atomic_path, write_text_atomic
 
 __all__ = [
     "ACCEPT_FRACTION", "DEFAULT_METHOD", "METHODS", "OOD_JSON", "OOD_WEIGHTS", "OODDetector", "ScoredModel",
@@ -127,12 +128,11 @@ def fit_detector(
 def save_detector(detector: OODDetector, model_dir: Path) -> None:
     """ood.safetensors (tensors) and ood.json (method, thresholds, k, what it was fitted on); the JSON last."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in detector.tensors.items()}, str(model_dir / OOD_WEIGHTS))
+    with atomic_path(model_dir / OOD_WEIGHTS) as temporary:
+        save_file({k: v.contiguous() for k, v in detector.tensors.items()}, str(temporary))
     payload = {"method": detector.method, "thresholds": detector.thresholds, "k": detector.k,
                "methods": list(METHODS), **detector.info}
-    temporary = model_dir / (OOD_JSON + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(model_dir / OOD_JSON)
+    write_text_atomic(model_dir / OOD_JSON, json.dumps(payload, indent=2))
 
 
 def load_detector(model_dir: Path) -> OODDetector | None:

@@ -10,7 +10,9 @@ or an evaluation's ``predictions.csv`` (:meth:`~RunDir.predictions`), ``model/mo
 DataError naming the file. ``metrics.json`` keys may be added, never renamed: older
 documents read (absent keys are None), unknown keys are kept in ``extra`` and written back.
 
-Imports nothing from medtransfer but ``errors``, so every layer may use it.
+Writes are atomic (:mod:`medtransfer.safeio`, re-exported here): a killed process leaves
+each document old or whole. Imports nothing from medtransfer but ``errors`` and ``safeio``,
+so every layer may use it.
 
 >>> RunDir("runs/resnet18").metrics().test.interval("auc")  # doctest: +SKIP
 (0.948, 0.975)
@@ -21,8 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,10 +31,12 @@ import numpy as np
 import yaml
 
 from medtransfer.errors import DataError
+from medtransfer.safeio import FolderLock, atomic_path, write_csv_atomic, write_text_atomic, write_yaml_atomic
 
 __all__ = [
-    "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "METRIC_KEYS", "Predictions", "RunDir", "RunMetrics",
-    "SplitMetrics", "SplitRow", "write_metrics", "write_text_atomic",
+    "CONFIG_FILE", "FolderLock", "HISTORY_FILE", "METRICS_FILE", "METRIC_KEYS", "Predictions", "REPORT_FILE", "RunDir",
+    "RunMetrics", "SplitMetrics", "SplitRow", "atomic_path", "write_csv_atomic", "write_metrics", "write_text_atomic",
+    "write_yaml_atomic",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -43,6 +45,7 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 MODEL_JSON = Path("model") / "model.json"
 GALLERY_FILE = "gallery.json"
+REPORT_FILE = "report.html"  # written last by `train`: its presence marks a finished run
 SPLIT_COLUMNS = ("path", "label", "patient_id", "split")
 
 # Threshold metrics of a split block, each with an optional "<key>_ci" interval.
@@ -52,30 +55,6 @@ _WHAT_IS_A_RUN = "pass a run directory (from `medtransfer train`) or an evaluati
 
 
 # ------------------------------------------------------------------------ writing
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` so that readers see the old file or the whole new one, never a part:
-    a temporary file in the same folder, flushed to disk, then one ``os.replace``. (Opened
-    with mode "x" rather than by ``mkstemp``, whose 0600 permissions would stick to the file.)"""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temporary, "x", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    return path
 
 
 def write_metrics(run_dir: Path, metrics: RunMetrics | Mapping[str, Any]) -> Path:
@@ -326,6 +305,10 @@ class RunDir:
 
     def has_metrics(self) -> bool:
         return (self.root / METRICS_FILE).is_file()
+
+    def finished(self) -> bool:
+        """Whether `train` wrote everything: the report comes last, after metrics.json."""
+        return self.has_metrics() and (self.root / REPORT_FILE).is_file()
 
     def metrics(self) -> RunMetrics:
         """``metrics.json``, typed. DataError: the folder or the file is missing or malformed."""

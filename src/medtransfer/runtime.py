@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,16 +31,23 @@ __all__ = [
     "PRECISIONS",
     "autocast",
     "available_cores",
+    "barrier",
+    "cpu_name",
     "cpu_supports_bf16",
     "default_decode_workers",
     "default_num_workers",
     "device_for",
+    "global_rank",
+    "hardware_summary",
+    "is_global_zero",
+    "local_rank",
     "memory_format",
     "place_batch",
     "place_model",
     "predict_logits",
     "resolve_accelerator",
     "resolve_precision",
+    "world_size",
 ]
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -167,3 +175,97 @@ def predict_logits(
         with autocast(device, precision):
             outputs.append(model(place_batch(images, device, channels_last=channels_last)).float().cpu())
     return torch.cat(outputs).numpy() if outputs else torch.zeros((0, 0), dtype=torch.float32).numpy()
+
+
+# --------------------------------------------------------------------------- distributed ranks
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def local_rank() -> int:
+    """This process's index on its node: torchrun and Lightning set LOCAL_RANK, srun SLURM_LOCALID; else 0."""
+    return _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+
+
+def global_rank() -> int:
+    """This process's index among all processes of the run (0 when not distributed).
+
+    The process group's rank once it exists; before that (data loading runs before
+    Lightning starts the group) the launcher's environment: RANK (torchrun), LOCAL_RANK and
+    NODE_RANK (Lightning's own launcher; a process on another node is never rank 0), or
+    SLURM_PROCID (srun). LOCAL_RANK comes before SLURM_PROCID because processes that
+    Lightning launches inside one SLURM task inherit that task's SLURM_PROCID.
+    """
+    if _distributed():
+        return torch.distributed.get_rank()
+    rank = _env_int("RANK")
+    if rank is not None:
+        return rank
+    if "LOCAL_RANK" in os.environ:
+        node = _env_int("NODE_RANK", "GROUP_RANK") or 0
+        per_node = _env_int("LOCAL_WORLD_SIZE") or (local_rank() + 1)
+        return node * per_node + local_rank()
+    return _env_int("SLURM_PROCID") or 0
+
+
+def world_size() -> int:
+    """How many processes train together (1 when not distributed)."""
+    if _distributed():
+        return torch.distributed.get_world_size()
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+
+
+def is_global_zero() -> bool:
+    """True in the one process that writes the run folder."""
+    return global_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process of the group; a no-op before the group exists or when alone."""
+    if _distributed() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------- hardware record
+
+
+def hardware_summary(
+    *, accelerator: str, precision: str, devices: int = 1, num_nodes: int = 1, distributed: str = "none"
+) -> dict[str, object]:
+    """What ran the training, for metrics.json and the report (keys may be added, never renamed)."""
+    gpu = torch.cuda.get_device_name(0) if accelerator == "gpu" and torch.cuda.is_available() else None
+    return {
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "world_size": devices * num_nodes,
+        "distributed": distributed,
+        "precision": precision,
+        "gpu": gpu,
+        "cpu": cpu_name(),
+        "cores": available_cores(),
+        "torch": torch.__version__,
+    }
+
+
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC 7B13"), from /proc/cpuinfo on Linux, else the platform's machine name."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -231,3 +231,46 @@ def test_subset_views_share_the_data_file_and_return_the_same_pixels(tmp_path):
     part = images.subset([3, 1])
     assert part.paths == [paths[3], paths[1]] and part.data_file == images.data_file
     assert np.array_equal(part[0], images[3]) and np.array_equal(part[1], images[1])
+
+
+# ----------------------------------------------------------- edge cases of real folders
+
+
+def test_a_file_name_that_is_not_utf8_is_cached(tmp_path: Path, images: list[Path]) -> None:
+    odd = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xe9sum\xe9.png"))  # Latin-1 bytes, a surrogate in str
+    odd.write_bytes(images[1].read_bytes())
+    cache = ImageCache(tmp_path / "cache", SETTINGS)
+    for _ in range(2):  # the second build finds it in the index
+        got = cache.build([odd])
+        np.testing.assert_array_equal(got[0], decode_image(images[1], size=SIZE))
+    assert got.built == 0
+
+
+def test_a_file_rewritten_with_the_same_size_and_mtime_is_not_served_stale(tmp_path: Path, make_image) -> None:
+    path = make_image(tmp_path / "a.png", "L", size=(40, 40), seed=1)
+    cache = ImageCache(tmp_path / "cache", SETTINGS)
+    before = cache.build([path])[0]
+    st = path.stat()
+    replacement = make_image(tmp_path / "b.png", "L", size=(40, 40), seed=2).read_bytes()
+    assert len(replacement) == st.st_size  # same size (uncompressed-ish noise PNGs of one shape)
+    with open(path, "r+b") as handle:  # in place: same inode
+        handle.write(replacement)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = cache.build([path])
+    assert after.built == 1 and not np.array_equal(after[0], before)
+    np.testing.assert_array_equal(after[0], decode_image(path, size=SIZE))
+
+
+def test_a_second_process_waits_for_the_builder_with_a_message(tmp_path: Path, images: list[Path], capfd) -> None:
+    import fcntl
+    import threading
+
+    cache = ImageCache(tmp_path / "cache", SETTINGS)
+    cache.build(images[:1])
+    holder = open(cache.location / "lock", "a+b")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process building (flock is per open file)
+    threading.Timer(0.5, lambda: holder.close()).start()
+    got = cache.build(images)
+    assert "Waiting for another process that is filling the image cache" in capfd.readouterr().err
+    np.testing.assert_array_equal(got[3], decode_image(images[3], size=SIZE))

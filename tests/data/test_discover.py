@@ -14,7 +14,6 @@ from medtransfer.data.discover import (
     apply_class_map,
     discover,
     kermany_3class_label,
-    parse_class_map,
     patient_id_from_name,
 )
 from medtransfer.errors import ConfigError, DataError
@@ -234,39 +233,6 @@ def test_names_with_spaces_and_upper_case_suffixes_are_discovered(make_image, tm
 
 
 # --------------------------------------------------------------------------- class map
-
-
-@pytest.mark.parametrize(
-    ("values", "expected"),
-    [
-        (["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"], {"BACTERIA": "PNEUMONIA", "VIRUS": "PNEUMONIA"}),
-        (["0=NORMAL", "1=PNEUMONIA"], {"0": "NORMAL", "1": "PNEUMONIA"}),
-        ([" Normal = NORMAL "], {"Normal": "NORMAL"}),  # spaces around names are dropped
-        (["a=b=c"], {"a": "b=c"}),  # the first '=' separates
-        (["A=B", "A=B"], {"A": "B"}),  # repeated identically: fine
-        ("A=B", {"A": "B"}),  # one string
-        ({"COVID-19": "COVID", 0: "NORMAL"}, {"COVID-19": "COVID", "0": "NORMAL"}),  # a YAML mapping
-        (None, {}),
-        ([], {}),
-    ],
-)
-def test_parse_class_map(values, expected):
-    assert parse_class_map(values) == expected
-
-
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        (["PNEUMONIA"], "--class-map 'PNEUMONIA': expected OLD=NEW"),
-        (["=PNEUMONIA"], "--class-map '=PNEUMONIA': both the old and the new class name are needed"),
-        (["A= "], "--class-map 'A=': both"),
-        (["A=B", "A=C"], "--class-map maps 'A' twice (A=B, A=C)"),
-    ],
-)
-def test_parse_class_map_names_the_bad_value(values, message):
-    with pytest.raises(ConfigError) as info:
-        parse_class_map(values)
-    assert message in str(info.value)
 
 
 def test_apply_class_map_renames_and_merges():
@@ -522,3 +488,16 @@ def test_kermany_3class_discovery_refuses_ambiguous_pneumonia(make_kaggle_tree):
     root = make_kaggle_tree({"train": {"NORMAL": 1, "PNEUMONIA": ["person1_bacteria_1.jpeg", "scan7.jpeg"]}})
     with pytest.raises(DataError, match="scan7.jpeg"):
         discover(root, labels="kermany-3class")
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("img/a1.png,A\nimg/b1.png,B\n./img/a1.png,A\n", r"line 4: ./img/a1.png is listed again \(first on line 2\); keep one row per image"),
+        ("img/a1.png,A\nimg/a1.png,B\n", r"line 3: img/a1.png is listed again with label B where it had A \(first on line 2\)"),
+    ],
+)
+def test_csv_manifest_listing_an_image_twice_is_refused(csv_images, rows, message):
+    manifest = _write_csv(csv_images / "list.csv", "path,label\n" + rows)
+    with pytest.raises(DataError, match=message):
+        discover(manifest)

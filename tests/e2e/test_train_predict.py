@@ -75,7 +75,7 @@ def test_train_writes_the_run_directory_contract(trained_run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics)[:12] == ["backbone", "strategy", "weights", "params", "epochs_run", "best_epoch",
                                   "stopped_early", "train_seconds", "positive_class", "threshold", "val", "test"]
-    assert metrics["params"] == {"total": 11_177_538, "trainable": 11_168_002}
+    assert metrics["params"] == {"total": 11_177_538, "trainable": 11_168_002, "head": 1_026}
     assert metrics["positive_class"] == "PNEUMONIA" and metrics["epochs_run"] == 2
     for key in ["n", "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "confusion_matrix"]:
         assert key in metrics["test"] and key in metrics["val"]

@@ -160,8 +160,9 @@ def test_full_run_report_has_every_section_and_is_self_contained(tmp_path):
     assert path == run / "report.html" and path.is_file()
     assert out.getvalue().strip() == f"Report: {path}"
     text = path.read_text(encoding="utf-8")
-    assert sections(text) == list(SECTION_IDS)
-    for section_id in SECTION_IDS:
+    shown = [s for s in SECTION_IDS if s != "shift"]  # the shift summary belongs to `evaluate` on an external set
+    assert sections(text) == shown
+    for section_id in shown:
         assert re.search(rf'<section id="{section_id}">\s*<h2>', text)
     assert "0.962 (95% CI 0.948\u20130.975)" in text  # test AUC with its interval
     assert "0.991 (95% CI 0.948\u20130.975)" in text  # validation AUC
@@ -194,7 +195,7 @@ def test_evaluation_directory_without_training_files(tmp_path):
     run = make_run(tmp_path / "eval", metrics=metrics, training=False, plots=plots)
     (run / "predictions_test.csv").write_text("path,label,patient_id,prob_NORMAL,prob_PNEUMONIA,pred\n")
     text = write_report(run, title="External test set").read_text()
-    assert sections(text) == [s for s in SECTION_IDS if s != "explanations"]
+    assert sections(text) == [s for s in SECTION_IDS if s not in ("explanations", "shift")]
     assert "<title>External test set</title>" in text
     assert "No training history" in text and "No config.yaml" in text
     assert text.count(DATA_URI) == len(plots)
@@ -358,3 +359,11 @@ def test_evaluation_report_names_what_was_evaluated(tmp_path):
     summary = _section(write_report(run).read_text(), "summary")
     assert "/external/set (test split) with the model of runs/a" in summary
     assert "Classes</th><td>NORMAL, PNEUMONIA</td>" in summary  # from the header of predictions.csv
+
+
+def test_the_run_facts_name_the_hardware_and_distributed_setup(tmp_path):
+    metrics = _metrics()
+    metrics["hardware"] = {"accelerator": "gpu", "devices": 4, "num_nodes": 2, "world_size": 8, "distributed": "ddp",
+                           "precision": "bf16-mixed", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "x", "cores": 32}
+    text = write_report(make_run(tmp_path / "run", metrics=metrics)).read_text()
+    assert "4 x NVIDIA H100 80GB HBM3 on 2 nodes (world size 8, ddp)" in text

@@ -22,7 +22,7 @@ from medtransfer.models.strategies import Strategy, backbone_children, build_tra
 def test_resnet18_parameter_counts_match_the_published_figures(strategy, expected_trainable):
     net, spec = create_backbone("resnet18", num_classes=2, weights="none")
     model = build_transfer_model(net, spec, strategy)
-    assert model.parameter_counts() == {"total": 11_177_538, "trainable": expected_trainable}
+    assert model.parameter_counts() == {"total": 11_177_538, "trainable": expected_trainable, "head": 1_026}
 
 
 @pytest.mark.parametrize("name", list_backbones())

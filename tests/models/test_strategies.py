@@ -10,7 +10,14 @@ import torch
 
 from medtransfer.errors import ConfigError
 from medtransfer.models.backbones import create_backbone
-from medtransfer.models.strategies import STRATEGIES, Strategy, TransferModel, backbone_children, build_transfer_model
+from medtransfer.models.strategies import (
+    STRATEGIES,
+    Strategy,
+    TransferModel,
+    backbone_children,
+    build_transfer_model,
+    parameter_groups,
+)
 
 RESNET18_CHILDREN = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
 
@@ -83,7 +90,7 @@ def test_frozen_layers_stay_frozen_and_in_eval_mode_through_train_and_eval_switc
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("thaw",), r"^--strategy: got 'thaw'; choose one of finetune, freeze, linear-probe$"),
+        (("thaw",), r"^--strategy: got .thaw.; choose one of finetune, freeze, linear-probe, lp-ft, gradual$"),
         (("freeze", -1), r"^--freeze-children: got -1; expected 0 or more$"),
     ],
 )
@@ -93,6 +100,28 @@ def test_strategy_refuses_unknown_names_and_negative_counts_on_construction(args
 
 
 def test_every_named_strategy_can_be_built():
-    assert {Strategy(name).name for name in STRATEGIES} == {"finetune", "freeze", "linear-probe"}
+    assert {Strategy(name).name for name in STRATEGIES} == {"finetune", "freeze", "linear-probe", "lp-ft", "gradual"}
     for name in STRATEGIES:
         assert resnet18(Strategy(name)).parameter_counts()["total"] == 11_177_538
+
+
+def test_lp_ft_starts_unfrozen_and_gradual_starts_with_only_the_head():
+    assert resnet18(Strategy("lp-ft")).frozen == []  # its probe phase trains the head on features first
+    gradual = resnet18(Strategy("gradual"))
+    assert gradual.frozen == RESNET18_CHILDREN
+    assert gradual.parameter_counts()["trainable"] == 1_026
+    assert gradual.child_groups() == ["layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+
+
+def test_layer_wise_learning_rates_decay_per_child_group_from_the_head_down():
+    groups = parameter_groups(resnet18(Strategy("finetune")), 1e-3, 0.5)
+    assert [g["name"] for g in groups] == ["head", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3 * 0.5**k for k in range(7)])
+    assert sum(p.numel() for g in groups for p in g["params"]) == 11_177_538  # every parameter, once
+
+
+def test_frozen_groups_are_left_out_and_keep_their_depth():
+    groups = parameter_groups(resnet18(Strategy("freeze", 5)), 1.0, 0.7)  # conv1, bn1, layer1 frozen
+    assert [(g["name"], round(g["lr"], 4)) for g in groups] == [
+        ("head", 1.0), ("layer4", 0.7), ("layer3", 0.49), ("layer2", 0.343)
+    ]

@@ -108,3 +108,102 @@ def test_best_weights_state_survives_a_checkpoint(tmp_path):
     resumed = BestWeights(tmp_path / "best.safetensors")
     resumed.load_state_dict(best.state_dict())
     assert (resumed.best_score, resumed.best_epoch) == (0.42, 7)
+
+
+# --- gradual unfreezing and weight averaging, on a random-init resnet18 and 16 px images -------------------------
+
+from medtransfer.config import TrainConfig  # noqa: E402
+from medtransfer.data.datamodule import TransferDataModule  # noqa: E402
+from medtransfer.models.backbones import create_backbone  # noqa: E402
+from medtransfer.models.module import ClassifierModule  # noqa: E402
+from medtransfer.models.strategies import Strategy, backbone_children, build_transfer_model  # noqa: E402
+from medtransfer.train.callbacks import GradualUnfreezing  # noqa: E402
+from medtransfer.train.fit import fit_with_lightning  # noqa: E402
+
+RESNET18_GROUPS = ["layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]  # children with parameters, head down
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int):
+        self.images = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+        self.labels = [i % 2 for i in range(n)]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+
+def resnet_module(strategy: str, lr_decay: float = 1.0) -> ClassifierModule:
+    torch.manual_seed(0)
+    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
+    model = build_transfer_model(net, spec, Strategy(strategy))
+    return ClassifierModule(model, lr=1e-2, weight_decay=0.0, warmup_epochs=0, channels_last=False, lr_decay=lr_decay)
+
+
+class Recorder(L.Callback):
+    """Per epoch (after GradualUnfreezing ran): optimizer group names, their lr relative to the head's, trainable children."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        groups = trainer.optimizers[0].param_groups
+        model = pl_module.model
+        trainable = [n for n in RESNET18_GROUPS if all(p.requires_grad for p in model.net.get_submodule(n).parameters())]
+        self.epochs.append(([g["name"] for g in groups], [g["initial_lr"] / groups[0]["initial_lr"] for g in groups],
+                            trainable, model.net.layer4.training))
+
+
+def test_gradual_unfreezing_thaws_one_group_per_epoch_from_the_head_down_with_decayed_lrs():
+    module, recorder = resnet_module("gradual", lr_decay=0.5), Recorder()
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                        callbacks=[GradualUnfreezing(every=1, lr_decay=0.5), recorder])
+    data = TransferDataModule(train=Images(8, 0), val=Images(4, 1), batch_size=4, num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data)
+    assert recorder.epochs == [
+        (["head"], [1.0], [], False),
+        (["head", "layer4"], [1.0, 0.5], ["layer4"], True),
+        (["head", "layer4", "layer3"], [1.0, 0.5, 0.25], ["layer4", "layer3"], True),
+    ]
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert len(scheduler.base_lrs) == len(scheduler.lr_lambdas) == 3  # the thawed groups follow the schedule too
+
+
+def test_gradual_unfreezing_resumed_mid_schedule_restores_frozen_state_and_optimizer_groups(tmp_path):
+    settings = dict(batch_size=4, progress=False, lr=1e-2, warmup_epochs=0, strategy="gradual", unfreeze_every=2,
+                    lr_decay=0.5)
+    data = TransferDataModule(train=Images(8, 0), val=Images(4, 1), batch_size=4, num_workers=0)
+    fit_with_lightning(resnet_module("gradual", 0.5), data, TrainConfig(epochs=3, **settings), tmp_path,
+                       accelerator="cpu", precision="32-true", resume=False)
+    resumed = resnet_module("gradual", 0.5)  # a fresh process: everything frozen until the callback re-applies the epoch
+    fit_with_lightning(resumed, data, TrainConfig(epochs=5, **settings), tmp_path, accelerator="cpu",
+                       precision="32-true", resume=True)
+    assert [r["epoch"] for r in read_history(tmp_path / "history.csv")] == [1, 2, 3, 4, 5]
+    # 0-based epoch 4 with a group every 2 epochs: layer4 and layer3 train, the rest is frozen (BN in eval mode)
+    model = resumed.model
+    assert set(backbone_children(model.net, model.spec)) - set(model.frozen) == {"layer4", "layer3"}
+    model.train()
+    assert model.net.layer3.training and not model.net.layer2.training
+    groups = resumed.trainer.optimizers[0].param_groups
+    assert [g["name"] for g in groups] == ["head", "layer4", "layer3"]
+    assert [g["initial_lr"] for g in groups] == pytest.approx([1e-2, 5e-3, 2.5e-3])
+
+
+def test_ema_weights_differ_from_the_raw_ones_and_are_what_is_kept(tmp_path):
+    settings = TrainConfig(epochs=1, batch_size=4, progress=False, lr=5e-2, warmup_epochs=0, weight_averaging="ema",
+                           ema_decay=0.5)
+    module = resnet_module("finetune")
+    data = TransferDataModule(train=Images(16, 0), val=Images(4, 1), batch_size=4, num_workers=0)
+    fit_with_lightning(module, data, settings, tmp_path, accelerator="cpu", precision="32-true", resume=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    averaged = {k.removeprefix("model.net."): v for k, v in checkpoint["state_dict"].items()}
+    raw = {k.removeprefix("model.net."): v for k, v in checkpoint["current_model_state"].items()}
+    kept = module.model.net.state_dict()
+    assert not torch.allclose(raw["fc.weight"], averaged["fc.weight"])
+    for name in ("fc.weight", "layer4.1.conv2.weight", "bn1.running_mean"):  # buffers are averaged as well
+        assert torch.allclose(kept[name], averaged[name]), name

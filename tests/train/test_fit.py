@@ -103,3 +103,11 @@ def test_feature_probe_fit_trains_the_head_only_and_writes_history(tmp_path):
     assert fit.best_epoch == min(history, key=lambda r: r["val_loss"])["epoch"]
     assert fit.stopped_early is (len(history) < 5)
     assert all(torch.equal(v, body[k]) for k, v in probe.net.state_dict().items() if k in body)
+
+
+def test_compile_compiles_the_network_in_place_so_saved_weights_keep_their_names(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    fit, module = lightning(tmp_path, config(epochs=1, compile=True))
+    assert compiled == ["ResNet"] and fit.best_epoch == 1
+    assert all(not name.startswith("_orig_mod") for name in module.model.net.state_dict())

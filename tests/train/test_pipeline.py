@@ -7,8 +7,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
 
 from medtransfer.config import TrainConfig
@@ -54,7 +56,7 @@ def test_a_tiny_run_returns_its_typed_result_and_writes_the_run_folder(data, tmp
 
     assert isinstance(result, TrainResult)
     assert (result.backbone, result.strategy, result.weights) == ("resnet18", "freeze", "none")
-    assert result.params == {"total": 11_177_538, "trainable": 11_168_002}
+    assert result.params == {"total": 11_177_538, "trainable": 11_168_002, "head": 1_026}
     assert result.epochs_run == 2 and 1 <= result.best_epoch <= 2 and result.stopped_early is False
     assert result.classes == ["NORMAL", "PNEUMONIA"] and result.positive_class == "PNEUMONIA"
     assert 0.0 <= result.threshold <= 1.0 and result.threshold_policy == "youden"
@@ -76,7 +78,8 @@ def test_a_tiny_run_returns_its_typed_result_and_writes_the_run_folder(data, tmp
 def test_feature_probe_run_without_a_test_split(make_kaggle_tree, tmp_path):
     root = make_kaggle_tree({"train": {"NORMAL": 8, "PNEUMONIA": 8}})
     out = tmp_path / "probe"
-    result = run_training(tiny(root, tmp_path, strategy="linear-probe", augment=False, epochs=3), out, console=quiet())
+    config = tiny(root, tmp_path, strategy="linear-probe", augment=False, epochs=3, test_fraction=0)
+    result = run_training(config, out, console=quiet())
     assert result.test is None and json.loads((out / "metrics.json").read_text())["test"] is None
     assert result.params["trainable"] == 1_026 and result.epochs_run <= 3
     assert not (out / "checkpoints").exists()  # no Lightning: the head trained on cached features
@@ -146,6 +149,30 @@ def test_strict_split_refuses_leakage(make_kaggle_tree, tmp_path):
     with pytest.raises(DataError, match="^--strict: "):
         write_split(tiny(root, tmp_path, strict=True), tmp_path / "split.csv", quiet())
     assert not (tmp_path / "split.csv").exists()
+
+
+def test_near_duplicates_are_reported_with_the_summary_and_fail_under_strict(make_kaggle_tree, tmp_path):
+    test = {"NORMAL": ["IM-0050-0001.jpeg", "IM-0051-0001.jpeg"], "PNEUMONIA": ["person50_virus_1.jpeg", "person51_virus_2.jpeg"]}
+    root = make_kaggle_tree({"train": {"NORMAL": 4, "PNEUMONIA": 4}, "test": test})
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (8, 8)), np.ones((16, 16))).astype(np.uint8)  # survives re-encoding
+    Image.fromarray(smooth).save(root / "train" / "NORMAL" / "IM-0001-0001.jpeg", quality=95)
+    Image.fromarray(smooth).resize((100, 100)).save(root / "test" / "NORMAL" / "IM-0077-0001.jpeg", quality=60)
+    console = Console(record=True, width=400)
+    write_split(tiny(root, tmp_path), tmp_path / "split.csv", console)  # a new patient ID: only content finds it
+    text = console.export_text()
+    assert "Leakage check on 13 images" in text and "1 near-duplicate pair(s) in two splits" in text
+    assert "Leakage: 1 near-duplicate image pair(s) by content" in text
+    with pytest.raises(DataError, match="^--strict: 1 near-duplicate image pair"):
+        write_split(tiny(root, tmp_path, strict=True), tmp_path / "strict.csv", quiet())
+
+
+def test_class_map_and_test_fraction_reach_the_split(make_kaggle_tree, tmp_path):
+    root = make_kaggle_tree({"all": {"NORMAL": 10, "BACTERIA": 5, "VIRUS": 5}}) / "all"
+    config = tiny(root, tmp_path, class_map={"BACTERIA": "PNEUMONIA", "VIRUS": "PNEUMONIA"}, test_fraction=0.3)
+    records = draw_split(config)
+    assert {r.label for r in records} == {"NORMAL", "PNEUMONIA"}
+    assert sum(r.split == "test" for r in records) == 6
 
 
 def test_prebuild_cache_decodes_once(data, tmp_path, capsys):

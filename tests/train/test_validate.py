@@ -10,13 +10,13 @@ import torch
 
 from medtransfer.config import TrainConfig
 from medtransfer.data.discover import discover
-from medtransfer.errors import ConfigError, MedtransferError, WeightsError
+from medtransfer.errors import ConfigError, DataError, MedtransferError, WeightsError
 from medtransfer.evaluation.thresholds import parse_threshold_policy
 from medtransfer.models.backbones import get_backbone, load_weights_file
 from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_precision
 from medtransfer.train import validate
-from medtransfer.train.validate import IGNORED_SETTINGS, ignored_settings, uses_feature_probe, validate_config
+from medtransfer.train.validate import IGNORED_SETTINGS, ignored_settings, uses_feature_probe, validate_config, validate_splits
 
 
 def refusal(call) -> str:
@@ -104,7 +104,7 @@ PROBE = {"strategy": "linear-probe", "augment": False}
         ({"strategy": "finetune", "freeze_children": 2}, "--freeze-children", "2", "only --strategy freeze"),
         ({"strategy": "linear-probe", "freeze_children": 5}, "--freeze-children", "5", "only --strategy freeze"),
         ({"focal_gamma": 1.0}, "--focal-gamma", "1.0", "only --loss focal"),
-        ({"accelerator": "cpu", "devices": "2"}, "--devices", "'2'", "on the CPU"),
+        ({**PROBE, "num_nodes": 2}, "--num-nodes", "2", "one device"),
     ],
 )
 def test_a_setting_the_chosen_path_ignores_is_refused_in_one_line(values, setting, shown, why):
@@ -121,6 +121,7 @@ def test_a_setting_the_chosen_path_ignores_is_refused_in_one_line(values, settin
         {"strategy": "linear-probe", "augment": True, "label_smoothing": 0.1, "sampler": "balanced"},
         {"strategy": "freeze", "freeze_children": 2, "augment": False, "label_smoothing": 0.1},
         {"accelerator": "auto", "devices": "2"},
+        {"accelerator": "cpu", "devices": "2", "distributed": "ddp_spawn"},  # one process per CPU device (gloo)
     ],
 )
 def test_the_same_settings_are_accepted_where_the_path_uses_them(values):
@@ -157,3 +158,66 @@ def test_all_ignored_settings_are_listed():
 def test_docstring_example():
     failed, tried = doctest.testmod(validate, optionflags=doctest.ELLIPSIS)
     assert (failed, tried) == (0, 2)
+
+
+# ------------------------------------------------------------ splits, before the first epoch
+
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+
+
+@pytest.mark.parametrize(
+    ("labels", "threshold", "message"),
+    [
+        ({"train": ["NORMAL", "PNEUMONIA"], "val": ["NORMAL", "NORMAL"]}, "sensitivity:0.95",
+         r"the val split holds only NORMAL \(2 image\(s\)\), but --threshold sensitivity:0.95 chooses the threshold on it "
+         r"and needs the positive class PNEUMONIA and another class; raise --val-fraction"),
+        ({"train": ["NORMAL", "PNEUMONIA"], "val": CLASSES, "test": ["PNEUMONIA"]}, "youden",
+         r"the test split holds only PNEUMONIA .*AUC and the other scores are computed on it"),
+        ({"train": ["NORMAL", "NORMAL"], "val": CLASSES, "test": CLASSES}, "youden",
+         r"class\(es\) PNEUMONIA appear in val/test but not in the train split"),
+        ({"train": ["NORMAL"], "val": CLASSES}, "youden", r"the train split has 1 image\(s\); training needs at least 2"),
+    ],
+)
+def test_splits_that_would_fail_after_training_are_refused_before_it(labels, threshold, message):
+    with pytest.raises(DataError, match=r"^--data /d: " + message):
+        validate_splits(labels, CLASSES, TrainConfig(data="/d", threshold=threshold), "PNEUMONIA")
+
+
+def test_usable_splits_pass():
+    validate_splits({"train": CLASSES, "val": CLASSES, "test": CLASSES}, CLASSES, TrainConfig(data="/d"), "PNEUMONIA")
+
+
+# --------------------------------------------------------------------------- transfer strategies
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"head": "conv"}, "--head: got 'conv'; choose one of linear, mlp, dwconv"),
+        ({"strategy": "linear-probe", "wise_ft": True}, "--wise-ft: got true, but a linear probe's start has a random head"),
+        ({"strategy": "linear-probe", "augment": False, "head": "dwconv"}, "--head: got 'dwconv', but the linear probe on cached features"),
+        ({"strategy": "gradual", "weight_averaging": "swa"}, "--weight-averaging: got 'swa', but --strategy gradual keeps frozen"),
+        ({"lp_epochs": 3}, "--lp_epochs: got 3, but only --strategy lp-ft has a linear-probe phase"),
+        ({"strategy": "finetune", "unfreeze_every": 2}, "--unfreeze_every: got 2, but only --strategy gradual"),
+        ({"strategy": "linear-probe", "lr_decay": 0.7}, "--lr_decay: got 0.7, but"),
+        ({"ema_decay": 0.99}, "--ema_decay: got 0.99, but only --weight-averaging ema uses it"),
+        ({"lr_decay": 1.5}, "--lr-decay: got 1.5; expected a number in (0, 1]"),
+        ({"weight_averaging": "polyak"}, "--weight-averaging: got 'polyak'; expected none, ema or swa"),
+    ],
+)
+def test_transfer_choices_that_cannot_work_are_refused_before_the_run(values, message):
+    assert refusal(lambda: validate_config(TrainConfig(**values))).startswith(message.replace("_", "-"))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"strategy": "lp-ft", "lp_epochs": 3, "lp_lr": 1e-2, "wise_ft": True, "weight_averaging": "swa", "head": "dwconv"},
+        {"strategy": "gradual", "unfreeze_every": 2, "lr_decay": 0.7, "weight_averaging": "ema", "ema_decay": 0.99},
+        {"strategy": "freeze", "lr_decay": 0.7, "head": "mlp", "wise_ft": True},
+        {"strategy": "linear-probe", "augment": False, "head": "mlp"},
+    ],
+)
+def test_transfer_combinations_that_work_are_accepted(values):
+    validate_config(TrainConfig(**values))

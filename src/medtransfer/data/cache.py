@@ -12,7 +12,8 @@ Storage layout, one bucket per decode settings::
         settings.json   the settings, for humans
         data.bin        uint8 pixels of every entry, appended back to back
         index.sqlite    entries(hash -> offset, height, width, channels)
-                        files(path -> size, mtime_ns, hash), so unchanged files are not re-hashed
+                        file_stats(path -> size, mtime, ctime, inode, hash), so unchanged
+                        files are not re-hashed
         lock            held (fcntl.flock) by the process that builds
 
 Entries are keyed by the blake2b hash of the file's bytes: a changed file is decoded
@@ -33,9 +34,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import sqlite3
+import sys
 from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medtransfer.data.decode import ResampleName, check_size, decode_bytes, resample_filter
+from medtransfer.data.cache_loader import file_loader
+from medtransfer.data.decode import ResampleName, check_size, resample_filter
 from medtransfer.errors import ConfigError, DataError
 
 try:  # POSIX; elsewhere concurrent builds into one bucket are not guarded
@@ -59,9 +61,11 @@ FORMAT_VERSION = 2  # 2: transparency composited, palette and 16-bit RGB DICOM d
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (hash TEXT PRIMARY KEY, offset INTEGER NOT NULL,
     height INTEGER NOT NULL, width INTEGER NOT NULL, channels INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS file_stats (path BLOB PRIMARY KEY, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, hash TEXT NOT NULL);
 """
+# file_stats: keyed by the path's bytes (a name that is not UTF-8 is a valid key); a file rewritten
+# in place with size and mtime restored gets a new ctime, a replaced one a new inode: it is re-hashed.
 _FLUSH_EVERY = 256  # entries per fsync + index commit; a crash loses at most this many
 _MAX_LISTED_BAD = 10
 _SKIP_HINT = "use --skip-bad-images to leave them out"
@@ -207,9 +211,9 @@ class ImageCache:
             # 2. New or changed files: read + hash, decode only content not cached yet.
             built = 0
             pending: dict[str, np.ndarray] = {}
-            memo_updates: list[tuple[str, int, int, str]] = []
+            memo_updates: list[tuple] = []
             tasks = [str(in_paths[group[0]]) for group, _ in todo.values()]
-            with _loader(self.settings, set(entries), workers, len(tasks)) as load:
+            with file_loader(self.settings, set(entries), workers, len(tasks)) as load:
                 for (key, (group, stat)), (digest, result) in zip(todo.items(), load(tasks)):
                     advance(len(group))
                     if isinstance(result, str):
@@ -270,9 +274,15 @@ class ImageCache:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        """The bucket's lock; when another process builds, say so and wait for it (never mix writes)."""
         with open(self.location / "lock", "a+b") as fh:
             if fcntl is not None:
-                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"Waiting for another process that is filling the image cache {self.location} ...",
+                          file=sys.stderr, flush=True)
+                    fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
             finally:
@@ -310,7 +320,7 @@ class ImageCache:
         pending: dict[str, np.ndarray],
         end: int,
         entries: dict[str, tuple[int, tuple[int, int, int]]],
-        memo_updates: list[tuple[str, int, int, str]],
+        memo_updates: list[tuple],
     ) -> int:
         """Write pixels durably, then commit the index rows that point at them."""
         rows = []
@@ -326,7 +336,7 @@ class ImageCache:
                 fh.flush()
                 os.fsync(fh.fileno())
         conn.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)", rows)
-        conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", memo_updates)
+        conn.executemany("INSERT OR REPLACE INTO file_stats VALUES (?, ?, ?, ?, ?, ?)", memo_updates)
         conn.commit()
         for digest, offset, h, w, c in rows:
             entries[digest] = (offset, (h, w, c))
@@ -339,31 +349,31 @@ class ImageCache:
 def _read_index(
     conn: sqlite3.Connection,
 ) -> tuple[dict[str, tuple[int, tuple[int, int, int]]], dict[str, tuple[int, int, str]]]:
-    """``(entries, memo)``: hash -> (offset, (h, w, c)), and path -> (size, mtime_ns, hash)."""
+    """``(entries, memo)``: hash -> (offset, (h, w, c)), and path bytes -> (size, mtime, ctime, inode, hash)."""
     rows = conn.execute("SELECT hash, offset, height, width, channels FROM entries")
     entries = {digest: (offset, (h, w, c)) for digest, offset, h, w, c in rows}
-    rows = conn.execute("SELECT path, size, mtime_ns, hash FROM files")
-    memo = {path: (size, mtime, digest) for path, size, mtime, digest in rows}
+    rows = conn.execute("SELECT path, size, mtime_ns, ctime_ns, inode, hash FROM file_stats")
+    memo = {bytes(path): tuple(stat) for path, *stat in rows}
     return entries, memo
 
 
 def _plan(
     paths: list[Path],
-    memo: dict[str, tuple[int, int, str]],
+    memo: dict[bytes, tuple],
     entries: Container[str],
     advance: Callable[[int], None],
-) -> tuple[dict[int, str], dict[int, str], dict[str, tuple[list[int], tuple[int, int]]]]:
+) -> tuple[dict[int, str], dict[int, str], dict[bytes, tuple[list[int], tuple[int, int, int, int]]]]:
     """Cheap pass over ``paths``: stat each file and look it up in the memo.
 
     Returns ``(hashes, bad, todo)``: content hash of each position already cached,
     failure reason of each unreadable position, and for each remaining file (by absolute
-    path) its positions and ``(size, mtime_ns)`` taken before it is read.
+    path, as bytes) its positions and ``(size, mtime_ns, ctime_ns, inode)`` taken before it is read.
     """
     hashes: dict[int, str] = {}
     bad: dict[int, str] = {}
-    todo: dict[str, tuple[list[int], tuple[int, int]]] = {}
+    todo: dict[bytes, tuple[list[int], tuple[int, int, int, int]]] = {}
     for i, path in enumerate(paths):
-        key = os.path.abspath(path)
+        key = os.fsencode(os.path.abspath(path))
         if key in todo:
             todo[key][0].append(i)
             continue
@@ -373,61 +383,14 @@ def _plan(
             bad[i] = f"cannot read file ({exc.strerror or exc})"
             advance(1)
             continue
+        stat = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         known = memo.get(key)
-        if known is not None and known[:2] == (st.st_size, st.st_mtime_ns) and known[2] in entries:
-            hashes[i] = known[2]
+        if known is not None and tuple(known[:4]) == stat and known[4] in entries:
+            hashes[i] = known[4]
             advance(1)
         else:
-            todo[key] = ([i], (st.st_size, st.st_mtime_ns))
+            todo[key] = ([i], stat)
     return hashes, bad, todo
-
-
-LoadResult = tuple[str, np.ndarray | str | None]
-
-
-def _load_file(path: str, settings: CacheSettings, known: Container[str]) -> LoadResult:
-    """Read and hash one file; decode it unless its content is in ``known``.
-
-    Returns ``(hash, pixels)``, ``(hash, None)`` when already cached, or
-    ``(hash, reason)`` when the file is bad.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return "", f"cannot read file ({exc.strerror or exc})"
-    digest = hashlib.blake2b(data, digest_size=20).hexdigest()
-    if digest in known:
-        return digest, None
-    try:
-        return digest, decode_bytes(data, **asdict(settings))
-    except DataError as exc:  # "not a readable image (<reason>)"
-        return digest, str(exc)
-
-
-_worker_state: tuple[CacheSettings, frozenset[str]] | None = None
-
-
-def _init_worker(settings: CacheSettings, known: frozenset[str]) -> None:
-    global _worker_state
-    _worker_state = (settings, known)
-
-
-def _load_in_worker(path: str) -> LoadResult:
-    assert _worker_state is not None, "_init_worker was not called"
-    return _load_file(path, *_worker_state)
-
-
-@contextmanager
-def _loader(
-    settings: CacheSettings, known: set[str], workers: int, n_tasks: int
-) -> Iterator[Callable[[list[str]], Iterator[LoadResult]]]:
-    """Yield ``load(paths)``: an iterator of :func:`_load_file` results in input order."""
-    if workers == 1 or n_tasks < 2:
-        yield lambda paths: (_load_file(p, settings, known) for p in paths)
-        return
-    ctx = multiprocessing.get_context()
-    with ctx.Pool(min(workers, n_tasks), _init_worker, (settings, frozenset(known))) as pool:
-        yield lambda paths: pool.imap(_load_in_worker, paths, chunksize=4)
 
 
 def _squeeze(shape: tuple[int, int, int]) -> tuple[int, ...]:

@@ -16,8 +16,9 @@ chest X-ray set holds several images per patient and splitting by image leaks pa
 from __future__ import annotations
 
 import csv
+import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Re
                 f"--data {manifest}: CSV manifest lacks column(s) {', '.join(sorted(missing))}; "
                 f"found {', '.join(sorted(columns)) or 'no header'}. Required: path,label[,patient_id][,split]"
             )
-        records = []
+        records, first_seen = [], {}
         for line_number, row in enumerate(reader, start=2):
             raw_path = (row.get("path") or "").strip()
             label = (row.get("label") or "").strip()
@@ -193,6 +194,15 @@ def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Re
                     f"--data {manifest}, line {line_number}: split {split!r} is not one of {', '.join(SPLIT_NAMES)}"
                 )
             patient = (row.get("patient_id") or "").strip() or patient_id_from_name(path, patient_regex)
+            key = os.path.normpath(os.path.abspath(path))
+            if key in first_seen:  # a repeat would weigh twice, or land in two splits, or teach two labels
+                line, first_label = first_seen[key]
+                clash = f" with label {label} where it had {first_label}" if label != first_label else ""
+                raise DataError(
+                    f"--data {manifest}, line {line_number}: {raw_path} is listed again{clash} (first on line {line}); "
+                    "keep one row per image"
+                )
+            first_seen[key] = (line_number, label)
             records.append(Record(path, label, patient, split))
     if not records:
         raise DataError(f"--data {manifest}: the CSV manifest lists no images")
@@ -247,31 +257,6 @@ def discover(
         records = apply_class_map(records, class_map)
     check_class_sets(records)
     return records
-
-
-def parse_class_map(values: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:
-    """{OLD: NEW} from "OLD=NEW" strings (the repeatable flag) or a YAML mapping.
-
-    >>> parse_class_map(["BACTERIA=PNEUMONIA", "VIRUS=PNEUMONIA"])
-    {'BACTERIA': 'PNEUMONIA', 'VIRUS': 'PNEUMONIA'}
-    """
-    if values is None:
-        return {}
-    pairs = [(str(k), str(v)) for k, v in values.items()] if isinstance(values, Mapping) else []
-    if not isinstance(values, Mapping):
-        for value in [values] if isinstance(values, str) else values:
-            old, sep, new = str(value).partition("=")
-            if not sep:
-                raise ConfigError(f"--class-map {value!r}: expected OLD=NEW, e.g. --class-map BACTERIA=PNEUMONIA")
-            pairs.append((old, new))
-    mapping: dict[str, str] = {}
-    for old, new in ((o.strip(), n.strip()) for o, n in pairs):
-        if not old or not new:
-            raise ConfigError(f"--class-map '{old}={new}': both the old and the new class name are needed")
-        if mapping.get(old, new) != new:
-            raise ConfigError(f"--class-map maps {old!r} twice ({old}={mapping[old]}, {old}={new}); keep one")
-        mapping[old] = new
-    return mapping
 
 
 def apply_class_map(records: list[Record], class_map: Mapping[str, str]) -> list[Record]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from medtransfer.data.near_duplicates import (
     near_duplicate_pairs,
 )
 from medtransfer.errors import ConfigError, DataError
+from medtransfer.safeio import write_csv_atomic
 
 SPLIT_CSV_COLUMNS = ("path", "label", "patient_id", "split")
 DEFAULT_TEST_FRACTION = 0.2  # drawn by patient when the data has no test split
@@ -379,17 +381,16 @@ def summary_lines(summary: dict[str, dict[str, dict[str, int]]]) -> list[str]:
 
 
 def write_split_csv(records: list[Record], path: Path) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SPLIT_CSV_COLUMNS)
-        for r in records:
-            writer.writerow([str(r.path), r.label, r.patient_id, r.split])
+    """Atomically, with absolute paths (a resumed run may start in another folder); a file
+    name that is not UTF-8 is kept byte for byte (surrogateescape)."""
+    rows = ([os.path.abspath(r.path), r.label, r.patient_id, r.split] for r in records)
+    write_csv_atomic(path, SPLIT_CSV_COLUMNS, rows)
 
 
 def read_split_csv(path: Path) -> list[Record]:
     """Records from a split.csv written by `write_split_csv` (an empty split reads back as None)."""
     try:
-        handle = path.open(newline="", encoding="utf-8-sig")
+        handle = path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
         raise DataError(f"{path}: cannot read the split file ({exc.strerror or exc}); check the run folder") from None
     with handle:

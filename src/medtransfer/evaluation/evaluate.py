@@ -17,6 +17,7 @@ import numpy as np
 
 from medtransfer.evaluation import calibration, metrics, plots, resampling, thresholds
 from medtransfer.evaluation.thresholds import OperatingPoint
+from medtransfer.safeio import write_csv_atomic
 
 
 @dataclass
@@ -93,13 +94,11 @@ def write_predictions(outputs: SplitOutputs, point: OperatingPoint, classes: lis
     The first columns follow the run-directory contract; patient_id is appended for patient-level resampling."""
     probs = point.probabilities(outputs.logits)
     predicted = point.predict(probs)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", *[f"prob_{c}" for c in classes], "pred", "patient_id"])
-        for i, image in enumerate(outputs.paths):
-            writer.writerow(
-                [image, classes[outputs.labels[i]], *[repr(float(p)) for p in probs[i]], classes[predicted[i]], outputs.patient_ids[i]]
-            )
+    rows = (
+        [image, classes[outputs.labels[i]], *[repr(float(p)) for p in probs[i]], classes[predicted[i]], outputs.patient_ids[i]]
+        for i, image in enumerate(outputs.paths)
+    )
+    write_csv_atomic(path, ["path", "label", *[f"prob_{c}" for c in classes], "pred", "patient_id"], rows)
 
 
 def write_plots(

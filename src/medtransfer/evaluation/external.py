@@ -17,13 +17,14 @@ from rich.console import Console
 from medtransfer.artifacts import SavedModel, find_model_dir, load_model
 from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
-from medtransfer.data.discover import discover
+from medtransfer.data.discover import Record, apply_class_map, discover
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
+from medtransfer.evaluation.shift import shift_lines, shift_summary
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.ood import LogitsAndScore, ScoredModel
-from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
-from medtransfer.rundir import write_metrics
+from medtransfer.runtime import default_decode_workers, default_num_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
+from medtransfer.rundir import Predictions, RunDir, write_metrics
 
 
 def evaluate_saved_model(
@@ -47,17 +48,7 @@ def evaluate_saved_model(
     if out.resolve() == Path(run).resolve() or out.resolve() == find_model_dir(run).resolve():
         raise ConfigError(f"--out {out}: must differ from the run folder; evaluation never writes into the run")
     info = saved.info
-    training = info.training_config or {}
-    records = discover(data, patient_regex=training.get("patient_regex"), labels=training.get("labels", "folder"))
-    if any(r.split for r in records):
-        records = [r for r in records if r.split == split]
-        if not records:
-            raise DataError(f"--split {split}: --data {data} has no {split} images; choose another --split")
-    unknown = sorted({r.label for r in records} - set(saved.classes))
-    if unknown:
-        raise DataError(
-            f"--data {data}: classes {', '.join(unknown)} are unknown to the model (it knows {', '.join(saved.classes)})"
-        )
+    records = discover_external(saved, data, split=split, cache_dir=cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = ImageCache(cache_dir, CacheSettings(size=info.decode_size))
     images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=True, workers=default_decode_workers())
@@ -69,13 +60,14 @@ def evaluate_saved_model(
     logits = predict_logits(
         network,
         CachedImageDataset(images, labels, saved.transform()),
+        num_workers=default_num_workers(accelerator),  # pixels come from the memory-mapped cache, in workers
         device=device_for(accelerator),
         precision=resolve_precision(precision, accelerator),
     )
     scores = None if saved.ood is None else logits[:, -1]
     logits = logits if saved.ood is None else logits[:, :-1]
     outputs = SplitOutputs([str(r.path) for r in kept], np.asarray(labels), [r.patient_id for r in kept], logits)
-    point = OperatingPoint(info.positive_index, info.temperature, info.threshold, info.threshold_policy or "")
+    point = OperatingPoint.from_info(info)
     result = split_metrics(outputs, point, saved.classes, bootstrap=bootstrap, seed=seed)
     write_predictions(outputs, point, saved.classes, out / "predictions.csv")
     write_plots(outputs, point, saved.classes, result, out / "plots", prefix="test", band_resamples=min(200, bootstrap), seed=seed)
@@ -89,13 +81,17 @@ def evaluate_saved_model(
         "threshold": info.threshold,
         "threshold_policy": info.threshold_policy,
         "test": result,
+        "shift": shift_against_run(run, outputs, point),
     }
     if scores is None:
         console.print("This model was saved without an OOD detector: no foreign-input check (train again to get one).")
     else:
         metrics["ood"] = ood_summary(saved, outputs, scores, point, bootstrap=bootstrap, seed=seed)
+        metrics["shift"]["ood_flagged_fraction"] = metrics["ood"]["flagged_fraction"]
         console.print(f"OOD guard ({saved.ood.method}): {metrics['ood']['flagged']} of {len(scores)} images "
                       f"({metrics['ood']['flagged_fraction']:.1%}) do not look like the training data")
+    for line in shift_lines(metrics["shift"]):
+        console.print(line, markup=False, highlight=False)
     write_metrics(out, metrics)
     from medtransfer.evaluation.report import write_report
 
@@ -118,3 +114,58 @@ def ood_summary(saved: SavedModel, outputs: SplitOutputs, scores: np.ndarray, po
                                 [outputs.patient_ids[i] for i in keep], outputs.logits[keep])
         summary["test_without_flagged"] = split_metrics(accepted, point, saved.classes, bootstrap=bootstrap, seed=seed)
     return summary
+
+
+def discover_external(saved: SavedModel, data: Path, *, split: str, cache_dir: Path) -> list[Record]:
+    """The labelled images of `data` (its `split` when it has splits), read with the run's rules:
+    patient regex, label scheme, .npz class names and the class map of training.
+
+    Class-map entries whose old class the external set does not have are skipped: such a set
+    may already use the merged names.
+    """
+    training = saved.info.training_config or {}
+    records = discover(
+        data, patient_regex=training.get("patient_regex"), labels=training.get("labels", "folder"),
+        class_names=training.get("class_names") if Path(data).suffix.lower() == ".npz" else None,
+        extract_dir=Path(cache_dir) / "npz",
+    )
+    found = {r.label for r in records}
+    class_map = {old: new for old, new in (training.get("class_map") or {}).items() if old in found}
+    records = apply_class_map(records, class_map) if class_map else records
+    if any(r.split for r in records):
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise DataError(f"--split {split}: --data {data} has no {split} images; choose another --split")
+    unknown = sorted({r.label for r in records} - set(saved.classes))
+    if unknown:
+        raise DataError(
+            f"--data {data}: classes {', '.join(unknown)} are unknown to the model (it knows {', '.join(saved.classes)})"
+            + ("; rename them with the training run's --class-map" if not class_map else "")
+        )
+    return records
+
+
+def run_predictions(run: Path) -> tuple[str, Predictions] | None:
+    """The run's own test predictions (else validation) as the reference of the shift summary."""
+    root = Path(run)
+    if not (root / "metrics.json").is_file() and (root.parent / "metrics.json").is_file():
+        root = root.parent  # --run named the model/ folder
+    folder = RunDir(root)
+    for name in ("test", "val"):
+        predictions = folder.predictions(name)
+        if predictions is not None:
+            return f"{name} split of {root}", predictions
+    return None
+
+
+def shift_against_run(run: Path, outputs: SplitOutputs, point: OperatingPoint) -> dict[str, Any]:
+    """The shift summary of `outputs` against the run's own predictions (evaluation.shift)."""
+    probs = point.probabilities(outputs.logits)[:, point.positive_index]
+    labels = (outputs.labels == point.positive_index).astype(int)
+    reference = run_predictions(run)
+    if reference is None:
+        return shift_summary(labels, probs, reference_y=None, reference_prob=None, reference="")
+    name, predictions = reference
+    positive = predictions.classes[point.positive_index]
+    ref_y = np.asarray([label == positive for label in predictions.labels], dtype=int)
+    return shift_summary(labels, probs, reference_y=ref_y, reference_prob=predictions.probability(positive), reference=name)

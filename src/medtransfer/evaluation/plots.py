@@ -21,6 +21,7 @@ from medtransfer.errors import DataError
 from medtransfer.evaluation.calibration import expected_calibration_error, reliability_bins
 from medtransfer.evaluation.html import format_with_ci
 from medtransfer.evaluation.metrics import roc_curve_points, pr_curve_points
+from medtransfer.safeio import atomic_path
 
 __all__ = [
     "plot_confusion",
@@ -43,7 +44,8 @@ def _figure(width: float, height: float, **subplot_kw: Any) -> tuple[Figure, Any
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=DPI, format="png")
     fig.clear()
     return path
 

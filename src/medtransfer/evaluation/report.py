@@ -24,12 +24,14 @@ from medtransfer import __version__
 from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
 from medtransfer.evaluation.published import published_section
+from medtransfer.evaluation.report_findings import foreign_inputs_html, leakage_html, shift_html
 from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["SECTION_IDS", "write_report"]
 
 # In reading order: the verdict first, then what it rests on, the settings last.
-SECTION_IDS = ("summary", "data", "metrics", "foreign-inputs", "curves", "calibration", "training", "explanations", "published", "configuration")
+SECTION_IDS = ("summary", "shift", "data", "metrics", "foreign-inputs", "curves", "calibration", "training", "explanations",
+               "published", "configuration")
 
 
 def write_report(run_dir: Path, *, console: Any = None, title: str | None = None) -> Path:
@@ -204,6 +206,7 @@ def _run_facts(run: _Run) -> str:
         ("Weights", m.weights),
         ("Parameters", params if m.params is not None else None),
         ("Numeric precision", m.precision),
+        ("Hardware", _hardware_text(m.extra.get("hardware"))),
         ("Epochs run", m.epochs_run),
         ("Best epoch (lowest val loss)", m.best_epoch),
         ("Stopped early", m.stopped_early),
@@ -212,6 +215,16 @@ def _run_facts(run: _Run) -> str:
     ]
     rows += [(label, h.format_number(value)) for label, value in facts if value is not None]
     return "<h3>Run</h3>" + h.table(None, rows) if rows else ""
+
+
+def _hardware_text(hardware: Any) -> str | None:
+    """metrics.json's hardware block in one line: "2 x NVIDIA H100 on 1 node (world size 2, ddp)"."""
+    if not isinstance(hardware, dict):
+        return None
+    device = hardware.get("gpu") or f"{hardware.get('cpu') or 'CPU'} ({hardware.get('cores')} cores)"
+    nodes = hardware.get("num_nodes", 1)
+    text = f"{hardware.get('devices', 1)} x {device} on {nodes} node{'s' if nodes != 1 else ''}"
+    return text + f" (world size {hardware.get('world_size', 1)}, {hardware.get('distributed', 'none')})"
 
 
 def _configuration(run: _Run) -> str:
@@ -245,18 +258,7 @@ def _data(run: _Run) -> str:
     else:
         rows = [(_split_label(n), *(h.format_number(v) for v in (s.n, s.n_positive, s.patients))) for n, s in m.splits.items()]
         parts.append(h.table(["Split", "Images", "Positive", "Patients"], rows) if rows else h.note("No data summary in metrics.json."))
-    leakage = m.leakage
-    if leakage is None:
-        parts.append(h.note("No leakage check recorded in metrics.json."))
-    elif leakage.get("clean"):
-        parts.append(h.note("Leakage check passed: no patient and no byte-identical image appears in two splits.", css="ok"))
-    else:
-        text = (
-            f"Leakage check failed: {h.format_number(leakage.get('shared_patients'))} patient(s) in more than one split, "
-            f"{h.format_number(leakage.get('duplicate_images'))} byte-identical image(s) in more than one split."
-        )
-        examples = "".join(f"<li>{h.escape(x)}</li>" for x in leakage.get("examples") or [])
-        parts.append(h.note(text, css="warn") + (f"<ul>{examples}</ul>" if examples else ""))
+    parts.append(leakage_html(m.leakage))
     return h.section("data", "Data", "\n".join(parts))
 
 
@@ -439,21 +441,16 @@ def _other_figures(run: _Run) -> str:
     return h.section("other-figures", "Other figures", h.figures([(p, p.stem.replace("_", " ")) for p in extra]))
 
 
+def _shift(run: _Run) -> str:
+    return shift_html(run.metrics.extra.get("shift"))
+
+
 def _foreign_inputs(run: _Run) -> str:
-    """metrics.json "ood" (from `medtransfer evaluate` with an OOD detector): flagged share, metrics without them."""
-    ood, fmt, test = run.metrics.extra.get("ood"), h.format_number, run.metrics.test
-    if not isinstance(ood, dict):
-        return ""
-    lead = (f"{fmt(ood.get('flagged'))} image(s) ({fmt(100 * ood.get('flagged_fraction', 0), 1)}%) do not look like the "
-            f"training data: OOD score ({h.escape(str(ood.get('method')))}) above {fmt(ood.get('threshold'))}, "
-            "the level that accepts 95% of the run's validation images.")
-    rest = SplitMetrics.from_dict(ood["test_without_flagged"]) if isinstance(ood.get("test_without_flagged"), dict) else None
-    rows = [[label, fmt(test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS] if rest and test else []
-    table = h.table(["Metric", "All images", "Without flagged images"], rows + [["Images", fmt(test.n), fmt(rest.n)]]) if rows else ""
-    return h.section("foreign-inputs", "Foreign inputs", h.note(lead) + table)
+    return foreign_inputs_html(run.metrics.extra.get("ood"), run.metrics.test)
 
 
 _SECTIONS = {
-    "summary": _summary, "data": _data, "metrics": _metrics, "foreign-inputs": _foreign_inputs, "curves": _curves, "calibration": _calibration,
+    "summary": _summary, "shift": _shift, "data": _data, "metrics": _metrics, "foreign-inputs": _foreign_inputs,
+    "curves": _curves, "calibration": _calibration,
     "training": _training, "explanations": _explanations, "published": _published, "configuration": _configuration,
 }

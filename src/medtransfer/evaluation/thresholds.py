@@ -22,7 +22,7 @@ import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.calibration import apply_temperature
-from medtransfer.artifacts import predicted_classes
+from medtransfer.artifacts import ModelInfo, predicted_classes
 from medtransfer.evaluation.metrics import RankedScores, binary_inputs, require_both_classes
 
 __all__ = ["OperatingPoint", "ThresholdPolicy", "choose_threshold", "parse_threshold_policy"]
@@ -160,6 +160,11 @@ class OperatingPoint:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return apply_temperature(logits, self.temperature)
+
+    @classmethod
+    def from_info(cls, info: ModelInfo) -> OperatingPoint:
+        """The operating point a saved model carries in its model.json."""
+        return cls(info.positive_index, info.temperature, info.threshold, info.threshold_policy or "")
 
     def predict(self, probs: np.ndarray) -> np.ndarray:
         """Binary: positive when p >= threshold. N classes: argmax (threshold applies to positive-vs-rest metrics)."""

@@ -40,6 +40,7 @@ import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.rundir import RunDir
+from medtransfer.safeio import write_text_atomic
 
 __all__ = ["GALLERY_DIR", "GALLERY_FILE", "GalleryGroup", "PredictionRow", "gallery_rows", "select_gallery", "write_gallery"]
 
@@ -222,10 +223,7 @@ def write_gallery(
         "positive_class": positive,
     }
     path = run_dir / GALLERY_FILE
-    temporary = run_dir / (GALLERY_FILE + ".tmp")
-    temporary.write_text(json.dumps(gallery, indent=2), encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(gallery, indent=2))
 
 
 def _render(

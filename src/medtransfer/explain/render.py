@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medtransfer.safeio import atomic_path
+
 __all__ = ["gray_from_pixels", "overlay", "prediction_caption", "save_overlay"]
 
 
@@ -63,7 +65,8 @@ def save_overlay(path: str | Path, image_gray: np.ndarray, cam: np.ndarray, capt
     ImageDraw.Draw(canvas).text((pad - left, picture.height + pad - top), caption, fill=(255, 255, 255), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
+    with atomic_path(path) as temporary:
+        canvas.save(temporary, format="PNG")
     return path
 
 

@@ -51,6 +51,18 @@ class BackboneSpec:
     build: Callable[..., nn.Module] = field(default=None, repr=False)
     imagenet_state_dict: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
+    def __reduce__(self):
+        # Picklable for DDP (ddp_spawn sends the model to each process): the builder closures are
+        # looked up again by name in the receiving process.
+        return (_spec_by_name, (self.name, self.source, self.head, self.cam_layer, self.first_conv,
+                                self.normalization, self.expand))
+
+
+def _spec_by_name(name, source, head, cam_layer, first_conv, normalization, expand) -> "BackboneSpec":
+    spec = get_backbone(name)
+    return BackboneSpec(name, source, head, cam_layer, first_conv, normalization, expand, spec.build,
+                        spec.imagenet_state_dict)
+
 
 # Factories, not specs: building a spec may construct a probe model, so it waits until asked.
 _REGISTRY: dict[str, Callable[[], BackboneSpec]] = {}

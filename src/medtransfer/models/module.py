@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from medtransfer.models.strategies import TransferModel
+from medtransfer.models.strategies import TransferModel, parameter_groups
 
 LOSSES = ("cross-entropy", "focal")  # focal: ClassifierModule(focal_gamma > 0)
 
@@ -33,10 +33,12 @@ class ClassifierModule(L.LightningModule):
         label_smoothing: float = 0.0,
         focal_gamma: float = 0.0,
         channels_last: bool = True,
+        lr_decay: float = 1.0,
     ):
         super().__init__()
         self.model = model
         self.lr = lr
+        self.lr_decay = lr_decay  # per child group from the head down (1.0: one learning rate)
         self.weight_decay = weight_decay
         self.warmup_epochs = warmup_epochs
         self.focal_gamma = focal_gamma
@@ -44,6 +46,7 @@ class ClassifierModule(L.LightningModule):
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weight, persistent=False)
         self.label_smoothing = label_smoothing
+        self._val_sums = torch.zeros(3, dtype=torch.float64)  # loss x images, hits, images (this rank)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -71,10 +74,30 @@ class ClassifierModule(L.LightningModule):
         logits = self(images)
         loss = self.loss(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        if stage == "val":
+            # Under DDP each rank validates its own shard (no padding: shards may differ by one image).
+            # Sums of loss x images, hits and images are added over the ranks when the epoch ends, so
+            # val/loss counts every validation image once and is the same number on every rank (early
+            # stopping and the best epoch agree). Nothing is synced per step: ranks never wait on each other.
+            sums = self._val_sums
+            hits = (logits.argmax(dim=1) == labels).sum()
+            sums += torch.stack([loss.detach().to(sums) * len(labels), hits.to(sums), sums.new_tensor(len(labels))])
+            return loss
+        # Training shards are padded to equal size, so Lightning's sync_dist mean is exact.
+        logged = {"on_epoch": True, "prog_bar": True, "batch_size": len(labels), "sync_dist": True}
+        self.log("train/loss", loss, on_step=True, **logged)
+        self.log("train/acc", accuracy, on_step=False, **logged)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        loss, hits, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        count = max(count, 1.0)
+        # Already the same on every rank; sync_dist only averages equal values (and silences Lightning's hint).
+        self.log("val/loss", loss / count, prog_bar=True, sync_dist=True)
+        self.log("val/acc", hits / count, prog_bar=True, sync_dist=True)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -83,8 +106,8 @@ class ClassifierModule(L.LightningModule):
         return self._step(batch, "val")
 
     def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        groups = parameter_groups(self.model, self.lr, self.lr_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))
         schedule = torch.optim.lr_scheduler.LambdaLR(

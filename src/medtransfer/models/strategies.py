@@ -4,7 +4,16 @@
 - freeze: the first N children (layers in forward order) are frozen, the rest trains
   (the classic "fixed feature extractor" of the chest X-ray script is N=4 on resnet18:
   conv1, bn1, relu, maxpool);
-- linear-probe: only the new head trains.
+- linear-probe: only the new head trains;
+- lp-ft: LP-FT (Kumar et al., ICLR 2022): the head first trains on frozen features (a
+  linear probe of `lp_epochs`), then everything fine-tunes from that head, so the
+  pretrained features are not distorted by the gradients of a random head;
+- gradual: gradual unfreezing (ULMFiT): the head trains alone, then one child group is
+  unfrozen every `unfreeze_every` epochs from the head down
+  (:class:`medtransfer.train.callbacks.GradualUnfreezing`).
+
+Layer-wise learning rates (:func:`parameter_groups`) scale each child group's learning
+rate by `lr_decay` per group from the head down, with any strategy.
 
 Frozen parts keep BatchNorm in eval mode (their running statistics stay the pretrained
 ones) and, being a prefix of the network, run without autograd.
@@ -19,8 +28,9 @@ from torch import nn
 
 from medtransfer.errors import ConfigError
 from medtransfer.models.backbones import BackboneSpec
+from medtransfer.models.heads import HEAD_BLOCK, apply_head, head_modules
 
-STRATEGIES = ("finetune", "freeze", "linear-probe")
+STRATEGIES = ("finetune", "freeze", "linear-probe", "lp-ft", "gradual")
 
 
 def backbone_children(net: nn.Module, spec: BackboneSpec) -> list[str]:
@@ -32,7 +42,7 @@ def backbone_children(net: nn.Module, spec: BackboneSpec) -> list[str]:
         else:
             names.append(name)
     head_root = spec.head.split(".")[0]
-    return [n for n in names if n != spec.head and n != head_root]
+    return [n for n in names if n not in (spec.head, head_root, HEAD_BLOCK)]
 
 
 class TransferModel(nn.Module):
@@ -46,6 +56,9 @@ class TransferModel(nn.Module):
         self.freeze(frozen or [])
 
     def freeze(self, names: list[str]) -> None:
+        """Freeze exactly the children `names`; everything else (the head always) trains."""
+        for parameter in self.net.parameters():
+            parameter.requires_grad_(True)
         for name in names:
             for parameter in self.net.get_submodule(name).parameters():
                 parameter.requires_grad_(False)
@@ -62,14 +75,25 @@ class TransferModel(nn.Module):
         return self.net(images)
 
     @property
-    def head(self) -> nn.Linear:
+    def head(self) -> nn.Module:
+        """The classifier at spec.head (Linear, or MLPHead with the same in/out_features)."""
         return self.net.get_submodule(self.spec.head)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
 
     def parameter_counts(self) -> dict[str, int]:
         return {
             "total": sum(p.numel() for p in self.parameters()),
             "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "head": sum(p.numel() for m in head_modules(self.net, self.spec) for p in m.parameters()),
         }
+
+    def child_groups(self) -> list[str]:
+        """Backbone children that hold parameters, from the head down (the units of lr decay and unfreezing)."""
+        children = reversed(backbone_children(self.net, self.spec))
+        return [n for n in children if any(True for _ in self.net.get_submodule(n).parameters())]
 
 
 @dataclass(frozen=True)
@@ -87,9 +111,9 @@ class Strategy:
 
     def frozen_children(self, net: nn.Module, spec: BackboneSpec) -> list[str]:
         children = backbone_children(net, spec)
-        if self.name == "finetune":
+        if self.name in ("finetune", "lp-ft"):  # lp-ft: the probe phase freezes on its own
             return []
-        if self.name == "linear-probe":
+        if self.name in ("linear-probe", "gradual"):  # gradual: GradualUnfreezing thaws them during training
             return children
         if self.freeze_children > len(children):
             raise ConfigError(
@@ -99,5 +123,25 @@ class Strategy:
         return children[: self.freeze_children]
 
 
-def build_transfer_model(net: nn.Module, spec: BackboneSpec, strategy: Strategy) -> TransferModel:
+def build_transfer_model(net: nn.Module, spec: BackboneSpec, strategy: Strategy, head: str = "linear") -> TransferModel:
+    """The network with the head called `head` (models/heads.py) and the strategy's children frozen."""
+    apply_head(net, spec, head)
     return TransferModel(net, spec, strategy.frozen_children(net, spec))
+
+
+def parameter_groups(model: TransferModel, lr: float, decay: float = 1.0) -> list[dict]:
+    """Optimizer groups of the trainable parameters: the head at `lr`, then each child group
+    from the head down at lr * decay**k (discriminative learning rates, ULMFiT). decay 1.0: one lr.
+
+    Each group carries its "name" (the child, or "head"), so a callback can find it again.
+    """
+    groups = [{"name": "head", "params": [p for m in head_modules(model.net, model.spec) for p in m.parameters()]}]
+    groups += [{"name": name, "params": list(model.net.get_submodule(name).parameters())} for name in model.child_groups()]
+    grouped = {id(p) for group in groups for p in group["params"]}
+    groups[0]["params"] += [p for p in model.net.parameters() if id(p) not in grouped]  # outside any child: head's lr
+    out = []
+    for depth, group in enumerate(groups):
+        params = [p for p in group["params"] if p.requires_grad]
+        if params:
+            out.append({"name": group["name"], "params": params, "lr": lr * decay**depth})
+    return out

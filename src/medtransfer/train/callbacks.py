@@ -1,4 +1,4 @@
-"""Lightning callbacks that write the run directory's history.csv and best weights."""
+"""Lightning callbacks: history.csv, the best weights, gradual unfreezing and weight averaging."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning, EMAWeightAveraging, StochasticWeightAveraging
 from safetensors.torch import load_file, save_file
+
+from medtransfer.safeio import atomic_path, write_csv_atomic
+
+WEIGHT_AVERAGING = ("none", "ema", "swa")
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -33,7 +38,7 @@ class HistoryWriter(L.Callback):
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:  # under DDP only rank 0 writes the run folder
             return
         row = {
             "epoch": trainer.current_epoch + 1,
@@ -49,10 +54,7 @@ class HistoryWriter(L.Callback):
 
 
 def write_history(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in rows)
+    write_csv_atomic(path, HISTORY_COLUMNS, ([row[k] for k in HISTORY_COLUMNS] for row in rows))
 
 
 def read_history(path: Path) -> list[dict]:
@@ -65,9 +67,10 @@ def read_history(path: Path) -> list[dict]:
 class BestWeights(L.Callback):
     """Keeps the weights with the lowest validation loss as safetensors (no pickle to reload)."""
 
-    def __init__(self, path: Path, monitor: str = "val/loss"):
+    def __init__(self, path: Path, monitor: str = "val/loss", averaging: EMAWeightAveraging | None = None):
         self.path = path
         self.monitor = monitor
+        self.averaging = averaging  # with EMA, validation scores the averaged weights, so those are kept
         self.best_score = math.inf
         self.best_epoch = 0
 
@@ -79,10 +82,14 @@ class BestWeights(L.Callback):
             return
         self.best_score = float(score)
         self.best_epoch = trainer.current_epoch + 1
-        state = {k: v.detach().cpu().contiguous() for k, v in pl_module.model.net.state_dict().items()}
-        temporary = self.path.with_suffix(".tmp")
-        save_file(state, str(temporary))
-        temporary.replace(self.path)
+        if not trainer.is_global_zero:  # every rank tracks the (synced) best score; rank 0 writes it
+            return
+        source = pl_module
+        if self.averaging is not None and self.averaging._average_model is not None:  # swapped back after validation
+            source = self.averaging._average_model.module
+        state = {k: v.detach().cpu().contiguous() for k, v in source.model.net.state_dict().items()}
+        with atomic_path(self.path) as temporary:
+            save_file(state, str(temporary))
 
     def load_best(self, model: torch.nn.Module) -> None:
         model.load_state_dict(load_file(str(self.path)), strict=True)
@@ -93,3 +100,59 @@ class BestWeights(L.Callback):
     def load_state_dict(self, state_dict):
         self.best_score = state_dict["best_score"]
         self.best_epoch = state_dict["best_epoch"]
+
+
+class GradualUnfreezing(BaseFinetuning):
+    """Gradual unfreezing (ULMFiT): the head trains alone, then every `every` epochs the next child
+    group from the head down thaws and joins the optimizer at lr * lr_decay**depth.
+
+    What is frozen is decided by the epoch number alone, so it is the same on every DDP rank,
+    and a resumed run re-applies it at its first epoch; the optimizer's added groups come back
+    from this callback's checkpointed state (BaseFinetuning), the scheduler is extended to them.
+    """
+
+    def __init__(self, every: int = 1, lr_decay: float = 1.0):
+        super().__init__()
+        self.every = every
+        self.lr_decay = lr_decay
+
+    def thawed_groups(self, groups: list[str], epoch: int) -> list[str]:
+        """The child groups (from the head down) that train in 0-based `epoch`."""
+        return groups[: epoch // self.every]
+
+    def freeze_before_training(self, pl_module) -> None:
+        model = pl_module.model
+        model.freeze(list(dict.fromkeys(model.frozen + model.child_groups())))
+
+    def finetune_function(self, pl_module, epoch: int, optimizer) -> None:
+        model = pl_module.model
+        groups = model.child_groups()
+        thawed = self.thawed_groups(groups, epoch)
+        model.freeze([name for name in dict.fromkeys(model.frozen + groups) if name not in thawed])
+        present = {group.get("name") for group in optimizer.param_groups}
+        head = optimizer.param_groups[0]
+        scale = head["lr"] / head.get("initial_lr", head["lr"])  # where the schedule is now
+        for depth, name in enumerate(groups, start=1):
+            if name in thawed and name not in present:
+                base = head.get("initial_lr", head["lr"]) * self.lr_decay**depth
+                params = [p for p in model.net.get_submodule(name).parameters() if p.requires_grad]
+                optimizer.add_param_group({"name": name, "params": params, "lr": base * scale, "initial_lr": base})
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        for config in trainer.lr_scheduler_configs:  # LambdaLR schedules only the groups it was built with
+            scheduler = config.scheduler
+            groups = scheduler.optimizer.param_groups
+            if hasattr(scheduler, "lr_lambdas") and len(scheduler.lr_lambdas) < len(groups):
+                scheduler.lr_lambdas = [scheduler.lr_lambdas[0]] * len(groups)
+                scheduler.base_lrs = [group["initial_lr"] for group in groups]
+
+
+def weight_averaging_callback(name: str, *, lr: float, ema_decay: float) -> L.Callback | None:
+    """Lightning's EMA (validated and saved: the averaged weights, BN statistics averaged too) or
+    SWA (averages the last 20% of epochs at lr/10, then recomputes BN statistics in one extra pass)."""
+    if name == "ema":
+        return EMAWeightAveraging(decay=ema_decay, use_buffers=True)
+    if name == "swa":
+        return StochasticWeightAveraging(swa_lrs=lr / 10, swa_epoch_start=0.8, annealing_epochs=1)
+    return None

@@ -3,11 +3,18 @@
 - :func:`fit_with_lightning`: Lightning with early stopping on validation loss, the best
   weights kept as safetensors and the latest epoch checkpointed for ``--resume``;
 - :func:`train_probe_on_features`: a linear probe without augmentation, trained on backbone
-  features computed once (see :mod:`medtransfer.train.feature_probe`).
+  features computed once (see :mod:`medtransfer.train.feature_probe`); also the first phase
+  of LP-FT (:func:`probe_phase`).
+
+The strategy's callbacks join the Lightning fit here: gradual unfreezing and weight
+averaging (EMA: the averaged weights are validated and kept; SWA: the final averaged
+weights are kept, early stopping is off since SWA averages up to the last epoch).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,16 +29,29 @@ from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.errors import DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
-from medtransfer.train.callbacks import BestWeights, HistoryWriter, write_history
+from medtransfer.runtime import is_global_zero
+from medtransfer.train.callbacks import (
+    BestWeights,
+    GradualUnfreezing,
+    HistoryWriter,
+    read_history,
+    weight_averaging_callback,
+    write_history,
+)
+from medtransfer.train.checkpointing import AtomicCheckpointIO, EpochSeeding, ResumeCheckpoint
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
 
-__all__ = ["Fit", "fit_with_lightning", "train_probe_on_features"]
+__all__ = ["Fit", "fit_with_lightning", "probe_phase", "train_probe_on_features"]
 
 
 @dataclass(frozen=True)
 class Fit:
     best_epoch: int  # 1-based epoch whose weights the model now holds
     stopped_early: bool
+    wise_ft: dict | None = None  # the WiSE-FT record when the weights were interpolated afterwards
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    distributed: str = "none"  # the Lightning strategy when several processes trained: ddp, ddp_spawn
     features: dict[str, torch.Tensor] | None = None  # a linear probe's frozen-backbone train/val features, for reuse
 
 
@@ -39,7 +59,10 @@ def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str
     return L.Trainer(
         max_epochs=config.epochs,
         accelerator=accelerator,
-        devices=config.devices if accelerator == "gpu" else 1,
+        devices=config.devices,  # "auto": every visible GPU, or one CPU process
+        num_nodes=config.num_nodes,
+        strategy=config.distributed,
+        use_distributed_sampler=False,  # TransferDataModule shards itself (weighted draws, unpadded validation)
         precision=precision,
         callbacks=callbacks,
         logger=False,
@@ -48,6 +71,8 @@ def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str
         num_sanity_val_steps=0,
         deterministic=False,
         default_root_dir=out,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # ResumeCheckpoint and BestWeights keep what a run needs
     )
 
 
@@ -66,33 +91,64 @@ def fit_with_lightning(
     Raises TrainingInterrupted after Ctrl-C (the run can be resumed from its last full epoch).
     """
     checkpoints = out / "checkpoints"
-    checkpoints.mkdir(exist_ok=True)
-    best = BestWeights(checkpoints / "best.safetensors")
-    early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=config.patience)
-    # The latest epoch for --resume (one file; last.ckpt links to it). The best weights are kept
-    # by BestWeights as safetensors, so nothing is unpickled to reload them.
-    latest = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=checkpoints, filename="latest", save_top_k=1, save_last="link", save_on_train_epoch_end=True
-    )
-    callbacks = [early_stopping, best, HistoryWriter(out / "history.csv"), latest]
+    if is_global_zero():  # under torchrun every rank runs this; only rank 0 writes the run folder
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    averaging = weight_averaging_callback(config.weight_averaging, lr=config.lr, ema_decay=config.ema_decay)
+    swa = config.weight_averaging == "swa"
+    best = BestWeights(checkpoints / "best.safetensors", averaging=None if swa else averaging)
+    # SWA averages up to the last epoch: stopping early would skip the averaging.
+    patience = config.epochs + 1 if swa else config.patience
+    early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=patience)
+    # The latest epoch for --resume, saved last (after the states it records); the best weights are
+    # kept by BestWeights as safetensors. EpochSeeding makes the randomness of an epoch resumable.
+    callbacks = [EpochSeeding(config.seed), early_stopping, best, HistoryWriter(out / "history.csv")]
+    if config.strategy == "gradual":
+        callbacks.insert(1, GradualUnfreezing(config.unfreeze_every, config.lr_decay))
+    if averaging is not None:
+        callbacks.insert(1, averaging)
+    callbacks.append(ResumeCheckpoint(checkpoints))
     trainer = _trainer(config, out, accelerator=accelerator, precision=precision, callbacks=callbacks)
     last = checkpoints / "last.ckpt"
+    if config.compile:
+        module.model.net.compile()  # in place: parameter names, hence saved weights, are unchanged
     try:
         with warnings.catch_warnings():
             # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
+            # SWA swaps the per-step schedule for its own per-epoch SWALR at its start, as intended.
+            warnings.filterwarnings("ignore", message=r"SWA is currently only supported every epoch.*")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None,
+                        weights_only=True)
     except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown; last.ckpt holds the last full epoch
         if trainer.interrupted:
             raise TrainingInterrupted(out) from None
         raise
     if trainer.interrupted:
         raise TrainingInterrupted(out)
+    setup = {"devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "distributed": _distributed_name(trainer)}
+    if not trainer.is_global_zero:  # only rank 0 goes on to evaluate and write the run folder
+        return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0), **setup)
     if not best.path.is_file():
         raise DataError("training produced no finite validation loss; lower --lr or check the data")
+    if swa:  # the model holds the SWA average (BN statistics recomputed) after the last epoch
+        return Fit(len(read_history(out / "history.csv")), False, **setup)
     best.load_best(module.model.net)
-    return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0))
+    if best.best_epoch == 0:  # ddp_spawn trained copies of the callbacks in other processes: read their files
+        history = read_history(out / "history.csv")
+        finite = [r for r in history if math.isfinite(r["val_loss"])]
+        best_epoch = int(min(finite, key=lambda r: r["val_loss"])["epoch"]) if finite else 0
+        return Fit(best_epoch, len(history) < config.epochs, **setup)
+    return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0), **setup)
+
+
+def _distributed_name(trainer: L.Trainer) -> str:
+    """"none" for one process, else Lightning's strategy as --distributed names it (ddp, ddp_spawn)."""
+    if trainer.world_size == 1:
+        return "none"
+    name = type(trainer.strategy).__name__.lower().removesuffix("strategy")  # DDPStrategy -> ddp
+    start = getattr(trainer.strategy, "_start_method", "popen")
+    return name if start == "popen" else f"{name}_{start}"
 
 
 def train_probe_on_features(
@@ -127,4 +183,13 @@ def train_probe_on_features(
     write_history(history, history_path)
     model.head.load_state_dict(best_state)
     best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
-    return Fit(best_epoch, len(history) < config.epochs, features)
+    return Fit(best_epoch, len(history) < config.epochs, features=features)
+
+
+def probe_phase(model: TransferModel, datasets: dict[str, CachedImageDataset], config: TrainConfig, history_path: Path,
+                **kwargs) -> Fit:
+    """LP-FT's first phase: the head trains on frozen, unaugmented features for `lp_epochs` at `lp_lr`
+    (history in `history_path`); the model keeps the best-on-validation head. `kwargs`: those of
+    :func:`train_probe_on_features`."""
+    settings = dataclasses.replace(config, epochs=config.lp_epochs, lr=config.lp_lr)
+    return train_probe_on_features(model, datasets, settings, history_path, **kwargs)

@@ -56,7 +56,7 @@ def write_outputs(
             split_outputs, point, evaluation.classes, evaluation.metrics[name], out / "plots", prefix=name,
             band_resamples=min(200, config.bootstrap), seed=config.seed,
         )
-    model_dir = save_model(model, saved_model_info(model, config, evaluation), out)
+    model_dir = save_model(model, saved_model_info(model, config, evaluation, wise_ft=metrics.get("wise_ft")), out)
     if ood is not None:
         save_detector(ood, model_dir)
     write_metrics(out, metrics)
@@ -66,7 +66,9 @@ def write_outputs(
     write_report(out, console=console)
 
 
-def saved_model_info(model: TransferModel, config: TrainConfig, evaluation: Evaluation) -> ModelInfo:
+def saved_model_info(
+    model: TransferModel, config: TrainConfig, evaluation: Evaluation, *, wise_ft: dict[str, Any] | None = None
+) -> ModelInfo:
     """model.json: what predict, explain, export and serve need to use the model as evaluation did."""
     return model_info(
         model,
@@ -81,6 +83,8 @@ def saved_model_info(model: TransferModel, config: TrainConfig, evaluation: Eval
         output_stride=config.output_stride,
         threshold_policy=config.threshold,
         strategy=config.strategy,
+        head=config.head,
         frozen=model.frozen,
         training_config=config.to_dict(),
+        wise_ft=wise_ft,
     )

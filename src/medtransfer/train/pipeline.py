@@ -2,8 +2,11 @@
 
 Nothing is written until every choice has been checked: the settings by
 :func:`~medtransfer.train.validate.validate_config`, the data by discovery and splitting,
-the model (weights that fit the backbone, children that exist) by building it. Only then
-is the run folder created, and the expensive part (decoding, training) starts.
+the model (weights that fit the backbone, children that exist) by building it, the splits
+by :func:`~medtransfer.train.validate.validate_splits`. Only then is the run's marker
+(config.yaml) written, and the expensive part (decoding, training) starts. The folder
+itself is created first to hold its lock (:mod:`medtransfer.train.runfolder`), and removed
+again when a check fails.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import lightning as L
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
-from medtransfer.config import TrainConfig
+from medtransfer.config import TrainConfig, default_cache_dir
 from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.data.discover import Record, discover
+from medtransfer.data.near_duplicates import ImageHashes, hash_images
 from medtransfer.data.split import (
     check_leakage,
     read_split_csv,
@@ -43,15 +48,21 @@ from medtransfer.runtime import (
     default_decode_workers,
     default_num_workers,
     device_for,
+    hardware_summary,
+    is_global_zero,
     predict_logits,
     resolve_accelerator,
     resolve_precision,
 )
 from medtransfer.train.callbacks import read_history
 from medtransfer.train.feature_probe import extract_features
-from medtransfer.train.fit import Fit, fit_with_lightning, train_probe_on_features
+from medtransfer.train.fit import Fit, fit_with_lightning, probe_phase, train_probe_on_features
 from medtransfer.train.outputs import Evaluation, write_outputs
-from medtransfer.train.validate import uses_feature_probe, validate_config
+from medtransfer.train.runfolder import check_resumable, check_run_dir, hold_run_folder, with_absolute_paths
+from medtransfer.train.validate import uses_feature_probe, validate_config, validate_splits
+from medtransfer.train.wise_ft import choose_mixing, load_or_save_start
+
+LP_HISTORY = "history_lp.csv"  # LP-FT's probe phase; history.csv holds the fine-tuning epochs
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,9 @@ class TrainResult:
     precision: str
     leakage: dict[str, Any]
     data_summary: dict[str, Any]
+    head: str = "linear"
+    wise_ft: dict[str, Any] | None = None  # the mixing coefficient chosen on val (train/wise_ft.py)
+    hardware: dict[str, Any] | None = None  # accelerator, devices, num_nodes, world_size, distributed, precision, cpu, gpu
 
     def to_metrics(self) -> dict[str, Any]:
         """metrics.json's content (DESIGN.md's key order; keys may be added, never renamed)."""
@@ -106,32 +120,64 @@ class SplitData:
     labels: list[int]
 
 
-def run_training(config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
-    """Train and evaluate into the run folder `out` (or continue the interrupted run there)."""
+def run_training(
+    config: TrainConfig, out: Path, *, resume: bool = False, console: Console | None = None
+) -> TrainResult | None:
+    """Train and evaluate into the run folder `out` (or continue the interrupted run there).
+
+    One process at a time writes `out` (a second one fails naming the holder's PID); every
+    file in it is written atomically, so a run killed at any moment can be resumed. Under
+    DDP every process runs this; only global rank 0 holds and writes the run folder,
+    evaluates and returns the result (the other ranks return None after training).
+    """
+    zero = is_global_zero()  # from the launcher's environment: torchrun and Lightning's DDP re-run this
     console = console or Console()
-    started = time.perf_counter()
+    console = console if zero else Console(quiet=True)
     validate_config(config)
     hardware = resolve_hardware(config)
-    check_run_dir(out, resume=resume)
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    data = load_labelled_data(config, out, console, resume=resume)
-    model = build_model(config, data.classes, console)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = cache_splits(data.records, data.classes, config, console)
     if not resume:
-        config.write_yaml(out / CONFIG_FILE)
+        config = with_absolute_paths(config)
+    if not zero:
+        return _train_into(out, config, hardware, resume=resume, console=console, zero=False)
+    with hold_run_folder(out, resume=resume):
+        return _train_into(out, config, hardware, resume=resume, console=console, zero=True)
+
+
+def _train_into(
+    out: Path, config: TrainConfig, hardware: Hardware, *, resume: bool, console: Console, zero: bool
+) -> TrainResult | None:
+    started = time.perf_counter()
+    if resume and zero:
+        check_resumable(out, config, console)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    data = load_labelled_data(config, out, console, resume=resume)  # the same split on every rank: seeded
+    model = build_model(config, data.classes, console)
+    if not resume and zero:
+        config.write_yaml(out / CONFIG_FILE)  # the run's marker, before the long cache build
+    splits = cache_splits(data.records, data.classes, config, console)
+    if zero and not (out / "split.csv").is_file():
         write_split_csv([r for s in splits.values() for r in s.records], out / "split.csv")
+    if not zero and uses_feature_probe(config):
+        return None  # the feature probe runs in one process
     fit = train_model(model, splits, config, out, hardware, resume=resume, console=console)
+    if not is_global_zero():
+        return None
     evaluation = evaluate_model(model, splits, data, config, hardware)
     ood = fit_ood(model, splits, config, hardware, console, features=fit.features)
     history = read_history(out / "history.csv")
     result = TrainResult(
         backbone=config.backbone, strategy=config.strategy, weights=config.weights, params=model.parameter_counts(),
         epochs_run=len(history), best_epoch=fit.best_epoch, stopped_early=fit.stopped_early,
-        train_seconds=round(sum(r["seconds"] for r in history), 1), positive_class=data.positive_class,
+        train_seconds=round(sum(r["seconds"] for r in history + read_history(out / LP_HISTORY)), 1),
+        positive_class=data.positive_class,
         threshold=evaluation.point.threshold, val=evaluation.metrics["val"], test=evaluation.metrics.get("test"),
         classes=data.classes, threshold_policy=config.threshold, total_seconds=round(time.perf_counter() - started, 1),
-        precision=hardware.precision, leakage=data.leakage, data_summary=data.summary,
+        precision=hardware.precision, leakage=data.leakage, data_summary=data.summary, head=config.head,
+        wise_ft=fit.wise_ft,
+        hardware=hardware_summary(
+            accelerator=hardware.accelerator, precision=hardware.precision, devices=fit.devices,
+            num_nodes=fit.num_nodes, distributed=fit.distributed,
+        ),
     )
     write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
                   console=console, ood=ood)
@@ -144,50 +190,49 @@ def resolve_hardware(config: TrainConfig) -> Hardware:
     return Hardware(accelerator, resolve_precision(config.precision, accelerator), device_for(accelerator), workers)
 
 
-def check_run_dir(out: Path, *, resume: bool) -> None:
-    """A new run needs a new or empty folder; never overwrite a finished or foreign folder."""
-    if resume:
-        if not (out / CONFIG_FILE).is_file():
-            raise ConfigError(f"--resume {out}: not a medtransfer run (no {CONFIG_FILE}); pass the --out folder of the run")
-        return
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is a file; choose a new folder")
-        if (out / CONFIG_FILE).is_file():
-            raise ConfigError(
-                f"--out {out}: already holds a run; use --resume {out} to continue it, or choose a new folder"
-            )
-        if any(out.iterdir()):
-            raise ConfigError(f"--out {out}: exists, is not empty and is not a medtransfer run; choose a new folder")
-
-
 def class_weights(labels: list[int], num_classes: int) -> list[float]:
     """'balanced' weights n / (k * n_c), as scikit-learn computes them."""
     counts = np.bincount(labels, minlength=num_classes).astype(float)
     return (len(labels) / (num_classes * np.maximum(counts, 1))).tolist()
 
 
-def draw_split(config: TrainConfig) -> list[Record]:
-    """The patient-level split of `config.data` (the same for `train` and `split`)."""
-    records = discover(config.data, patient_regex=config.patient_regex, labels=config.labels)
-    return resplit(
-        records,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
-        keep_official_val=config.keep_official_val,
+def discover_records(config: TrainConfig) -> list[Record]:
+    """The labelled images of `config.data`: label scheme, class map and .npz class names applied."""
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    return discover(
+        config.data, patient_regex=config.patient_regex, labels=config.labels, class_map=config.class_map,
+        class_names=config.class_names, extract_dir=cache_dir / "npz",
     )
 
 
-def report_leakage(records: list[Record], config: TrainConfig, console: Console) -> dict:
-    leakage = check_leakage(records)
-    if leakage.clean:
-        console.print("Leakage check: no patient and no identical image in two splits.")
-    else:
-        for line in leakage.lines():
-            console.print(f"[yellow]Leakage:[/yellow] {line}")
-        if config.strict:
-            raise DataError(f"--strict: {leakage.lines()[0]}; remove the duplicates or run without --strict")
+def draw_split_hashed(config: TrainConfig) -> tuple[list[Record], ImageHashes]:
+    """The patient-level split of `config.data` and the content hashes it was drawn with.
+
+    Images are hashed once: near-duplicates travel together in the split, and the leakage
+    check reuses the same hashes.
+    """
+    records = discover_records(config)
+    hashes = hash_images([r.path for r in records])
+    drawn = resplit(
+        records, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
+        keep_official_val=config.keep_official_val, hashes=hashes,
+    )
+    return drawn, hashes
+
+
+def draw_split(config: TrainConfig) -> list[Record]:
+    """The patient-level split of `config.data` (the same for `train` and `split`)."""
+    return draw_split_hashed(config)[0]
+
+
+def report_leakage(records: list[Record], config: TrainConfig, console: Console, hashes: ImageHashes | None = None) -> dict:
+    """Check IDs, bytes and content across splits: the summary line, each finding as a warning."""
+    leakage = check_leakage(records, hashes=hashes)
+    console.print(leakage.summary(), markup=False, highlight=False)
+    for line in leakage.lines():
+        console.print(f"[yellow]Leakage:[/yellow] {escape(line)}")
+    if config.strict and not leakage.clean:
+        raise DataError(f"--strict: {leakage.lines()[0]}; remove the duplicates or run without --strict")
     return leakage.to_dict()
 
 
@@ -195,8 +240,8 @@ def write_split(config: TrainConfig, out: Path, console: Console) -> None:
     """`medtransfer split`: the split `train` would draw, checked for leakage, saved as CSV."""
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; name a CSV file, e.g. --out split.csv")
-    records = draw_split(config)
-    report_leakage(records, config, console)
+    records, hashes = draw_split_hashed(config)
+    report_leakage(records, config, console, hashes)
     for line in summary_lines(split_summary(records)):
         console.print(line)
     write_split_csv(records, out)
@@ -206,12 +251,20 @@ def write_split(config: TrainConfig, out: Path, console: Console) -> None:
 def load_labelled_data(config: TrainConfig, run_dir: Path, console: Console, *, resume: bool) -> LabelledData:
     """Records with their split (a resumed run keeps its split.csv), classes, leakage and summary."""
     split_file = run_dir / "split.csv"
-    records = read_split_csv(split_file) if resume and split_file.is_file() else draw_split(config)
+    if resume and split_file.is_file():
+        records = read_split_csv(split_file)
+        hashes = hash_images([r.path for r in records])
+    else:
+        records, hashes = draw_split_hashed(config)
     classes = sorted({r.label for r in records})
     positive_class = config.positive_class or default_positive_class(classes)
     if positive_class not in classes:
         raise ConfigError(f"--positive-class: got {positive_class!r}; classes are {', '.join(classes)}")
-    leakage = report_leakage(records, config, console)
+    validate_splits(
+        {split: [r.label for r in records if r.split == split] for split in ("train", "val", "test") if any(r.split == split for r in records)},
+        classes, config, positive_class,
+    )
+    leakage = report_leakage(records, config, console, hashes)
     summary = split_summary(records)
     for line in summary_lines(summary):
         console.print(line)
@@ -226,12 +279,12 @@ def build_model(config: TrainConfig, classes: list[str], console: Console) -> Tr
         in_channels=config.in_channels,
         output_stride=config.output_stride,
     )
-    model = build_transfer_model(net, spec, Strategy(config.strategy, config.freeze_children))
+    model = build_transfer_model(net, spec, Strategy(config.strategy, config.freeze_children), config.head)
     counts = model.parameter_counts()
     console.print(
         f"Model {config.backbone} ({config.weights}), strategy {config.strategy}"
         + (f" (first {config.freeze_children} children frozen)" if config.strategy == "freeze" else "")
-        + f": {counts['total']:,} parameters, {counts['trainable']:,} trainable"
+        + f": {counts['total']:,} parameters, {counts['trainable']:,} trainable, head {config.head} {counts['head']:,}"
     )
     return model
 
@@ -251,13 +304,15 @@ def prebuild_cache(
 ) -> None:
     """`medtransfer cache`: decode a dataset into the cache ahead of training."""
     cache = ImageCache(cache_dir, CacheSettings(size=size))
-    paths = [r.path for r in discover(data)]
+    config = TrainConfig(data=str(data), cache_dir=str(cache_dir))  # an .npz is extracted where train finds it
+    paths = [r.path for r in discover_records(config)]
     images = decode_images(cache, paths, skip_bad=skip_bad, progress=True, console=console, workers=workers)
     console.print(f"{len(images)} images cached ({images.built} decoded now) in {cache.stats()['location']}")
 
 
 def cache_splits(records: list[Record], classes: list[str], config: TrainConfig, console: Console) -> dict[str, SplitData]:
-    """Decoded images per split (before training starts, so a bad image stops the run early)."""
+    """Decoded images per split (before training starts, so a bad image stops the run early),
+    checked again by :func:`validate_splits` once bad images are left out."""
     cache = ImageCache(config.cache_dir, CacheSettings(size=config.cache_size))
     images = decode_images(
         cache, [r.path for r in records], skip_bad=config.skip_bad_images, progress=config.progress, console=console
@@ -274,6 +329,8 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
     for split in ("train", "val"):
         if split not in out:
             raise DataError(f"--data {config.data}: no {split} images left after splitting; add images")
+    positive_class = config.positive_class or default_positive_class(classes)
+    validate_splits({k: [classes[i] for i in s.labels] for k, s in out.items()}, classes, config, positive_class)
     return out
 
 
@@ -311,15 +368,20 @@ def train_model(
 
     Leaves the best-on-validation weights in `model` and history.csv in `out`.
     """
-    num_classes = model.head.out_features
-    weights = class_weights(splits["train"].labels, num_classes) if config.class_weights == "balanced" else None
+    weights = class_weights(splits["train"].labels, model.num_classes) if config.class_weights == "balanced" else None
     console.print(f"Training on {hardware.accelerator} with {hardware.precision}, {hardware.workers} loader worker(s)")
+    probe_settings = dict(
+        class_weights=weights, device=hardware.device, precision=hardware.precision, workers=hardware.workers,
+        console=console,
+    )
     if uses_feature_probe(config):
         datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
-        return train_probe_on_features(
-            model, datasets, config, out / "history.csv", class_weights=weights, device=hardware.device,
-            precision=hardware.precision, workers=hardware.workers, console=console,
-        )
+        return train_probe_on_features(model, datasets, config, out / "history.csv", **probe_settings)
+    if config.strategy == "lp-ft" and not (resume and (out / "checkpoints" / "last.ckpt").is_file()):
+        console.print(f"LP-FT phase 1: the head trains on frozen features for up to {config.lp_epochs} epochs")
+        datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
+        probe_phase(model, datasets, config, out / LP_HISTORY, **probe_settings)
+    start = load_or_save_start(model.net, out / "checkpoints" / "start.safetensors") if config.wise_ft else None
     module = ClassifierModule(
         model,
         lr=config.lr,
@@ -329,6 +391,7 @@ def train_model(
         label_smoothing=config.label_smoothing,
         focal_gamma=config.focal_gamma if config.loss == "focal" else 0.0,
         channels_last=config.channels_last,
+        lr_decay=config.lr_decay,
     )
     datamodule = TransferDataModule(
         train=train_dataset(splits["train"], config, model.spec),
@@ -339,9 +402,18 @@ def train_model(
         sampler=config.sampler,
         seed=config.seed,
     )
-    return fit_with_lightning(
+    fit = fit_with_lightning(
         module, datamodule, config, out, accelerator=hardware.accelerator, precision=hardware.precision, resume=resume
     )
+    if start is None:
+        return fit
+    val = eval_datasets({"val": splits["val"]}, config, model.spec)["val"]
+    mixing = choose_mixing(
+        model, start, val, splits["val"].labels, batch_size=max(64, config.batch_size), num_workers=hardware.workers,
+        device=hardware.device, precision=hardware.precision,
+    )
+    console.print(f"WiSE-FT: mixing coefficient {mixing['alpha']} (lowest validation loss over {mixing['grid']})")
+    return dataclasses.replace(fit, wise_ft=mixing)
 
 
 def evaluate_model(
@@ -374,16 +446,14 @@ def fit_ood(
     model: TransferModel, splits: dict[str, SplitData], config: TrainConfig, hardware: Hardware, console: Console,
     *, features: dict[str, torch.Tensor] | None = None,
 ) -> OODDetector:
-    """The out-of-distribution guard: fitted on the training split's penultimate features (as
-    evaluation sees the images), its threshold accepting 95% of the validation split. `features`:
-    the linear probe's (frozen backbone, so still valid), else one more pass over train and val."""
+    """The OOD guard, fitted on train's penultimate features (as evaluation sees the images), accepting 95% of
+    val. `features`: the linear probe's (frozen backbone, so still valid), else one more pass over train and val."""
     if features is None:
-        datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
-        features = {
-            name: extract_features(model, dataset, batch_size=max(64, config.batch_size), device=hardware.device,
-                                   precision=hardware.precision, num_workers=hardware.workers)
-            for name, dataset in datasets.items()
-        }
+        features = {name: extract_features(model, dataset, batch_size=max(64, config.batch_size),
+                                           device=hardware.device, precision=hardware.precision,
+                                           num_workers=hardware.workers)
+                    for name, dataset in eval_datasets({k: splits[k] for k in ("train", "val")}, config,
+                                                       model.spec).items()}
     detector = fit_detector(features["train"].numpy(), np.asarray(splits["train"].labels), features["val"].numpy(),
                             seed=config.seed)
     console.print(f"OOD guard: {detector.method}, threshold {detector.threshold:.3f} (accepts 95% of validation)")

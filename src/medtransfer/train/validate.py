@@ -21,14 +21,15 @@ from pathlib import Path
 
 from medtransfer.config import TrainConfig
 from medtransfer.data.discover import LABEL_SCHEMES
-from medtransfer.errors import ConfigError
+from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.thresholds import parse_threshold_policy
 from medtransfer.models.backbones import WEIGHT_CHOICES, get_backbone, load_weights_file
+from medtransfer.models.heads import check_head
 from medtransfer.models.module import LOSSES
 from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_accelerator, resolve_precision
 
-__all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_config"]
+__all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_config", "validate_splits"]
 
 
 def uses_feature_probe(config: TrainConfig) -> bool:
@@ -49,7 +50,8 @@ class IgnoredSettings:
 IGNORED_SETTINGS = (
     IgnoredSettings(
         uses_feature_probe,
-        ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices"),
+        ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices",
+         "lr_decay", "weight_averaging", "num_nodes", "distributed"),
         "the linear probe on cached features (strategy linear-probe, augment false) ignores it: the head trains "
         "with plain cross-entropy, shuffled batches and a constant learning rate on one device",
         "remove the setting, or set augment=true to train through Lightning",
@@ -67,16 +69,34 @@ IGNORED_SETTINGS = (
         "remove the setting, or use --strategy freeze",
     ),
     IgnoredSettings(
+        lambda config: config.strategy != "lp-ft",
+        ("lp_epochs", "lp_lr"),
+        "only --strategy lp-ft has a linear-probe phase",
+        "remove the setting, or use --strategy lp-ft",
+    ),
+    IgnoredSettings(
+        lambda config: config.strategy != "gradual",
+        ("unfreeze_every",),
+        "only --strategy gradual unfreezes during training",
+        "remove the setting, or use --strategy gradual",
+    ),
+    IgnoredSettings(
+        lambda config: config.strategy == "linear-probe",
+        ("lr_decay",),
+        "a linear probe trains only the head, which always gets --lr",
+        "remove the setting, or use another strategy",
+    ),
+    IgnoredSettings(
+        lambda config: config.weight_averaging != "ema",
+        ("ema_decay",),
+        "only --weight-averaging ema uses it",
+        "remove the setting, or use --weight-averaging ema",
+    ),
+    IgnoredSettings(
         lambda config: config.loss != "focal",
         ("focal_gamma",),
         "only --loss focal uses it",
         "remove the setting, or use --loss focal",
-    ),
-    IgnoredSettings(
-        lambda config: config.accelerator == "cpu",
-        ("devices",),
-        "training on the CPU runs on one device",
-        "remove the setting, or use --accelerator gpu",
     ),
 )
 
@@ -115,6 +135,57 @@ def validate_config(config: TrainConfig) -> None:
         spec.build(output_stride=config.output_stride)
     if config.weights not in WEIGHT_CHOICES:
         load_weights_file(Path(config.weights))
+    check_transfer_choices(config)
     ignored = ignored_settings(config)
     if ignored:
         raise ConfigError(ignored[0])
+
+
+def validate_splits(labels: dict[str, list[str]], classes: list[str], config: TrainConfig, positive_class: str) -> None:
+    """Refuse, before the first epoch, a split that training or evaluation cannot use.
+
+    ``labels`` maps a split (train, val, test) to the labels of its images. Training needs
+    at least two images (BatchNorm cannot train on a batch of one) and every class; the
+    threshold policy, calibration and AUC on val (and the scores on test) need the positive
+    class and another one. Each refusal names the split, what it holds and the fix.
+    """
+    train = labels.get("train", [])
+    if len(train) < 2:
+        raise DataError(f"--data {config.data}: the train split has {len(train)} image(s); training needs at least 2; add images")
+    missing = [c for c in classes if c not in train]
+    if missing:
+        raise DataError(
+            f"--data {config.data}: class(es) {', '.join(missing)} appear in val/test but not in the train split; "
+            "the model cannot learn them: add training images of them, or remove them from the other splits"
+        )
+    for split in ("val", "test"):
+        held = sorted(set(labels.get(split, [])))
+        if split not in labels or (positive_class in held and len(held) >= 2):
+            continue
+        need = f"the positive class {positive_class} and another class"
+        use = f"--threshold {config.threshold} chooses the threshold" if split == "val" else "AUC and the other scores are computed"
+        fix = "raise --val-fraction or leave out --keep-official-val" if split == "val" else "raise --test-fraction, or add images of the missing class to the test folder"
+        raise DataError(
+            f"--data {config.data}: the {split} split holds only {', '.join(held) or 'no images'} ({len(labels[split])} "
+            f"image(s)), but {use} on it and needs {need}; {fix}"
+        )
+
+
+def check_transfer_choices(config: TrainConfig) -> None:
+    """Heads, weight averaging and WiSE-FT that the chosen strategy cannot use."""
+    check_head(config.head)
+    if config.wise_ft and config.strategy == "linear-probe":
+        raise ConfigError(
+            "--wise-ft: got true, but a linear probe's start has a random head, so interpolating towards it only "
+            "shrinks the logits; use --strategy finetune, freeze, lp-ft or gradual, or leave out --wise-ft"
+        )
+    if config.head == "dwconv" and uses_feature_probe(config):
+        raise ConfigError(
+            "--head: got 'dwconv', but the linear probe on cached features (strategy linear-probe, augment false) "
+            "sees pooled features only; use --head linear or mlp, or set augment=true"
+        )
+    if config.weight_averaging == "swa" and config.strategy not in ("finetune", "lp-ft"):
+        raise ConfigError(
+            f"--weight-averaging: got 'swa', but --strategy {config.strategy} keeps frozen BatchNorm layers whose "
+            "statistics SWA would recompute; use --weight-averaging ema, or --strategy finetune or lp-ft"
+        )

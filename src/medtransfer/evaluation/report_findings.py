@@ -1,0 +1,108 @@
+"""Report sections on what the data holds: the leakage check (with near-duplicate pairs side by
+side) and, for `evaluate` on an external set, the shift summary (evaluation.shift).
+
+Thumbnails are decoded from the image files named in metrics.json, as training decodes them
+(DICOM included), and embedded, so the page stays self-contained.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from medtransfer.data.decode import decode_image
+from medtransfer.errors import DataError
+from medtransfer.evaluation import html as h
+from medtransfer.rundir import SplitMetrics
+
+__all__ = ["foreign_inputs_html", "leakage_html", "shift_html"]
+
+
+def leakage_html(leakage: dict[str, Any] | None) -> str:
+    """What the leakage check compared and found; near-duplicate pairs side by side."""
+    if leakage is None:
+        return h.note("No leakage check recorded in metrics.json.")
+    text = leakage.get("summary") or (
+        "no patient and no byte-identical image appears in two splits." if leakage.get("clean") else
+        f"Leakage check failed: {h.format_number(leakage.get('shared_patients'))} patient(s) in more than one split, "
+        f"{h.format_number(leakage.get('duplicate_images'))} byte-identical image(s) in more than one split."
+    )
+    if leakage.get("clean"):
+        return h.note(text if leakage.get("summary") else f"Leakage check passed: {text}", css="ok")
+    examples = "".join(f"<li>{h.escape(x)}</li>" for x in leakage.get("examples") or [])
+    parts = [h.note(text, css="warn") + (f"<ul>{examples}</ul>" if examples else "")]
+    pairs = [p for p in leakage.get("near_duplicate_pairs") or [] if isinstance(p, dict)][:_PAIRS_SHOWN]
+    if pairs:
+        tiles = "".join(_pair_tile(p) for p in pairs)
+        total = leakage.get("near_duplicates") or len(pairs)
+        parts.append(f"<h3>Near-duplicate pairs in two splits ({h.format_number(len(pairs))} of {h.format_number(total)} shown)</h3>")
+        parts.append(f'<div class="figures gallery">{tiles}</div>')
+    return "".join(parts)
+
+
+_PAIRS_SHOWN = 12
+_THUMB_PX = 128
+
+
+def _thumbnail(path: str) -> str:
+    """An <img> of the image file (decoded as training decodes it), or a note when it cannot be read."""
+    try:
+        pixels = decode_image(Path(path), size=_THUMB_PX)
+    except (DataError, OSError):
+        return h.note(f"{Path(path).name}: not readable")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img src="{uri}" alt="{h.escape(Path(path).name)}" style="width:49%">'
+
+
+def _pair_tile(pair: dict[str, Any]) -> str:
+    caption = (
+        f"{Path(str(pair.get('path_a'))).name} ({pair.get('split_a')}) ~ {Path(str(pair.get('path_b'))).name} "
+        f"({pair.get('split_b')}): {pair.get('distance')} bits, correlation {h.format_number(pair.get('correlation'), 4)}"
+    )
+    images = _thumbnail(str(pair.get("path_a"))) + " " + _thumbnail(str(pair.get("path_b")))
+    return f"<figure>{images}<figcaption>{h.escape(caption)}</figcaption></figure>"
+
+
+def shift_html(shift: Any) -> str:
+    """`evaluate` on an external set: how it differs from the run's own test split ("" without one)."""
+    if not isinstance(shift, dict):
+        return ""
+    fmt = h.format_number
+    ref = shift.get("reference") if isinstance(shift.get("reference"), dict) else {}
+    keys = (
+        ("Images", "n", 0), ("Prevalence (positive share)", "prevalence", 3), ("Mean predicted probability", "mean_probability", 3),
+        ("Calibration in the large (ideal 0)", "calibration_in_the_large", 3), ("Calibration slope (ideal 1)", "calibration_slope", 3),
+    ) + ((("Flagged as foreign by the OOD guard", "ood_flagged_fraction", 3),) if "ood_flagged_fraction" in shift else ())
+    rows = [(label, fmt(shift.get(key), digits), fmt(ref.get(key), digits)) for label, key, digits in keys]
+    parts = [h.table(["", "This set", h.escape(ref.get("name") or "run's test split: not available")], rows)]
+    if ref:
+        parts.append(h.note(
+            f"Score distribution: two-sample Kolmogorov-Smirnov distance {fmt(ref.get('ks_distance'))} "
+            f"(p = {fmt(ref.get('ks_pvalue'), 4)}) between the positive-class probabilities here and on the run's own split."
+        ))
+    parts.append(h.note(
+        "Calibration in the large: intercept a of logit P(y) = a + logit(p) (below 0: risks overestimated). "
+        "Calibration slope: b of logit P(y) = a + b logit(p) (below 1: predictions too extreme). "
+        "`medtransfer recalibrate` refits temperature and threshold on local data."
+    ))
+    return h.section("shift", "Shift", "\n".join(parts))
+
+
+def foreign_inputs_html(ood: Any, test: SplitMetrics | None) -> str:
+    """metrics.json "ood" (from `medtransfer evaluate` with an OOD detector): flagged share, metrics without them."""
+    if not isinstance(ood, dict):
+        return ""
+    fmt = h.format_number
+    lead = (f"{fmt(ood.get('flagged'))} image(s) ({fmt(100 * ood.get('flagged_fraction', 0), 1)}%) do not look like the "
+            f"training data: OOD score ({h.escape(str(ood.get('method')))}) above {fmt(ood.get('threshold'))}, "
+            "the level that accepts 95% of the run's validation images.")
+    rest = SplitMetrics.from_dict(ood["test_without_flagged"]) if isinstance(ood.get("test_without_flagged"), dict) else None
+    rows = [[label, fmt(test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS] if rest and test else []
+    table = h.table(["Metric", "All images", "Without flagged images"], rows + [["Images", fmt(test.n), fmt(rest.n)]]) if rows else ""
+    return h.section("foreign-inputs", "Foreign inputs", h.note(lead) + table)

@@ -1,0 +1,76 @@
+"""A run killed with SIGKILL and resumed ends exactly where the uninterrupted run ends.
+
+The interrupted run is a real process killed by SIGKILL at the start of epoch 2 (epoch 1's
+checkpoint is on disk), resumed by a fresh process with `train --resume`, as a user would.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medtransfer.data.synthetic import generate_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--set", "cache_size=40",
+        "--batch-size", "8", "--bootstrap", "0", "--num-workers", "0", "--no-progress", "--epochs", "3",
+        "--patience", "5", "--precision", "32-true", "--accelerator", "cpu", "--lr", "0.003"]
+
+# Runs the CLI in this process, after arranging a SIGKILL of itself when epoch 2 starts.
+KILL_IN_EPOCH_2 = """
+import os, signal, sys
+from medtransfer.train.callbacks import HistoryWriter
+original = HistoryWriter.on_train_epoch_start
+def start(self, trainer, module):
+    if trainer.current_epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self, trainer, module)
+HistoryWriter.on_train_epoch_start = start
+from medtransfer.cli import main
+sys.argv = ["medtransfer", *sys.argv[1:]]
+main()
+"""
+
+
+def cli(*args, script: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-c", script, *map(str, args)] if script else [sys.executable, "-m", "medtransfer.cli", *map(str, args)]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def val_losses(run: Path) -> list[float]:
+    with (run / "history.csv").open(newline="") as handle:
+        return [float(row["val_loss"]) for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume") / "chest_xray"
+    generate_demo_dataset(root, patients_per_class=8, images_per_patient=(1, 2), val_patients_per_class=2,
+                          test_patients_per_class=3, image_size=48, seed=0)
+    return root
+
+
+def test_a_killed_and_resumed_run_reproduces_the_uninterrupted_validation_losses(data, tmp_path):
+    cache = tmp_path / "cache"
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    done = cli("train", "--data", data, "--out", whole, "--cache-dir", cache, *ARGS)
+    assert done.returncode == 0, done.stderr
+
+    killed = cli("train", "--data", data, "--out", broken, "--cache-dir", cache, *ARGS, script=KILL_IN_EPOCH_2)
+    assert killed.returncode == -signal.SIGKILL
+    assert len(val_losses(broken)) == 1
+
+    elsewhere = tmp_path / "elsewhere"  # resumed from another working directory
+    elsewhere.mkdir()
+    resumed = cli("train", "--resume", broken.resolve(), cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = val_losses(whole)
+    assert len(expected) == 3
+    assert val_losses(broken) == pytest.approx(expected, abs=1e-6)
