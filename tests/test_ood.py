@@ -20,7 +20,8 @@ from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
 from medtransfer.ood import ACCEPT_FRACTION, OOD_JSON, OOD_WEIGHTS, ScoredModel, fit_detector, load_detector, save_detector
 from medtransfer.predict import predict_files, write_rows
-from medtransfer.serving.app import OOD_MESSAGE, create_app
+from medtransfer.serving.app import create_app
+from medtransfer.serving.replicas import OOD_MESSAGE
 
 
 def features(n: int, d: int = 12, shift: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -148,10 +149,11 @@ def test_onnx_has_an_ood_score_output_equal_to_torch(guarded_run):
 def test_serve_answers_with_the_score_and_says_when_an_image_looks_foreign(guarded_run, tmp_path, make_image):
     saved = load_model(guarded_run)
     saved.ood.thresholds[saved.ood.method] = -1.0  # every image is foreign now
-    client = TestClient(create_app(saved))
+    client = TestClient(create_app(saved, max_concurrent=2))
     image = make_image(tmp_path / "upload.png", size=(64, 64))
-    answer = client.post("/predict", files={"file": ("upload.png", image.read_bytes(), "image/png")}).json()
-    assert answer["ood"] is True and answer["ood_score"] >= 0 and answer["ood_message"] == OOD_MESSAGE
+    for _ in range(2):  # the second request runs on the second model copy, which must carry the guard too
+        answer = client.post("/predict", files={"file": ("upload.png", image.read_bytes(), "image/png")}).json()
+        assert answer["ood"] is True and answer["ood_score"] >= 0 and answer["ood_message"] == OOD_MESSAGE
     assert "does not look like the training data" in OOD_MESSAGE and "answer.ood_message" in client.get("/").text
 
 

@@ -322,17 +322,26 @@ def export(
 @app.command()
 def serve(
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; beyond localhost needs --token or --insecure."),
     port: int = typer.Option(8000, help="Port to listen on."),
     accelerator: str = typer.Option("cpu", help="cpu or gpu."),
+    max_concurrent: int = typer.Option(2, help="Requests processed at once (one model copy each)."),
+    queue: int = typer.Option(64, help="Requests waiting beyond --max-concurrent; more get 503 with Retry-After."),
+    max_upload_mb: float = typer.Option(50.0, help="Largest upload in MB; larger bodies get 413 while streaming."),
+    token: Optional[str] = typer.Option(None, envvar="MEDTRANSFER_TOKEN", help="Require this token (env MEDTRANSFER_TOKEN)."),
+    insecure: bool = typer.Option(False, help="Allow a host beyond localhost without a token."),
 ):
     """Serve the model: a web page at / and POST /predict (probabilities, class, optional Grad-CAM)."""
     import uvicorn
 
     from medtransfer.artifacts import load_model
-    from medtransfer.serving.app import create_app
+    from medtransfer.serving.app import check_bind, create_app
+    from medtransfer.serving.limits import log_requests_to_stderr
 
-    app_ = create_app(load_model(run), accelerator=accelerator)
+    check_bind(host, token=token, insecure=insecure)
+    app_ = create_app(load_model(run), accelerator=accelerator, run_dir=run, max_concurrent=max_concurrent,
+                      queue=queue, max_upload_mb=max_upload_mb, token=token)
+    log_requests_to_stderr()
     console.print(f"Serving {run} on http://{host}:{port}/")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

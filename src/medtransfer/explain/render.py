@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from medtransfer.safeio import atomic_path
 
-__all__ = ["gray_from_pixels", "overlay", "prediction_caption", "save_overlay"]
+__all__ = ["gray_from_pixels", "overlay", "overlay_picture", "prediction_caption", "save_overlay"]
 
 
 def overlay(image_gray: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
@@ -47,7 +48,16 @@ def overlay(image_gray: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> n
 
 
 def save_overlay(path: str | Path, image_gray: np.ndarray, cam: np.ndarray, caption: str, *, alpha: float = 0.4) -> Path:
-    """PNG of :func:`overlay` with a caption strip below it (PIL's default font).
+    """PNG of :func:`overlay_picture` at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        overlay_picture(image_gray, cam, caption, alpha=alpha).save(temporary, format="PNG")
+    return path
+
+
+def overlay_picture(image_gray: np.ndarray, cam: np.ndarray, caption: str, *, alpha: float = 0.4) -> Any:
+    """:func:`overlay` with a caption strip below it (PIL's default font), as a PIL image.
 
     The overlay keeps its H x W pixels (centred, the canvas widened when the caption is
     wider than the image).
@@ -63,11 +73,7 @@ def save_overlay(path: str | Path, image_gray: np.ndarray, cam: np.ndarray, capt
     canvas = Image.new("RGB", (width, picture.height + strip), (0, 0, 0))
     canvas.paste(picture, ((width - picture.width) // 2, 0))
     ImageDraw.Draw(canvas).text((pad - left, picture.height + pad - top), caption, fill=(255, 255, 255), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        canvas.save(temporary, format="PNG")
-    return path
+    return canvas
 
 
 def prediction_caption(

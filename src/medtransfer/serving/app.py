@@ -2,145 +2,152 @@
 
 POST /predict takes an uploaded image and answers with the calibrated probabilities, the
 class at the saved threshold and, on request, a Grad-CAM overlay; the upload goes through
-exactly the code path of `medtransfer predict` (SavedModel.preprocess, then predict.Classifier).
-Bad uploads get a 4xx with a one-line reason (domain errors become HTTP errors here and only here). The page at / uses nothing outside
-this server.
+the code path of `medtransfer predict` (SavedModel.decode, crop, normalise, then
+predict.Classifier), decoded once per request. Requests are guarded before they reach
+FastAPI (:mod:`medtransfer.serving.limits`: token, body size, admission) and run on their
+own model copy (:mod:`medtransfer.serving.replicas`). Bad uploads get a 4xx whose detail
+is the decoder's own message: 413 for an image over the pixel limit, 415 for a format
+other than JPEG/PNG/BMP/TIFF/DICOM, 400 for unreadable data. The page at / uses nothing
+outside this server.
 """
 
 from __future__ import annotations
 
-import base64
-import tempfile
+import ipaddress
+import re
 from pathlib import Path
+from typing import Any
 
+import torch
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 
 from medtransfer.artifacts import SavedModel
-from medtransfer.errors import DataError, MedtransferError
-from medtransfer.predict import Classifier, decision_row
+from medtransfer.data.decode import ACCEPTED_FORMATS
+from medtransfer.data.limits import ImageTooLargeError
+from medtransfer.errors import ConfigError, DataError, MedtransferError
+from medtransfer.rundir import RunDir
+from medtransfer.serving.limits import DEFAULT_MAX_UPLOAD_MB, guard
+from medtransfer.serving.page import PAGE
+from medtransfer.serving.replicas import Replicas
 
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024
-OOD_MESSAGE = "This image does not look like the training data: the prediction may be meaningless."
 MODEL_KEYS = ("backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size")
+CARD_METRICS = ("auc", "sensitivity", "specificity", "accuracy")
+INTENDED_USE = (
+    "Research software, not a medical device: for images like those the model was trained on "
+    "(same modality, view and population); not for diagnosis or triage."
+)
+TOKEN_ENV = "MEDTRANSFER_TOKEN"
+_CLI_HINT = re.compile(r"; fix or remove the file.*$")
 
 
-def create_app(saved: SavedModel, *, accelerator: str = "cpu") -> FastAPI:
-    app = FastAPI(title="medtransfer", description=f"{saved.info.backbone} classifier: {', '.join(saved.classes)}")
-    stored = saved.info.to_json()
-    model_info = {key: stored.get(key) for key in MODEL_KEYS}
-    classify = Classifier.on(saved, accelerator=accelerator)
+def create_app(
+    saved: SavedModel,
+    *,
+    accelerator: str = "cpu",
+    run_dir: str | Path | None = None,
+    max_concurrent: int = 2,
+    queue: int = 64,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    token: str | None = None,
+) -> Any:
+    """The ASGI app: FastAPI routes behind the guards. ``run_dir``: the run folder, for the model card."""
+    for name, value, least in (("--max-concurrent", max_concurrent, 1), ("--queue", queue, 0)):
+        if value < least:
+            raise ConfigError(f"{name}: got {value}; use {least} or more")
+    if max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb: got {max_upload_mb}; use a positive number of megabytes")
+    api = FastAPI(title="medtransfer", description=f"{saved.info.backbone} classifier: {', '.join(saved.classes)}")
+    card = model_card(saved, run_dir, max_upload_mb=max_upload_mb, token=bool(token))
+    replicas = Replicas(saved, count=max_concurrent, accelerator=accelerator)
 
-    @app.get("/", response_class=HTMLResponse)
+    @api.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE
 
-    @app.get("/health")
+    @api.get("/health")
     def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/model")
+    @api.get("/model")
     def model() -> dict:
-        return model_info
+        return card
 
     # A plain (not async) handler: FastAPI runs it in a worker thread, so /health stays responsive.
-    @app.post("/predict")
-    def predict(file: UploadFile = File(...), cam: bool = Query(False, description="Add a Grad-CAM overlay")) -> dict:
-        payload = file.file.read(MAX_UPLOAD_BYTES + 1)
+    @api.post("/predict")
+    def predict(
+        file: UploadFile = File(...),
+        cam: bool = Query(False, description="Add a Grad-CAM overlay (PNG, base64)"),
+        cam_values: bool = Query(False, description="Add the Grad-CAM map itself (float32, base64)"),
+    ) -> dict:
+        name = str(file.filename or "upload")
+        payload = file.file.read()
         if not payload:
-            raise HTTPException(400, f"file {file.filename!r} is empty; upload a PNG or JPEG image")
-        if len(payload) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"file {file.filename!r} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+            raise HTTPException(400, f"{name}: the file is empty; upload an image ({', '.join(ACCEPTED_FORMATS)})")
+        decoded = decode_upload(saved, payload, name)
         try:
-            image = saved.preprocess(payload)
-        except DataError:
-            raise HTTPException(415, f"file {file.filename!r} is not a readable image; upload a PNG or JPEG") from None
-        try:
-            decision, scores = classify.scored(image[None])
-            row = decision_row(saved, str(file.filename), decision, 0, scores)
-            overlay = _gradcam_png(saved, payload, file.filename) if cam else None
+            return replicas.answer(decoded, name, cam=cam, cam_values=cam_values)
         except MedtransferError as exc:
-            raise HTTPException(400, str(exc)) from None
-        answer = {
-            "filename": file.filename,
-            "predicted": row["pred"],
-            "probabilities": {c: row[f"prob_{c}"] for c in saved.classes},
-            "positive_class": saved.info.positive_class,
-            "threshold": saved.threshold,
-        }
-        if "ood_score" in row:  # absent for a model saved without an OOD detector
-            answer.update(ood_score=row["ood_score"], ood=row["ood"] == "out", ood_threshold=saved.ood.threshold)
-            if answer["ood"]:
-                answer["ood_message"] = OOD_MESSAGE
-        if overlay is not None:
-            answer["gradcam_png"] = overlay
-        return answer
+            raise HTTPException(400, f"{name}: {exc}") from None
 
-    return app
+    return guard(api, max_upload_bytes=int(max_upload_mb * 2**20), max_concurrent=max_concurrent, queue=queue, token=token)
 
 
-def _gradcam_png(saved: SavedModel, payload: bytes, filename: str | None) -> str:
-    """The Grad-CAM overlay PNG, base64; explain_files reads files, so the upload goes to a temp folder."""
-    from medtransfer.explain.files import explain_files
+def decode_upload(saved: SavedModel, payload: bytes, name: str) -> torch.Tensor:
+    """The upload decoded once; the decoder's message becomes the HTTP detail with its status."""
+    try:
+        return saved.decode(payload)
+    except DataError as exc:
+        detail = _CLI_HINT.sub("", str(exc).replace("<image bytes>", name, 1))
+        if isinstance(exc, ImageTooLargeError):
+            raise HTTPException(413, detail) from None
+        unsupported = "medtransfer reads" in detail  # data.decode names the accepted formats only for those
+        raise HTTPException(415 if unsupported else 400, detail) from None
 
-    suffix = Path(filename or "upload.png").suffix.lower() or ".png"
-    with tempfile.TemporaryDirectory(prefix="medtransfer-serve-") as folder:
-        image = Path(folder) / f"upload{suffix}"
-        image.write_bytes(payload)
-        row = explain_files(saved, [image], Path(folder) / "cam")[0]
-        return base64.b64encode(Path(row["overlay"]).read_bytes()).decode("ascii")
+
+def model_card(saved: SavedModel, run_dir: str | Path | None, *, max_upload_mb: float, token: bool) -> dict:
+    """What /model shows: model.json's operating point, the run's figures with CIs, intended use."""
+    stored = saved.info.to_json()
+    card: dict[str, Any] = {key: stored.get(key) for key in MODEL_KEYS}
+    card["metrics"] = _run_figures(run_dir)
+    card["intended_use"] = INTENDED_USE
+    card["max_upload_mb"] = max_upload_mb
+    card["token_required"] = token
+    return card
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>medtransfer</title>
-<link rel="icon" href="data:,">
-<style>
-body{font-family:system-ui,sans-serif;max-width:760px;margin:2rem auto;padding:0 1rem;color:#1d2433}
-h1{font-size:1.4rem} .muted{color:#5a6478} table{border-collapse:collapse;margin:1rem 0}
-td,th{border:1px solid #d7dce5;padding:.3rem .6rem;text-align:left} #result img{max-width:100%;margin-top:1rem}
-.error{color:#a4262c} button{padding:.4rem 1rem}
-</style></head><body>
-<h1>medtransfer</h1>
-<p id="model" class="muted">Loading model information...</p>
-<form id="form"><input id="file" type="file" accept="image/*" required>
-<label><input id="cam" type="checkbox" checked> heatmap</label> <button type="submit">Classify</button></form>
-<div id="result"></div>
-<p class="muted">Research software: not a medical device. The threshold was chosen on the validation split.</p>
-<script>
-const text = (s) => document.createTextNode(String(s));
-fetch("/model").then(r => r.json()).then(m => {
-  const el = document.getElementById("model");
-  el.textContent = `${m.backbone}: ${m.classes.join(" / ")}; positive class ${m.positive_class}, ` +
-    `threshold ${m.threshold.toFixed(3)} (${m.threshold_policy})`;
-});
-document.getElementById("form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const result = document.getElementById("result");
-  result.replaceChildren(text("Classifying..."));
-  const body = new FormData();
-  body.append("file", document.getElementById("file").files[0]);
-  const cam = document.getElementById("cam").checked;
-  const response = await fetch(`/predict?cam=${cam}`, {method: "POST", body});
-  const answer = await response.json();
-  result.replaceChildren();
-  if (!response.ok) {
-    const p = document.createElement("p"); p.className = "error"; p.append(text(answer.detail)); result.append(p); return;
-  }
-  const heading = document.createElement("h2"); heading.id = "predicted"; heading.append(text(answer.predicted));
-  const table = document.createElement("table");
-  for (const [name, p] of Object.entries(answer.probabilities)) {
-    const row = table.insertRow(); row.insertCell().append(text(name)); row.insertCell().append(text(p.toFixed(4)));
-  }
-  result.append(heading, table);
-  if (answer.ood) {
-    const warn = document.createElement("p"); warn.id = "ood"; warn.className = "error";
-    warn.append(text(`${answer.ood_message} (OOD score ${answer.ood_score.toFixed(3)} > ${answer.ood_threshold.toFixed(3)})`));
-    result.prepend(warn);
-  }
-  if (answer.gradcam_png) {
-    const img = document.createElement("img"); img.alt = "Grad-CAM heatmap";
-    img.src = "data:image/png;base64," + answer.gradcam_png; result.append(img);
-  }
-});
-</script></body></html>
-"""
+def _run_figures(run_dir: str | Path | None) -> dict[str, dict]:
+    """{split: {n, n_positive, metric: value, metric_ci: [lo, hi]}} from metrics.json, {} outside a run."""
+    if run_dir is None:
+        return {}
+    root = Path(run_dir)
+    for candidate in (root, root.parent):
+        run = RunDir(candidate)
+        if run.has_metrics():
+            break
+    else:
+        return {}
+    figures = {}
+    for split, block in run.metrics().splits.items():
+        entry: dict[str, Any] = {"n": block.n, "n_positive": block.n_positive}
+        for key in CARD_METRICS:
+            entry[key] = block.value(key)
+            interval = block.interval(key)
+            entry[f"{key}_ci"] = list(interval) if interval else None
+        figures[split] = entry
+    return figures
+
+
+def check_bind(host: str, *, token: str | None, insecure: bool) -> None:
+    """Refuse to listen beyond this machine without a token, unless --insecure says so."""
+    if token or insecure or host == "localhost":
+        return
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise ConfigError(
+            f"--host {host}: the server would be reachable from other machines without a token; "
+            f"set --token (or {TOKEN_ENV}), or pass --insecure to serve without one"
+        )

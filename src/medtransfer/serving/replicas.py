@@ -1,0 +1,98 @@
+"""One model copy per request slot: concurrent requests never share a module.
+
+Grad-CAM registers a forward hook on the model and reads the activation the hook
+captured; two requests on one model overwrite each other's activation (a heatmap of the
+wrong image, or "does not depend on it"). A lock around one model would also fix that,
+but it would serialise plain predictions behind every heatmap. Instead the server keeps
+``max_concurrent`` deep copies, each placed on the device once at start-up (never a
+``.to()`` per request); a request checks one out, owns it exclusively (hooks included)
+and returns it. The admission limit (:mod:`medtransfer.serving.limits`) lets at most
+``max_concurrent`` requests run, so a copy is always free; memory is bounded by
+``max_concurrent`` x the model's size (45 MB for resnet18).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import queue
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from medtransfer.artifacts import SavedModel
+from medtransfer.explain.cam import ClassActivationMap
+from medtransfer.explain.render import gray_from_pixels, overlay_picture, prediction_caption
+from medtransfer.predict import Classifier, decision_row
+
+OOD_MESSAGE = "This image does not look like the training data: the prediction may be meaningless."
+
+
+@dataclass
+class Replica:
+    saved: SavedModel
+    classify: Classifier
+
+
+class Replicas:
+    """``count`` exclusive copies of ``saved`` on ``accelerator``; :meth:`answer` is thread-safe."""
+
+    def __init__(self, saved: SavedModel, *, count: int, accelerator: str = "cpu") -> None:
+        self.saved = saved
+        self.free: queue.Queue[Replica] = queue.Queue()
+        for i in range(count):
+            own = saved if i == 0 else SavedModel(model=copy.deepcopy(saved.model), info=saved.info, ood=saved.ood)
+            self.free.put(Replica(own, Classifier.on(own, accelerator=accelerator)))
+
+    @contextmanager
+    def checkout(self) -> Iterator[Replica]:
+        replica = self.free.get()
+        try:
+            yield replica
+        finally:
+            self.free.put(replica)
+
+    def answer(self, decoded: torch.Tensor, filename: str, *, cam: bool = False, cam_values: bool = False) -> dict:
+        """The API's answer for one decoded image (uint8 C x H x W at the saved decode size)."""
+        saved = self.saved
+        cropped = saved.crop(decoded)
+        image = saved.normalise(cropped)[None]
+        with self.checkout() as replica:
+            decision, scores = replica.classify.scored(image)  # scores: None without an OOD detector
+            row = decision_row(saved, filename, decision, 0, scores)
+            heat = self._heatmap(replica, image, int(decision.predicted[0])) if cam or cam_values else None
+        answer: dict[str, Any] = {
+            "filename": filename,
+            "predicted": row["pred"],
+            "probabilities": {c: row[f"prob_{c}"] for c in saved.classes},
+            "positive_class": saved.info.positive_class,
+            "threshold": saved.threshold,
+        }
+        if "ood_score" in row:  # absent for a model saved without an OOD detector
+            answer.update(ood_score=row["ood_score"], ood=row["ood"] == "out", ood_threshold=saved.ood.threshold)
+            if answer["ood"]:
+                answer["ood_message"] = OOD_MESSAGE
+        if heat is not None:
+            index = int(decision.predicted[0])
+            caption = prediction_caption(saved.classes, decision.probabilities[0], index,
+                                         positive_index=saved.positive_index, threshold=saved.threshold)
+            if cam:
+                buffer = io.BytesIO()
+                overlay_picture(gray_from_pixels(cropped), heat, caption).save(buffer, format="PNG")
+                answer["gradcam_png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+            if cam_values:
+                answer["gradcam_map"] = {"shape": list(heat.shape),
+                                         "float32_base64": base64.b64encode(heat.astype("<f4").tobytes()).decode("ascii")}
+        return answer
+
+    @staticmethod
+    def _heatmap(replica: Replica, image: torch.Tensor, index: int) -> np.ndarray:
+        """Grad-CAM of the class shown to the user, on this request's own model copy."""
+        x = image.to(replica.classify.device)
+        with ClassActivationMap(replica.saved.model, method="gradcam") as explain:
+            result = explain(x, class_index=index)
+        return result.maps[0].cpu().numpy().astype(np.float32)
