@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from medtransfer.artifacts import load_model, model_info, save_model
-from medtransfer.errors import WeightsError
+from medtransfer.errors import ConfigError, WeightsError
 from medtransfer.export import export_onnx
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
@@ -144,6 +144,21 @@ def test_onnx_has_an_ood_score_output_equal_to_torch(guarded_run):
     with torch.no_grad():
         torch_scores = ScoredModel(saved.model, saved.ood)(batch)[1].numpy()
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=0, atol=1e-4)
+
+
+def test_predict_on_onnxruntime_gives_the_same_ood_columns_and_refuses_a_graph_without_them(guarded_run, tmp_path,
+                                                                                            make_image):
+    saved = load_model(guarded_run)
+    paths = [make_image(tmp_path / f"{i}.png", "L", size=(64, 64)) for i in range(3)]
+    torch_rows = predict_files(saved, paths, accelerator="cpu", precision="32-true")
+    onnx_rows = predict_files(saved, paths, accelerator="cpu", onnx_path=export_onnx(guarded_run, tmp_path / "m.onnx"))
+    for a, b in zip(torch_rows, onnx_rows):
+        assert a["ood"] == b["ood"] and b["ood_score"] == pytest.approx(a["ood_score"], abs=1e-3)
+    old = tmp_path / "old"
+    save_model(saved.model, saved.info, old)
+    plain = export_onnx(old, tmp_path / "plain.onnx")  # exported without the guard: no ood_score output
+    with pytest.raises(ConfigError, match="has no ood_score output; run `medtransfer export"):
+        predict_files(saved, paths, accelerator="cpu", onnx_path=plain)
 
 
 def test_serve_answers_with_the_score_and_says_when_an_image_looks_foreign(guarded_run, tmp_path, make_image):
