@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "config": 3,
     "data": 3,
     "models": 3,
+    "ood": 3,
     "artifacts": 4,
     "evaluation": 5,
     "explain": 5,

@@ -38,6 +38,7 @@ from medtransfer.errors import DataError, MedtransferError, WeightsError
 from medtransfer.models.backbones import OUTPUT_STRIDES, create_backbone
 from medtransfer.models.heads import HEADS, apply_head
 from medtransfer.models.strategies import TransferModel
+from medtransfer.ood import OODDetector, load_detector
 from medtransfer.safeio import atomic_path, write_text_atomic
 
 MODEL_DIR = "model"
@@ -279,6 +280,7 @@ class Decision:
 class SavedModel:
     model: TransferModel
     info: ModelInfo
+    ood: OODDetector | None = None  # model/ood.*; None for a model saved before the OOD guard
 
     @property
     def classes(self) -> list[str]:
@@ -431,4 +433,4 @@ def load_model(path: str | Path) -> SavedModel:
         raise WeightsError(f"--run {path}: weights do not fit {info.backbone}: {str(exc).splitlines()[0]}") from None
     model = TransferModel(net, spec)
     model.eval()
-    return SavedModel(model=model, info=info)
+    return SavedModel(model=model, info=info, ood=load_detector(model_dir))

@@ -147,16 +147,22 @@ def predict(
         saved, files, csv_path=csv, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images,
         num_workers=num_workers, keep=TABLE_ROWS if cam is None else None, console=error_console, onnx_path=onnx_path,
     )
+    scored = saved.ood is not None
     if len(files) <= TABLE_ROWS:
         table = Table()
         table.add_column("path", overflow="fold")
         for c in saved.classes:
             table.add_column(f"p({c})", justify="right")
         table.add_column("predicted")
+        if scored:
+            table.add_column("ood_score", justify="right")
         for row in rows:
-            table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"])
+            ood = [f"{row['ood_score']:.3f}" + (" FOREIGN" if row["ood"] == "out" else "")] if scored else []
+            table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"], *ood)
         console.print(table)
     console.print(f"threshold {saved.threshold:.3f} on p({saved.info.positive_class})")
+    if not scored:
+        console.print("This model was saved without an OOD detector (train again to get ood_score and ood columns).")
     if csv is not None:
         console.print(f"Wrote {csv}")
     if cam is not None:

@@ -1,7 +1,9 @@
 """`medtransfer export`: the saved model as ONNX, checked against PyTorch with onnxruntime.
 
 The graph takes a normalised image batch (N x C x H x W, float32) and returns both the raw
-logits and the calibrated probabilities (softmax of logits / temperature), so a deployment
+logits and the calibrated probabilities (softmax of logits / temperature), and, when the model
+has an OOD detector, a third output ood_score (its threshold is "ood_threshold" in the
+metadata; above it the image does not look like the training data), so a deployment
 applies the threshold chosen on validation to exactly what `predict` reports. Everything
 needed to preprocess and decide (classes, positive class, threshold, image size, crop,
 mean/std) travels in the file's metadata as JSON under the key "medtransfer".
@@ -18,6 +20,7 @@ from torch import nn
 
 from medtransfer.artifacts import SavedModel, find_model_dir, load_model
 from medtransfer.errors import ConfigError, WeightsError
+from medtransfer.ood import ScoredModel
 
 PREPROCESSING_KEYS = (
     "backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size",
@@ -38,6 +41,14 @@ class CalibratedClassifier(nn.Module):
         return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
+class ScoredCalibratedClassifier(CalibratedClassifier):
+    """CalibratedClassifier plus a third output, ood_score (the saved OOD detector's, higher = more foreign)."""
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, score = self.model(image)
+        return logits, torch.softmax(logits / self.temperature, dim=1), score
+
+
 def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, tolerance: float = 1e-4) -> Path:
     """Write the ONNX file (default RUN/model/model.onnx) and verify it with onnxruntime."""
     try:
@@ -50,7 +61,11 @@ def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, to
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: name a .onnx file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = CalibratedClassifier(saved.model.eval(), saved.temperature).eval()
+    if saved.ood is None:
+        wrapper = CalibratedClassifier(saved.model.eval(), saved.temperature).eval()
+    else:  # an extra output ood_score; its threshold travels in the metadata
+        wrapper = ScoredCalibratedClassifier(ScoredModel(saved.model.eval(), saved.ood), saved.temperature).eval()
+    outputs = ["logits", "probabilities"] + (["ood_score"] if saved.ood is not None else [])
     size = saved.info.image_size
     example = torch.randn(2, saved.info.in_channels, size, size)
     torch.onnx.export(
@@ -58,15 +73,18 @@ def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, to
         (example,),
         str(out),
         input_names=["image"],
-        output_names=["logits", "probabilities"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
+        output_names=outputs,
+        dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
         opset_version=opset,
         dynamo=False,  # the TorchScript exporter needs no extra packages and handles every registered backbone
     )
     graph = onnx.load(str(out))
     entry = graph.metadata_props.add()
     info = saved.info.to_json()
-    entry.key, entry.value = "medtransfer", json.dumps({k: info[k] for k in PREPROCESSING_KEYS if k in info})
+    metadata = {k: info[k] for k in PREPROCESSING_KEYS if k in info}
+    if saved.ood is not None:
+        metadata.update(ood_method=saved.ood.method, ood_threshold=saved.ood.threshold)
+    entry.key, entry.value = "medtransfer", json.dumps(metadata)
     onnx.save(graph, str(out))
     verify(saved, out, onnxruntime, tolerance=tolerance)
     return out
@@ -77,10 +95,17 @@ def verify(saved: SavedModel, path: Path, onnxruntime, *, tolerance: float) -> f
     size = saved.info.image_size
     batch = torch.randn(3, saved.info.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    _, onnx_probs = session.run(None, {"image": batch.numpy()})
+    onnx_probs = session.run(None, {"image": batch.numpy()})[1]
     with torch.no_grad():
         torch_probs = saved.decide(saved.model.eval()(batch)).probabilities
     difference = float(np.abs(onnx_probs - torch_probs).max())
     if difference > tolerance:
         raise WeightsError(f"--out {path}: ONNX probabilities differ from PyTorch by {difference:.2e} (> {tolerance:g})")
+    if saved.ood is not None:
+        onnx_scores = session.run(["ood_score"], {"image": batch.numpy()})[0]
+        with torch.no_grad():
+            torch_scores = ScoredModel(saved.model.eval(), saved.ood)(batch)[1].numpy()
+        gap = float(np.abs(onnx_scores - torch_scores).max() / max(1.0, float(np.abs(torch_scores).max())))
+        if gap > tolerance:
+            raise WeightsError(f"--out {path}: ONNX ood_score differs from PyTorch by {gap:.2e} (> {tolerance:g})")
     return difference

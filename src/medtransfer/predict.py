@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from medtransfer.artifacts import Decision, SavedModel
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import ConfigError, DataError
+from medtransfer.ood import ScoredModel
 from medtransfer.runtime import autocast, default_num_workers, device_for, resolve_accelerator, resolve_precision
 
 
@@ -53,17 +54,31 @@ class Classifier:
             logits = self.saved.model(images.to(self.device).contiguous(memory_format=torch.channels_last))
         return self.saved.decide(logits)
 
+    def scored(self, images: torch.Tensor) -> tuple[Decision, np.ndarray | None]:
+        """The decision and, when the model has an OOD detector, each image's ood_score (one forward pass)."""
+        if self.saved.ood is None:
+            return self(images), None
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            logits, scores = ScoredModel(self.saved.model, self.saved.ood)(
+                images.to(self.device).contiguous(memory_format=torch.channels_last)
+            )
+        return self.saved.decide(logits), scores.float().cpu().numpy()
 
-def decision_row(saved: SavedModel, path: str, decision: Decision, i: int) -> dict:
-    """path, prob_<class> per class, pred: one image's row as predict prints and writes it."""
+
+def decision_row(saved: SavedModel, path: str, decision: Decision, i: int, scores: np.ndarray | None = None) -> dict:
+    """path, prob_<class> per class, pred (and ood_score, ood = in/out with a detector): one image's row."""
     row = {"path": path}
     row.update({f"prob_{c}": float(decision.probabilities[i, k]) for k, c in enumerate(saved.classes)})
     row["pred"] = saved.classes[int(decision.predicted[i])]
+    if scores is not None:
+        row["ood_score"] = float(scores[i])
+        row["ood"] = "out" if saved.ood.flags(scores[i]) else "in"
     return row
 
 
 def predict_files(saved: SavedModel, paths: list[Path], **options) -> list[dict]:
-    """One row per image: path, calibrated probability per class, predicted class (saved threshold).
+    """One row per image: path, calibrated probability per class, predicted class (saved threshold),
+    and with an OOD detector ood_score (higher = more foreign) and ood ("out" above its threshold).
 
     `options` are :func:`stream_predictions`' (batch_size, accelerator, precision, skip_bad, ...).
     """
@@ -116,8 +131,9 @@ def stream_predictions(
     """
     device = device_for(accelerator)
     precision = resolve_precision(precision, resolve_accelerator(accelerator))
-    logits_of = onnx_logits(onnx_path) if onnx_path is not None else None
+    outputs_of = onnx_outputs(onnx_path, saved) if onnx_path is not None else None
     model = saved.model.eval().to(device).to(memory_format=torch.channels_last)
+    scored = ScoredModel(model, saved.ood) if saved.ood is not None else None  # logits and ood_score in one pass
     loader = DataLoader(
         _DecodedFiles(paths, saved), batch_size=batch_size,
         num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -129,15 +145,17 @@ def stream_predictions(
             progress(len(indices) + len(bad))
         if not indices:
             continue
-        if logits_of is not None:
-            logits = logits_of(images)
+        if outputs_of is not None:
+            logits, scores = outputs_of(images)
         else:
             with torch.inference_mode(), autocast(device, precision):
                 batch = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                logits = model(batch).float().cpu().numpy()
+                logits, scores = scored(batch) if scored is not None else (model(batch), None)
+                logits = logits.float().cpu().numpy()
+                scores = None if scores is None else scores.float().cpu().numpy()
         decision = saved.decide(logits)
         for row, index in enumerate(indices):
-            yield decision_row(saved, str(paths[index]), decision, row)
+            yield decision_row(saved, str(paths[index]), decision, row, scores)
 
 
 def write_rows(rows: Iterable[dict], path: Path) -> int:
@@ -155,16 +173,30 @@ def write_rows(rows: Iterable[dict], path: Path) -> int:
 
 
 
-def onnx_logits(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    """A function batch -> logits running the model exported by `medtransfer export` in onnxruntime (CPU)."""
+def _onnx_session(path: Path):
     if not path.is_file():
         raise ConfigError(f"--runtime onnxruntime: {path} does not exist; run `medtransfer export --run RUN` first")
     try:
         import onnxruntime
     except ImportError:
         raise ConfigError("--runtime onnxruntime needs onnxruntime: pip install onnxruntime") from None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function batch -> logits running the model exported by `medtransfer export` in onnxruntime (CPU)."""
+    session = _onnx_session(path)
     return lambda images: session.run(["logits"], {"image": images.float().numpy()})[0]
+
+
+def onnx_outputs(path: Path, saved: SavedModel) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]:
+    """Like :func:`onnx_logits`, plus the graph's ood_score when the model has an OOD detector."""
+    session = _onnx_session(path)
+    if saved.ood is None:
+        return lambda images: (session.run(["logits"], {"image": images.float().numpy()})[0], None)
+    if "ood_score" not in {output.name for output in session.get_outputs()}:  # exported before the detector existed
+        raise ConfigError(f"--runtime onnxruntime: {path} has no ood_score output; run `medtransfer export --run RUN` again")
+    return lambda images: tuple(session.run(["logits", "ood_score"], {"image": images.float().numpy()}))
 
 
 def predict_with_progress(

@@ -85,6 +85,8 @@ def _metrics(classes=("NORMAL", "PNEUMONIA")) -> dict:
         "threshold_policy": "youden",
         "precision": "bf16-mixed",
         "leakage": {"clean": True, "shared_patients": 0, "duplicate_images": 0, "examples": []},
+        "ood": {"method": "knn", "threshold": 0.41, "flagged": 24, "flagged_fraction": 24 / 624,
+                "test_without_flagged": _split(600, 380, 0.971)},
         "data_summary": {
             split: {negative: {"images": 10 * k, "patients": 7 * k}, positive: {"images": 20 * k, "patients": 9 * k}}
             for k, split in enumerate(("test", "train", "val"), start=1)
@@ -164,6 +166,7 @@ def test_full_run_report_has_every_section_and_is_self_contained(tmp_path):
         assert re.search(rf'<section id="{section_id}">\s*<h2>', text)
     assert "0.962 (95% CI 0.948\u20130.975)" in text  # test AUC with its interval
     assert "0.991 (95% CI 0.948\u20130.975)" in text  # validation AUC
+    assert "24 image(s) (3.8%) do not look like the training data" in text and "Without flagged images" in text
     parser = parse(text)
     assert parser.scripts == 0
     assert not re.search(r"https?://", text)

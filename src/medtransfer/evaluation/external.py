@@ -2,6 +2,8 @@
 
 The run is only read: threshold and temperature come from model.json (chosen on the run's
 validation split), so an external test set is scored exactly as the run's own test split.
+With an OOD detector (model/ood.*) metrics.json also gets "ood": the share of images flagged
+as foreign and the metrics without them ("test" keeps every image).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
 from medtransfer.evaluation.shift import shift_lines, shift_summary
 from medtransfer.evaluation.thresholds import OperatingPoint
+from medtransfer.ood import LogitsAndScore, ScoredModel
 from medtransfer.runtime import default_decode_workers, default_num_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.rundir import Predictions, RunDir, write_metrics
 
@@ -52,13 +55,17 @@ def evaluate_saved_model(
     kept = [records[i] for i in images.positions]
     labels = [saved.classes.index(r.label) for r in kept]
     accelerator = resolve_accelerator(accelerator)
+    # With an OOD detector the one pass also gives each image's ood_score (the last column).
+    network = saved.model if saved.ood is None else LogitsAndScore(ScoredModel(saved.model, saved.ood))
     logits = predict_logits(
-        saved.model,
+        network,
         CachedImageDataset(images, labels, saved.transform()),
         num_workers=default_num_workers(accelerator),  # pixels come from the memory-mapped cache, in workers
         device=device_for(accelerator),
         precision=resolve_precision(precision, accelerator),
     )
+    scores = None if saved.ood is None else logits[:, -1]
+    logits = logits if saved.ood is None else logits[:, :-1]
     outputs = SplitOutputs([str(r.path) for r in kept], np.asarray(labels), [r.patient_id for r in kept], logits)
     point = OperatingPoint.from_info(info)
     result = split_metrics(outputs, point, saved.classes, bootstrap=bootstrap, seed=seed)
@@ -76,6 +83,13 @@ def evaluate_saved_model(
         "test": result,
         "shift": shift_against_run(run, outputs, point),
     }
+    if scores is None:
+        console.print("This model was saved without an OOD detector: no foreign-input check (train again to get one).")
+    else:
+        metrics["ood"] = ood_summary(saved, outputs, scores, point, bootstrap=bootstrap, seed=seed)
+        metrics["shift"]["ood_flagged_fraction"] = metrics["ood"]["flagged_fraction"]
+        console.print(f"OOD guard ({saved.ood.method}): {metrics['ood']['flagged']} of {len(scores)} images "
+                      f"({metrics['ood']['flagged_fraction']:.1%}) do not look like the training data")
     for line in shift_lines(metrics["shift"]):
         console.print(line, markup=False, highlight=False)
     write_metrics(out, metrics)
@@ -83,6 +97,23 @@ def evaluate_saved_model(
 
     write_report(out, console=console, title=f"Evaluation of {run} on {data}")
     return metrics
+
+
+def ood_summary(saved: SavedModel, outputs: SplitOutputs, scores: np.ndarray, point: OperatingPoint, *, bootstrap: int,
+                seed: int) -> dict[str, Any]:
+    """The flagged fraction and the metrics on the images the OOD guard accepts (metrics.json "ood")."""
+    flagged = saved.ood.flags(scores)
+    summary: dict[str, Any] = {
+        "method": saved.ood.method, "threshold": saved.ood.threshold, "flagged": int(flagged.sum()),
+        "flagged_fraction": float(flagged.mean()), "score_median": float(np.median(scores)),
+    }
+    keep = np.flatnonzero(~flagged)
+    labels = outputs.labels[keep]
+    if len(keep) and len(np.unique(labels)) == len(saved.classes):
+        accepted = SplitOutputs([outputs.paths[i] for i in keep], labels,
+                                [outputs.patient_ids[i] for i in keep], outputs.logits[keep])
+        summary["test_without_flagged"] = split_metrics(accepted, point, saved.classes, bootstrap=bootstrap, seed=seed)
+    return summary
 
 
 def discover_external(saved: SavedModel, data: Path, *, split: str, cache_dir: Path) -> list[Record]:

@@ -17,8 +17,9 @@ from PIL import Image
 from medtransfer.data.decode import decode_image
 from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
+from medtransfer.rundir import SplitMetrics
 
-__all__ = ["leakage_html", "shift_html"]
+__all__ = ["foreign_inputs_html", "leakage_html", "shift_html"]
 
 
 def leakage_html(leakage: dict[str, Any] | None) -> str:
@@ -77,7 +78,7 @@ def shift_html(shift: Any) -> str:
     keys = (
         ("Images", "n", 0), ("Prevalence (positive share)", "prevalence", 3), ("Mean predicted probability", "mean_probability", 3),
         ("Calibration in the large (ideal 0)", "calibration_in_the_large", 3), ("Calibration slope (ideal 1)", "calibration_slope", 3),
-    )
+    ) + ((("Flagged as foreign by the OOD guard", "ood_flagged_fraction", 3),) if "ood_flagged_fraction" in shift else ())
     rows = [(label, fmt(shift.get(key), digits), fmt(ref.get(key), digits)) for label, key, digits in keys]
     parts = [h.table(["", "This set", h.escape(ref.get("name") or "run's test split: not available")], rows)]
     if ref:
@@ -91,3 +92,17 @@ def shift_html(shift: Any) -> str:
         "`medtransfer recalibrate` refits temperature and threshold on local data."
     ))
     return h.section("shift", "Shift", "\n".join(parts))
+
+
+def foreign_inputs_html(ood: Any, test: SplitMetrics | None) -> str:
+    """metrics.json "ood" (from `medtransfer evaluate` with an OOD detector): flagged share, metrics without them."""
+    if not isinstance(ood, dict):
+        return ""
+    fmt = h.format_number
+    lead = (f"{fmt(ood.get('flagged'))} image(s) ({fmt(100 * ood.get('flagged_fraction', 0), 1)}%) do not look like the "
+            f"training data: OOD score ({h.escape(str(ood.get('method')))}) above {fmt(ood.get('threshold'))}, "
+            "the level that accepts 95% of the run's validation images.")
+    rest = SplitMetrics.from_dict(ood["test_without_flagged"]) if isinstance(ood.get("test_without_flagged"), dict) else None
+    rows = [[label, fmt(test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS] if rest and test else []
+    table = h.table(["Metric", "All images", "Without flagged images"], rows + [["Images", fmt(test.n), fmt(rest.n)]]) if rows else ""
+    return h.section("foreign-inputs", "Foreign inputs", h.note(lead) + table)

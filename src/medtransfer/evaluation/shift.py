@@ -130,4 +130,6 @@ def shift_lines(summary: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("  no predictions of the run's own test split to compare the scores with")
+    if summary.get("ood_flagged_fraction") is not None:  # evaluate adds it when the model has an OOD guard
+        lines.append(f"  {summary['ood_flagged_fraction']:.1%} of the images flagged as foreign by the OOD guard")
     return lines

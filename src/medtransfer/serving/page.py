@@ -89,6 +89,9 @@ async function classify(file, cam, block) {
     const row = table.insertRow(); row.insertCell().append(name); row.insertCell().append(p.toFixed(4));
   }
   block.append(table);
+  if (answer.ood) {
+    block.prepend(el("p", `${answer.ood_message} (OOD score ${answer.ood_score.toFixed(3)} > ${answer.ood_threshold.toFixed(3)})`, "error ood"));
+  }
   if (answer.gradcam_png) {
     const img = el("img"); img.alt = `Grad-CAM heatmap of ${file.name}`;
     img.src = "data:image/png;base64," + answer.gradcam_png; block.append(img);

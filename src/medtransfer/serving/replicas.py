@@ -29,6 +29,8 @@ from medtransfer.explain.cam import ClassActivationMap
 from medtransfer.explain.render import gray_from_pixels, overlay_picture, prediction_caption
 from medtransfer.predict import Classifier, decision_row
 
+OOD_MESSAGE = "This image does not look like the training data: the prediction may be meaningless."
+
 
 @dataclass
 class Replica:
@@ -43,7 +45,7 @@ class Replicas:
         self.saved = saved
         self.free: queue.Queue[Replica] = queue.Queue()
         for i in range(count):
-            own = saved if i == 0 else SavedModel(model=copy.deepcopy(saved.model), info=saved.info)
+            own = saved if i == 0 else SavedModel(model=copy.deepcopy(saved.model), info=saved.info, ood=saved.ood)
             self.free.put(Replica(own, Classifier.on(own, accelerator=accelerator)))
 
     @contextmanager
@@ -60,8 +62,8 @@ class Replicas:
         cropped = saved.crop(decoded)
         image = saved.normalise(cropped)[None]
         with self.checkout() as replica:
-            decision = replica.classify(image)
-            row = decision_row(saved, filename, decision, 0)
+            decision, scores = replica.classify.scored(image)  # scores: None without an OOD detector
+            row = decision_row(saved, filename, decision, 0, scores)
             heat = self._heatmap(replica, image, int(decision.predicted[0])) if cam or cam_values else None
         answer: dict[str, Any] = {
             "filename": filename,
@@ -70,6 +72,10 @@ class Replicas:
             "positive_class": saved.info.positive_class,
             "threshold": saved.threshold,
         }
+        if "ood_score" in row:  # absent for a model saved without an OOD detector
+            answer.update(ood_score=row["ood_score"], ood=row["ood"] == "out", ood_threshold=saved.ood.threshold)
+            if answer["ood"]:
+                answer["ood_message"] = OOD_MESSAGE
         if heat is not None:
             index = int(decision.predicted[0])
             caption = prediction_caption(saved.classes, decision.probabilities[0], index,

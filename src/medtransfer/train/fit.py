@@ -52,6 +52,7 @@ class Fit:
     devices: int = 1  # per node
     num_nodes: int = 1
     distributed: str = "none"  # the Lightning strategy when several processes trained: ddp, ddp_spawn
+    features: dict[str, torch.Tensor] | None = None  # a linear probe's frozen-backbone train/val features, for reuse
 
 
 def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str, callbacks: list) -> L.Trainer:
@@ -182,7 +183,7 @@ def train_probe_on_features(
     write_history(history, history_path)
     model.head.load_state_dict(best_state)
     best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
-    return Fit(best_epoch, len(history) < config.epochs)
+    return Fit(best_epoch, len(history) < config.epochs, features=features)
 
 
 def probe_phase(model: TransferModel, datasets: dict[str, CachedImageDataset], config: TrainConfig, history_path: Path,

@@ -20,6 +20,7 @@ from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, write_
 from medtransfer.evaluation.report import write_report
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.models.strategies import TransferModel
+from medtransfer.ood import OODDetector, save_detector
 from medtransfer.rundir import write_metrics
 
 __all__ = ["Evaluation", "write_outputs"]
@@ -45,8 +46,9 @@ def write_outputs(
     metrics: dict[str, Any],
     history: list[dict],
     console: Console,
+    ood: OODDetector | None = None,
 ) -> None:
-    """Write the run folder's results; `metrics` is metrics.json's content."""
+    """Write the run folder's results; `metrics` is metrics.json's content; `ood` goes beside the model."""
     point = evaluation.point
     for name, split_outputs in evaluation.outputs.items():
         write_predictions(split_outputs, point, evaluation.classes, out / f"predictions_{name}.csv")
@@ -54,7 +56,9 @@ def write_outputs(
             split_outputs, point, evaluation.classes, evaluation.metrics[name], out / "plots", prefix=name,
             band_resamples=min(200, config.bootstrap), seed=config.seed,
         )
-    save_model(model, saved_model_info(model, config, evaluation, wise_ft=metrics.get("wise_ft")), out)
+    model_dir = save_model(model, saved_model_info(model, config, evaluation, wise_ft=metrics.get("wise_ft")), out)
+    if ood is not None:
+        save_detector(ood, model_dir)
     write_metrics(out, metrics)
     if history:
         plots.plot_history(history, out / "plots" / "history.png")

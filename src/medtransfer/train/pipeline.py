@@ -42,6 +42,7 @@ from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class
 from medtransfer.models.backbones import BackboneSpec, create_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
+from medtransfer.ood import OODDetector, fit_detector
 from medtransfer.rundir import CONFIG_FILE
 from medtransfer.runtime import (
     default_decode_workers,
@@ -54,6 +55,7 @@ from medtransfer.runtime import (
     resolve_precision,
 )
 from medtransfer.train.callbacks import read_history
+from medtransfer.train.feature_probe import extract_features
 from medtransfer.train.fit import Fit, fit_with_lightning, probe_phase, train_probe_on_features
 from medtransfer.train.outputs import Evaluation, write_outputs
 from medtransfer.train.runfolder import check_resumable, check_run_dir, hold_run_folder, with_absolute_paths
@@ -161,6 +163,7 @@ def _train_into(
     if not is_global_zero():
         return None
     evaluation = evaluate_model(model, splits, data, config, hardware)
+    ood = fit_ood(model, splits, config, hardware, console, features=fit.features)
     history = read_history(out / "history.csv")
     result = TrainResult(
         backbone=config.backbone, strategy=config.strategy, weights=config.weights, params=model.parameter_counts(),
@@ -177,7 +180,7 @@ def _train_into(
         ),
     )
     write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
-                  console=console)
+                  console=console, ood=ood)
     return result
 
 
@@ -437,3 +440,21 @@ def evaluate_model(
         for name, split_outputs in outputs.items()
     }
     return Evaluation(data.classes, data.positive_class, outputs, point, metrics)
+
+
+def fit_ood(
+    model: TransferModel, splits: dict[str, SplitData], config: TrainConfig, hardware: Hardware, console: Console,
+    *, features: dict[str, torch.Tensor] | None = None,
+) -> OODDetector:
+    """The OOD guard, fitted on train's penultimate features (as evaluation sees the images), accepting 95% of
+    val. `features`: the linear probe's (frozen backbone, so still valid), else one more pass over train and val."""
+    if features is None:
+        features = {name: extract_features(model, dataset, batch_size=max(64, config.batch_size),
+                                           device=hardware.device, precision=hardware.precision,
+                                           num_workers=hardware.workers)
+                    for name, dataset in eval_datasets({k: splits[k] for k in ("train", "val")}, config,
+                                                       model.spec).items()}
+    detector = fit_detector(features["train"].numpy(), np.asarray(splits["train"].labels), features["val"].numpy(),
+                            seed=config.seed)
+    console.print(f"OOD guard: {detector.method}, threshold {detector.threshold:.3f} (accepts 95% of validation)")
+    return detector

@@ -1,0 +1,168 @@
+"""Does the OOD guard tell foreign images from the run's own kind? AUROC and FPR at 95% TPR.
+
+In-distribution: up to ``--limit`` test images from ``--data`` (e.g. kermany-224-test-dev).
+Out-of-distribution sets, written to a temporary folder as PNG files and read back through
+``SavedModel.preprocess`` exactly like ``medtransfer predict``:
+
+- non-radiographs: ``photos`` (random crops of scikit-learn's two sample photographs),
+  ``textures`` (smooth random colour fields), ``noise`` (uniform noise), ``gradients``
+  (random linear ramps);
+- transformed radiographs (of the in-distribution images): ``inverted``, ``rotated90``,
+  ``rotated180``, ``cropped`` (a random window of 20-30% of the side, enlarged);
+- synthetic films: ``phantoms`` (the demo's rendered radiographs) and ``phantoms_inverted``
+  (reported, no target: the phantoms imitate radiographs).
+
+For every method of :mod:`medtransfer.ood` (both are saved with each model) it reports, per set,
+AUROC of the score (OOD positive), FPR95 (share of the OOD set accepted by the threshold that
+accepts 95% of the in-distribution test images) and ``flagged`` (share above the saved
+threshold, chosen on validation). Targets: AUROC >= 0.99 for non-radiographs, >= 0.9 for
+inverted or rotated radiographs. Prints one JSON line.
+
+Usage::
+
+    python benchmarks/ood.py --run RUN --data /work/shared/data/kermany-224-test-dev [--limit 300] [--per-set 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import TensorDataset
+
+from medtransfer.artifacts import load_model
+from medtransfer.data.phantom import random_anatomy, render_phantom
+from medtransfer.ood import METHODS
+from medtransfer.predict import expand_inputs
+from medtransfer.train.feature_probe import extract_features
+
+NON_RADIOGRAPHS = ("photos", "textures", "noise", "gradients")
+RADIOGRAPH_SHIFTS = ("inverted", "rotated90", "rotated180", "cropped")
+
+
+def _smooth_colour(rng: np.random.Generator, size: int) -> np.ndarray:
+    coarse = rng.uniform(0, 255, size=(rng.integers(3, 9), rng.integers(3, 9), 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
+
+
+def _gradient(rng: np.random.Generator, size: int) -> np.ndarray:
+    angle = rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0:size, 0:size] / size
+    ramp = np.cos(angle) * x + np.sin(angle) * y
+    ramp = (ramp - ramp.min()) / (np.ptp(ramp) or 1.0)
+    colour = rng.uniform(0.3, 1.0, size=3)
+    return (ramp[..., None] * colour * 255).astype(np.uint8)
+
+
+def _photo_crop(rng: np.random.Generator, photos: list[np.ndarray], size: int) -> np.ndarray:
+    photo = photos[rng.integers(len(photos))]
+    side = int(rng.integers(120, min(photo.shape[:2])))
+    top, left = rng.integers(0, photo.shape[0] - side), rng.integers(0, photo.shape[1] - side)
+    return np.asarray(Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size)))
+
+
+def _radiograph(path: Path, kind: str, rng: np.random.Generator) -> np.ndarray:
+    image = np.asarray(Image.open(path).convert("L"))
+    if kind == "inverted":
+        return 255 - image
+    if kind == "rotated90":
+        return np.rot90(image).copy()
+    if kind == "rotated180":
+        return np.rot90(image, 2).copy()
+    side = int(min(image.shape) * rng.uniform(0.2, 0.3))
+    top, left = rng.integers(0, image.shape[0] - side), rng.integers(0, image.shape[1] - side)
+    return np.asarray(Image.fromarray(image[top : top + side, left : left + side]).resize(image.shape[::-1]))
+
+
+def build_sets(folder: Path, radiographs: list[Path], per_set: int, seed: int, size: int = 224) -> dict[str, list[Path]]:
+    """Write every OOD set as PNG files under `folder`; return the file lists by set name."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = list(load_sample_images().images)
+    makers = {
+        "photos": lambda i: _photo_crop(rng, photos, size),
+        "textures": lambda i: _smooth_colour(rng, size),
+        "noise": lambda i: rng.integers(0, 256, size=(size, size), dtype=np.uint8),
+        "gradients": lambda i: _gradient(rng, size),
+        **{kind: (lambda i, k=kind: _radiograph(radiographs[i % len(radiographs)], k, rng)) for kind in RADIOGRAPH_SHIFTS},
+        "phantoms": lambda i: render_phantom(rng, random_anatomy(rng, pneumonia=bool(i % 2), virus=False), size).pixels,
+    }
+    sets: dict[str, list[Path]] = {}
+    for name, make in makers.items():
+        (folder / name).mkdir(parents=True)
+        sets[name] = []
+        for i in range(per_set):
+            path = folder / name / f"{i:04d}.png"
+            Image.fromarray(make(i)).save(path)
+            sets[name].append(path)
+    (folder / "phantoms_inverted").mkdir()
+    sets["phantoms_inverted"] = []
+    for path in sets["phantoms"]:
+        inverted = folder / "phantoms_inverted" / path.name
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(inverted)
+        sets["phantoms_inverted"].append(inverted)
+    return sets
+
+
+def features_of(saved, paths: list[Path]) -> torch.Tensor:
+    images = torch.stack([saved.preprocess(p) for p in paths])
+    return extract_features(saved.model, TensorDataset(images), batch_size=64, device=torch.device("cpu"),
+                            precision="32-true", num_workers=0)
+
+
+def fpr_at_95_tpr(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """Share of OOD images accepted when the threshold accepts 95% of the in-distribution ones."""
+    return float((out_scores <= np.quantile(in_scores, 0.95)).mean())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="In-distribution test images (folder)")
+    parser.add_argument("--limit", type=int, default=300, help="In-distribution images used (a seeded sample)")
+    parser.add_argument("--per-set", type=int, default=100, help="Images per OOD set")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    saved = load_model(args.run)
+    if saved.ood is None:
+        sys.exit(f"--run {args.run}: the model has no OOD detector (saved before the guard); train it again")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    paths = expand_inputs([args.data])
+    rng = np.random.default_rng(args.seed)
+    paths = [paths[i] for i in sorted(rng.choice(len(paths), min(args.limit, len(paths)), replace=False))]
+    in_features = features_of(saved, paths)
+    result: dict = {"run": str(args.run), "data": str(args.data), "in_distribution": len(paths),
+                    "default_method": saved.ood.method, "methods": {}}
+    with tempfile.TemporaryDirectory(prefix="medtransfer-ood-") as folder:
+        sets = build_sets(Path(folder), paths, args.per_set, args.seed)
+        out_features = {name: features_of(saved, files) for name, files in sets.items()}
+    for method in METHODS:
+        detector = saved.ood.using(method)
+        in_scores = detector.score(in_features).numpy()
+        rows = {"in_flagged": round(float(detector.flags(in_scores).mean()), 4)}
+        for name, feats in out_features.items():
+            out_scores = detector.score(feats).numpy()
+            labels = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
+            rows[name] = {
+                "auroc": round(float(roc_auc_score(labels, np.r_[in_scores, out_scores])), 4),
+                "fpr95": round(fpr_at_95_tpr(in_scores, out_scores), 4),
+                "flagged": round(float(detector.flags(out_scores).mean()), 4),
+            }
+        rows["min_auroc_non_radiographs"] = min(rows[n]["auroc"] for n in NON_RADIOGRAPHS)
+        rows["min_auroc_inverted_rotated"] = min(rows[n]["auroc"] for n in ("inverted", "rotated90", "rotated180"))
+        rows["pass"] = rows["min_auroc_non_radiographs"] >= 0.99 and rows["min_auroc_inverted_rotated"] >= 0.9
+        result["methods"][method] = rows
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
