@@ -10,9 +10,14 @@ is not a run yet and is started again. A run is lost when a resume fails.
     python benchmarks/reliability.py --kills 20      # the issue's measure (~20 min on 2 CPU cores)
     python benchmarks/reliability.py --kills 5       # a quick run
 
+It also runs every bad-input case of the CLI below (``BAD_INPUTS``) and counts those that
+end as the project promises: exit code 1 and one line on stderr, no traceback. The server's
+part of the measure (concurrent and hostile requests) is ``benchmarks/serve_load.py``.
+
 Output: runs_completed, runs_lost, kills_landed (kills that hit a live process),
 max_abs_diff_final_val_auc (vs the uninterrupted run) and max_abs_diff_val_loss (every epoch of
-history.csv), plus the reference's seconds.
+history.csv), plus the reference's seconds; bad_input_cases, bad_input_clean (exit 1 with one
+line) and the commands of any case that was not clean.
 """
 
 from __future__ import annotations
@@ -83,6 +88,41 @@ def finish(data: Path, folder: Path, cache: Path) -> str | None:
     return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]
 
 
+def bad_inputs(work: Path, data: Path, run_dir: Path) -> list[list[str]]:
+    """CLI calls with bad input, each of which must exit 1 with one line (no traceback)."""
+    junk = work / "junk.png"
+    junk.write_bytes(b"not an image")
+    yaml_bad = work / "bad.yaml"
+    yaml_bad.write_text("epochs: [1, 2\n")
+    yaml_unknown = work / "unknown.yaml"
+    yaml_unknown.write_text("epoks: 3\n")
+    out = lambda name: str(work / "bad" / name)  # noqa: E731
+    return [
+        ["train", "--data", str(work / "missing"), "--out", out("a")],
+        ["train", "--data", str(data), "--out", out("b"), "--backbone", "resnet1800"],
+        ["train", "--data", str(data), "--out", out("c"), "--epochs", "0"],
+        ["train", "--data", str(data), "--out", out("d"), "--threshold", "sensitivity:2"],
+        ["train", "--data", str(data), "--out", out("e"), "--config", str(yaml_bad)],
+        ["train", "--data", str(data), "--out", out("f"), "--config", str(yaml_unknown)],
+        ["train", "--data", str(data), "--out", out("g"), "--set", "nonsense=1"],
+        ["train", "--data", str(data), "--out", str(run_dir)],  # a finished run is never overwritten
+        ["train", "--resume", str(work / "missing-run")],
+        ["predict", "--run", str(work / "missing-run"), str(junk)],
+        ["predict", "--run", str(run_dir), str(work / "missing.png")],
+        ["predict", "--run", str(run_dir), str(junk)],
+        ["evaluate", "--run", str(run_dir), "--data", str(work / "missing"), "--out", out("h")],
+        ["explain", "--run", str(run_dir), str(junk), "--out", out("j"), "--method", "lime"],
+        ["export", "--run", str(work / "missing-run")],
+        ["recalibrate", "--run", str(run_dir), "--data", str(data), "--out", out("i"), "--fit-fraction", "1.5"],
+    ]
+
+
+def clean_refusal(result: subprocess.CompletedProcess) -> bool:
+    lines = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if line.strip()]
+    return result.returncode == 1 and "Traceback" not in result.stderr and len(
+        [line for line in result.stderr.splitlines() if line.strip()]) == 1 and bool(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
@@ -113,7 +153,10 @@ def main() -> None:
             run_auc, run_losses = outcome(folder)
             auc_diff = max(auc_diff, abs(run_auc - auc))
             loss_diff = max([loss_diff] + [abs(a - b) for a, b in zip(run_losses, losses)] + ([float("inf")] if len(run_losses) != len(losses) else []))
+        cases = bad_inputs(work, data, work / "reference")
+        unclean = [" ".join(case[:1] + case[1:4]) for case in cases if not clean_refusal(run(*case))]
         print(json.dumps({
+            "bad_input_cases": len(cases), "bad_input_clean": len(cases) - len(unclean), "bad_input_unclean": unclean,
             "kills": options.kills, "kills_landed": landed, "runs_completed": completed, "runs_lost": lost,
             "max_abs_diff_final_val_auc": auc_diff, "max_abs_diff_val_loss": loss_diff,
             "reference_seconds": round(seconds, 1), "reference_val_auc": auc, "errors": errors[:3],
