@@ -49,13 +49,9 @@ def _modules() -> list[tuple[str, Path]]:
 
 
 def _imports(path: Path) -> set[str]:
-    """Every medtransfer module a file imports at run time, at module level or inside functions
-    (imports under ``if TYPE_CHECKING:`` are for annotations only and never run)."""
+    """Every medtransfer module a file imports, at module level, inside functions or for annotations."""
     names: set[str] = set()
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test).endswith("TYPE_CHECKING")]:
-        block.body = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medtransfer"):
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)

@@ -218,8 +218,6 @@ def _foreign(fmt: str) -> bytes:
 def test_other_formats_are_refused_with_the_accepted_list(fmt: str, named: str, monkeypatch) -> None:
     from PIL import EpsImagePlugin
 
-    if fmt == "WEBP" and not Image.registered_extensions().get(".webp"):
-        pytest.skip("this Pillow build cannot write WebP")
     data = _foreign(fmt)
     with Image.open(io.BytesIO(data)) as probe:  # Pillow itself would open every one of them
         assert probe.size == (16, 16)

@@ -115,14 +115,13 @@ def bundled(name: str) -> Path:
     import pydicom.data
 
     path = Path(pydicom.data.__file__).parent / "test_files" / name
-    if not path.exists():
-        pytest.skip(f"{name} is not among the test files of this pydicom installation")
+    assert path.exists(), f"{name} is not among the test files of the installed pydicom (a runtime dependency)"
     return path
 
 
 def needs_encoder(uid) -> None:
-    if not get_encoder(uid).is_available:
-        pytest.skip(f"no installed plugin encodes {uid.name} (pyjpegls / pylibjpeg-openjpeg)")
+    # pyjpegls and pylibjpeg-openjpeg are runtime dependencies: a missing encoder is an install fault
+    assert get_encoder(uid).is_available, f"no installed plugin encodes {uid.name} (pyjpegls / pylibjpeg-openjpeg)"
 
 
 # ----------------------------------------------------------------- grayscale rendering

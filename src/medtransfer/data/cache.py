@@ -213,7 +213,7 @@ class ImageCache:
             pending: dict[str, np.ndarray] = {}
             memo_updates: list[tuple] = []
             tasks = [str(in_paths[group[0]]) for group, _ in todo.values()]
-            with file_loader(self.settings, set(entries), workers, len(tasks)) as load:
+            with file_loader(asdict(self.settings), set(entries), workers, len(tasks)) as load:
                 for (key, (group, stat)), (digest, result) in zip(todo.items(), load(tasks)):
                     advance(len(group))
                     if isinstance(result, str):

@@ -10,24 +10,20 @@ import hashlib
 import multiprocessing
 from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from medtransfer.data.decode import decode_bytes
 from medtransfer.errors import DataError
 
-if TYPE_CHECKING:
-    from medtransfer.data.cache import CacheSettings
-
 __all__ = ["LoadResult", "file_loader", "load_file"]
 
 LoadResult = tuple[str, np.ndarray | str | None]
 
 
-def load_file(path: str, settings: CacheSettings, known: Container[str]) -> LoadResult:
+def load_file(path: str, decode_options: dict[str, Any], known: Container[str]) -> LoadResult:
     """Read and hash one file; decode it unless its content is in ``known``.
 
     Returns ``(hash, pixels)``, ``(hash, None)`` when already cached, or
@@ -41,17 +37,17 @@ def load_file(path: str, settings: CacheSettings, known: Container[str]) -> Load
     if digest in known:
         return digest, None
     try:
-        return digest, decode_bytes(data, **asdict(settings))
+        return digest, decode_bytes(data, **decode_options)
     except DataError as exc:  # "not a readable image (<reason>)"
         return digest, str(exc)
 
 
-_worker_state: tuple[CacheSettings, frozenset[str]] | None = None
+_worker_state: tuple[dict[str, Any], frozenset[str]] | None = None
 
 
-def _init_worker(settings: CacheSettings, known: frozenset[str]) -> None:
+def _init_worker(decode_options: dict[str, Any], known: frozenset[str]) -> None:
     global _worker_state
-    _worker_state = (settings, known)
+    _worker_state = (decode_options, known)
 
 
 def _load_in_worker(path: str) -> LoadResult:
@@ -61,12 +57,12 @@ def _load_in_worker(path: str) -> LoadResult:
 
 @contextmanager
 def file_loader(
-    settings: CacheSettings, known: set[str], workers: int, n_tasks: int
+    decode_options: dict[str, Any], known: set[str], workers: int, n_tasks: int
 ) -> Iterator[Callable[[list[str]], Iterator[LoadResult]]]:
     """Yield ``load(paths)``: an iterator of :func:`load_file` results in input order."""
     if workers == 1 or n_tasks < 2:
-        yield lambda paths: (load_file(p, settings, known) for p in paths)
+        yield lambda paths: (load_file(p, decode_options, known) for p in paths)
         return
     ctx = multiprocessing.get_context()
-    with ctx.Pool(min(workers, n_tasks), _init_worker, (settings, frozenset(known))) as pool:
+    with ctx.Pool(min(workers, n_tasks), _init_worker, (decode_options, frozenset(known))) as pool:
         yield lambda paths: pool.imap(_load_in_worker, paths, chunksize=4)
