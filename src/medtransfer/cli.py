@@ -128,24 +128,26 @@ def predict(
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
     num_workers: int = typer.Option(-1, help="Decoding processes (default: chosen by device; 0 decodes in this process)."),
-    runtime: str = typer.Option("torch", help="torch, or onnxruntime (runs RUN/model/model.onnx from `medtransfer export`)."),
+    runtime: str = typer.Option("torch", help="torch, or onnxruntime (CPU; runs the file `medtransfer export` wrote)."),
+    onnx: Optional[Path] = typer.Option(None, help="With --runtime onnxruntime: the ONNX file (default RUN/model/model.onnx)."),
+    devices: str = typer.Option("auto", help="auto (all local GPUs, or the CPU), a GPU count, or GPU ids like 0,1."),
 ):
     """Per-image class probabilities (calibrated) and the predicted class at the saved threshold.
 
     Streams: files are decoded in worker processes and rows written to --csv as they come, so
     memory stays flat for any number of images; the table is printed for up to 50 images."""
-    from medtransfer.artifacts import find_model_dir, load_model
-    from medtransfer.errors import ConfigError
-    from medtransfer.predict import expand_inputs, predict_with_progress
+    from medtransfer.artifacts import load_model
+    from medtransfer.predict import expand_inputs, onnx_file, predict_with_progress
+    from medtransfer.runtime import resolve_devices
 
+    onnx_path = onnx_file(runtime, run, onnx)
+    targets = resolve_devices(devices, "cpu" if onnx_path else accelerator)
     saved = load_model(run)
     files = expand_inputs(paths)
-    if runtime not in ("torch", "onnxruntime"):
-        raise ConfigError(f"--runtime: got {runtime!r}; choose torch or onnxruntime")
-    onnx_path = find_model_dir(run) / "model.onnx" if runtime == "onnxruntime" else None
     rows = predict_with_progress(
         saved, files, csv_path=csv, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images,
         num_workers=num_workers, keep=TABLE_ROWS if cam is None else None, console=error_console, onnx_path=onnx_path,
+        devices=targets,
     )
     scored = saved.ood is not None
     if len(files) <= TABLE_ROWS:
@@ -186,13 +188,15 @@ def evaluate(
     cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
+    devices: str = typer.Option("auto", help="auto (all local GPUs, or the CPU), a GPU count, or GPU ids like 0,1."),
 ):
     """Evaluate a saved model on any labelled folder or CSV (an external test set) without touching the run."""
     from medtransfer.evaluation.external import evaluate_saved_model
+    from medtransfer.runtime import resolve_devices
 
     result = evaluate_saved_model(
         run, data, out, split=split, cache_dir=cache_dir or default_cache_dir(), bootstrap=bootstrap, seed=seed,
-        skip_bad=skip_bad_images, accelerator=accelerator, console=console,
+        skip_bad=skip_bad_images, accelerator=accelerator, console=console, devices=resolve_devices(devices, accelerator),
     )
     _print_result({"test": result.get("test")}, result["threshold"])
 
@@ -330,19 +334,23 @@ def serve(
     max_upload_mb: float = typer.Option(50.0, help="Largest upload in MB; larger bodies get 413 while streaming."),
     token: Optional[str] = typer.Option(None, envvar="MEDTRANSFER_TOKEN", help="Require this token (env MEDTRANSFER_TOKEN)."),
     insecure: bool = typer.Option(False, help="Allow a host beyond localhost without a token."),
+    runtime: str = typer.Option("torch", help="torch, or onnxruntime (CPU; Grad-CAM still runs in torch)."),
+    onnx: Optional[Path] = typer.Option(None, help="With --runtime onnxruntime: the ONNX file (default RUN/model/model.onnx)."),
 ):
     """Serve the model: a web page at / and POST /predict (probabilities, class, optional Grad-CAM)."""
     import uvicorn
 
     from medtransfer.artifacts import load_model
+    from medtransfer.predict import onnx_file
     from medtransfer.serving.app import check_bind, create_app
     from medtransfer.serving.limits import log_requests_to_stderr
 
     check_bind(host, token=token, insecure=insecure)
+    onnx_path = onnx_file(runtime, run, onnx)
     app_ = create_app(load_model(run), accelerator=accelerator, run_dir=run, max_concurrent=max_concurrent,
-                      queue=queue, max_upload_mb=max_upload_mb, token=token)
+                      queue=queue, max_upload_mb=max_upload_mb, token=token, onnx_path=onnx_path)
     log_requests_to_stderr()
-    console.print(f"Serving {run} on http://{host}:{port}/")
+    console.print(f"Serving {run} on http://{host}:{port}/ ({runtime})")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

@@ -10,11 +10,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medtransfer.artifacts import Decision, SavedModel
+from medtransfer.artifacts import Decision, SavedModel, find_model_dir
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.ood import ScoredModel
-from medtransfer.runtime import autocast, default_num_workers, device_for, resolve_accelerator, resolve_precision
+from medtransfer.runtime import (
+    autocast, default_num_workers, device_for, map_in_order, place_batch, place_model, replicate, resolve_accelerator,
+    resolve_precision,
+)
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -34,35 +37,51 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     return paths
 
 
+Outputs = Callable[[torch.Tensor], tuple[np.ndarray, "np.ndarray | None"]]  # batch -> (logits, ood_score or None)
+
+
 @dataclass
 class Classifier:
-    """The saved model on a device at a precision: preprocessed images in, decisions out."""
+    """The saved model on a device at a precision, or an onnxruntime session: preprocessed images in, decisions out."""
 
     saved: SavedModel
     device: torch.device
     precision: str
+    session_outputs: Outputs | None = None  # onnxruntime's (the CPU); None: the torch model
 
     @classmethod
-    def on(cls, saved: SavedModel, *, accelerator: str = "auto", precision: str = "auto") -> Classifier:
-        device = device_for(accelerator)
-        precision = resolve_precision(precision, resolve_accelerator(accelerator))
-        saved.model.eval().to(device).to(memory_format=torch.channels_last)
+    def on(cls, saved: SavedModel, *, accelerator: str = "auto", precision: str = "auto",
+           device: torch.device | None = None, onnx_path: Path | None = None, threads: int = 0) -> Classifier:
+        """On ``device`` (default: the accelerator's); with ``onnx_path`` the batches run in onnxruntime
+        (``threads`` intra-op threads, 0: its default) while the torch model stays on the CPU for heatmaps."""
+        if onnx_path is not None:
+            return cls(saved, torch.device("cpu"), "32-true", onnx_outputs(onnx_path, saved, threads=threads))
+        device = device or device_for(accelerator)
+        precision = resolve_precision(precision, "gpu" if device.type == "cuda" else "cpu")
+        place_model(saved.model.eval(), device)
         return cls(saved, device, precision)
 
-    def __call__(self, images: torch.Tensor) -> Decision:
+    @property
+    def runtime(self) -> str:
+        return "torch" if self.session_outputs is None else "onnxruntime"
+
+    def outputs(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 logits and, when the model has an OOD detector, each image's ood_score (one forward pass)."""
+        if self.session_outputs is not None:
+            return self.session_outputs(images)
+        network = self.saved.model if self.saved.ood is None else ScoredModel(self.saved.model, self.saved.ood)
         with torch.inference_mode(), autocast(self.device, self.precision):
-            logits = self.saved.model(images.to(self.device).contiguous(memory_format=torch.channels_last))
-        return self.saved.decide(logits)
+            out = network(place_batch(images, self.device))
+        logits, scores = out if self.saved.ood is not None else (out, None)
+        return logits.float().cpu().numpy(), None if scores is None else scores.float().cpu().numpy()
+
+    def __call__(self, images: torch.Tensor) -> Decision:
+        return self.scored(images)[0]
 
     def scored(self, images: torch.Tensor) -> tuple[Decision, np.ndarray | None]:
-        """The decision and, when the model has an OOD detector, each image's ood_score (one forward pass)."""
-        if self.saved.ood is None:
-            return self(images), None
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            logits, scores = ScoredModel(self.saved.model, self.saved.ood)(
-                images.to(self.device).contiguous(memory_format=torch.channels_last)
-            )
-        return self.saved.decide(logits), scores.float().cpu().numpy()
+        """The decision and, with an OOD detector, each image's ood_score (else None)."""
+        logits, scores = self.outputs(images)
+        return self.saved.decide(logits), scores
 
 
 def decision_row(saved: SavedModel, path: str, decision: Decision, i: int, scores: np.ndarray | None = None) -> dict:
@@ -121,6 +140,7 @@ def stream_predictions(
     num_workers: int = 0,
     progress: Callable[[int], None] | None = None,
     onnx_path: Path | None = None,
+    devices: list[torch.device] | None = None,
 ) -> Iterator[dict]:
     """predict_files' rows, in input order, as each batch is done: memory stays bounded for any number of files.
 
@@ -128,34 +148,34 @@ def stream_predictions(
     `progress(n)` is called with the number of files each batch consumed. A bad file
     stops the stream with a DataError naming the bad files of its batch, unless `skip_bad`.
     With `onnx_path` (the exported model) the batches run in onnxruntime instead of torch.
+    With several `devices` (GPUs) each runs a copy of the model on every n-th batch.
     """
-    device = device_for(accelerator)
-    precision = resolve_precision(precision, resolve_accelerator(accelerator))
-    outputs_of = onnx_outputs(onnx_path, saved) if onnx_path is not None else None
-    model = saved.model.eval().to(device).to(memory_format=torch.channels_last)
-    scored = ScoredModel(model, saved.ood) if saved.ood is not None else None  # logits and ood_score in one pass
+    if onnx_path is not None:
+        classifiers = [Classifier.on(saved, onnx_path=onnx_path)]
+    else:
+        targets = devices or [device_for(accelerator)]
+        copies = replicate(saved.model.eval(), targets)
+        classifiers = [Classifier.on(SavedModel(model=m, info=saved.info, ood=saved.ood), precision=precision, device=d)
+                       for m, d in zip(copies, targets)]
     loader = DataLoader(
         _DecodedFiles(paths, saved), batch_size=batch_size,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        num_workers=num_workers, collate_fn=_collate, pin_memory=classifiers[0].device.type == "cuda",
     )
-    for indices, images, bad in loader:
+
+    def run(slot: int, batch: tuple) -> tuple:
+        indices, images, bad = batch
+        return indices, bad, (classifiers[slot].outputs(images) if indices else None)
+
+    for indices, bad, outputs in map_in_order(run, loader, len(classifiers)):
         if bad and not skip_bad:
             raise DataError(f"{len(bad)} unreadable image(s): {'; '.join(bad[:5])}. Use --skip-bad-images to leave them out")
         if progress is not None:
             progress(len(indices) + len(bad))
         if not indices:
             continue
-        if outputs_of is not None:
-            logits, scores = outputs_of(images)
-        else:
-            with torch.inference_mode(), autocast(device, precision):
-                batch = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                logits, scores = scored(batch) if scored is not None else (model(batch), None)
-                logits = logits.float().cpu().numpy()
-                scores = None if scores is None else scores.float().cpu().numpy()
-        decision = saved.decide(logits)
+        decision = saved.decide(outputs[0])
         for row, index in enumerate(indices):
-            yield decision_row(saved, str(paths[index]), decision, row, scores)
+            yield decision_row(saved, str(paths[index]), decision, row, outputs[1])
 
 
 def write_rows(rows: Iterable[dict], path: Path) -> int:
@@ -173,30 +193,71 @@ def write_rows(rows: Iterable[dict], path: Path) -> int:
 
 
 
-def _onnx_session(path: Path):
+RUNTIMES = ("torch", "onnxruntime")
+ONNX_TOLERANCE = 1e-4  # largest probability difference from torch that a runtime may have
+
+
+def onnx_file(runtime: str, run: str | Path, onnx: Path | None = None) -> Path | None:
+    """The ONNX file `--runtime onnxruntime` runs (--onnx, else RUN/model/model.onnx); None for torch."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime: got {runtime!r}; choose torch or onnxruntime")
+    if runtime == "torch":
+        if onnx is not None:
+            raise ConfigError(f"--onnx {onnx}: only used with --runtime onnxruntime; add it or leave --onnx out")
+        return None
+    return onnx or find_model_dir(run) / "model.onnx"
+
+
+def _onnx_session(path: Path, threads: int = 0):
     if not path.is_file():
-        raise ConfigError(f"--runtime onnxruntime: {path} does not exist; run `medtransfer export --run RUN` first")
+        raise ConfigError(f"--runtime onnxruntime: {path} does not exist; run `medtransfer export --run RUN` first "
+                          "(or pass --onnx FILE)")
     try:
         import onnxruntime
     except ImportError:
         raise ConfigError("--runtime onnxruntime needs onnxruntime: pip install onnxruntime") from None
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for a corrupt or foreign file
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise ConfigError(f"--onnx {path}: onnxruntime cannot load it ({reason}); "
+                          "write it again with `medtransfer export --run RUN`") from None
 
 
-def onnx_logits(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    """A function batch -> logits running the model exported by `medtransfer export` in onnxruntime (CPU)."""
-    session = _onnx_session(path)
-    return lambda images: session.run(["logits"], {"image": images.float().numpy()})[0]
+def onnx_outputs(path: Path, saved: SavedModel, *, threads: int = 0) -> Outputs:
+    """batch -> (logits, ood_score or None) in onnxruntime (CPU), from the file `medtransfer export` writes.
 
-
-def onnx_outputs(path: Path, saved: SavedModel) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]:
-    """Like :func:`onnx_logits`, plus the graph's ood_score when the model has an OOD detector."""
-    session = _onnx_session(path)
-    if saved.ood is None:
-        return lambda images: (session.run(["logits"], {"image": images.float().numpy()})[0], None)
-    if "ood_score" not in {output.name for output in session.get_outputs()}:  # exported before the detector existed
+    Checked once against the torch model on a random batch: a file exported from another
+    model (or before a retraining) is refused instead of answering with other probabilities."""
+    session = _onnx_session(path, threads)
+    names = {output.name for output in session.get_outputs()}
+    if saved.ood is not None and "ood_score" not in names:  # exported before the detector existed
         raise ConfigError(f"--runtime onnxruntime: {path} has no ood_score output; run `medtransfer export --run RUN` again")
-    return lambda images: tuple(session.run(["logits", "ood_score"], {"image": images.float().numpy()}))
+    wanted = ["logits"] + (["ood_score"] if saved.ood is not None else [])
+
+    def outputs(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        result = session.run(wanted, {"image": images.float().cpu().numpy()})
+        return result[0], (result[1] if len(result) > 1 else None)
+
+    _check_against_torch(saved, outputs, path)
+    return outputs
+
+
+def _check_against_torch(saved: SavedModel, outputs: Outputs, path: Path) -> None:
+    size, channels = saved.info.image_size, saved.info.in_channels
+    batch = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        logits = outputs(batch)[0]
+    except Exception as exc:  # a graph for another input size or channel count
+        raise ConfigError(f"--onnx {path}: does not take this model's {channels} x {size} x {size} images "
+                          f"({str(exc).splitlines()[0][:120]}); export it again from this run") from None
+    reference = Classifier(saved, next(saved.model.parameters()).device, "32-true")
+    gap = float(np.abs(saved.decide(logits).probabilities - reference(batch).probabilities).max())
+    if gap > ONNX_TOLERANCE:
+        raise ConfigError(f"--onnx {path}: its probabilities differ from the saved model's by {gap:.1e} "
+                          "(exported from another model or before retraining); export it again from this run")
 
 
 def predict_with_progress(
@@ -211,6 +272,7 @@ def predict_with_progress(
     keep: int | None = None,
     console=None,
     onnx_path: Path | None = None,
+    devices: list[torch.device] | None = None,
 ) -> list[dict]:
     """`medtransfer predict`: stream rows into `csv_path` under a progress bar (images/s); return the first `keep` rows (all when None)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -230,7 +292,7 @@ def predict_with_progress(
         def rows() -> Iterator[dict]:
             for row in stream_predictions(saved, paths, batch_size=batch_size, accelerator=accelerator,
                                           skip_bad=skip_bad, num_workers=workers, progress=advance,
-                                          onnx_path=onnx_path):
+                                          onnx_path=onnx_path, devices=devices):
                 if keep is None or len(kept) < keep:
                     kept.append(row)
                 yield row

@@ -13,9 +13,13 @@ standard library and medtransfer.errors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -41,11 +45,14 @@ __all__ = [
     "hardware_summary",
     "is_global_zero",
     "local_rank",
+    "map_in_order",
     "memory_format",
     "place_batch",
     "place_model",
     "predict_logits",
+    "replicate",
     "resolve_accelerator",
+    "resolve_devices",
     "resolve_precision",
     "world_size",
 ]
@@ -153,7 +160,6 @@ def default_num_workers(accelerator: str) -> int:
 # --------------------------------------------------------------------------- batched inference
 
 
-@torch.inference_mode()
 def predict_logits(
     model: nn.Module,
     dataset: Dataset,
@@ -163,18 +169,88 @@ def predict_logits(
     device: torch.device = torch.device("cpu"),
     precision: str = "32-true",
     channels_last: bool = True,
+    devices: Sequence[torch.device] | None = None,
 ) -> np.ndarray:
     """Logits (float32, n x classes) in dataset order; the model is put in eval mode.
 
-    ``dataset`` yields ``(image, label)`` pairs; the labels are ignored.
+    ``dataset`` yields ``(image, label)`` pairs; the labels are ignored. With ``devices``
+    (several GPUs) each gets a copy of the model and the batches in turn, one thread per
+    device (:func:`map_in_order`); ``device`` is then ignored.
     """
-    place_model(model.eval(), device, channels_last=channels_last)
+    models = replicate(model.eval(), list(devices or [device]), channels_last=channels_last)
+    targets = list(devices or [device])
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    outputs = []
-    for images, _ in loader:
-        with autocast(device, precision):
-            outputs.append(model(place_batch(images, device, channels_last=channels_last)).float().cpu())
+
+    def forward(slot: int, batch: tuple) -> torch.Tensor:
+        with torch.inference_mode(), autocast(targets[slot], precision):  # both are per thread
+            return models[slot](place_batch(batch[0], targets[slot], channels_last=channels_last)).float().cpu()
+
+    outputs = list(map_in_order(forward, loader, len(models)))
     return torch.cat(outputs).numpy() if outputs else torch.zeros((0, 0), dtype=torch.float32).numpy()
+
+
+# --------------------------------------------------------------------------- several devices
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def resolve_devices(devices: str, accelerator: str) -> list[torch.device]:
+    """The devices inference runs on, for ``--devices``: ``auto`` every visible GPU (or the CPU),
+    a count N the first N GPUs, ``0,2`` those GPUs. ``accelerator`` is a value of :data:`ACCELERATORS`."""
+    spec = str(devices).strip().replace(" ", "")
+    if resolve_accelerator(accelerator) == "cpu":
+        if spec not in ("auto", "1"):
+            raise ConfigError(f"--devices {devices}: on the CPU inference is one process using every core; "
+                              "use --devices auto or 1 (several devices need GPUs)")
+        return [torch.device("cpu")]
+    visible = torch.cuda.device_count()
+    if spec == "auto":
+        ids = list(range(visible))
+    elif spec.isdigit() and "," not in spec:
+        ids = list(range(int(spec)))
+    elif all(part.isdigit() for part in spec.rstrip(",").split(",")):
+        ids = [int(part) for part in spec.rstrip(",").split(",")]
+    else:
+        raise ConfigError(f"--devices: got {devices!r}; use auto, a count like 2, or GPU ids like 0,1")
+    if not ids or max(ids) >= visible or len(set(ids)) != len(ids):
+        raise ConfigError(f"--devices {devices}: {visible} GPU(s) visible (ids 0 to {visible - 1}); "
+                          "name each at most once, or use --devices auto")
+    return [torch.device("cuda", i) for i in ids]
+
+
+def replicate(model: nn.Module, devices: Sequence[torch.device], *, channels_last: bool = True) -> list[nn.Module]:
+    """One copy of ``model`` per device (the first is ``model`` itself, moved), each placed once."""
+    return [place_model(model if i == 0 else copy.deepcopy(model), device, channels_last=channels_last)
+            for i, device in enumerate(devices)]
+
+
+def map_in_order(
+    work: Callable[[int, Item], Result], items: Iterable[Item], workers: int, *, ahead: int = 2
+) -> Iterator[Result]:
+    """``work(slot, item)`` for each item, item k on slot ``k % workers``, results in input order.
+
+    Each slot is one thread (one device: its model copy is only ever used by that thread);
+    at most ``workers * ahead`` items are in flight, so memory stays bounded for a stream.
+    With one worker the items run in the calling thread.
+    """
+    if workers == 1:
+        yield from (work(0, item) for item in items)
+        return
+    pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device{slot}") for slot in range(workers)]
+    pending: deque = deque()
+    try:
+        for k, item in enumerate(items):
+            pending.append(pools[k % workers].submit(work, k % workers, item))
+            if len(pending) >= workers * ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when the consumer stops early or a batch fails: no thread outlives the call
+        for future in pending:
+            future.cancel()
+        for pool in pools:
+            pool.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------- distributed ranks

@@ -40,6 +40,7 @@ def evaluate_saved_model(
     accelerator: str = "auto",
     precision: str = "auto",
     console: Console | None = None,
+    devices: list | None = None,  # torch devices (several GPUs: a model copy each); default the accelerator's
 ) -> dict[str, Any]:
     console = console or Console()
     saved = load_model(run)
@@ -63,6 +64,7 @@ def evaluate_saved_model(
         num_workers=default_num_workers(accelerator),  # pixels come from the memory-mapped cache, in workers
         device=device_for(accelerator),
         precision=resolve_precision(precision, accelerator),
+        devices=devices,
     )
     scores = None if saved.ood is None else logits[:, -1]
     logits = logits if saved.ood is None else logits[:, :-1]

@@ -3,9 +3,11 @@
 POST /predict takes an uploaded image and answers with the calibrated probabilities, the
 class at the saved threshold and, on request, a Grad-CAM overlay; the upload goes through
 the code path of `medtransfer predict` (SavedModel.decode, crop, normalise, then
-predict.Classifier), decoded once per request. Requests are guarded before they reach
-FastAPI (:mod:`medtransfer.serving.limits`: token, body size, admission) and run on their
-own model copy (:mod:`medtransfer.serving.replicas`). Bad uploads get a 4xx whose detail
+predict.Classifier: torch, or with ``onnx_path`` the exported model in onnxruntime, the
+same answers within 1e-4; Grad-CAM always runs in torch), decoded once per request.
+Requests are guarded before they reach FastAPI (:mod:`medtransfer.serving.limits`:
+token, body size, admission) and run on their own model copy
+(:mod:`medtransfer.serving.replicas`). Bad uploads get a 4xx whose detail
 is the decoder's own message: 413 for an image over the pixel limit, 415 for a format
 other than JPEG/PNG/BMP/TIFF/DICOM, 400 for unreadable data. The page at / uses nothing
 outside this server.
@@ -50,16 +52,21 @@ def create_app(
     queue: int = 64,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     token: str | None = None,
+    onnx_path: Path | None = None,
 ) -> Any:
-    """The ASGI app: FastAPI routes behind the guards. ``run_dir``: the run folder, for the model card."""
+    """The ASGI app: FastAPI routes behind the guards. ``run_dir``: the run folder, for the model card.
+    ``onnx_path``: answer predictions with onnxruntime on the CPU (Grad-CAM still runs in torch)."""
     for name, value, least in (("--max-concurrent", max_concurrent, 1), ("--queue", queue, 0)):
         if value < least:
             raise ConfigError(f"{name}: got {value}; use {least} or more")
     if max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb: got {max_upload_mb}; use a positive number of megabytes")
     api = FastAPI(title="medtransfer", description=f"{saved.info.backbone} classifier: {', '.join(saved.classes)}")
+    if onnx_path is not None and accelerator not in ("cpu", "auto"):
+        raise ConfigError(f"--accelerator {accelerator}: --runtime onnxruntime runs on the CPU; use --accelerator cpu")
+    replicas = Replicas(saved, count=max_concurrent, accelerator=accelerator, onnx_path=onnx_path)
     card = model_card(saved, run_dir, max_upload_mb=max_upload_mb, token=bool(token))
-    replicas = Replicas(saved, count=max_concurrent, accelerator=accelerator)
+    card["runtime"] = replicas.runtime
 
     @api.get("/", response_class=HTMLResponse)
     def page() -> str:

@@ -9,6 +9,11 @@ but it would serialise plain predictions behind every heatmap. Instead the serve
 and returns it. The admission limit (:mod:`medtransfer.serving.limits`) lets at most
 ``max_concurrent`` requests run, so a copy is always free; memory is bounded by
 ``max_concurrent`` x the model's size (45 MB for resnet18).
+
+With ``runtime="onnxruntime"`` each slot also owns an onnxruntime session of the exported
+model (with its share of the cores) that answers the predictions; Grad-CAM needs gradients,
+which onnxruntime has not, so heatmaps still come from the slot's torch copy of the same
+weights (on the CPU), drawn for the class onnxruntime predicted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import io
 import queue
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -28,6 +34,7 @@ from medtransfer.artifacts import SavedModel
 from medtransfer.explain.cam import ClassActivationMap
 from medtransfer.explain.render import gray_from_pixels, overlay_picture, prediction_caption
 from medtransfer.predict import Classifier, decision_row
+from medtransfer.runtime import available_cores
 
 OOD_MESSAGE = "This image does not look like the training data: the prediction may be meaningless."
 
@@ -39,14 +46,17 @@ class Replica:
 
 
 class Replicas:
-    """``count`` exclusive copies of ``saved`` on ``accelerator``; :meth:`answer` is thread-safe."""
+    """``count`` exclusive copies of ``saved`` on ``accelerator`` (or in onnxruntime with ``onnx_path``);
+    :meth:`answer` is thread-safe."""
 
-    def __init__(self, saved: SavedModel, *, count: int, accelerator: str = "cpu") -> None:
+    def __init__(self, saved: SavedModel, *, count: int, accelerator: str = "cpu", onnx_path: Path | None = None) -> None:
         self.saved = saved
         self.free: queue.Queue[Replica] = queue.Queue()
+        threads = max(1, available_cores() // count)  # onnxruntime: the slots share the cores instead of fighting
         for i in range(count):
             own = saved if i == 0 else SavedModel(model=copy.deepcopy(saved.model), info=saved.info, ood=saved.ood)
-            self.free.put(Replica(own, Classifier.on(own, accelerator=accelerator)))
+            self.free.put(Replica(own, Classifier.on(own, accelerator=accelerator, onnx_path=onnx_path, threads=threads)))
+        self.runtime = "torch" if onnx_path is None else "onnxruntime"
 
     @contextmanager
     def checkout(self) -> Iterator[Replica]:
