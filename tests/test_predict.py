@@ -134,3 +134,34 @@ def test_onnxruntime_gives_the_probabilities_torch_gives(saved, files, tmp_path)
     assert max(abs(a["prob_PNEUMONIA"] - b["prob_PNEUMONIA"]) for a, b in zip(torch_rows, onnx_rows)) < 1e-4
     with pytest.raises(ConfigError, match="does not exist; run `medtransfer export"):
         list(stream_predictions(saved, files, onnx_path=tmp_path / "missing.onnx"))
+
+
+def test_two_devices_give_the_single_device_rows_in_input_order(saved, files, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    paths = files[:3] + [bad] + files[3:]
+    options = dict(batch_size=2, accelerator="cpu", precision="32-true", skip_bad=True)
+    one = list(stream_predictions(saved, paths, **options))
+    seen = []
+    two = list(stream_predictions(saved, paths, **options, progress=seen.append,
+                                  devices=[torch.device("cpu"), torch.device("cpu")]))
+    assert [r["path"] for r in two] == [str(f) for f in files] and seen == [2, 2, 2, 2]
+    assert two == one  # the same values, not only close: the copies are exact
+    out = tmp_path / "two.csv"
+    predict_with_progress(saved, files, csv_path=out, batch_size=3, accelerator="cpu", num_workers=0,
+                          devices=[torch.device("cpu")] * 2)
+    assert [r["path"] for r in csv.DictReader(out.open())] == [str(f) for f in files]
+    with pytest.raises(DataError, match="broken.png"):  # a bad file still stops the stream at its place
+        list(stream_predictions(saved, paths, batch_size=2, accelerator="cpu", devices=[torch.device("cpu")] * 2))
+
+
+def test_a_wrong_runtime_or_an_onnx_file_without_it_is_refused_in_one_line(saved, tmp_path):
+    from medtransfer.predict import onnx_file
+
+    assert onnx_file("torch", saved.run) is None
+    assert onnx_file("onnxruntime", saved.run) == saved.run / "model" / "model.onnx"
+    assert onnx_file("onnxruntime", saved.run, tmp_path / "x.onnx") == tmp_path / "x.onnx"
+    with pytest.raises(ConfigError, match="--runtime: got 'tvm'; choose torch or onnxruntime"):
+        onnx_file("tvm", saved.run)
+    with pytest.raises(ConfigError, match="--onnx .*x.onnx: only used with --runtime onnxruntime"):
+        onnx_file("torch", saved.run, tmp_path / "x.onnx")

@@ -218,3 +218,66 @@ def test_hardware_summary_names_the_gpu_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
     summary = hardware_summary(accelerator="gpu", precision="bf16-mixed", devices=8)
     assert (summary["gpu"], summary["world_size"], summary["distributed"]) == ("NVIDIA H100 80GB HBM3", 8, "none")
+
+
+# ----------------------------------------------------------------- several devices
+
+
+def test_map_in_order_deals_items_in_turn_to_one_thread_per_slot_and_keeps_input_order():
+    import threading
+    import time
+
+    seen: dict[int, set] = {0: set(), 1: set()}
+
+    def work(slot: int, item: int) -> tuple[int, int]:
+        seen[slot].add(threading.get_ident())
+        time.sleep(0.02 if item % 3 == 0 else 0.0)  # slot 0 sometimes slower: results must still come in order
+        return slot, item * item
+
+    results = list(runtime.map_in_order(work, range(9), 2, ahead=2))
+    assert [r for _, r in results] == [i * i for i in range(9)]
+    assert [slot for slot, _ in results] == [i % 2 for i in range(9)]
+    assert len(seen[0]) == len(seen[1]) == 1 and seen[0] != seen[1]  # a device's copy is only used by its own thread
+
+
+def test_map_in_order_passes_a_failure_on_and_stops_early_without_leaking_threads():
+    import threading
+
+    def work(slot: int, item: int) -> int:
+        if item == 5:
+            raise ValueError("batch 5 failed")
+        return item
+
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="batch 5 failed"):
+        list(runtime.map_in_order(work, range(20), 2))
+    stream = runtime.map_in_order(work, range(20), 3)
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()
+    assert threading.active_count() == before
+
+
+def test_predict_logits_on_two_devices_equals_one_device_in_order():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    dataset = TensorDataset(torch.rand(11, 3, 12, 12), torch.zeros(11, dtype=torch.long))
+    one = predict_logits(model, dataset, batch_size=2)
+    two = predict_logits(model, dataset, batch_size=2, devices=[torch.device("cpu"), torch.device("cpu")])
+    np.testing.assert_array_equal(one, two)
+
+
+def test_devices_resolve_to_every_gpu_a_count_or_ids_and_refuse_the_rest(monkeypatch):
+    from medtransfer.runtime import resolve_devices
+
+    assert resolve_devices("auto", "cpu") == resolve_devices("1", "cpu") == [torch.device("cpu")]
+    with pytest.raises(ConfigError, match=r"--devices 2: on the CPU .* use --devices auto or 1"):
+        resolve_devices("2", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_devices("auto", "gpu") == [torch.device("cuda", i) for i in range(4)]
+    assert resolve_devices("2", "auto") == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert resolve_devices("0,3", "cuda") == [torch.device("cuda", 0), torch.device("cuda", 3)]
+    for bad, message in [("5", "4 GPU\\(s\\) visible"), ("1,1", "at most once"), ("0", "4 GPU"),
+                         ("x", "use auto, a count like 2, or GPU ids like 0,1")]:
+        with pytest.raises(ConfigError, match=f"--devices.*{message}"):
+            resolve_devices(bad, "gpu")
