@@ -310,3 +310,27 @@ def test_explain_command_for_every_registered_backbone(backbone, tiny_data, tmp_
             heat = np.load(tmp_path / method / f"{image.stem}_{method}.npy")
             assert heat.shape == (64, 64) and 0 <= heat.min() <= heat.max() <= 1
             assert (tmp_path / method / f"{image.stem}_{method}.png").is_file()
+
+
+def test_predict_on_onnxruntime_gives_torchs_rows_and_evaluate_records_its_devices(trained_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    run, _ = trained_run
+    images = sorted(r["path"] for r in read_csv(run / "predictions_test.csv"))[:5]
+    onnx_path = tmp_path / "m.onnx"
+    code, _, err = run_cli(["predict", "--run", run, *images, "--runtime", "onnxruntime", "--onnx", onnx_path],
+                           monkeypatch, capsys)
+    assert code == 1 and err.strip() == (f"error: --runtime onnxruntime: {onnx_path} does not exist; run "
+                                         "`medtransfer export --run RUN` first (or pass --onnx FILE)")
+    assert run_cli(["export", "--run", run, "--out", onnx_path], monkeypatch, capsys)[0] == 0
+    tables = {}
+    for runtime in ("torch", "onnxruntime"):
+        out_csv = tmp_path / f"{runtime}.csv"
+        extra = ["--onnx", onnx_path] if runtime == "onnxruntime" else []
+        code, _, err = run_cli(["predict", "--run", run, *images, "--csv", out_csv, "--runtime", runtime,
+                                "--devices", "auto", "--accelerator", "cpu", *extra], monkeypatch, capsys)
+        assert code == 0, err
+        tables[runtime] = read_csv(out_csv)
+    assert [r["path"] for r in tables["torch"]] == [r["path"] for r in tables["onnxruntime"]] == images
+    assert [r["pred"] for r in tables["torch"]] == [r["pred"] for r in tables["onnxruntime"]]
+    code, _, err = run_cli(["predict", "--run", run, *images, "--accelerator", "cpu", "--devices", "3"], monkeypatch, capsys)
+    assert code == 1 and err.startswith("error: --devices 3: on the CPU") and len(err.strip().splitlines()) == 1

@@ -23,7 +23,10 @@ from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_p
 from medtransfer.evaluation.shift import shift_lines, shift_summary
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.ood import LogitsAndScore, ScoredModel
-from medtransfer.runtime import default_decode_workers, default_num_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
+from medtransfer.runtime import (
+    default_decode_workers, default_num_workers, device_for, hardware_summary, predict_logits, resolve_accelerator,
+    resolve_precision,
+)
 from medtransfer.rundir import Predictions, RunDir, write_metrics
 
 
@@ -84,6 +87,9 @@ def evaluate_saved_model(
         "threshold_policy": info.threshold_policy,
         "test": result,
         "shift": shift_against_run(run, outputs, point),
+        "hardware": {**hardware_summary(accelerator=accelerator, precision=resolve_precision(precision, accelerator),
+                                        devices=len(devices or [accelerator])),  # what ran the inference:
+                     "world_size": 1, "distributed": "threads" if len(devices or []) > 1 else "none"},  # one process
     }
     if scores is None:
         console.print("This model was saved without an OOD detector: no foreign-input check (train again to get one).")
