@@ -327,13 +327,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def synthetic_data(root: Path, images: int) -> Path:
-    """A generated chest X-ray set (Kaggle layout) of about ``images`` images, 512 px: no download."""
+def synthetic_data(root: Path, images: int, distinct: int = 256) -> Path:
+    """A generated chest X-ray set (Kaggle layout, 288 px) of ``images`` files: no download.
+
+    At most ``distinct`` images are drawn (generating is slow); the rest are copies under new
+    names, which the cache decodes once and the loader reads as any other image.
+    """
     from medtransfer.data.synthetic import generate_demo_dataset
 
-    per_class = max(2, images // 2)
+    per_class = max(2, min(images, distinct) // 2)
     generate_demo_dataset(root, patients_per_class=per_class, images_per_patient=(1, 1), val_patients_per_class=1,
-                          test_patients_per_class=1, image_size=512, seed=0)
+                          test_patients_per_class=1, image_size=288, seed=0)
+    drawn = sorted(p for p in (root / "train").rglob("*") if p.is_file())
+    for i in range(max(0, images - len(drawn))):
+        source = drawn[i % len(drawn)]
+        (source.parent / f"copy{i}-{source.name}").write_bytes(source.read_bytes())
     return root
 
 
