@@ -4,7 +4,7 @@
 
 Prints ONE JSON line: per policy, the largest difference between the CPU and the CUDA result
 for the same uint8 batch and parameter rows, and the milliseconds per batch on the GPU
-(uint8 256 px -> normalised float 224 px, synchronised), for a batch of per-image parameters.
+(uint8 256 px -> float 224 px in [0, 1], synchronised), for a batch of per-image parameters.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from medtransfer.data.augment import Policy, draw_params
-from medtransfer.data.transforms import train_transform
+from medtransfer.data.augment import Policy, augment_batch, draw_params
 
 
 def main(argv=None) -> None:
@@ -33,16 +32,14 @@ def main(argv=None) -> None:
                            generator=generator)
     result = {"benchmark": "gpu_augment_check", "gpu": torch.cuda.get_device_name(0), "batch_size": args.batch_size}
     for name in ("light", "radiograph", "trivial"):
-        transform = train_transform(image_size=args.image_size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                    policy=name, on_device=True)
-        rows = draw_params(Policy(name), args.batch_size, generator)
-        on_cpu = transform.finish(images, rows)
+        rows, extras = draw_params(Policy(name), args.batch_size, generator), name != "light"
+        on_cpu = augment_batch(images, rows, size=args.image_size, extras=extras)
         gpu_images, gpu_rows = images.pin_memory().cuda(non_blocking=True), rows.cuda()
-        on_gpu = transform.finish(gpu_images, gpu_rows)
+        on_gpu = augment_batch(gpu_images, gpu_rows, size=args.image_size, extras=extras)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(args.repeats):
-            transform.finish(gpu_images, gpu_rows)
+            augment_batch(gpu_images, gpu_rows, size=args.image_size, extras=extras)
         torch.cuda.synchronize()
         result[name] = {
             "max_abs_diff_cpu_vs_gpu": float((on_gpu.cpu() - on_cpu).abs().max()),
