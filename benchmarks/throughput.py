@@ -2,9 +2,17 @@
 
     python benchmarks/throughput.py --data ../shared/data/kermany-fullres-sample
     python benchmarks/throughput.py --data DIR --device cuda --backbone resnet50 --batch-size 128
+    python benchmarks/throughput.py --device cuda --backbone resnet50 --batch-size 256 --steps 40 \
+        --precision bf16-mixed --augment radiograph --compile     # no --data: synthetic images
 
 With ``--device cuda`` only two phases run, on the GPU: project_img_s and model_only_img_s
-(as below, bf16/fp16 autocast, channels_last, pinned batches) and their efficiency.
+(bf16/fp16 autocast, channels_last unless --no-channels-last, pinned batches, weights none)
+and their efficiency. The project phase is the real training path: uint8 batches leave the
+cache pinned and are moved non_blocking; augmentation (``--augment``, per-image parameters)
+and normalisation run on the GPU in TransferDataModule.on_after_batch_transfer
+(``--augment-on device``, the default there; ``workers`` augments in the loader processes).
+Without ``--data`` a synthetic chest X-ray set is generated into a temporary folder, so
+nothing is downloaded.
 
 Prints ONE JSON line on stdout (logs go to stderr). Every figure comes from this one run,
 on this machine, with the same model (torchvision resnet18, random init, 2 classes,
@@ -133,15 +141,15 @@ def seed_transform(normalization) -> T.Compose:
 class Meter:
     """Counts images after the warm-up steps and the time they took; optional time cap."""
 
-    def __init__(self, warmup: int, cap_seconds: float | None):
-        self.warmup, self.cap = warmup, cap_seconds
+    def __init__(self, warmup: int, cap_seconds: float | None, steps: int | None = None):
+        self.warmup, self.cap, self.max_steps = warmup, cap_seconds, steps
         self.steps = 0
         self.images = 0
         self.start: float | None = None
         self.end: float | None = None
 
     def step_done(self, batch_size: int) -> bool:
-        """Call after each optimizer step; returns True when the time cap is reached."""
+        """Call after each optimizer step; returns True when the time cap or the timed steps are reached."""
         now = time.perf_counter()
         self.steps += 1
         if self.steps == self.warmup:
@@ -149,6 +157,8 @@ class Meter:
         elif self.steps > self.warmup:
             self.images += batch_size
             self.end = now
+        if self.max_steps is not None and self.steps >= self.warmup + self.max_steps:
+            return True
         return self.cap is not None and self.start is not None and now - self.start >= self.cap
 
     def rate(self) -> float | None:
@@ -162,6 +172,8 @@ class MeterCallback(L.Callback):
         self.meter = meter
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # time finished steps, as model_only does
         if self.meter.step_done(len(batch[1])):
             trainer.should_stop = True
 
@@ -200,25 +212,29 @@ def seed_style(paths, labels, classes, *, batch_size, warmup, cap, cores) -> dic
 
 
 def project(
-    cache_images, labels, classes, *, batch_size, warmup, cap, precision, accelerator="cpu", backbone=BACKBONE
+    cache_images, labels, classes, *, batch_size, warmup, cap, precision, accelerator="cpu", backbone=BACKBONE,
+    image_size=IMAGE_SIZE, augment="light", on_device=False, channels_last=True, compile=False, steps=None, workers=None,
 ) -> dict:
     model = new_model(len(classes), backbone=backbone)
     norm = model.spec.normalization
-    transform = train_transform(image_size=IMAGE_SIZE, mean=norm.mean, std=norm.std)
+    transform = train_transform(image_size=image_size, mean=norm.mean, std=norm.std, policy=augment, on_device=on_device)
     train_set = CachedImageDataset(cache_images, labels, transform)
-    workers = default_num_workers(accelerator)
+    workers = default_num_workers(accelerator) if workers is None else workers
     datamodule = TransferDataModule(
         train=train_set, val=train_set, batch_size=batch_size, num_workers=workers, pin_memory=accelerator == "gpu"
     )
-    module = ClassifierModule(model, lr=LR, weight_decay=WEIGHT_DECAY, warmup_epochs=0)
-    meter = Meter(warmup, cap)
+    module = ClassifierModule(model, lr=LR, weight_decay=WEIGHT_DECAY, warmup_epochs=0, channels_last=channels_last)
+    if compile:
+        module.model.net.compile()
+    meter = Meter(warmup, cap, steps)
     batches = len(labels) // batch_size if len(labels) > batch_size else 1
+    epochs = 1 if steps is None else -(-(warmup + steps) // batches)  # enough epochs for the steps asked
     trainer = L.Trainer(
         default_root_dir=tempfile.mkdtemp(prefix="mt-bench-lightning-"),  # nothing is written there
         accelerator=accelerator,
         devices=1,
         precision=precision,
-        max_epochs=1,
+        max_epochs=epochs,
         limit_train_batches=batches,
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -231,27 +247,31 @@ def project(
     trainer.fit(module, datamodule=datamodule)
     del trainer, datamodule, module
     gc.collect()
-    return {"img_s": meter.rate(), "images_timed": meter.images, "num_workers": workers}
+    return {"img_s": meter.rate(), "images_timed": meter.images, "num_workers": workers, "steps_timed": meter.steps - warmup}
 
 
 def model_only(
     classes, *, batch_size, batches, warmup, cap, precision, channels_last: bool = True,
-    device: torch.device = torch.device("cpu"), backbone: str = BACKBONE,
+    device: torch.device = torch.device("cpu"), backbone: str = BACKBONE, image_size: int = IMAGE_SIZE,
+    compile: bool = False, steps: int | None = None,
 ) -> dict:
     model = place_model(new_model(len(classes), backbone=backbone), device, channels_last=channels_last)
     model.train()
+    if compile:
+        model.net.compile()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    labels = torch.randint(0, len(classes), (batch_size,), generator=generator)
-    meter = Meter(warmup, cap)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
+    labels = torch.randint(0, len(classes), (batch_size,), generator=generator).to(device)
+    batches = batches if steps is None else warmup + steps
+    meter = Meter(warmup, cap, steps)
     for _ in range(batches):
         train_step(model, optimizer, images, labels, channels_last=channels_last, device=device, precision=precision)
         if device.type == "cuda":
             torch.cuda.synchronize()  # the meter times finished steps, not queued kernels
         if meter.step_done(batch_size):
             break
-    return {"img_s": meter.rate(), "images_timed": meter.images}
+    return {"img_s": meter.rate(), "images_timed": meter.images, "steps_timed": meter.steps - warmup}
 
 
 def full_decode(paths, cap) -> tuple[float, int]:
@@ -284,51 +304,97 @@ def cache_build(paths, workers: int) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="DIR/CLASS/*.jpeg or a Kaggle-layout folder")
-    parser.add_argument("--images", type=int, default=None, help="number of images (default: all)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="DIR/CLASS/*.jpeg or a Kaggle-layout folder (default with --device cuda: synthetic images)")
+    parser.add_argument("--images", type=int, default=None, help="number of images (default: all; synthetic: 512)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache for the project phase (default: a temp dir)")
     parser.add_argument("--seconds-per-phase", type=float, default=None, help="cap on each timed phase")
     parser.add_argument("--warmup-batches", type=int, default=1, help="batches excluded from each training phase")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: only project vs model-only on the GPU (the CPU-only phases are skipped)")
-    parser.add_argument("--backbone", default=BACKBONE, help="with --device cuda (e.g. resnet50, the GPU target)")
+    gpu = parser.add_argument_group("--device cuda")
+    gpu.add_argument("--backbone", default=BACKBONE, help="e.g. resnet50, the GPU target (weights none: no download)")
+    gpu.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    gpu.add_argument("--steps", type=int, default=None, help="timed steps per phase after the warm-up (default: one epoch)")
+    gpu.add_argument("--precision", default="auto", help="auto (bf16-mixed where supported), bf16-mixed, 16-mixed, 32-true")
+    gpu.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    gpu.add_argument("--compile", action="store_true", help="torch.compile the network in both phases")
+    gpu.add_argument("--augment", default="light", choices=("light", "radiograph", "trivial"))
+    gpu.add_argument("--augment-on", default="device", choices=("device", "workers"),
+                     help="device: augmentation and normalisation on the GPU after the transfer (default)")
+    gpu.add_argument("--num-workers", type=int, default=None, help="loader workers (default: default_num_workers)")
     return parser.parse_args(argv)
 
 
+def synthetic_data(root: Path, images: int, distinct: int = 256) -> Path:
+    """A generated chest X-ray set (Kaggle layout, 288 px) of ``images`` files: no download.
+
+    At most ``distinct`` images are drawn (generating is slow); the rest are copies under new
+    names, which the cache decodes once and the loader reads as any other image.
+    """
+    from medtransfer.data.synthetic import generate_demo_dataset
+
+    per_class = max(2, min(images, distinct) // 2)
+    generate_demo_dataset(root, patients_per_class=per_class, images_per_patient=(1, 1), val_patients_per_class=1,
+                          test_patients_per_class=1, image_size=288, seed=0)
+    drawn = sorted(p for p in (root / "train").rglob("*") if p.is_file())
+    for i in range(max(0, images - len(drawn))):
+        source = drawn[i % len(drawn)]
+        (source.parent / f"copy{i}-{source.name}").write_bytes(source.read_bytes())
+    return root
+
+
 def run_cuda(args: argparse.Namespace) -> dict:
-    """Project (warm cache, Lightning on the GPU) vs model-only (random tensors already on the GPU) images/s."""
+    """Project (warm cache, Lightning on the GPU, augmentation on the GPU) vs model-only (random tensors on the GPU)."""
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")
+    with contextlib.ExitStack() as stack:
+        if args.data is None:
+            args.data = synthetic_data(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-bench-data-"))) / "xray",
+                                       args.images or 512)
+        return _run_cuda(args, stack)
+
+
+def _run_cuda(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     paths, labels, classes = list_images(args.data, args.images)
     batches = len(paths) // args.batch_size
-    if batches <= args.warmup_batches:
-        raise SystemExit(f"{len(paths)} images give {batches} batch(es) of {args.batch_size}; use more --images")
-    precision = resolve_precision("auto", "gpu")
-    common = dict(batch_size=args.batch_size, warmup=args.warmup_batches, cap=args.seconds_per_phase)
-    with contextlib.ExitStack() as stack:
-        cache_dir = args.cache_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-bench-warm-")))
-        cached = ImageCache(cache_dir, CacheSettings(size=DECODE_SIZE)).build(paths, workers=available_cores())
-        log("phase: model only on the GPU (random tensors)")
-        ceiling = model_only(classes, batches=batches, precision=precision, device=torch.device("cuda"),
-                             backbone=args.backbone, **common)
-        log(f"  {ceiling}")
-        log("phase: project on the GPU (warm cache, Lightning)")
-        proj = project(cached, labels, classes, precision=precision, accelerator="gpu", backbone=args.backbone, **common)
-        log(f"  {proj}")
+    if args.steps is None and batches <= args.warmup_batches:
+        raise SystemExit(f"{len(paths)} images give {batches} batch(es) of {args.batch_size}; use more --images or --steps")
+    if batches < 1:
+        raise SystemExit(f"{len(paths)} images give no batch of {args.batch_size}; use more --images")
+    precision = resolve_precision(args.precision, "gpu")
+    common = dict(batch_size=args.batch_size, warmup=args.warmup_batches, cap=args.seconds_per_phase, steps=args.steps,
+                  precision=precision, backbone=args.backbone, image_size=args.image_size, compile=args.compile,
+                  channels_last=args.channels_last)
+    cache_size = max(DECODE_SIZE, args.image_size + args.image_size // 7)
+    cache_dir = args.cache_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-bench-warm-")))
+    cached = ImageCache(cache_dir, CacheSettings(size=cache_size)).build(paths, workers=available_cores())
+    log("phase: model only on the GPU (random tensors)")
+    ceiling = model_only(classes, batches=batches, device=torch.device("cuda"), **common)
+    log(f"  {ceiling}")
+    log(f"phase: project on the GPU (warm cache, Lightning, augment {args.augment} on {args.augment_on})")
+    proj = project(cached, labels, classes, accelerator="gpu", augment=args.augment,
+                   on_device=args.augment_on == "device", workers=args.num_workers, **common)
+    log(f"  {proj}")
     efficiency = round(proj["img_s"] / ceiling["img_s"], 3) if proj["img_s"] and ceiling["img_s"] else None
     return {
         "benchmark": "throughput_cuda", "project_img_s": proj["img_s"], "model_only_img_s": ceiling["img_s"],
         "efficiency": efficiency, "target": "efficiency >= 0.9", "target_met": bool(efficiency and efficiency >= 0.9),
-        "gpu": torch.cuda.get_device_name(0), "backbone": args.backbone, "image_size": IMAGE_SIZE,
-        "batch_size": args.batch_size, "precision": precision, "num_workers": proj["num_workers"],
-        "images": len(paths), "cores": available_cores(), "torch": torch.__version__, "data": str(args.data),
+        "gpu": torch.cuda.get_device_name(0), "backbone": args.backbone, "weights": "none", "image_size": args.image_size,
+        "batch_size": args.batch_size, "precision": precision, "channels_last": args.channels_last,
+        "compile": args.compile, "augment": args.augment, "augment_on": args.augment_on,
+        "num_workers": proj["num_workers"], "steps_timed": {"project": proj["steps_timed"], "model_only": ceiling["steps_timed"]},
+        "images": len(paths), "cache_size": cache_size, "cores": available_cores(), "torch": torch.__version__,
+        "data": str(args.data) if args.cache_dir or "mt-bench-data-" not in str(args.data) else "synthetic",
     }
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         return run_cuda(args)
+    if args.data is None:
+        raise SystemExit("--data: required with --device cpu (the seed style's phase reads image files)")
     cores = available_cores()
     paths, labels, classes = list_images(args.data, args.images)
     n = len(paths)

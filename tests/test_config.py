@@ -401,3 +401,35 @@ def test_parse_class_map_names_the_bad_value(values, message):
     with pytest.raises(ConfigError) as info:
         parse_class_map(values)
     assert message in str(info.value)
+
+
+# --------------------------------------------------------------------------- augmentation policies
+
+
+@pytest.mark.parametrize(
+    ("value", "policy"),
+    [(True, "light"), (False, "none"), ("true", "light"), ("false", "none"), ("off", "none"), ("Trivial", "trivial"),
+     ("radiograph", "radiograph")],
+)
+def test_augment_reads_policies_and_the_old_true_false(value, policy):
+    assert TrainConfig.from_dict({"augment": value}).augment == policy
+    assert TrainConfig(augment=value if isinstance(value, bool) else policy).augment == policy
+
+
+def test_an_old_run_folders_config_with_augment_true_resumes_as_light(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {**TrainConfig(data="d").to_dict(), "augment": True}
+    del old["mixup"], old["cutmix"], old["augment_on"]  # written before these settings existed
+    (run / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    config, _ = resolve_train_config(out=None, resume=run, config_file=None, overrides={"augment_on": "workers"})
+    assert (config.augment, config.mixup, config.cutmix, config.augment_on) == ("light", 0.0, 0.0, "workers")
+    old["augment"] = False
+    (run / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    assert resolve_train_config(out=None, resume=run, config_file=None, overrides={})[0].augment == "none"
+
+
+@pytest.mark.parametrize(("values", "flag"), [({"mixup": -0.1}, "--mixup"), ({"cutmix": -1}, "--cutmix")])
+def test_mixing_alphas_are_zero_or_positive(values, flag):
+    with pytest.raises(ConfigError, match=f"^{flag}: got -"):
+        TrainConfig.from_dict(values)

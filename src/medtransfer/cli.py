@@ -87,7 +87,11 @@ def train(
     strict: Optional[bool] = typer.Option(
         None, "--strict", help="Fail when a patient, an identical image or a near-duplicate image is in two splits."
     ),
-    horizontal_flip: Optional[bool] = typer.Option(None, "--hflip", help="Add random horizontal flips to augmentation."),
+    horizontal_flip: Optional[bool] = typer.Option(None, "--hflip", help="Add random horizontal flips to augmentation (off: anatomy is lateralised)."),
+    augment: Optional[str] = typer.Option(None, help="Training augmentation: light (default: crop, rotation, brightness/contrast), radiograph (+ translation, scale, gamma, blur/sharpen, noise), trivial (TrivialAugment: one radiograph-safe op per image) or none. See README 'Augmentation policies'."),
+    augment_on: Optional[str] = typer.Option(None, help="Where augmentation runs: auto (default: on the GPU when training on one), workers or device."),
+    mixup: Optional[float] = typer.Option(None, help="MixUp Beta alpha, e.g. 0.2 (default 0: off)."),
+    cutmix: Optional[float] = typer.Option(None, help="CutMix Beta alpha, e.g. 1.0 (default 0: off; with --mixup, one of the two per batch)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):

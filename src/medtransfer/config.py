@@ -42,13 +42,17 @@ class TrainConfig:
     cache_size: int = 256
     image_size: int = 224
     eval_crop_fraction: float = 0.875
-    # augmentation (augment: false turns it off; a linear probe then trains on cached features)
-    augment: bool = True
+    # augmentation: none, light, radiograph or trivial (data/augment.py; old true/false read as light/none;
+    # none: a linear probe then trains on cached features)
+    augment: str = "light"
     crop_scale: tuple[float, float] = (0.6, 1.0)
     rotation_degrees: float = 10.0
     brightness: float = 0.2
     contrast: float = 0.2
     horizontal_flip: bool = False
+    augment_on: str = "auto"  # auto (the GPU when training on one), workers or device
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs in the training step (0: off)
+    cutmix: float = 0.0  # Beta(alpha, alpha) pasted boxes (0: off; with mixup, one of the two per batch)
     # model
     backbone: str = "resnet18"
     weights: str = "imagenet"
@@ -96,6 +100,10 @@ class TrainConfig:
     # classes: OLD -> NEW renames or merges (--class-map OLD=NEW); names of an .npz file's label indices
     class_map: dict[str, str] = field(default_factory=dict)
     class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, bool):  # TrainConfig(augment=False) as before the policies existed
+            self.augment = "light" if self.augment else "none"
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -178,6 +186,8 @@ class TrainConfig:
             (0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1), e.g. 0.999"),
             (self.num_nodes >= 1, "num_nodes", self.num_nodes, "1 or more machines"),
             (self.distributed in DISTRIBUTED, "distributed", self.distributed, " or ".join(DISTRIBUTED)),
+            (self.mixup >= 0, "mixup", self.mixup, "0 (off) or a positive Beta alpha, e.g. 0.2"),
+            (self.cutmix >= 0, "cutmix", self.cutmix, "0 (off) or a positive Beta alpha, e.g. 1.0"),
         ]
         for ok, name, value, expected in checks:
             if not ok:
@@ -209,8 +219,8 @@ def parse_set_values(items: list[str] | None) -> dict[str, str]:
     return values
 
 
-# Settings a resumed run may change: they do not change what the run computes.
-RESUME_OVERRIDABLE = ("num_workers", "progress", "cache_dir")
+# Settings a resumed run may change: they do not change what the run computes (augment_on: where, not what).
+RESUME_OVERRIDABLE = ("num_workers", "progress", "cache_dir", "augment_on")
 
 
 def resolve_train_config(
@@ -347,7 +357,17 @@ def _class_names(key: str, value: Any, default: Any, source: str) -> list[str] |
     return names
 
 
-_SPECIAL = {"test_fraction": _optional_fraction, "class_map": _class_map, "class_names": _class_names}
+def _augment(key: str, value: Any, default: Any, source: str) -> str:
+    """A policy name; true/false (run folders and YAML from before the policies) read as light/none."""
+    if isinstance(value, bool):
+        return "light" if value else "none"
+    text = _coerce(key, value, default, source).strip().lower()
+    return {"true": "light", "yes": "light", "on": "light", "false": "none", "no": "none", "off": "none"}.get(text, text)
+
+
+_SPECIAL = {
+    "test_fraction": _optional_fraction, "class_map": _class_map, "class_names": _class_names, "augment": _augment,
+}
 
 
 def parse_class_map(values: Iterable[str] | Mapping[str, str] | None) -> dict[str, str]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from benchmarks import cam_trust
 from medtransfer.data.decode import decode_image
@@ -154,8 +155,8 @@ def test_mask_aligned_like_the_image_covers_the_same_pixels(tmp_path, source_sha
 
 
 def test_eval_geometry_refuses_random_steps():
-    with pytest.raises(ValueError, match="RandomResizedCrop"):
-        cam_trust.eval_geometry(train_transform(image_size=32, mean=IMAGENET.mean, std=IMAGENET.std))
+    with pytest.raises(ValueError, match="TrainTransform"):
+        cam_trust.eval_geometry(v2.Compose([train_transform(image_size=32, mean=IMAGENET.mean, std=IMAGENET.std)]))
 
 
 def test_randomize_weights_redraws_everything_and_resets_batch_norm():

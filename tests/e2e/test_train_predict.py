@@ -334,3 +334,18 @@ def test_predict_on_onnxruntime_gives_torchs_rows_and_evaluate_records_its_devic
     assert [r["pred"] for r in tables["torch"]] == [r["pred"] for r in tables["onnxruntime"]]
     code, _, err = run_cli(["predict", "--run", run, *images, "--accelerator", "cpu", "--devices", "3"], monkeypatch, capsys)
     assert code == 1 and err.startswith("error: --devices 3: on the CPU") and len(err.strip().splitlines()) == 1
+
+
+def test_trivial_augment_with_mixup_and_cutmix_trains_and_records_its_policy(tiny_data, trained_run, tmp_path, monkeypatch, capsys):
+    _, cache = trained_run
+    run = tmp_path / "trivial"
+    code, out, err = run_cli(["train", "--data", tiny_data, "--out", run, "--cache-dir", cache, "--epochs", "1",
+                              "--augment", "trivial", "--mixup", "0.2", "--cutmix", "1.0", "--skip-bad-images", *FAST],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["augment"], saved["mixup"], saved["cutmix"], saved["augment_on"]) == ("trivial", 0.2, 1.0, "auto")
+    assert np.isfinite(float(read_csv(run / "history.csv")[0]["train_loss"]))
+    assert load_model(run).info.positive_class == "PNEUMONIA"
+    code, _, err = run_cli(["train", "--data", tiny_data, "--out", tmp_path / "bad", "--augment", "flip"], monkeypatch, capsys)
+    assert code == 1 and err.strip() == "error: --augment: got 'flip'; choose one of none, light, radiograph, trivial"

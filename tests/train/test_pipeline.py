@@ -182,8 +182,8 @@ def test_prebuild_cache_decodes_once(data, tmp_path, capsys):
         assert expected in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("augment", [True, False])
-def test_training_images_are_augmented_unless_augment_is_false(data, tmp_path, augment):
+@pytest.mark.parametrize("augment", [True, False, "none", "radiograph", "trivial"])
+def test_training_images_are_augmented_unless_augment_is_none(data, tmp_path, augment):
     config = tiny(data, tmp_path, augment=augment)
     records = draw_split(config)
     splits = cache_splits(records, ["NORMAL", "PNEUMONIA"], config, quiet())
@@ -194,5 +194,6 @@ def test_training_images_are_augmented_unless_augment_is_false(data, tmp_path, a
     first = torch.stack([train[i][0] for i in range(4)])
     second = torch.stack([train[i][0] for i in range(4)])
     as_evaluated = torch.stack([evaluated[i][0] for i in range(4)])
-    assert torch.equal(first, as_evaluated) is (not augment)
-    assert torch.equal(first, second) is (not augment)
+    augmented = augment not in (False, "none")
+    assert torch.equal(first, as_evaluated) is (not augmented)
+    assert torch.equal(first, second) is (not augmented)

@@ -96,15 +96,18 @@ PROBE = {"strategy": "linear-probe", "augment": False}
         ({**PROBE, "warmup_epochs": 0}, "--warmup-epochs", "0", "constant learning rate"),
         ({**PROBE, "channels_last": False}, "--channels-last", "False", "linear probe on cached features"),
         ({**PROBE, "devices": "2"}, "--devices", "'2'", "one device"),
-        ({"augment": False, "crop_scale": (0.8, 1.0)}, "--crop-scale", "(0.8, 1.0)", "augment is false"),
-        ({"augment": False, "rotation_degrees": 0.0}, "--rotation-degrees", "0.0", "augment is false"),
-        ({"augment": False, "brightness": 0.1}, "--brightness", "0.1", "augment is false"),
-        ({"augment": False, "contrast": 0.0}, "--contrast", "0.0", "augment is false"),
-        ({"augment": False, "horizontal_flip": True}, "--horizontal-flip", "True", "augment is false"),
+        ({"augment": False, "crop_scale": (0.8, 1.0)}, "--crop-scale", "(0.8, 1.0)", "augment is none"),
+        ({"augment": False, "rotation_degrees": 0.0}, "--rotation-degrees", "0.0", "augment is none"),
+        ({"augment": False, "brightness": 0.1}, "--brightness", "0.1", "augment is none"),
+        ({"augment": False, "contrast": 0.0}, "--contrast", "0.0", "augment is none"),
+        ({"augment": False, "horizontal_flip": True}, "--horizontal-flip", "True", "augment is none"),
         ({"strategy": "finetune", "freeze_children": 2}, "--freeze-children", "2", "only --strategy freeze"),
         ({"strategy": "linear-probe", "freeze_children": 5}, "--freeze-children", "5", "only --strategy freeze"),
         ({"focal_gamma": 1.0}, "--focal-gamma", "1.0", "only --loss focal"),
         ({**PROBE, "num_nodes": 2}, "--num-nodes", "2", "one device"),
+        ({**PROBE, "mixup": 0.2}, "--mixup", "0.2", "linear probe on cached features"),
+        ({**PROBE, "cutmix": 1.0}, "--cutmix", "1.0", "linear probe on cached features"),
+        ({"augment": "none", "augment_on": "workers"}, "--augment-on", "'workers'", "augment is none"),
     ],
 )
 def test_a_setting_the_chosen_path_ignores_is_refused_in_one_line(values, setting, shown, why):
@@ -221,3 +224,23 @@ def test_transfer_choices_that_cannot_work_are_refused_before_the_run(values, me
 )
 def test_transfer_combinations_that_work_are_accepted(values):
     validate_config(TrainConfig(**values))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"augment": "flips"}, "--augment: got 'flips'; choose one of none, light, radiograph, trivial"),
+        ({"augment_on": "gpu"}, "--augment-on: got 'gpu'; choose one of auto, workers, device"),
+        ({"augment_on": "device", "accelerator": "cpu"}, "--augment-on: got 'device', but training runs on the CPU"),
+        ({"mixup": 0.2, "batch_size": 1}, "--mixup: got 0.2, but a batch of 1 has no second image"),
+    ],
+)
+def test_augmentation_choices_are_refused_in_one_line(values, message):
+    refused = refusal(lambda: validate_config(TrainConfig(**values)))
+    assert refused.startswith(message) and "\n" not in refused
+
+
+@pytest.mark.parametrize("policy", ["light", "radiograph", "trivial"])
+def test_mixing_composes_with_label_smoothing_class_weights_and_focal_loss(policy):
+    validate_config(TrainConfig(augment=policy, mixup=0.2, cutmix=1.0, label_smoothing=0.1, class_weights="balanced",
+                                loss="focal", focal_gamma=1.0))

@@ -205,6 +205,14 @@ class TransferDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches of uint8 images and parameter rows (TrainTransform(on_device=True)) are
+        augmented and normalised here, on the device, with each image's own parameters."""
+        images, labels = batch
+        if isinstance(images, (list, tuple)):
+            images = self.train_set.transform.finish(*images)
+        return images, labels
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
 

@@ -1,8 +1,10 @@
-"""Train and evaluation pipelines (torchvision.transforms.v2) on uint8 tensors from the cache.
+"""Train and evaluation pipelines on uint8 tensors from the cache.
 
-Training augments conservatively: radiographs are acquired in a standard position, so large
-crops, rotations or flips would show the model anatomy it never meets. Evaluation is
-deterministic (resize + center crop) so that the same image always gets the same score.
+Training augments with a policy of :mod:`medtransfer.data.augment` (per-image parameters,
+applied in the loader worker or, on a GPU, to the whole batch after the transfer). Radiographs
+are acquired in a standard position, so large crops, rotations or flips would show the model
+anatomy it never meets. Evaluation (torchvision.transforms.v2) is deterministic (resize +
+center crop) so that the same image always gets the same score.
 
 Normalisation is the backbone's: callers pass its ``mean`` and ``std`` (per RGB channel,
 from ``BackboneSpec.normalization`` or model.json) as plain values, so that this module
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import v2
+
+from medtransfer.data.augment import Policy, augment_batch, draw_params
 
 
 class MatchChannels(torch.nn.Module):
@@ -35,12 +39,57 @@ class MatchChannels(torch.nn.Module):
         raise ValueError(f"cannot map a {have}-channel image to {self.channels} channels")
 
 
-def _finish(mean: Sequence[float], std: Sequence[float], channels: int) -> list:
+def normalisation(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std for a model of ``channels`` inputs (RGB statistics averaged for one channel)."""
     if len(mean) != len(std):
         raise ValueError(f"mean and std differ in length: got {len(mean)} and {len(std)} values")
     if channels == 1 and len(mean) == 3:  # the RGB statistics of a gray image seen as (x, x, x)
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return [MatchChannels(channels), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    return list(mean), list(std)
+
+
+def _finish(mean: Sequence[float], std: Sequence[float], channels: int) -> list:
+    mean, std = normalisation(mean, std, channels)
+    return [MatchChannels(channels), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)]
+
+
+class TrainTransform(v2.Transform):
+    """One training image (uint8 C x H x W) -> its augmented, normalised float tensor.
+
+    Draws the image's parameters (:func:`~medtransfer.data.augment.draw_params`, from torch's
+    global generator, which :class:`~medtransfer.data.datamodule.SeededItems` seeds per item) and
+    applies them as a batch of one. With ``on_device`` it returns ``(uint8 image, parameters)``
+    instead, and :meth:`finish` applies the whole batch on the GPU after the transfer: the same
+    parameters, the same function, so the same image on either path.
+    """
+
+    def __init__(
+        self, policy: Policy, *, image_size: int, mean: Sequence[float], std: Sequence[float], channels: int = 3,
+        on_device: bool = False,
+    ):
+        super().__init__()
+        if policy.name == "none":
+            raise ValueError("policy 'none' trains on the evaluation transform; use eval_transform")
+        self.policy, self.image_size, self.on_device = policy, image_size, on_device
+        self.match = MatchChannels(channels)
+        mean, std = normalisation(mean, std, channels)
+        self.stats = torch.tensor([mean, std]).view(2, 1, -1, 1, 1)
+        self._on: dict[torch.device, torch.Tensor] = {}  # stats copied once per device: no copy per batch
+
+    def forward(self, image: torch.Tensor):
+        image = self.match(image)
+        params = draw_params(self.policy, 1)[0]
+        if self.on_device:
+            return image.contiguous(), params
+        return self.finish(image[None], params[None])[0]
+
+    def finish(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch and its parameter rows -> the normalised float32 batch, where ``images`` are."""
+        out = augment_batch(images, params, size=self.image_size, extras=self.policy.name != "light")
+        if out.device not in self._on:
+            self._on[out.device] = self.stats.to(out.device)
+        mean, std = self._on[out.device]
+        return out.sub_(mean).div_(std)
 
 
 def train_transform(
@@ -49,22 +98,18 @@ def train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     channels: int = 3,
+    policy: str = "light",
+    on_device: bool = False,
     crop_scale: tuple[float, float] = (0.6, 1.0),
     rotation_degrees: float = 10.0,
     brightness: float = 0.2,
     contrast: float = 0.2,
     horizontal_flip: bool = False,
-) -> v2.Compose:
-    """Random crop (aspect 0.9-1.1), small rotation, brightness/contrast jitter, then normalise."""
-    steps: list = [
-        v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=(0.9, 1.1), antialias=True),
-        v2.RandomRotation(rotation_degrees),
-    ]
-    if brightness or contrast:
-        steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast))
-    if horizontal_flip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _finish(mean, std, channels))
+) -> TrainTransform:
+    """The training transform of ``policy`` (a name of :data:`~medtransfer.data.augment.POLICIES` but none)
+    with the magnitudes given; ``on_device``: finished on the GPU (:meth:`TrainTransform.finish`)."""
+    chosen = Policy(policy, tuple(crop_scale), rotation_degrees, brightness, contrast, horizontal_flip)
+    return TrainTransform(chosen, image_size=image_size, mean=mean, std=std, channels=channels, on_device=on_device)
 
 
 def eval_transform(

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from medtransfer.models.mixing import mix_batch
 from medtransfer.models.strategies import TransferModel, parameter_groups
 
 LOSSES = ("cross-entropy", "focal")  # focal: ClassifierModule(focal_gamma > 0)
@@ -34,6 +35,8 @@ class ClassifierModule(L.LightningModule):
         focal_gamma: float = 0.0,
         channels_last: bool = True,
         lr_decay: float = 1.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -46,6 +49,7 @@ class ClassifierModule(L.LightningModule):
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weight, persistent=False)
         self.label_smoothing = label_smoothing
+        self.mixup, self.cutmix = mixup, cutmix  # Beta alphas (0: off), see models/mixing.py
         self._val_sums = torch.zeros(3, dtype=torch.float64)  # loss x images, hits, images (this rank)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -71,8 +75,15 @@ class ClassifierModule(L.LightningModule):
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
-        loss = self.loss(logits, labels)
+        if stage == "train" and (self.mixup > 0 or self.cutmix > 0):
+            mixed = mix_batch(images, labels, mixup=self.mixup, cutmix=self.cutmix)
+            logits = self(mixed.images)
+            # The loss of the soft target lam * y + (1 - lam) * y_partner (see models/mixing.py).
+            loss = mixed.lam * self.loss(logits, labels) + (1 - mixed.lam) * self.loss(logits, mixed.partners)
+            labels = labels if mixed.lam >= 0.5 else mixed.partners  # accuracy against the larger share
+        else:
+            logits = self(images)
+            loss = self.loss(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         if stage == "val":
             # Under DDP each rank validates its own shard (no padding: shards may differ by one image).

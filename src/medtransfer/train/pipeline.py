@@ -342,15 +342,14 @@ def eval_datasets(splits: dict[str, SplitData], config: TrainConfig, spec: Backb
     return {name: CachedImageDataset(s.images, s.labels, transform) for name, s in splits.items()}
 
 
-def train_dataset(train: SplitData, config: TrainConfig, spec: BackboneSpec) -> CachedImageDataset:
-    """The training images, augmented unless `augment` is false (then as evaluation sees them)."""
-    if not config.augment:
+def train_dataset(train: SplitData, config: TrainConfig, spec: BackboneSpec, *, accelerator: str = "cpu") -> CachedImageDataset:
+    """The training images under `augment` ("none": as evaluation sees them), finished on the GPU per `augment_on`."""
+    if config.augment == "none":
         return eval_datasets({"train": train}, config, spec)["train"]
-    transform = train_transform(
-        image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
-        channels=config.in_channels, crop_scale=config.crop_scale, rotation_degrees=config.rotation_degrees, brightness=config.brightness,
-        contrast=config.contrast, horizontal_flip=config.horizontal_flip,
-    )
+    on_device = config.augment_on == "device" or (config.augment_on == "auto" and accelerator == "gpu")
+    magnitudes = {k: getattr(config, k) for k in ("crop_scale", "rotation_degrees", "brightness", "contrast", "horizontal_flip")}
+    transform = train_transform(image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
+                                channels=config.in_channels, policy=config.augment, on_device=on_device, **magnitudes)
     return CachedImageDataset(train.images, train.labels, transform)
 
 
@@ -391,10 +390,10 @@ def train_model(
         label_smoothing=config.label_smoothing,
         focal_gamma=config.focal_gamma if config.loss == "focal" else 0.0,
         channels_last=config.channels_last,
-        lr_decay=config.lr_decay,
+        lr_decay=config.lr_decay, mixup=config.mixup, cutmix=config.cutmix,
     )
     datamodule = TransferDataModule(
-        train=train_dataset(splits["train"], config, model.spec),
+        train=train_dataset(splits["train"], config, model.spec, accelerator=hardware.accelerator),
         val=eval_datasets({"val": splits["val"]}, config, model.spec)["val"],
         batch_size=config.batch_size,
         num_workers=hardware.workers,

@@ -7,7 +7,7 @@ setting that the chosen training path would ignore is refused instead of being d
 in silence. Only values that differ from the default count as set.
 
     >>> from medtransfer.config import TrainConfig
-    >>> validate_config(TrainConfig(strategy="linear-probe", augment=False, label_smoothing=0.1))
+    >>> validate_config(TrainConfig(strategy="linear-probe", augment="none", label_smoothing=0.1))
     Traceback (most recent call last):
     ...
     medtransfer.errors.ConfigError: --label-smoothing: got 0.1, but the linear probe on cached features ...
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtransfer.config import TrainConfig
+from medtransfer.data.augment import AUGMENT_ON, POLICIES
 from medtransfer.data.discover import LABEL_SCHEMES
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.thresholds import parse_threshold_policy
@@ -34,7 +35,7 @@ __all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_
 
 def uses_feature_probe(config: TrainConfig) -> bool:
     """A linear probe without augmentation trains its head on features computed once."""
-    return config.strategy == "linear-probe" and not config.augment
+    return config.strategy == "linear-probe" and config.augment == "none"
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,16 @@ IGNORED_SETTINGS = (
     IgnoredSettings(
         uses_feature_probe,
         ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices",
-         "lr_decay", "weight_averaging", "num_nodes", "distributed"),
-        "the linear probe on cached features (strategy linear-probe, augment false) ignores it: the head trains "
+         "lr_decay", "weight_averaging", "num_nodes", "distributed", "mixup", "cutmix"),
+        "the linear probe on cached features (strategy linear-probe, augment none) ignores it: the head trains "
         "with plain cross-entropy, shuffled batches and a constant learning rate on one device",
-        "remove the setting, or set augment=true to train through Lightning",
+        "remove the setting, or set --augment light to train through Lightning",
     ),
     IgnoredSettings(
-        lambda config: not config.augment,
-        ("crop_scale", "rotation_degrees", "brightness", "contrast", "horizontal_flip"),
-        "augment is false, so no augmentation is applied",
-        "remove the setting, or leave augment at true",
+        lambda config: config.augment == "none",
+        ("crop_scale", "rotation_degrees", "brightness", "contrast", "horizontal_flip", "augment_on"),
+        "augment is none, so no augmentation is applied",
+        "remove the setting, or choose --augment light, radiograph or trivial",
     ),
     IgnoredSettings(
         lambda config: config.strategy != "freeze",
@@ -129,6 +130,7 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"--labels: got {config.labels!r}; choose one of {', '.join(LABEL_SCHEMES)}")
     if config.loss not in LOSSES:
         raise ConfigError(f"--loss: got {config.loss!r}; choose one of {', '.join(LOSSES)}")
+    check_augmentation(config)
     Strategy(config.strategy, config.freeze_children)
     spec = get_backbone(config.backbone)
     if config.output_stride != 32:  # a backbone without dilation support refuses here
@@ -171,6 +173,21 @@ def validate_splits(labels: dict[str, list[str]], classes: list[str], config: Tr
         )
 
 
+def check_augmentation(config: TrainConfig) -> None:
+    """The policy and where it runs; mixing needs a batch to mix (and mixes losses, so it composes with
+    label smoothing, class weights and focal loss)."""
+    if config.augment not in POLICIES:
+        raise ConfigError(f"--augment: got {config.augment!r}; choose one of {', '.join(POLICIES)}")
+    if config.augment_on not in AUGMENT_ON:
+        raise ConfigError(f"--augment-on: got {config.augment_on!r}; choose one of {', '.join(AUGMENT_ON)}")
+    if config.augment_on == "device" and resolve_accelerator(config.accelerator) != "gpu":
+        raise ConfigError("--augment-on: got 'device', but training runs on the CPU; use auto or workers, or --accelerator gpu")
+    if (config.mixup or config.cutmix) and config.batch_size < 2:
+        name = "mixup" if config.mixup else "cutmix"
+        raise ConfigError(f"--{name}: got {getattr(config, name)}, but a batch of 1 has no second image to mix with; "
+                          "raise --batch-size or leave it at 0")
+
+
 def check_transfer_choices(config: TrainConfig) -> None:
     """Heads, weight averaging and WiSE-FT that the chosen strategy cannot use."""
     check_head(config.head)
@@ -181,8 +198,8 @@ def check_transfer_choices(config: TrainConfig) -> None:
         )
     if config.head == "dwconv" and uses_feature_probe(config):
         raise ConfigError(
-            "--head: got 'dwconv', but the linear probe on cached features (strategy linear-probe, augment false) "
-            "sees pooled features only; use --head linear or mlp, or set augment=true"
+            "--head: got 'dwconv', but the linear probe on cached features (strategy linear-probe, augment none) "
+            "sees pooled features only; use --head linear or mlp, or choose --augment light"
         )
     if config.weight_averaging == "swa" and config.strategy not in ("finetune", "lp-ft"):
         raise ConfigError(
