@@ -46,12 +46,12 @@ class Classifier:
     def on(cls, saved: SavedModel, *, accelerator: str = "auto", precision: str = "auto") -> Classifier:
         device = device_for(accelerator)
         precision = resolve_precision(precision, resolve_accelerator(accelerator))
-        saved.model.eval().to(device).to(memory_format=torch.channels_last)
+        saved.network.eval().to(device).to(memory_format=torch.channels_last)  # members x TTA views
         return cls(saved, device, precision)
 
     def __call__(self, images: torch.Tensor) -> Decision:
         with torch.inference_mode(), autocast(self.device, self.precision):
-            logits = self.saved.model(images.to(self.device).contiguous(memory_format=torch.channels_last))
+            logits = self.saved.network(images.to(self.device).contiguous(memory_format=torch.channels_last))
         return self.saved.decide(logits)
 
     def scored(self, images: torch.Tensor) -> tuple[Decision, np.ndarray | None]:
@@ -59,7 +59,7 @@ class Classifier:
         if self.saved.ood is None:
             return self(images), None
         with torch.inference_mode(), autocast(self.device, self.precision):
-            logits, scores = ScoredModel(self.saved.model, self.saved.ood)(
+            logits, scores = ScoredModel(self.saved.network, self.saved.ood)(
                 images.to(self.device).contiguous(memory_format=torch.channels_last)
             )
         return self.saved.decide(logits), scores.float().cpu().numpy()
@@ -132,7 +132,7 @@ def stream_predictions(
     device = device_for(accelerator)
     precision = resolve_precision(precision, resolve_accelerator(accelerator))
     outputs_of = onnx_outputs(onnx_path, saved) if onnx_path is not None else None
-    model = saved.model.eval().to(device).to(memory_format=torch.channels_last)
+    model = saved.network.eval().to(device).to(memory_format=torch.channels_last)  # members x TTA views
     scored = ScoredModel(model, saved.ood) if saved.ood is not None else None  # logits and ood_score in one pass
     loader = DataLoader(
         _DecodedFiles(paths, saved), batch_size=batch_size,

@@ -56,7 +56,7 @@ def evaluate_saved_model(
     labels = [saved.classes.index(r.label) for r in kept]
     accelerator = resolve_accelerator(accelerator)
     # With an OOD detector the one pass also gives each image's ood_score (the last column).
-    network = saved.model if saved.ood is None else LogitsAndScore(ScoredModel(saved.model, saved.ood))
+    network = saved.network if saved.ood is None else LogitsAndScore(ScoredModel(saved.network, saved.ood))
     logits = predict_logits(
         network,
         CachedImageDataset(images, labels, saved.transform()),

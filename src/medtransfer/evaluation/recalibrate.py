@@ -130,7 +130,7 @@ def score_records(
     labels = np.asarray([saved.classes.index(r.label) for r in kept])
     device = resolve_accelerator(accelerator)
     logits = predict_logits(
-        saved.model, CachedImageDataset(images, labels.tolist(), saved.transform()),
+        saved.network, CachedImageDataset(images, labels.tolist(), saved.transform()),
         device=device_for(device), precision=resolve_precision("auto", device),
     )
     out = {}

@@ -45,7 +45,7 @@ class Replicas:
         self.saved = saved
         self.free: queue.Queue[Replica] = queue.Queue()
         for i in range(count):
-            own = saved if i == 0 else SavedModel(model=copy.deepcopy(saved.model), info=saved.info, ood=saved.ood)
+            own = saved if i == 0 else copy.deepcopy(saved)  # every ensemble member and the detector
             self.free.put(Replica(own, Classifier.on(own, accelerator=accelerator)))
 
     @contextmanager
