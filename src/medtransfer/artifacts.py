@@ -37,7 +37,7 @@ from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import DataError, MedtransferError, WeightsError
 from medtransfer.models.backbones import OUTPUT_STRIDES
 from medtransfer.models.heads import HEADS
-from medtransfer.models.inference import TTA_MODES, inference_network, load_member
+from medtransfer.models.inference import TTA_MODES, check_tta, inference_network, load_member
 from medtransfer.models.strategies import TransferModel
 from medtransfer.ood import OODDetector, load_detector
 from medtransfer.safeio import atomic_path, write_text_atomic
@@ -302,7 +302,7 @@ class SavedModel:
 
     def with_tta(self, tta: str | None) -> SavedModel:
         """This model with another TTA setting (None: as saved); the saved operating point is kept."""
-        if tta is None or tta == self.info.tta:
+        if tta is None or check_tta(tta) == self.info.tta:
             return self
         return SavedModel(self.model, dataclasses.replace(self.info, tta=tta), self.ood, self.extra)
 

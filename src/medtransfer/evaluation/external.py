@@ -22,6 +22,7 @@ from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
 from medtransfer.evaluation.shift import shift_lines, shift_summary
 from medtransfer.evaluation.thresholds import OperatingPoint
+from medtransfer.models.inference import override_warning
 from medtransfer.ood import LogitsAndScore, ScoredModel
 from medtransfer.runtime import default_decode_workers, default_num_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 from medtransfer.rundir import Predictions, RunDir, write_metrics
@@ -40,9 +41,13 @@ def evaluate_saved_model(
     accelerator: str = "auto",
     precision: str = "auto",
     console: Console | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     console = console or Console()
     saved = load_model(run)
+    if saved.with_tta(tta) is not saved:  # the saved setting unless overridden
+        console.print(override_warning(saved.info.tta, tta), markup=False, highlight=False)
+        saved = saved.with_tta(tta)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder (the run is never written to)")
     if out.resolve() == Path(run).resolve() or out.resolve() == find_model_dir(run).resolve():
@@ -80,6 +85,7 @@ def evaluate_saved_model(
         "positive_class": info.positive_class,
         "threshold": info.threshold,
         "threshold_policy": info.threshold_policy,
+        "tta": info.tta,
         "test": result,
         "shift": shift_against_run(run, outputs, point),
     }

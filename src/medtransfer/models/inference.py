@@ -37,7 +37,7 @@ from medtransfer.models.backbones import create_backbone
 from medtransfer.models.heads import apply_head
 from medtransfer.models.strategies import TransferModel
 
-__all__ = ["TTA_MODES", "AveragedNetwork", "inference_network", "load_member", "tta_views", "check_tta"]
+__all__ = ["TTA_MODES", "AveragedNetwork", "check_tta", "inference_network", "load_member", "override_warning", "tta_views"]
 
 TTA_MODES = ("none", "crops", "flip")
 CROP_SIDE = 0.9  # side of the shifted crops, as a fraction of the input side
@@ -47,6 +47,12 @@ def check_tta(value: str, *, option: str = "--tta") -> str:
     if value not in TTA_MODES:
         raise ConfigError(f"{option}: got {value!r}; choose one of {', '.join(TTA_MODES)}")
     return value
+
+
+def override_warning(saved: str, tta: str) -> str:
+    """What `predict/evaluate --tta` says when it runs a model with another TTA than it was calibrated with."""
+    return (f"warning: --tta {tta}: the model's temperature and threshold were chosen on validation with tta {saved}; "
+            f"with {tta} its outputs, hence the operating point, differ from those reported")
 
 
 def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
