@@ -43,6 +43,12 @@ def test_a_member_that_differs_is_named_with_the_field_and_both_values(change, m
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_an_ensemble_is_not_a_member():
+    nested = dataclasses.replace(INFO, members=("weights.safetensors", "member_2.safetensors"))
+    with pytest.raises(ConfigError, match="RUNS b: is an ensemble already; pass the runs it was built from"):
+        check_members([member("a"), member("b", info=nested)])
+
+
 def test_one_run_or_the_same_run_twice_is_refused():
     with pytest.raises(ConfigError, match="RUNS: got 1 run; an ensemble needs two or more"):
         check_members([member("a")])

@@ -67,6 +67,9 @@ def check_members(members: list[Member]) -> None:
     if len(members) < 2:
         raise ConfigError(f"RUNS: got {len(members)} run; an ensemble needs two or more")
     first = members[0]
+    nested = next((m for m in members if m.saved.info.members), None)
+    if nested is not None:
+        raise ConfigError(f"RUNS {nested.run}: is an ensemble already; pass the runs it was built from")
     for member in members[1:]:
         if member.run.resolve() == first.run.resolve():
             raise ConfigError(f"RUNS {member.run}: given twice; pass each run once")
