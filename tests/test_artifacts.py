@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def test_save_and_load_round_trip(tmp_path):
     written = json.loads((run / "model" / "model.json").read_text())
     assert list(written) == ["format_version", "backbone", "classes", "positive_class", "threshold", "temperature",
                              "image_size", "decode_size", "eval_crop_fraction", "mean", "std", "in_channels",
-                             "output_stride", "threshold_policy", "strategy", "frozen", "training_config", "versions"]
+                             "output_stride", "threshold_policy", "strategy", "frozen", "training_config", "versions",
+                             "tta"]
     reference = saved_run(tmp_path / "again")  # same seed, same weights
     original = load_model(reference).model.net.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in saved.model.net.state_dict().items())
@@ -87,6 +89,54 @@ def test_model_json_written_by_todays_code_loads(tmp_path):
     assert saved.classes == ["NORMAL", "PNEUMONIA"] and saved.positive_index == 1
     assert (saved.threshold, saved.temperature) == (0.4187, 1.3125)
     assert saved.info.frozen == ("conv1", "bn1", "relu", "maxpool") and saved.info.training_config["epochs"] == 12
+
+
+def test_model_json_from_before_tta_and_ensembles_loads_as_one_model_without_tta(tmp_path):
+    old = Path(__file__).parent / "fixtures" / "model_json_before_tta.json"  # as the code before TTA wrote it
+    saved = load_model(fixture_run(tmp_path / "run", json.loads(old.read_text())))
+    assert (saved.info.tta, saved.info.members, saved.extra) == ("none", None, ())
+    assert saved.network is saved.model  # nothing averaged: the model itself predicts
+
+
+def test_ensemble_members_round_trip_and_average_their_logits(tmp_path):
+    models = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        net, spec = create_backbone("resnet18", num_classes=2, weights="none")
+        models.append(TransferModel(net, spec).eval())
+    info = model_info(models[0], classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5,
+                      image_size=48, decode_size=56)
+    save_model(models[0], info, tmp_path / "ens", extra=(models[1],))
+    saved = load_model(tmp_path / "ens")
+    assert saved.info.members == ("weights.safetensors", "member_2.safetensors") and len(saved.extra) == 1
+    batch = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = (models[0](batch) + models[1](batch)) / 2
+        torch.testing.assert_close(saved.network(batch), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(saved.model(batch), models[0](batch), rtol=0, atol=1e-6)  # explain's member
+
+
+def test_missing_member_weights_name_the_file(tmp_path):
+    payload = {**json.loads(FIXTURE.read_text()), "members": ["weights.safetensors", "member_2.safetensors"]}
+    with pytest.raises(WeightsError, match=r"member_2.safetensors is missing; the model folder is incomplete"):
+        load_model(fixture_run(tmp_path / "run", payload))
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("tta", "rotate", "field 'tta' must be one of none, crops, flip; got 'rotate'"),
+    ("members", ["../x.safetensors"], "field 'members' must be a list of distinct .safetensors file names"),
+])
+def test_bad_tta_and_members_fields_are_refused(tmp_path, field, value, expected):
+    payload = {**json.loads(FIXTURE.read_text()), field: value}
+    with pytest.raises(WeightsError, match=re.escape(expected)):
+        load_model(fixture_run(tmp_path / "run", payload))
+
+
+def test_with_tta_overrides_the_views_and_keeps_the_operating_point(tmp_path):
+    saved = load_model(saved_run(tmp_path / "run", temperature=1.4))
+    crops = saved.with_tta("crops")
+    assert crops.info.tta == "crops" and crops.threshold == saved.threshold and saved.with_tta(None) is saved
+    assert len(crops.network(torch.zeros(1, 3, 48, 48))) == 1
 
 
 def test_model_json_from_before_output_stride_loads_with_the_undilated_network(tmp_path):

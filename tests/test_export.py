@@ -53,7 +53,7 @@ def test_onnx_metadata_carries_what_preprocessing_and_the_decision_need(exported
     assert metadata == {k: stored[k] for k in metadata}
     assert set(metadata) == {"backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature",
                              "image_size", "decode_size", "eval_crop_fraction", "mean", "std", "in_channels",
-                             "output_stride"}
+                             "output_stride", "tta"}
     assert metadata["threshold"] == 0.37 and metadata["classes"] == ["NORMAL", "PNEUMONIA"]
 
 
@@ -68,3 +68,28 @@ def test_verify_refuses_an_export_that_differs_from_pytorch(exported):
     assert verify(saved, path, onnxruntime, tolerance=1e-4) <= 1e-4
     with pytest.raises(WeightsError, match="ONNX probabilities differ from PyTorch"):
         verify(saved, path, onnxruntime, tolerance=-1.0)
+
+
+@pytest.mark.parametrize("tta,members", [("crops", 2), ("flip", 1)])
+def test_onnx_graph_averages_tta_views_and_ensemble_members_as_torch_does(tmp_path, make_image, tta, members):
+    models = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        net, spec = create_backbone("resnet18", num_classes=2, weights="none")
+        models.append(TransferModel(net, spec).eval())
+    info = model_info(models[0], classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.4,
+                      temperature=1.3, image_size=48, decode_size=56, tta=tta)
+    save_model(models[0], info, tmp_path / "run", extra=tuple(models[1:]))
+    path = export_onnx(tmp_path / "run")
+    saved = load_model(tmp_path / "run")
+    images = [make_image(tmp_path / f"{i}.png", size=(70, 60)) for i in range(3)]
+    batch = torch.stack([saved.preprocess(p) for p in images])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probabilities = session.run(["probabilities"], {"image": batch.numpy()})[0]
+    with torch.no_grad():
+        single = saved.decide(saved.model(batch)).probabilities
+    rows = predict_files(saved, images, accelerator="cpu", precision="32-true")
+    assert np.abs(probabilities[:, 1] - [r["prob_PNEUMONIA"] for r in rows]).max() < 1e-4
+    assert np.abs(probabilities - single).max() > 1e-3  # the views and members change the output
+    metadata = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["medtransfer"])
+    assert metadata["tta"] == tta

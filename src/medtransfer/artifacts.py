@@ -28,15 +28,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torchvision.transforms import v2
 
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.decode import decode_image
 from medtransfer.data.transforms import eval_transform
 from medtransfer.errors import DataError, MedtransferError, WeightsError
-from medtransfer.models.backbones import OUTPUT_STRIDES, create_backbone
-from medtransfer.models.heads import HEADS, apply_head
+from medtransfer.models.backbones import OUTPUT_STRIDES
+from medtransfer.models.heads import HEADS
+from medtransfer.models.inference import TTA_MODES, check_tta, inference_network, load_member
 from medtransfer.models.strategies import TransferModel
 from medtransfer.ood import OODDetector, load_detector
 from medtransfer.safeio import atomic_path, write_text_atomic
@@ -81,6 +82,10 @@ class ModelInfo:
     head: str | None = None  # models/heads.py, rebuilt on load; None (files from before heads): linear
     wise_ft: dict[str, Any] | None = None  # WiSE-FT mixing chosen on validation (train/wise_ft.py)
     provenance: dict[str, Any] | None = None  # where a recalibrated model came from (trained, recalibrated)
+    # test-time augmentation and seed ensembles (models/inference.py): the views averaged, and the weight
+    # files of every member in order (None: one model, weights.safetensors); older files lack both
+    tta: str = "none"
+    members: tuple[str, ...] | None = None
 
     @property
     def positive_index(self) -> int:
@@ -202,6 +207,10 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "head": (_checked(_text, lambda h: h in HEADS), f"must be one of {', '.join(HEADS)}"),
     "wise_ft": (_mapping, "must be an object (alpha, criterion, grid, val_loss)"),
     "provenance": (_mapping, "must be an object (trained, recalibrated)"),
+    "tta": (_checked(_text, lambda t: t in TTA_MODES), f"must be one of {', '.join(TTA_MODES)}"),
+    "members": (_checked(_texts, lambda m: len(m) >= 1 and all(n.endswith(".safetensors") and "/" not in n
+                                                                for n in m) and len(set(m)) == len(m)),
+                "must be a list of distinct .safetensors file names in the model folder"),
 }
 
 
@@ -223,6 +232,7 @@ def model_info(
     training_config: dict[str, Any] | None = None,
     head: str | None = None,
     wise_ft: dict[str, Any] | None = None,
+    tta: str = "none",
 ) -> ModelInfo:
     """The ModelInfo of `model`: backbone name and normalisation come from the model itself,
     so they cannot disagree with the weights."""
@@ -245,6 +255,7 @@ def model_info(
         training_config=training_config,
         head=head,
         wise_ft=wise_ft,
+        tta=tta,
     )
 
 
@@ -281,6 +292,19 @@ class SavedModel:
     model: TransferModel
     info: ModelInfo
     ood: OODDetector | None = None  # model/ood.*; None for a model saved before the OOD guard
+    extra: tuple[TransferModel, ...] = ()  # the other members of a seed ensemble (`model` is the first)
+
+    @cached_property
+    def network(self) -> torch.nn.Module:
+        """What predicts: the members over the TTA views, logits averaged (`model` itself for one model
+        without TTA). `model` stays the first member alone, for CAMs and the OOD features."""
+        return inference_network([self.model, *self.extra], self.info.tta)
+
+    def with_tta(self, tta: str | None) -> SavedModel:
+        """This model with another TTA setting (None: as saved); the saved operating point is kept."""
+        if tta is None or check_tta(tta) == self.info.tta:
+            return self
+        return SavedModel(self.model, dataclasses.replace(self.info, tta=tta), self.ood, self.extra)
 
     @property
     def classes(self) -> list[str]:
@@ -377,16 +401,20 @@ def _png_bytes(array: np.ndarray) -> bytes:
 # ---------------------------------------------------------------------- files
 
 
-def save_model(model: TransferModel, info: ModelInfo, run_dir: Path) -> Path:
+def save_model(model: TransferModel, info: ModelInfo, run_dir: Path, *, extra: tuple[TransferModel, ...] = ()) -> Path:
     """Write weights and model.json (the one writer of that file). The JSON is written last, so a
-    half-saved model is never taken as whole, and is checked as load_model checks it."""
+    half-saved model is never taken as whole, and is checked as load_model checks it. `extra`:
+    the other members of a seed ensemble, written as member_2.safetensors, ... and listed in "members"."""
     model_dir = run_dir / MODEL_DIR
     model_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, **dataclasses.replace(info, versions=versions()).to_json()}
+    files = (WEIGHTS_FILE, *(f"member_{i}.safetensors" for i in range(2, len(extra) + 2)))
+    info = dataclasses.replace(info, versions=versions(), members=files if extra else None)
+    payload = {"format_version": FORMAT_VERSION, **info.to_json()}
     ModelInfo.from_json(payload, source=model_dir / MODEL_JSON)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    with atomic_path(model_dir / WEIGHTS_FILE) as temporary:  # never overwrite weights in place
-        save_file(state, str(temporary), metadata={"format": "medtransfer", "backbone": info.backbone})
+    for member, name in zip((model, *extra), files):
+        state = {k: v.detach().cpu().contiguous() for k, v in member.net.state_dict().items()}
+        with atomic_path(model_dir / name) as temporary:  # never overwrite weights in place
+            save_file(state, str(temporary), metadata={"format": "medtransfer", "backbone": info.backbone})
     write_text_atomic(model_dir / MODEL_JSON, json.dumps(payload, indent=2))
     return model_dir
 
@@ -415,22 +443,15 @@ def read_model_info(model_dir: Path) -> ModelInfo:
 def load_model(path: str | Path) -> SavedModel:
     model_dir = find_model_dir(path)
     info = read_model_info(model_dir)
-    try:
-        net, spec = create_backbone(
-            info.backbone,
-            num_classes=len(info.classes),
-            weights="none",
-            in_channels=info.in_channels,
-            output_stride=info.output_stride,
-        )
-    except MedtransferError as exc:
-        raise WeightsError(f"{model_dir / MODEL_JSON}: field 'backbone' {info.backbone!r}: {exc}") from None
-    apply_head(net, spec, info.head or "linear")
-    state = load_file(str(model_dir / WEIGHTS_FILE))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(f"--run {path}: weights do not fit {info.backbone}: {str(exc).splitlines()[0]}") from None
-    model = TransferModel(net, spec)
-    model.eval()
-    return SavedModel(model=model, info=info, ood=load_detector(model_dir))
+    members = []
+    for name in info.members or (WEIGHTS_FILE,):  # a seed ensemble lists every member's weights
+        try:
+            members.append(load_member(
+                model_dir / name, backbone=info.backbone, num_classes=len(info.classes), in_channels=info.in_channels,
+                output_stride=info.output_stride, head=info.head or "linear", source=str(path),
+            ))
+        except WeightsError:
+            raise
+        except MedtransferError as exc:
+            raise WeightsError(f"{model_dir / MODEL_JSON}: field 'backbone' {info.backbone!r}: {exc}") from None
+    return SavedModel(model=members[0], info=info, ood=load_detector(model_dir), extra=tuple(members[1:]))

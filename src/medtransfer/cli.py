@@ -27,6 +27,7 @@ app = typer.Typer(
 console = Console()
 error_console = Console(stderr=True)
 DEFAULTS = TrainConfig()  # the one source of default values, also for `split`, `cache` and `evaluate`
+TTA_OVERRIDE = "Override the saved test-time augmentation: none, crops or flip (the saved threshold was chosen with the saved one)."
 
 
 def _quiet_lightning() -> None:
@@ -74,6 +75,7 @@ def train(
     threshold: Optional[str] = typer.Option(None, help="Threshold policy on val: youden (default), f1, sensitivity:0.95, specificity:0.90, fixed:0.5."),
     bootstrap: Optional[int] = typer.Option(None, help=f"Bootstrap resamples for 95% CIs (default {DEFAULTS.bootstrap}, 0 = off)."),
     calibrate: Optional[str] = typer.Option(None, help="temperature (default) or none."),
+    tta: Optional[str] = typer.Option(None, help="Test-time augmentation, also saved with the model: none (default), crops (centre + 4 shifted crops) or flip (see README)."),
     seed: Optional[int] = typer.Option(None, help=f"Random seed (default {DEFAULTS.seed})."),
     accelerator: Optional[str] = typer.Option(None, help="auto (default), cpu or gpu."),
     devices: Optional[str] = typer.Option(None, help="Devices per node: a count, GPU ids like 0,1, or auto (default: all GPUs, or 1 CPU process)."),
@@ -135,6 +137,7 @@ def predict(
     runtime: str = typer.Option("torch", help="torch, or onnxruntime (CPU; runs the file `medtransfer export` wrote)."),
     onnx: Optional[Path] = typer.Option(None, help="With --runtime onnxruntime: the ONNX file (default RUN/model/model.onnx)."),
     devices: str = typer.Option("auto", help="auto (all local GPUs, or the CPU), a GPU count, or GPU ids like 0,1."),
+    tta: Optional[str] = typer.Option(None, help=TTA_OVERRIDE),
 ):
     """Per-image class probabilities (calibrated) and the predicted class at the saved threshold.
 
@@ -146,7 +149,7 @@ def predict(
 
     onnx_path = onnx_file(runtime, run, onnx)
     targets = resolve_devices(devices, "cpu" if onnx_path else accelerator)
-    saved = load_model(run)
+    saved = _with_tta(load_model(run), tta)
     files = expand_inputs(paths)
     rows = predict_with_progress(
         saved, files, csv_path=csv, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images,
@@ -181,6 +184,15 @@ def predict(
 TABLE_ROWS = 50  # predict prints a table up to this many images; more go to --csv only
 
 
+def _with_tta(saved, tta: Optional[str]):
+    from medtransfer.models.inference import override_warning
+
+    changed = saved.with_tta(tta)
+    if changed is not saved:
+        error_console.print(override_warning(saved.info.tta, tta), markup=False)
+    return changed
+
+
 @app.command()
 def evaluate(
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
@@ -193,6 +205,7 @@ def evaluate(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
     devices: str = typer.Option("auto", help="auto (all local GPUs, or the CPU), a GPU count, or GPU ids like 0,1."),
+    tta: Optional[str] = typer.Option(None, help=TTA_OVERRIDE),
 ):
     """Evaluate a saved model on any labelled folder or CSV (an external test set) without touching the run."""
     from medtransfer.evaluation.external import evaluate_saved_model
@@ -201,6 +214,7 @@ def evaluate(
     result = evaluate_saved_model(
         run, data, out, split=split, cache_dir=cache_dir or default_cache_dir(), bootstrap=bootstrap, seed=seed,
         skip_bad=skip_bad_images, accelerator=accelerator, console=console, devices=resolve_devices(devices, accelerator),
+        tta=tta,
     )
     _print_result({"test": result.get("test")}, result["threshold"])
 
@@ -356,6 +370,22 @@ def serve(
     log_requests_to_stderr()
     console.print(f"Serving {run} on http://{host}:{port}/ ({runtime})")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def ensemble(
+    runs: List[Path] = typer.Argument(..., help="Two or more run folders that differ only in their seed (same data, split and settings)."),
+    out: Path = typer.Option(..., help="New folder: one model (every member's weights) and the run-folder files."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default: the first run's)."),
+    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for 95% CIs (default: the runs' setting)."),
+    accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
+):
+    """Average seed runs into ONE model folder: logits averaged, threshold and temperature re-chosen on the shared val split."""
+    from medtransfer.train.ensemble import build_ensemble
+
+    metrics = build_ensemble(runs, out, cache_dir=cache_dir, accelerator=accelerator, bootstrap=bootstrap, console=console)
+    _print_result({"val": metrics["val"], "test": metrics["test"]}, metrics["threshold"])
+    console.print(f"Wrote {out} ({len(runs)} members; predict, explain, serve, export and evaluate take it as --run)")
 
 
 @app.command()

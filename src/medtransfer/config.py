@@ -95,6 +95,7 @@ class TrainConfig:
     threshold: str = "youden"
     bootstrap: int = 2000
     calibrate: str = "temperature"  # or none
+    tta: str = "none"  # test-time augmentation of evaluation and the saved model: none, crops or flip
     # console
     progress: bool = True
     # classes: OLD -> NEW renames or merges (--class-map OLD=NEW); names of an .npz file's label indices

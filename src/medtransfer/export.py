@@ -7,11 +7,16 @@ metadata; above it the image does not look like the training data), so a deploym
 applies the threshold chosen on validation to exactly what `predict` reports. Everything
 needed to preprocess and decide (classes, positive class, threshold, image size, crop,
 mean/std) travels in the file's metadata as JSON under the key "medtransfer".
+
+The graph is `SavedModel.network`: a seed ensemble's members and the test-time augmentation
+views (models/inference.py) run inside it and their logits are averaged there, so a
+deployment feeds the one evaluation crop and gets what `predict` reports.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,7 @@ from medtransfer.ood import ScoredModel
 
 PREPROCESSING_KEYS = (
     "backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size",
-    "decode_size", "eval_crop_fraction", "mean", "std", "in_channels", "output_stride",
+    "decode_size", "eval_crop_fraction", "mean", "std", "in_channels", "output_stride", "tta", "members",
 )
 
 
@@ -61,23 +66,17 @@ def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, to
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: name a .onnx file")
     out.parent.mkdir(parents=True, exist_ok=True)
+    network = saved.network.eval()  # every ensemble member over every TTA view, averaged inside the graph
     if saved.ood is None:
-        wrapper = CalibratedClassifier(saved.model.eval(), saved.temperature).eval()
-    else:  # an extra output ood_score; its threshold travels in the metadata
-        wrapper = ScoredCalibratedClassifier(ScoredModel(saved.model.eval(), saved.ood), saved.temperature).eval()
+        wrapper = CalibratedClassifier(network, saved.temperature).eval()
+    else:  # an extra output ood_score (the first member's, evaluation crop); its threshold travels in the metadata
+        wrapper = ScoredCalibratedClassifier(ScoredModel(network, saved.ood), saved.temperature).eval()
     outputs = ["logits", "probabilities"] + (["ood_score"] if saved.ood is not None else [])
     size = saved.info.image_size
     example = torch.randn(2, saved.info.in_channels, size, size)
-    torch.onnx.export(
-        wrapper,
-        (example,),
-        str(out),
-        input_names=["image"],
-        output_names=outputs,
-        dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
-        opset_version=opset,
-        dynamo=False,  # the TorchScript exporter needs no extra packages and handles every registered backbone
-    )
+    with warnings.catch_warnings():  # the TTA crops' sizes become constants: the graph's image size is fixed
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        _export(wrapper, example, out, outputs, opset)
     graph = onnx.load(str(out))
     entry = graph.metadata_props.add()
     info = saved.info.to_json()
@@ -90,6 +89,19 @@ def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, to
     return out
 
 
+def _export(wrapper: nn.Module, example: torch.Tensor, out: Path, outputs: list[str], opset: int) -> None:
+    torch.onnx.export(
+        wrapper,
+        (example,),
+        str(out),
+        input_names=["image"],
+        output_names=outputs,
+        dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
+        opset_version=opset,
+        dynamo=False,  # the TorchScript exporter needs no extra packages and handles every registered backbone
+    )
+
+
 def verify(saved: SavedModel, path: Path, onnxruntime, *, tolerance: float) -> float:
     """Largest difference between onnxruntime's probabilities and SavedModel.decide's on a random batch."""
     size = saved.info.image_size
@@ -97,14 +109,14 @@ def verify(saved: SavedModel, path: Path, onnxruntime, *, tolerance: float) -> f
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_probs = session.run(None, {"image": batch.numpy()})[1]
     with torch.no_grad():
-        torch_probs = saved.decide(saved.model.eval()(batch)).probabilities
+        torch_probs = saved.decide(saved.network.eval()(batch)).probabilities
     difference = float(np.abs(onnx_probs - torch_probs).max())
     if difference > tolerance:
         raise WeightsError(f"--out {path}: ONNX probabilities differ from PyTorch by {difference:.2e} (> {tolerance:g})")
     if saved.ood is not None:
         onnx_scores = session.run(["ood_score"], {"image": batch.numpy()})[0]
         with torch.no_grad():
-            torch_scores = ScoredModel(saved.model.eval(), saved.ood)(batch)[1].numpy()
+            torch_scores = ScoredModel(saved.network.eval(), saved.ood)(batch)[1].numpy()
         gap = float(np.abs(onnx_scores - torch_scores).max() / max(1.0, float(np.abs(torch_scores).max())))
         if gap > tolerance:
             raise WeightsError(f"--out {path}: ONNX ood_score differs from PyTorch by {gap:.2e} (> {tolerance:g})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.ood import ScoredModel
 from medtransfer.runtime import (
-    autocast, default_num_workers, device_for, map_in_order, place_batch, place_model, replicate, resolve_accelerator,
+    autocast, default_num_workers, device_for, map_in_order, place_batch, place_model, resolve_accelerator,
     resolve_precision,
 )
 
@@ -58,7 +59,7 @@ class Classifier:
             return cls(saved, torch.device("cpu"), "32-true", onnx_outputs(onnx_path, saved, threads=threads))
         device = device or device_for(accelerator)
         precision = resolve_precision(precision, "gpu" if device.type == "cuda" else "cpu")
-        place_model(saved.model.eval(), device)
+        place_model(saved.network.eval(), device)  # members x TTA views
         return cls(saved, device, precision)
 
     @property
@@ -69,7 +70,7 @@ class Classifier:
         """float32 logits and, when the model has an OOD detector, each image's ood_score (one forward pass)."""
         if self.session_outputs is not None:
             return self.session_outputs(images)
-        network = self.saved.model if self.saved.ood is None else ScoredModel(self.saved.model, self.saved.ood)
+        network = self.saved.network if self.saved.ood is None else ScoredModel(self.saved.network, self.saved.ood)
         with torch.inference_mode(), autocast(self.device, self.precision):
             out = network(place_batch(images, self.device))
         logits, scores = out if self.saved.ood is not None else (out, None)
@@ -154,9 +155,8 @@ def stream_predictions(
         classifiers = [Classifier.on(saved, onnx_path=onnx_path)]
     else:
         targets = devices or [device_for(accelerator)]
-        copies = replicate(saved.model.eval(), targets)
-        classifiers = [Classifier.on(SavedModel(model=m, info=saved.info, ood=saved.ood), precision=precision, device=d)
-                       for m, d in zip(copies, targets)]
+        copies = [saved, *(copy.deepcopy(saved) for _ in targets[1:])]  # every member and the detector
+        classifiers = [Classifier.on(own, precision=precision, device=d) for own, d in zip(copies, targets)]
     loader = DataLoader(
         _DecodedFiles(paths, saved), batch_size=batch_size,
         num_workers=num_workers, collate_fn=_collate, pin_memory=classifiers[0].device.type == "cuda",

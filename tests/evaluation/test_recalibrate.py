@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -59,6 +60,22 @@ def test_new_model_folder_holds_the_same_weights_the_refit_and_both_provenances(
     assert provenance["trained"]["run"] == str(run.resolve())
     assert provenance["recalibrated"]["data"] == str(data) and provenance["recalibrated"]["fit_fraction"] == 0.5
     assert (out / "report.html").is_file() and "Run as trained" in (out / "report.html").read_text()
+
+
+def test_a_seed_ensemble_keeps_every_member_and_its_tta(make_kaggle_tree, tmp_path):
+    import torch
+
+    run = saved_run(tmp_path / "run")
+    first = load_model(run)
+    torch.manual_seed(1)
+    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
+    second = build_transfer_model(net, spec, Strategy("finetune", 0))
+    ensemble = tmp_path / "ens"
+    save_model(first.model, dataclasses.replace(first.info, tta="flip"), ensemble, extra=(second,))
+    out, _ = recalibrated(ensemble, local_set(make_kaggle_tree, tmp_path), tmp_path)
+    new = load_model(out)
+    assert len(new.extra) == 1 and new.info.tta == "flip"
+    assert (out / "model" / "member_2.safetensors").read_bytes() == (ensemble / "model" / "member_2.safetensors").read_bytes()
 
 
 def test_fit_and_report_parts_split_patients_and_metrics_come_from_the_report_part(make_kaggle_tree, tmp_path):

@@ -61,6 +61,7 @@ def test_a_refused_choice_gets_its_owners_message(values, owner):
         ({"backbone": "resnet-18"}, ConfigError, ["--backbone", "'resnet-18'", "Did you mean", "resnet18"]),
         ({"output_stride": 16}, ConfigError, ["output_stride", "16", "resnet18", "resnet50"]),
         ({"epochs": 0}, ConfigError, ["--epochs: got 0"]),  # the config's own checks run as well
+        ({"tta": "rotate"}, ConfigError, ["--tta: got 'rotate'", "none, crops, flip"]),
     ],
 )
 def test_refusals_name_the_option_the_value_and_the_choices(values, error, fragments):

@@ -22,6 +22,7 @@ from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
 from medtransfer.evaluation.shift import shift_lines, shift_summary
 from medtransfer.evaluation.thresholds import OperatingPoint
+from medtransfer.models.inference import override_warning
 from medtransfer.ood import LogitsAndScore, ScoredModel
 from medtransfer.runtime import (
     default_decode_workers, default_num_workers, device_for, hardware_summary, predict_logits, resolve_accelerator,
@@ -44,9 +45,13 @@ def evaluate_saved_model(
     precision: str = "auto",
     console: Console | None = None,
     devices: list | None = None,  # torch devices (several GPUs: a model copy each); default the accelerator's
+    tta: str | None = None,
 ) -> dict[str, Any]:
     console = console or Console()
     saved = load_model(run)
+    if saved.with_tta(tta) is not saved:  # the saved setting unless overridden
+        console.print(override_warning(saved.info.tta, tta), markup=False, highlight=False)
+        saved = saved.with_tta(tta)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder (the run is never written to)")
     if out.resolve() == Path(run).resolve() or out.resolve() == find_model_dir(run).resolve():
@@ -60,7 +65,7 @@ def evaluate_saved_model(
     labels = [saved.classes.index(r.label) for r in kept]
     accelerator = resolve_accelerator(accelerator)
     # With an OOD detector the one pass also gives each image's ood_score (the last column).
-    network = saved.model if saved.ood is None else LogitsAndScore(ScoredModel(saved.model, saved.ood))
+    network = saved.network if saved.ood is None else LogitsAndScore(ScoredModel(saved.network, saved.ood))
     logits = predict_logits(
         network,
         CachedImageDataset(images, labels, saved.transform()),
@@ -85,6 +90,7 @@ def evaluate_saved_model(
         "positive_class": info.positive_class,
         "threshold": info.threshold,
         "threshold_policy": info.threshold_policy,
+        "tta": info.tta,
         "test": result,
         "shift": shift_against_run(run, outputs, point),
         "hardware": {**hardware_summary(accelerator=accelerator, precision=resolve_precision(precision, accelerator),

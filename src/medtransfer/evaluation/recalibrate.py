@@ -130,7 +130,7 @@ def score_records(
     labels = np.asarray([saved.classes.index(r.label) for r in kept])
     device = resolve_accelerator(accelerator)
     logits = predict_logits(
-        saved.model, CachedImageDataset(images, labels.tolist(), saved.transform()),
+        saved.network, CachedImageDataset(images, labels.tolist(), saved.transform()),
         device=device_for(device), precision=resolve_precision("auto", device),
     )
     out = {}
@@ -147,10 +147,11 @@ def write_model_folder(saved: SavedModel, point: OperatingPoint, provenance: dic
     source = find_model_dir(provenance["run"])
     target = out / MODEL_DIR
     target.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source / WEIGHTS_FILE, target / WEIGHTS_FILE)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(source / WEIGHTS_FILE, target / WEIGHTS_FILE)
+    for name in saved.info.members or (WEIGHTS_FILE,):  # every member of a seed ensemble
+        try:
+            os.link(source / name, target / name)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(source / name, target / name)
     trained = (saved.info.provenance or {}).get("trained") or {"run": str(Path(provenance["run"]).resolve())}
     info = replace(
         saved.info, threshold=point.threshold, temperature=point.temperature,

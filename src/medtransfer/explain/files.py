@@ -35,8 +35,9 @@ def explain_files(
     Images are preprocessed as prediction does (see :func:`prepare_images`). The explained
     class is the prediction: for two classes the positive class when its temperature-scaled
     probability reaches the saved threshold, else the other class; for more classes the
-    argmax. Writes, per image, ``out_dir/<stem>_<method>.png`` (the map over the image as
-    the model saw it, i.e. the centre crop, with a caption such as ``PNEUMONIA p=0.93
+    argmax; a seed ensemble or a model with test-time augmentation decides with every member
+    and view (as predict does), while the map is the first member's on the evaluation crop.
+    Writes, per image, ``out_dir/<stem>_<method>.png`` (the map over the image as the model saw it, i.e. the centre crop, with a caption such as ``PNEUMONIA p=0.93
     (threshold 0.41)``) and ``out_dir/<stem>_<method>.npy`` (the float32 map in [0, 1] at
     the model's input size). Repeated stems get ``-2``, ``-3``, ... appended.
 
@@ -53,14 +54,19 @@ def explain_files(
     def decide(logits: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(saved_model.decide(logits).predicted, device=logits.device)
 
+    network = getattr(saved_model, "network", saved_model.model)
     rows: list[dict[str, Any]] = []
     used_stems: dict[str, int] = {}
     with ClassActivationMap(saved_model.model, target_layer=target_layer, method=method) as cam:
         for start in range(0, len(paths), batch_size):
             batch_paths = [Path(p) for p in paths[start : start + batch_size]]
             shown, batch = prepare_images(saved_model, batch_paths)
-            result = cam(batch, class_index=decide)
-            probabilities = saved_model.decide(result.logits).probabilities
+            decision = None
+            if network is not saved_model.model:  # an ensemble or TTA decides; the map is the first member's
+                with torch.no_grad():
+                    decision = saved_model.decide(network(batch))
+            result = cam(batch, class_index=decide if decision is None else decision.predicted.tolist())
+            probabilities = (decision or saved_model.decide(result.logits)).probabilities
             maps = result.maps.cpu().numpy().astype(np.float32)
             for i, path in enumerate(batch_paths):
                 index = int(result.class_index[i])

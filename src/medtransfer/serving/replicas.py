@@ -54,7 +54,7 @@ class Replicas:
         self.free: queue.Queue[Replica] = queue.Queue()
         threads = max(1, available_cores() // count)  # onnxruntime: the slots share the cores instead of fighting
         for i in range(count):
-            own = saved if i == 0 else SavedModel(model=copy.deepcopy(saved.model), info=saved.info, ood=saved.ood)
+            own = saved if i == 0 else copy.deepcopy(saved)  # every ensemble member and the detector
             self.free.put(Replica(own, Classifier.on(own, accelerator=accelerator, onnx_path=onnx_path, threads=threads)))
         self.runtime = "torch" if onnx_path is None else "onnxruntime"
 

@@ -87,4 +87,5 @@ def saved_model_info(
         frozen=model.frozen,
         training_config=config.to_dict(),
         wise_ft=wise_ft,
+        tta=config.tta,
     )

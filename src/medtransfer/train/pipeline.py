@@ -41,6 +41,7 @@ from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class, fit_operating_point, split_metrics
 from medtransfer.models.backbones import BackboneSpec, create_backbone
 from medtransfer.models.module import ClassifierModule
+from medtransfer.models.inference import inference_network
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
 from medtransfer.ood import OODDetector, fit_detector
 from medtransfer.rundir import CONFIG_FILE
@@ -422,10 +423,9 @@ def evaluate_model(
     datasets = eval_datasets({k: v for k, v in splits.items() if k in ("val", "test")}, config, model.spec)
     outputs = {}
     for name, dataset in datasets.items():
-        logits = predict_logits(
-            model, dataset, batch_size=max(64, config.batch_size), num_workers=hardware.workers,
-            device=hardware.device, precision=hardware.precision,
-        )
+        logits = predict_logits(  # with the TTA the saved model will use: the operating point is chosen on it
+            inference_network([model], config.tta), dataset, batch_size=max(64, config.batch_size),
+            num_workers=hardware.workers, device=hardware.device, precision=hardware.precision)
         split = splits[name]
         outputs[name] = SplitOutputs(
             [str(r.path) for r in split.records], np.asarray(split.labels), [r.patient_id for r in split.records], logits

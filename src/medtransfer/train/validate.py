@@ -26,6 +26,7 @@ from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.thresholds import parse_threshold_policy
 from medtransfer.models.backbones import WEIGHT_CHOICES, get_backbone, load_weights_file
 from medtransfer.models.heads import check_head
+from medtransfer.models.inference import check_tta
 from medtransfer.models.module import LOSSES
 from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_accelerator, resolve_precision
@@ -138,6 +139,7 @@ def validate_config(config: TrainConfig) -> None:
     if config.weights not in WEIGHT_CHOICES:
         load_weights_file(Path(config.weights))
     check_transfer_choices(config)
+    check_tta(config.tta)
     ignored = ignored_settings(config)
     if ignored:
         raise ConfigError(ignored[0])
