@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 from pathlib import Path
 
 import lightning as L
@@ -44,6 +45,8 @@ def make_logger(config: TrainConfig, out: Path) -> Logger:
         logger: Logger = TensorBoardLogger(save_dir=str(out), name=LOG_DIR, version="tensorboard", default_hp_metric=False)
     elif config.logger == "mlflow":
         id_file = logs / MLFLOW_RUN_ID
+        # MLflow 3 keeps its file store but refuses it unless asked: a folder in the run is what is wanted here.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         logger = MLFlowLogger(
             experiment_name="medtransfer", run_name=out.name, tracking_uri=(logs / "mlruns").resolve().as_uri(),
             run_id=id_file.read_text().strip() if id_file.is_file() else None,
