@@ -8,10 +8,7 @@ checked against each cell's own metrics.json and scipy.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +16,8 @@ import yaml
 from scipy import stats
 
 from medtransfer.data.synthetic import generate_demo_dataset
+from tests.e2e.test_resume import KILL_IN_EPOCH_2, cli  # the same SIGKILL at the start of epoch 2, the same CLI runner
 
-ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {
     "backbone": "resnet18", "weights": "none", "image_size": 32, "cache_size": 40, "batch_size": 8, "bootstrap": 20,
     "num_workers": 0, "progress": False, "epochs": 2, "patience": 5, "precision": "32-true", "accelerator": "cpu",
@@ -29,25 +26,6 @@ SETTINGS = {
 }
 CELLS = ["strategy=finetune__seed=0", "strategy=finetune__seed=1", "strategy=linear-probe__seed=0",
          "strategy=linear-probe__seed=1"]
-KILL_IN_EPOCH_2 = """
-import os, signal, sys
-from medtransfer.train.callbacks import HistoryWriter
-original = HistoryWriter.on_train_epoch_start
-def start(self, trainer, module):
-    if trainer.current_epoch == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-    original(self, trainer, module)
-HistoryWriter.on_train_epoch_start = start
-from medtransfer.cli import main
-sys.argv = ["medtransfer", *sys.argv[1:]]
-main()
-"""
-
-
-def cli(*args, script: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "medtransfer.cli"]
-    return subprocess.run([*command, *map(str, args)], env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_a_grid_runs_on_one_split_resumes_skips_and_compares(tmp_path):
