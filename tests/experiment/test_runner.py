@@ -38,3 +38,15 @@ def test_external_sets_get_unique_safe_names(tmp_path):
     assert list(sets) == ["site-one", "site-one-2"]
     with pytest.raises(ConfigError, match=r"^--external .*missing: no such folder or file"):
         runner.external_sets([tmp_path / "missing"])
+
+
+def test_a_cell_run_with_other_settings_says_it_keeps_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "run_training", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "resolve_train_config", lambda **kwargs: (None, None))
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    TrainConfig(data="elsewhere", lr=0.01).write_yaml(folder / "config.yaml")
+    console = Console(record=True, width=300)
+    outcome = runner.run_cell(cell(), folder, {}, console=console)
+    assert outcome.status == "resumed"
+    assert "keeps the settings it was run with (lr: 0.01 -> 0.1)" in console.export_text()

@@ -84,6 +84,7 @@ def run_cell(cell: Cell, run_dir: Path, sets: dict[str, Path], *, console: Conso
     outcome's one-line error. Ctrl-C stops the grid (the cell resumes on the next run)."""
     run = RunDir(run_dir)
     try:
+        warn_if_settings_changed(cell, run, console)
         if run.finished():
             console.print(f"Cell {cell.name}: finished earlier, skipped")
             status = "skipped"
@@ -106,6 +107,23 @@ def run_cell(cell: Cell, run_dir: Path, sets: dict[str, Path], *, console: Conso
         console.print(f"[red]Cell {escape(cell.name)} failed:[/red] {escape(error)}")
         return CellOutcome(cell.name, "failed", error)
     return CellOutcome(cell.name, status, None)
+
+
+# Settings that a run folder records differently (absolute paths) or that do not change results.
+NOT_COMPARED = ("data", "cache_dir", "split_file", "weights", "num_workers", "progress")
+
+
+def warn_if_settings_changed(cell: Cell, run: RunDir, console: Console) -> None:
+    """A cell folder from an earlier run of a changed YAML keeps its own settings: say so, once per cell."""
+    saved = run.config()
+    if not saved:
+        return
+    wanted = cell.config.to_dict()
+    changed = sorted(k for k in wanted if k not in NOT_COMPARED and k in saved and saved[k] != wanted[k])
+    if changed:
+        listed = ", ".join(f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in changed)
+        console.print(f"[yellow]Cell {escape(cell.name)}[/yellow] keeps the settings it was run with ({escape(listed)}); "
+                      f"delete {escape(str(run.root))} to run it with the YAML's")
 
 
 def evaluate_external(cell: Cell, run_dir: Path, name: str, data: Path, console: Console) -> None:

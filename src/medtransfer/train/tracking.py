@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -57,7 +58,8 @@ def make_logger(config: TrainConfig, out: Path) -> Logger:
         logger = CSVLogger(save_dir=str(out), name=LOG_DIR, version="csv")
         existing = Path(logger.log_dir) / "metrics.csv"
         if existing.is_file():  # resumed: keep the earlier columns, or Lightning rewrites the file without them
-            with existing.open(newline="") as handle:
+            with existing.open(newline="") as handle, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")  # it appends, in fact
                 logger.experiment.metrics_keys = sorted(next(csv.reader(handle), []))
     logger.log_hyperparams(config.to_dict())
     return logger
