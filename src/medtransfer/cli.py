@@ -64,6 +64,7 @@ def train(
     val_fraction: Optional[float] = typer.Option(None, help=f"Patient-level validation fraction drawn from train+val (default {DEFAULTS.val_fraction})."),
     test_fraction: Optional[float] = typer.Option(None, help="Patient-level test fraction drawn when the data has no test split (default 0.2; 0: none)."),
     keep_official_val: Optional[bool] = typer.Option(None, "--keep-official-val", help="Use the data's own val split as is."),
+    split_file: Optional[Path] = typer.Option(None, help="Use this split.csv (from `medtransfer split`) as is instead of drawing a split."),
     labels: Optional[str] = typer.Option(None, help="folder (default) or kermany-3class (NORMAL/BACTERIA/VIRUS from file names)."),
     patient_regex: Optional[str] = typer.Option(None, help="Regex whose first group of the file stem is the patient ID."),
     positive_class: Optional[str] = typer.Option(None, help="Positive class (default PNEUMONIA when present, else the last)."),
@@ -95,6 +96,7 @@ def train(
     mixup: Optional[float] = typer.Option(None, help="MixUp Beta alpha, e.g. 0.2 (default 0: off)."),
     cutmix: Optional[float] = typer.Option(None, help="CutMix Beta alpha, e.g. 1.0 (default 0: off; with --mixup, one of the two per batch)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
+    logger: Optional[str] = typer.Option(None, help="Tracking under RUN/logs/, offline: csv (default), tensorboard or mlflow (local file store)."),
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):
     """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
@@ -256,6 +258,24 @@ def compare(
     print(result.markdown)
     if out is not None:
         console.print(f"Wrote {out / 'comparison.html'}")
+
+
+@app.command()
+def experiment(
+    config: Path = typer.Option(..., help="EXPERIMENT.yaml: train settings plus grid: {SETTING: [VALUES]} (README 'Experiments')."),
+    out: Path = typer.Option(..., help="Experiment folder: split.csv, cells/NAME run folders, summary.{md,html,json}."),
+    data: Optional[str] = typer.Option(None, help="Dataset (else the YAML's data:); split once, into OUT/split.csv."),
+    external: Optional[List[Path]] = typer.Option(None, help="Labelled external set every cell is evaluated on (repeatable)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache shared by every cell (default ~/.cache/medtransfer)."),
+    bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Resamples of the paired patient-level bootstrap between configurations."),
+):
+    """Run a grid of training runs on one split: finished cells are skipped, interrupted ones resume; paired comparisons."""
+    from medtransfer.experiment.runner import run_experiment
+
+    _quiet_lightning()
+    run_experiment(config, data=data, out=out, externals=external, cache_dir=str(cache_dir) if cache_dir else None,
+                   bootstrap=bootstrap, console=console)
+    console.print(f"Wrote {out / 'summary.html'}")
 
 
 @app.command()

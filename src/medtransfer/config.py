@@ -101,6 +101,9 @@ class TrainConfig:
     # classes: OLD -> NEW renames or merges (--class-map OLD=NEW); names of an .npz file's label indices
     class_map: dict[str, str] = field(default_factory=dict)
     class_names: list[str] | None = None
+    # experiments and tracking
+    split_file: str | None = None  # a split.csv (from `medtransfer split`) used as is instead of drawing a split
+    logger: str = "csv"  # csv, tensorboard or mlflow (train/tracking.py): settings and per-epoch metrics in RUN/logs/
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool):  # TrainConfig(augment=False) as before the policies existed

@@ -16,12 +16,14 @@ from rich.console import Console
 from medtransfer.config import TrainConfig
 from medtransfer.errors import ConfigError, DataError, WeightsError
 from medtransfer.models.backbones import create_backbone
+from medtransfer.data.split import write_split_csv
 from medtransfer.rundir import CONFIG_FILE
 from medtransfer.train.pipeline import (
     TrainResult,
     cache_splits,
     check_run_dir,
     draw_split,
+    load_labelled_data,
     prebuild_cache,
     run_training,
     train_dataset,
@@ -197,3 +199,12 @@ def test_training_images_are_augmented_unless_augment_is_none(data, tmp_path, au
     augmented = augment not in (False, "none")
     assert torch.equal(first, as_evaluated) is (not augmented)
     assert torch.equal(first, second) is (not augmented)
+
+
+def test_a_split_file_is_used_as_it_is_instead_of_drawing(data, tmp_path):
+    drawn = draw_split(tiny(data, tmp_path, seed=1))
+    write_split_csv(drawn, tmp_path / "split.csv")
+    config = tiny(data, tmp_path, seed=0, split_file=str(tmp_path / "split.csv"))  # seed 0 would draw another split
+    assert [(r.path, r.split) for r in draw_split(tiny(data, tmp_path, seed=0))] != [(r.path, r.split) for r in drawn]
+    loaded = load_labelled_data(config, tmp_path / "run", quiet(), resume=False)
+    assert sorted((str(r.path), r.split) for r in loaded.records) == sorted((str(r.path), r.split) for r in drawn)

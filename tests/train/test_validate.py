@@ -245,3 +245,17 @@ def test_augmentation_choices_are_refused_in_one_line(values, message):
 def test_mixing_composes_with_label_smoothing_class_weights_and_focal_loss(policy):
     validate_config(TrainConfig(augment=policy, mixup=0.2, cutmix=1.0, label_smoothing=0.1, class_weights="balanced",
                                 loss="focal", focal_gamma=1.0))
+
+
+def test_a_missing_split_file_is_refused_with_how_to_write_one(tmp_path):
+    missing = tmp_path / "split.csv"
+    with pytest.raises(ConfigError, match=rf"^--split-file {missing}: no such file; write one with `medtransfer split"):
+        validate_config(TrainConfig(split_file=str(missing)))
+
+
+def test_split_drawing_settings_are_refused_next_to_a_split_file(tmp_path):
+    split = tmp_path / "split.csv"
+    split.write_text("path,label,patient_id,split\n")
+    validate_config(TrainConfig(split_file=str(split)))
+    with pytest.raises(ConfigError, match=r"^--val-fraction: got 0.3, but --split-file gives the split as is"):
+        validate_config(TrainConfig(split_file=str(split), val_fraction=0.3))

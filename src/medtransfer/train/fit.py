@@ -40,6 +40,7 @@ from medtransfer.train.callbacks import (
 )
 from medtransfer.train.checkpointing import AtomicCheckpointIO, EpochSeeding, ResumeCheckpoint
 from medtransfer.train.feature_probe import extract_features, train_head_on_features
+from medtransfer.train.tracking import EpochAUC, log_epochs, make_logger
 
 __all__ = ["Fit", "fit_with_lightning", "probe_phase", "train_probe_on_features"]
 
@@ -65,7 +66,7 @@ def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str
         use_distributed_sampler=False,  # TransferDataModule shards itself (weighted draws, unpadded validation)
         precision=precision,
         callbacks=callbacks,
-        logger=False,
+        logger=make_logger(config, out) if is_global_zero() else False,  # --logger: RUN/logs/, rank 0 writes
         enable_progress_bar=config.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -101,7 +102,7 @@ def fit_with_lightning(
     early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=patience)
     # The latest epoch for --resume, saved last (after the states it records); the best weights are
     # kept by BestWeights as safetensors. EpochSeeding makes the randomness of an epoch resumable.
-    callbacks = [EpochSeeding(config.seed), early_stopping, best, HistoryWriter(out / "history.csv")]
+    callbacks = [EpochSeeding(config.seed), EpochAUC(), early_stopping, best, HistoryWriter(out / "history.csv")]
     if config.strategy == "gradual":
         callbacks.insert(1, GradualUnfreezing(config.unfreeze_every, config.lr_decay))
     if averaging is not None:
@@ -116,6 +117,7 @@ def fit_with_lightning(
             # Frozen layers are in eval mode on purpose (their BatchNorm keeps pretrained statistics).
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")  # small sets
             # SWA swaps the per-step schedule for its own per-epoch SWALR at its start, as intended.
             warnings.filterwarnings("ignore", message=r"SWA is currently only supported every epoch.*")
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None,
@@ -162,8 +164,11 @@ def train_probe_on_features(
     precision: str,
     workers: int,
     console: Console,
+    prefix: str = "",
 ) -> Fit:
-    """Linear probe without augmentation: one backbone pass over train and val, then the head trains on the features."""
+    """Linear probe without augmentation: one backbone pass over train and val, then the head trains on the features.
+
+    The logger (--logger) gets the epochs with metric names starting with `prefix`."""
     started = time.perf_counter()
     features = {
         name: extract_features(
@@ -181,6 +186,7 @@ def train_probe_on_features(
     )
     history[0]["seconds"] += time.perf_counter() - started - sum(r["seconds"] for r in history)  # the feature pass
     write_history(history, history_path)
+    log_epochs(config, history_path.parent, history, prefix=prefix)
     model.head.load_state_dict(best_state)
     best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
     return Fit(best_epoch, len(history) < config.epochs, features=features)
@@ -192,4 +198,4 @@ def probe_phase(model: TransferModel, datasets: dict[str, CachedImageDataset], c
     (history in `history_path`); the model keeps the best-on-validation head. `kwargs`: those of
     :func:`train_probe_on_features`."""
     settings = dataclasses.replace(config, epochs=config.lp_epochs, lr=config.lp_lr)
-    return train_probe_on_features(model, datasets, settings, history_path, **kwargs)
+    return train_probe_on_features(model, datasets, settings, history_path, prefix="lp/", **kwargs)

@@ -250,10 +250,10 @@ def write_split(config: TrainConfig, out: Path, console: Console) -> None:
 
 
 def load_labelled_data(config: TrainConfig, run_dir: Path, console: Console, *, resume: bool) -> LabelledData:
-    """Records with their split (a resumed run keeps its split.csv), classes, leakage and summary."""
-    split_file = run_dir / "split.csv"
-    if resume and split_file.is_file():
-        records = read_split_csv(split_file)
+    """Records with their split (a resumed run's split.csv, else `split_file`, else drawn), classes, leakage, summary."""
+    split_file = run_dir / "split.csv" if resume and (run_dir / "split.csv").is_file() else config.split_file
+    if split_file:
+        records = read_split_csv(Path(split_file))
         hashes = hash_images([r.path for r in records])
     else:
         records, hashes = draw_split_hashed(config)

@@ -92,7 +92,7 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     """``config`` with its data, cache and weights-file paths absolute (a relative path would
     break ``--resume`` from another folder). Values that are not existing paths stay as given."""
     changes = {}
-    for name in ("data", "weights", "cache_dir"):
+    for name in ("data", "weights", "cache_dir", "split_file"):
         value = getattr(config, name)
         if value and (name == "cache_dir" or Path(value).exists()):
             changes[name] = os.path.abspath(os.path.expanduser(value))

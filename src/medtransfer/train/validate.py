@@ -30,6 +30,7 @@ from medtransfer.models.inference import check_tta
 from medtransfer.models.module import LOSSES
 from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_accelerator, resolve_precision
+from medtransfer.train.tracking import check_logger
 
 __all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_config", "validate_splits"]
 
@@ -100,6 +101,12 @@ IGNORED_SETTINGS = (
         "only --loss focal uses it",
         "remove the setting, or use --loss focal",
     ),
+    IgnoredSettings(
+        lambda config: bool(config.split_file),
+        ("val_fraction", "test_fraction", "keep_official_val"),
+        "--split-file gives the split as is",
+        "remove the setting, or leave out --split-file",
+    ),
 )
 
 
@@ -140,6 +147,10 @@ def validate_config(config: TrainConfig) -> None:
         load_weights_file(Path(config.weights))
     check_transfer_choices(config)
     check_tta(config.tta)
+    check_logger(config.logger)
+    if config.split_file and not Path(config.split_file).is_file():
+        raise ConfigError(f"--split-file {config.split_file}: no such file; write one with "
+                          "`medtransfer split --data DIR --out FILE`, or leave out --split-file to draw the split")
     ignored = ignored_settings(config)
     if ignored:
         raise ConfigError(ignored[0])

@@ -1,0 +1,129 @@
+"""EXPERIMENT.yaml: ordinary train settings plus ``grid:``, expanded into named, validated cells.
+
+    backbone: resnet18
+    epochs: 10
+    grid:
+      strategy: [finetune, linear-probe]
+      seed: [0, 1]
+
+Every cell (one combination of the grid's values, in YAML order) is checked as a run would
+be (:func:`~medtransfer.train.validate.validate_config`) before anything runs, so a bad
+grid fails with one line. Settings that shape the one split and the one cache cannot vary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medtransfer.config import TrainConfig, default_cache_dir, read_yaml
+from medtransfer.errors import ConfigError, MedtransferError
+from medtransfer.train.validate import validate_config
+
+GRID_KEY = "grid"
+# The split is drawn once from these (into EXP/split.csv); every cell then reads that file.
+SPLIT_DRAWING = ("val_fraction", "test_fraction", "keep_official_val")
+# Settings every cell shares: the data, its split and its cache.
+FIXED = ("data", "split_file", "cache_dir", "labels", "patient_regex", "class_map", "class_names", *SPLIT_DRAWING)
+SEED = "seed"
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str  # the run folder's name: grid values, readable and filesystem-safe
+    values: dict[str, Any]  # this cell's grid values, as the YAML gives them
+    config: TrainConfig  # resolved; split_file is set once the experiment's split exists
+    configuration: str  # the name without the seed: cells that differ only by seed share it
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    base: TrainConfig  # the settings outside grid: they draw the split
+    grid: dict[str, list[Any]]
+    cells: list[Cell]
+
+    @property
+    def configurations(self) -> list[str]:
+        return list(dict.fromkeys(cell.configuration for cell in self.cells))
+
+
+def read_experiment(path: Path, *, data: str | None = None, cache_dir: str | None = None) -> ExperimentPlan:
+    """The plan of EXPERIMENT.yaml at `path` (`data` and `cache_dir` override the file's); ConfigError
+    naming the file, the setting and the value for a bad grid or a cell that a run would refuse."""
+    values = read_yaml(Path(path))
+    source = f"--config {path}"
+    grid = _read_grid(values.pop(GRID_KEY, None), values, source)
+    values["data"] = data or values.get("data")
+    if not values["data"]:
+        raise ConfigError(f"--data: required; pass the dataset folder or CSV (or set data: in {path})")
+    values["cache_dir"] = str(cache_dir or values.get("cache_dir") or default_cache_dir())
+    base = TrainConfig.from_dict(values, source=source)
+    shared = {k: v for k, v in values.items() if k not in SPLIT_DRAWING}
+    cells: list[Cell] = []
+    for combination in itertools.product(*grid.values()):
+        chosen = dict(zip(grid, combination))
+        name = _unique(cell_name(chosen), {c.name for c in cells})
+        where = f"{source}: grid cell {name}"
+        config = TrainConfig.from_dict({**shared, **chosen}, source=where)
+        try:
+            validate_config(config)
+        except MedtransferError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        without_seed = {k: v for k, v in chosen.items() if k != SEED}
+        cells.append(Cell(name, chosen, config, cell_name(without_seed) or "default"))
+    return ExperimentPlan(base, grid, cells)
+
+
+def _read_grid(grid: Any, values: dict[str, Any], source: str) -> dict[str, list[Any]]:
+    example = "e.g. grid: {strategy: [finetune, linear-probe], seed: [0, 1]}"
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{source}: needs {GRID_KEY}:, a mapping of setting: [values]; {example}")
+    known = TrainConfig.field_names()
+    for key, options in grid.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: grid: unknown setting {key!r}{hint}")
+        if key in FIXED:
+            raise ConfigError(f"{source}: grid: {key} cannot vary (every cell uses the experiment's one split and "
+                              f"cache); set it once outside grid:")
+        if key in values:
+            raise ConfigError(f"{source}: {key} is set both outside and inside grid:; keep one")
+        if not isinstance(options, list) or not options:
+            raise ConfigError(f"{source}: grid: {key} got {options!r}; expected a non-empty list of values, e.g. {key}: [a, b]")
+        repeated = [v for i, v in enumerate(options) if v in options[:i]]
+        if repeated:
+            raise ConfigError(f"{source}: grid: {key} lists {repeated[0]!r} twice; list each value once")
+    return {str(k): list(v) for k, v in grid.items()}
+
+
+def cell_name(values: dict[str, Any]) -> str:
+    """``strategy=finetune__seed=0``: each KEY=VALUE with characters outside [A-Za-z0-9._+-] replaced by '-'."""
+    return "__".join(f"{key}={_safe(value)}" for key, value in values.items())
+
+
+def _safe(value: Any) -> str:
+    text = "-".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    text = Path(text).stem if "/" in text or "\\" in text else text  # a weights file: its name
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.") or "x"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def with_split(cell: Cell, split_file: Path) -> Cell:
+    """The cell reading the experiment's split file."""
+    return dataclasses.replace(cell, config=dataclasses.replace(cell.config, split_file=str(Path(split_file).resolve())))

@@ -1,0 +1,37 @@
+"""benchmarks/time_to_quality.py: a smoke run on tiny synthetic data (not timed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from benchmarks import time_to_quality
+from medtransfer.data.synthetic import generate_demo_dataset
+
+TINY = dict(backbone="resnet18", weights="none", image_size=32, cache_size=40, batch_size=8, bootstrap=20, num_workers=0,
+            progress=False, patience=5, precision="32-true", accelerator="cpu", augment=False)
+
+
+def test_prints_one_json_line_with_both_aucs_the_wall_clock_ratio_and_the_difference(tmp_path, capsys):
+    data, external = tmp_path / "data", tmp_path / "external"
+    generate_demo_dataset(data, patients_per_class=6, images_per_patient=(1, 1), val_patients_per_class=3,
+                          test_patients_per_class=2, image_size=40, seed=0)
+    generate_demo_dataset(external, patients_per_class=2, images_per_patient=(1, 1), val_patients_per_class=1,
+                          test_patients_per_class=4, image_size=40, seed=3)
+    main, fast = tmp_path / "main.yaml", tmp_path / "fast.yaml"
+    main.write_text(yaml.safe_dump({**TINY, "epochs": 2}))
+    fast.write_text(yaml.safe_dump({**TINY, "epochs": 1, "strategy": "linear-probe"}))
+    time_to_quality.main(["--data", str(data), "--external", str(external), "--main", str(main), "--fast", str(fast),
+                          "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "50"])
+    [line] = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(line)
+    for name in ("main", "fast"):
+        evaluation = json.loads((tmp_path / "out" / f"{name}-external" / "metrics.json").read_text())["test"]
+        assert result[name]["external_auc"] == evaluation["auc"]
+        assert result[name]["external_auc_ci"] == evaluation["auc_ci"]
+        assert result[name]["external_n"] == 8
+    assert result["wall_ratio"] == pytest.approx(result["main"]["wall_seconds"] / result["fast"]["wall_seconds"], rel=1e-2)
+    assert result["auc_diff"] == pytest.approx(result["main"]["external_auc"] - result["fast"]["external_auc"])
+    assert len(result["auc_diff_ci"]) == 2 and 0 < result["p_bootstrap"] <= 1
