@@ -268,13 +268,14 @@ def experiment(
     external: Optional[List[Path]] = typer.Option(None, help="Labelled external set every cell is evaluated on (repeatable)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache shared by every cell (default ~/.cache/medtransfer)."),
     bootstrap: int = typer.Option(DEFAULTS.bootstrap, help="Resamples of the paired patient-level bootstrap between configurations."),
+    jobs: int = typer.Option(1, help="Cells run at once, each in its own process (set num_workers in the YAML to share the cores)."),
 ):
     """Run a grid of training runs on one split: finished cells are skipped, interrupted ones resume; paired comparisons."""
     from medtransfer.experiment.runner import run_experiment
 
     _quiet_lightning()
     run_experiment(config, data=data, out=out, externals=external, cache_dir=str(cache_dir) if cache_dir else None,
-                   bootstrap=bootstrap, console=console)
+                   bootstrap=bootstrap, console=console, jobs=jobs)
     console.print(f"Wrote {out / 'summary.html'}")
 
 

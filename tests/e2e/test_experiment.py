@@ -102,3 +102,39 @@ def test_a_bad_grid_fails_with_one_line_before_anything_runs(tmp_path):
         "linear-probe, lp-ft, gradual"
     )
     assert not (tmp_path / "exp").exists()
+
+
+def test_variants_run_in_parallel_processes_on_the_one_split(tmp_path):
+    data = tmp_path / "data"
+    generate_demo_dataset(data, patients_per_class=8, images_per_patient=(1, 2), val_patients_per_class=2,
+                          test_patients_per_class=3, image_size=48, seed=0)
+    settings = {k: v for k, v in SETTINGS.items() if k != "grid"}
+    settings["variants"] = {"baseline": {}, "probe": {"strategy": "linear-probe"}}
+    config = tmp_path / "variants.yaml"
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    exp = tmp_path / "exp"
+    done = cli("experiment", "--config", config, "--data", data, "--out", exp, "--cache-dir", tmp_path / "cache",
+               "--bootstrap", "50", "--jobs", "2")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((exp / "summary.json").read_text())
+    assert [(c["name"], c["status"]) for c in summary["cells"]] == [("variant=baseline", "trained"),
+                                                                    ("variant=probe", "trained")]
+    strategies = [yaml.safe_load((exp / "cells" / n / "config.yaml").read_text())["strategy"]
+                  for n in ("variant=baseline", "variant=probe")]
+    assert strategies == ["finetune", "linear-probe"]
+    assert all((exp / "cells" / f"{n}.log").read_text() for n in ("variant=baseline", "variant=probe"))
+    split = sorted((exp / "split.csv").read_text().splitlines())
+    assert all(sorted((exp / "cells" / n / "split.csv").read_text().splitlines()) == split
+               for n in ("variant=baseline", "variant=probe"))
+    assert len(summary["comparisons"]) >= 1
+
+
+def test_a_variant_that_sets_a_split_setting_is_refused(tmp_path):
+    settings = {k: v for k, v in SETTINGS.items() if k != "grid"}
+    settings["variants"] = {"other": {"val_fraction": 0.3}}
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    done = cli("experiment", "--config", config, "--data", tmp_path, "--out", tmp_path / "exp")
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith("variant other: val_fraction cannot vary (every cell uses the experiment's one "
+                                        "split and cache); set it once outside variants:")

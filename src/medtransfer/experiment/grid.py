@@ -1,10 +1,16 @@
-"""EXPERIMENT.yaml: ordinary train settings plus ``grid:``, expanded into named, validated cells.
+"""EXPERIMENT.yaml: ordinary train settings plus ``grid:`` and/or ``variants:``, expanded into
+named, validated cells.
 
     backbone: resnet18
     epochs: 10
     grid:
       strategy: [finetune, linear-probe]
       seed: [0, 1]
+    variants:             # optional: named bundles of settings, one factor at a time
+      baseline: {}
+      ema: {weight_averaging: ema}
+
+The cells are every variant (or none) times every combination of the grid's values.
 
 Every cell (one combination of the grid's values, in YAML order) is checked as a run would
 be (:func:`~medtransfer.train.validate.validate_config`) before anything runs, so a bad
@@ -26,6 +32,8 @@ from medtransfer.errors import ConfigError, MedtransferError
 from medtransfer.train.validate import validate_config
 
 GRID_KEY = "grid"
+VARIANTS_KEY = "variants"
+VARIANT = "variant"  # the cell value naming its variant
 # The split is drawn once from these (into EXP/split.csv); every cell then reads that file.
 SPLIT_DRAWING = ("val_fraction", "test_fraction", "keep_official_val")
 # Settings every cell shares: the data, its split and its cache.
@@ -61,7 +69,11 @@ def read_experiment(path: Path, *, data: str | None = None, cache_dir: str | Non
     naming the file, the setting and the value for a bad grid or a cell that a run would refuse."""
     values = read_yaml(Path(path))
     source = f"--config {path}"
-    grid = _read_grid(values.pop(GRID_KEY, None), values, source)
+    variants = _read_variants(values.pop(VARIANTS_KEY, None), values, source)
+    grid = _read_grid(values.pop(GRID_KEY, None), values, source, required=not variants)
+    clash = sorted({k for settings in variants.values() for k in settings} & set(grid))
+    if clash:
+        raise ConfigError(f"{source}: {clash[0]} is set both in a variant and in grid:; keep one")
     values["data"] = data or values.get("data")
     if not values["data"]:
         raise ConfigError(f"--data: required; pass the dataset folder or CSV (or set data: in {path})")
@@ -69,33 +81,30 @@ def read_experiment(path: Path, *, data: str | None = None, cache_dir: str | Non
     base = TrainConfig.from_dict(values, source=source)
     shared = {k: v for k, v in values.items() if k not in SPLIT_DRAWING}
     cells: list[Cell] = []
-    for combination in itertools.product(*grid.values()):
-        chosen = dict(zip(grid, combination))
-        name = _unique(cell_name(chosen), {c.name for c in cells})
-        where = f"{source}: grid cell {name}"
-        config = TrainConfig.from_dict({**shared, **chosen}, source=where)
-        try:
-            validate_config(config)
-        except MedtransferError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        without_seed = {k: v for k, v in chosen.items() if k != SEED}
-        cells.append(Cell(name, chosen, config, cell_name(without_seed) or "default"))
+    for variant, settings in (variants or {"": {}}).items():
+        for combination in itertools.product(*grid.values()):
+            chosen = {**({VARIANT: variant} if variant else {}), **dict(zip(grid, combination))}
+            name = _unique(cell_name(chosen), {c.name for c in cells})
+            where = f"{source}: grid cell {name}"
+            config = TrainConfig.from_dict({**shared, **settings, **{k: v for k, v in chosen.items() if k != VARIANT}},
+                                           source=where)
+            try:
+                validate_config(config)
+            except MedtransferError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            without_seed = {k: v for k, v in chosen.items() if k != SEED}
+            cells.append(Cell(name, chosen, config, cell_name(without_seed) or "default"))
     return ExperimentPlan(base, grid, cells)
 
 
-def _read_grid(grid: Any, values: dict[str, Any], source: str) -> dict[str, list[Any]]:
+def _read_grid(grid: Any, values: dict[str, Any], source: str, *, required: bool = True) -> dict[str, list[Any]]:
     example = "e.g. grid: {strategy: [finetune, linear-probe], seed: [0, 1]}"
+    if grid is None and not required:
+        return {}
     if not isinstance(grid, dict) or not grid:
-        raise ConfigError(f"{source}: needs {GRID_KEY}:, a mapping of setting: [values]; {example}")
-    known = TrainConfig.field_names()
+        raise ConfigError(f"{source}: needs {GRID_KEY}: (or {VARIANTS_KEY}:), a mapping of setting: [values]; {example}")
     for key, options in grid.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: grid: unknown setting {key!r}{hint}")
-        if key in FIXED:
-            raise ConfigError(f"{source}: grid: {key} cannot vary (every cell uses the experiment's one split and "
-                              f"cache); set it once outside grid:")
+        _check_varying(key, f"{source}: grid", "grid:")
         if key in values:
             raise ConfigError(f"{source}: {key} is set both outside and inside grid:; keep one")
         if not isinstance(options, list) or not options:
@@ -104,6 +113,33 @@ def _read_grid(grid: Any, values: dict[str, Any], source: str) -> dict[str, list
         if repeated:
             raise ConfigError(f"{source}: grid: {key} lists {repeated[0]!r} twice; list each value once")
     return {str(k): list(v) for k, v in grid.items()}
+
+
+def _check_varying(key: Any, where: str, block: str) -> None:
+    known = TrainConfig.field_names()
+    if key not in known:
+        close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}: unknown setting {key!r}{hint}")
+    if key in FIXED:
+        raise ConfigError(f"{where}: {key} cannot vary (every cell uses the experiment's one split and "
+                          f"cache); set it once outside {block}")
+
+
+def _read_variants(variants: Any, values: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """``variants: {NAME: {setting: value, ...}}``: each variant's settings replace the shared ones."""
+    if variants is None:
+        return {}
+    example = "e.g. variants: {baseline: {}, ema: {weight_averaging: ema}}"
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError(f"{source}: {VARIANTS_KEY}: got {variants!r}; expected a mapping of name: {{settings}}; {example}")
+    for name, settings in variants.items():
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{source}: {VARIANTS_KEY}: {name} got {settings!r}; expected a mapping of settings "
+                              f"(or {{}} for the shared ones); {example}")
+        for key in settings:
+            _check_varying(key, f"{source}: variant {name}", f"{VARIANTS_KEY}:")
+    return {str(k): dict(v) for k, v in variants.items()}
 
 
 def cell_name(values: dict[str, Any]) -> str:

@@ -10,9 +10,13 @@ EXP/cells/NAME/external/SET. EXP/summary.{md,html,json} compare the configuratio
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
-from dataclasses import dataclass
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -41,14 +45,19 @@ class ExperimentResult:
 
 def run_experiment(
     config_file: Path, *, data: str | None, out: Path, externals: list[Path] | None = None,
-    cache_dir: str | None = None, bootstrap: int = 2000, console: Console | None = None,
+    cache_dir: str | None = None, bootstrap: int = 2000, console: Console | None = None, jobs: int = 1,
 ) -> ExperimentResult:
-    """Run every cell of EXPERIMENT.yaml not yet finished, evaluate each on `externals`, write the summary."""
+    """Run every cell of EXPERIMENT.yaml not yet finished, evaluate each on `externals`, write the summary.
+
+    With ``jobs`` > 1, that many cells run at once, each in its own process (log: EXP/cells/NAME.log);
+    each cell's data-loading workers are its own ``num_workers``, so set that to share the cores."""
     console = console or Console()
     plan = read_experiment(config_file, data=data, cache_dir=cache_dir)  # every cell checked before anything runs
     sets = external_sets(externals or [])
     if bootstrap < 1:
         raise ConfigError(f"--bootstrap: got {bootstrap}; the paired tests need at least 1 resample (e.g. 2000)")
+    if jobs < 1:
+        raise ConfigError(f"--jobs: got {jobs}; run at least 1 cell at a time")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; name a folder for the experiment")
     out.mkdir(parents=True, exist_ok=True)
@@ -58,11 +67,47 @@ def run_experiment(
     else:
         write_split(plan.base, split_file, console)
     console.print(f"{len(plan.cells)} cells, {len(plan.configurations)} configurations, cache {plan.base.cache_dir}")
-    outcomes = {}
-    for cell in plan.cells:
-        outcomes[cell.name] = run_cell(with_split(cell, split_file), out / CELLS / cell.name, sets, console=console)
+    if jobs == 1:
+        outcomes = {cell.name: run_cell(with_split(cell, split_file), out / CELLS / cell.name, sets, console=console)
+                    for cell in plan.cells}
+    else:
+        child = [sys.executable, "-m", "medtransfer.experiment.runner", str(config_file), str(out),
+                 str(plan.base.data), str(plan.base.cache_dir), *map(str, externals or [])]
+        with ThreadPoolExecutor(jobs) as pool:
+            done = pool.map(lambda cell: run_cell_process(child, cell.name, out / CELLS, console), plan.cells)
+            outcomes = {outcome.name: outcome for outcome in done}
     summary, files = write_summary(plan, out, outcomes, list(sets), bootstrap=bootstrap, console=console)
     return ExperimentResult(plan, outcomes, summary, files)
+
+
+def run_cell_process(child: list[str], name: str, cells_dir: Path, console: Console) -> CellOutcome:
+    """One cell in its own process (`python -m medtransfer.experiment.runner ... NAME`), output to NAME.log."""
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    log, result = cells_dir / f"{name}.log", cells_dir / f"{name}.outcome.json"
+    result.unlink(missing_ok=True)
+    console.print(f"Cell {escape(name)}: started in its own process (log {escape(str(log))})")
+    with open(log, "w") as stream:
+        code = subprocess.run([*child, "--cell", name], stdout=stream, stderr=subprocess.STDOUT).returncode
+    if result.is_file():
+        outcome = CellOutcome(**json.loads(result.read_text()))
+    else:
+        tail = (log.read_text(errors="replace").strip().splitlines() or [""])[-1]
+        outcome = CellOutcome(name, "failed", f"process exited with code {code}: {tail[:200]}")
+    console.print(f"Cell {escape(name)}: {outcome.status}" + (f" ({escape(outcome.error)})" if outcome.error else ""))
+    return outcome
+
+
+def _cell_main(argv: list[str]) -> None:
+    """Child process of ``--jobs N``: CONFIG OUT DATA CACHE [EXTERNAL...] --cell NAME."""
+    *positional, flag, name = argv
+    config_file, out, data, cache_dir, *externals = positional
+    assert flag == "--cell", argv
+    plan = read_experiment(Path(config_file), data=data, cache_dir=cache_dir)
+    cell = next(c for c in plan.cells if c.name == name)
+    out_dir = Path(out)
+    outcome = run_cell(with_split(cell, out_dir / SPLIT_FILE), out_dir / CELLS / name,
+                       external_sets(list(map(Path, externals))), console=Console(width=120))
+    (out_dir / CELLS / f"{name}.outcome.json").write_text(json.dumps(asdict(outcome)))
 
 
 def external_sets(paths: list[Path]) -> dict[str, Path]:
@@ -139,3 +184,7 @@ def evaluate_external(cell: Cell, run_dir: Path, name: str, data: Path, console:
         seed=cell.config.seed, skip_bad=cell.config.skip_bad_images, accelerator=cell.config.accelerator,
         console=console,
     )
+
+
+if __name__ == "__main__":
+    _cell_main(sys.argv[1:])
