@@ -9,6 +9,7 @@ named, validated cells.
     variants:             # optional: named bundles of settings, one factor at a time
       baseline: {}
       ema: {weight_averaging: ema}
+      probe: {strategy: linear-probe, freeze_children: null}   # null: back to the default
 
 The cells are every variant (or none) times every combination of the grid's values.
 
@@ -86,8 +87,9 @@ def read_experiment(path: Path, *, data: str | None = None, cache_dir: str | Non
             chosen = {**({VARIANT: variant} if variant else {}), **dict(zip(grid, combination))}
             name = _unique(cell_name(chosen), {c.name for c in cells})
             where = f"{source}: grid cell {name}"
-            config = TrainConfig.from_dict({**shared, **settings, **{k: v for k, v in chosen.items() if k != VARIANT}},
-                                           source=where)
+            merged = {**shared, **settings, **{k: v for k, v in chosen.items() if k != VARIANT}}
+            config = TrainConfig.from_dict({k: v for k, v in merged.items() if k not in settings or settings[k] is not None},
+                                           source=where)  # a variant's `setting: null` restores the default
             try:
                 validate_config(config)
             except MedtransferError as exc:
