@@ -90,9 +90,12 @@ class EpochAUC(L.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._probs, self._labels = [], []
-        self._hook = pl_module.register_forward_hook(
-            lambda module, inputs, logits: self._probs.append(logits.detach().float().softmax(1).cpu())
-        )
+        self._hook = pl_module.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        # Under DDP Lightning routes validation_step through forward too: that call returns the loss, not logits.
+        if isinstance(output, torch.Tensor) and output.ndim == 2:
+            self._probs.append(output.detach().float().softmax(1).cpu())
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._labels.append(batch[1].detach().cpu())
