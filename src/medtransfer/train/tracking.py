@@ -112,8 +112,9 @@ class EpochAUC(L.Callback):
 
 
 def epoch_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    """AUC of the validation epoch (macro one-vs-rest beyond two classes); None when a class is missing."""
-    if len(np.unique(labels)) < probs.shape[1]:
+    """AUC of the validation epoch (macro one-vs-rest beyond two classes); None when a class is missing or a
+    probability is not finite."""
+    if len(np.unique(labels)) < probs.shape[1] or not np.isfinite(probs).all():  # a diverged epoch: no AUC
         return None
     if probs.shape[1] == 2:
         return float(binary_metrics(labels, probs[:, 1], threshold=0.5)["auc"])
