@@ -90,9 +90,12 @@ class EpochAUC(L.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._probs, self._labels = [], []
-        self._hook = pl_module.register_forward_hook(
-            lambda module, inputs, logits: self._probs.append(logits.detach().float().softmax(1).cpu())
-        )
+        self._hook = pl_module.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        # Under DDP Lightning routes validation_step through forward too: that call returns the loss, not logits.
+        if isinstance(output, torch.Tensor) and output.ndim == 2:
+            self._probs.append(output.detach().float().softmax(1).cpu())
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._labels.append(batch[1].detach().cpu())
@@ -109,8 +112,9 @@ class EpochAUC(L.Callback):
 
 
 def epoch_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    """AUC of the validation epoch (macro one-vs-rest beyond two classes); None when a class is missing."""
-    if len(np.unique(labels)) < probs.shape[1]:
+    """AUC of the validation epoch (macro one-vs-rest beyond two classes); None when a class is missing or a
+    probability is not finite."""
+    if len(np.unique(labels)) < probs.shape[1] or not np.isfinite(probs).all():  # a diverged epoch: no AUC
         return None
     if probs.shape[1] == 2:
         return float(binary_metrics(labels, probs[:, 1], threshold=0.5)["auc"])
