@@ -138,14 +138,18 @@ def features_of(saved, paths: list[Path], layers, device: torch.device) -> dict[
                             precision="32-true")
 
 
-def refit(saved, run: Path, device: torch.device, seed: int) -> dict:
-    """Fit the detector again on the run's train/val images (split.csv), as `medtransfer train` does; save it."""
+def refit(saved, run: Path, device: torch.device, seed: int, limit: int | None = None) -> dict:
+    """Fit the detector again on the run's train/val images (split.csv), as `medtransfer train` does; save it.
+    `limit`: a seeded sample of that many training images (a quicker measurement on a CPU)."""
     with (run / "split.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     model = saved.model
     layers = pick_layers(model.to(device), backbone_children(model.net, model.spec), saved.info.image_size,
                          saved.info.in_channels)
     split = {name: [r for r in rows if r["split"] == name] for name in ("train", "val")}
+    if limit is not None and limit < len(split["train"]):
+        chosen = np.random.default_rng(seed).choice(len(split["train"]), limit, replace=False)
+        split["train"] = [split["train"][i] for i in sorted(chosen)]
     features = {name: features_of(saved, [Path(r["path"]) for r in chosen], layers, device) for name, chosen in split.items()}
     labels = np.asarray([saved.classes.index(r["label"]) for r in split["train"]])
     saved.ood = fit_detector(features["train"], labels, features["val"], layers=layers, seed=seed)
@@ -166,11 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-set", type=int, default=100, help="Images per OOD set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refit", action="store_true", help="Fit the detector again on the run's train/val first")
+    parser.add_argument("--refit-limit", type=int, default=None, help="With --refit: training images used (seeded)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     saved = load_model(args.run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    refitted = refit(saved, args.run, device, args.seed) if args.refit else None
+    refitted = refit(saved, args.run, device, args.seed, args.refit_limit) if args.refit else None
     if saved.ood is None:
         sys.exit(f"--run {args.run}: the model has no OOD detector (saved before the guard); train it again or --refit")
     paths = expand_inputs([args.data])
