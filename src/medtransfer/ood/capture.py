@@ -105,7 +105,7 @@ class ScoredModel(nn.Module):
         self.detector = detector
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with capture(self.model, self.detector.layers) as captured:
+        with capture(self.model, self.detector.reads) as captured:
             logits = self.model(images)
         return logits, self.detector.score(captured)
 

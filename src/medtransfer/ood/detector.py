@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from medtransfer.ood.scores import fit_gaussian, knn_bank, knn_distance, mahalanobis
+from medtransfer.ood.scores import centred_mahalanobis, fit_gaussian, knn_bank, knn_distance, mahalanobis
 
 __all__ = [
     "ACCEPT_FRACTION", "DEFAULT_METHOD", "KNN_BANK_MAX", "KNN_K", "METHODS", "OODDetector", "PENULTIMATE",
@@ -69,6 +69,11 @@ class OODDetector:
         """The methods this detector was fitted with (in METHODS order)."""
         return tuple(m for m in METHODS if m in self.thresholds)
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The layers whose statistics the method in use reads (none for a penultimate method)."""
+        return self.layers if self.method == "multilayer" else ()
+
     def using(self, method: str) -> OODDetector:
         if method not in self.methods:
             raise ValueError(f"OOD method must be one of {', '.join(self.methods)}; got {method!r}")
@@ -79,8 +84,8 @@ class OODDetector:
         captured = {PENULTIMATE: captured} if isinstance(captured, torch.Tensor) else captured
         parts = [self.score(captured, "knn")]
         for name in self.layers:
-            parts.append(mahalanobis(captured[name].float(), self.tensors[_layer_key(name, "whitening")],
-                                     self.tensors[_layer_key(name, "means")]))
+            parts.append(centred_mahalanobis(captured[name].float(), self.tensors[_layer_key(name, "whitening")],
+                                             self.tensors[_layer_key(name, "centres")]))
         return torch.stack(parts, dim=1)
 
     def score(self, captured: Mapping[str, torch.Tensor] | torch.Tensor, method: str | None = None) -> torch.Tensor:
@@ -126,12 +131,14 @@ def fit_detector(
     x = train[PENULTIMATE].numpy()
     labels = np.asarray(train_labels)
     penultimate = fit_gaussian(x, labels)
+    penultimate.pop("centres")
     bank = knn_bank(x, KNN_BANK_MAX, seed)
     tensors = {"mahalanobis.whitening": penultimate["whitening"], "mahalanobis.means": penultimate["means"],
                "knn.bank": bank}
     for name in layers:  # one class-agnostic Gaussian per layer: intensity statistics barely depend on the label
-        for part, tensor in fit_gaussian(train[name].numpy()).items():
-            tensors[_layer_key(name, part)] = tensor
+        gaussian = fit_gaussian(train[name].numpy())
+        for part in ("whitening", "centres"):
+            tensors[_layer_key(name, part)] = gaussian[part]
     detector = OODDetector(method or DEFAULT_METHOD, {}, tensors, k=min(k, len(bank)), layers=tuple(layers))
     if layers:
         components = detector.components(val).double()

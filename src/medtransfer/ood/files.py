@@ -38,7 +38,7 @@ def _expected_tensors(layers: list[str]) -> set[str]:
     names = {"mahalanobis.whitening", "mahalanobis.means", "knn.bank"}
     if layers:
         names |= {"multilayer.centre", "multilayer.scale"}
-        names |= {_layer_key(layer, part) for layer in layers for part in ("whitening", "means")}
+        names |= {_layer_key(layer, part) for layer in layers for part in ("whitening", "centres")}
     return names
 
 

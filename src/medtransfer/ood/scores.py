@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["SHRINKAGE", "channel_statistics", "fit_gaussian", "knn_bank", "knn_distance", "mahalanobis"]
+__all__ = ["SHRINKAGE", "centred_mahalanobis", "channel_statistics", "fit_gaussian", "knn_bank", "knn_distance", "mahalanobis"]
 
 SHRINKAGE = 0.1  # covariance shrinkage towards (trace / d) * I
 
@@ -24,7 +24,8 @@ SHRINKAGE = 0.1  # covariance shrinkage towards (trace / d) * I
 def fit_gaussian(x: np.ndarray, labels: np.ndarray | None = None, shrinkage: float = SHRINKAGE) -> dict[str, torch.Tensor]:
     """Class means (one mean without labels) and the whitening W of their shared, shrunk covariance.
 
-    P = W W^T is the precision, so (f - m)^T P (f - m) = |f W - m W|^2; the means are stored whitened.
+    P = W W^T is the precision, so (f - m)^T P (f - m) = |(f - m) W|^2 = |f W - m W|^2: "centres" are the
+    means, "means" the whitened means (the first guard's form, kept for its files).
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.zeros(len(x), dtype=int) if labels is None else np.asarray(labels)
@@ -36,7 +37,8 @@ def fit_gaussian(x: np.ndarray, labels: np.ndarray | None = None, shrinkage: flo
     covariance = (1 - shrinkage) * covariance + shrinkage * scale * np.eye(covariance.shape[0])
     whitening = np.linalg.cholesky(np.linalg.inv(covariance))
     return {"whitening": torch.from_numpy(whitening).float().contiguous(),
-            "means": torch.from_numpy(means @ whitening).float().contiguous()}
+            "means": torch.from_numpy(means @ whitening).float().contiguous(),
+            "centres": torch.from_numpy(means).float().contiguous()}
 
 
 def mahalanobis(features: torch.Tensor, whitening: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -45,6 +47,15 @@ def mahalanobis(features: torch.Tensor, whitening: torch.Tensor, means: torch.Te
     means = means.to(features.device)
     squared = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + (means * means).sum(1)[None, :]
     return torch.sqrt(torch.clamp(squared.min(dim=1).values, min=0.0) / features.shape[1])
+
+
+def centred_mahalanobis(features: torch.Tensor, whitening: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """:func:`mahalanobis` from the centred difference: no cancellation of large terms, so float32 runs of
+    the same score (PyTorch, onnxruntime) agree to about 1e-6 even when features sit far from the origin."""
+    whitening = whitening.to(features.device)
+    centres = centres.to(features.device)
+    squared = torch.stack([(((features - centres[i]) @ whitening) ** 2).sum(dim=1) for i in range(len(centres))], 1)
+    return torch.sqrt(squared.min(dim=1).values / features.shape[1])
 
 
 def knn_bank(x: np.ndarray, limit: int, seed: int) -> torch.Tensor:
@@ -59,13 +70,15 @@ def knn_bank(x: np.ndarray, limit: int, seed: int) -> torch.Tensor:
 def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """(n,) distance of each L2-normalised row to its k-th nearest bank row."""
     z = features / torch.clamp(features.norm(dim=1, keepdim=True), min=1e-12)
-    similarity = torch.topk(z @ bank.to(features.device).T, k, dim=1).values[:, -1]
-    return torch.sqrt(torch.clamp(2.0 - 2.0 * similarity, min=0.0))
+    bank = bank.to(features.device)
+    neighbour = bank[torch.topk(z @ bank.T, k, dim=1).indices[:, -1]]
+    # |z - b| itself, not sqrt(2 - 2 z.b): near neighbours have z.b close to 1, where that cancels
+    return (z - neighbour).norm(dim=1)
 
 
 def channel_statistics(maps: torch.Tensor) -> torch.Tensor:
     """(n, 2c): per-channel spatial mean, then standard deviation, of an (n, c, h, w) feature map."""
     maps = maps.float().flatten(2)
     mean = maps.mean(dim=2)
-    std = torch.sqrt(torch.clamp((maps * maps).mean(dim=2) - mean * mean, min=0.0) + 1e-6)
+    std = torch.sqrt(((maps - mean[:, :, None]) ** 2).mean(dim=2) + 1e-6)  # two passes: no cancellation
     return torch.cat([mean, std], dim=1)
