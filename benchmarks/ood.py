@@ -12,15 +12,19 @@ Out-of-distribution sets, written to a temporary folder as PNG files and read ba
 - synthetic films: ``phantoms`` (the demo's rendered radiographs) and ``phantoms_inverted``
   (reported, no target: the phantoms imitate radiographs).
 
-For every method of :mod:`medtransfer.ood` (both are saved with each model) it reports, per set,
+For every method of :mod:`medtransfer.ood` (all are saved with each model) it reports, per set,
 AUROC of the score (OOD positive), FPR95 (share of the OOD set accepted by the threshold that
 accepts 95% of the in-distribution test images) and ``flagged`` (share above the saved
 threshold, chosen on validation). Targets: AUROC >= 0.99 for non-radiographs, >= 0.9 for
 inverted or rotated radiographs. Prints one JSON line.
 
+``--refit`` first fits the detector again with the current code on the run's own train and
+validation images (split.csv; as ``medtransfer train`` does at its end) and saves it into the
+run's model folder: a run trained before a detector change is measured without training again.
+
 Usage::
 
-    python benchmarks/ood.py --run RUN --data /work/shared/data/kermany-224-test-dev [--limit 300] [--per-set 100]
+    python benchmarks/ood.py --run RUN --data /work/shared/data/kermany-224-test-dev [--limit 300] [--per-set 100] [--refit]
 """
 
 from __future__ import annotations
@@ -31,17 +35,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+import csv
+import time
+
 import numpy as np
 import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
-from medtransfer.artifacts import load_model
+from medtransfer.artifacts import find_model_dir, load_model
 from medtransfer.data.phantom import random_anatomy, render_phantom
-from medtransfer.ood import METHODS
+from medtransfer.models.strategies import backbone_children
+from medtransfer.ood import collect_features, fit_detector, pick_layers, save_detector
 from medtransfer.predict import expand_inputs
-from medtransfer.train.feature_probe import extract_features
 
 NON_RADIOGRAPHS = ("photos", "textures", "noise", "gradients")
 RADIOGRAPH_SHIFTS = ("inverted", "rotated90", "rotated180", "cropped")
@@ -112,10 +119,42 @@ def build_sets(folder: Path, radiographs: list[Path], per_set: int, seed: int, s
     return sets
 
 
-def features_of(saved, paths: list[Path]) -> torch.Tensor:
-    images = torch.stack([saved.preprocess(p) for p in paths])
-    return extract_features(saved.model, TensorDataset(images), batch_size=64, device=torch.device("cpu"),
-                            precision="32-true", num_workers=0)
+class Files(Dataset):
+    """Image files preprocessed exactly as `medtransfer predict` does."""
+
+    def __init__(self, saved, paths: list[Path]):
+        self.saved, self.paths = saved, paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.saved.preprocess(self.paths[index])
+
+
+def features_of(saved, paths: list[Path], layers, device: torch.device) -> dict[str, torch.Tensor]:
+    """What the detector reads of these files (the penultimate features and the layers' channel statistics)."""
+    return collect_features(saved.model, DataLoader(Files(saved, paths), batch_size=64), layers, device=device,
+                            precision="32-true")
+
+
+def refit(saved, run: Path, device: torch.device, seed: int, limit: int | None = None) -> dict:
+    """Fit the detector again on the run's train/val images (split.csv), as `medtransfer train` does; save it.
+    `limit`: a seeded sample of that many training images (a quicker measurement on a CPU)."""
+    with (run / "split.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    model = saved.model
+    layers = pick_layers(model.to(device), backbone_children(model.net, model.spec), saved.info.image_size,
+                         saved.info.in_channels)
+    split = {name: [r for r in rows if r["split"] == name] for name in ("train", "val")}
+    if limit is not None and limit < len(split["train"]):
+        chosen = np.random.default_rng(seed).choice(len(split["train"]), limit, replace=False)
+        split["train"] = [split["train"][i] for i in sorted(chosen)]
+    features = {name: features_of(saved, [Path(r["path"]) for r in chosen], layers, device) for name, chosen in split.items()}
+    labels = np.asarray([saved.classes.index(r["label"]) for r in split["train"]])
+    saved.ood = fit_detector(features["train"], labels, features["val"], layers=layers, seed=seed)
+    save_detector(saved.ood, find_model_dir(run))
+    return {"layers": layers, "train": len(split["train"]), "val": len(split["val"]), "thresholds": saved.ood.thresholds}
 
 
 def fpr_at_95_tpr(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
@@ -130,21 +169,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=300, help="In-distribution images used (a seeded sample)")
     parser.add_argument("--per-set", type=int, default=100, help="Images per OOD set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refit", action="store_true", help="Fit the detector again on the run's train/val first")
+    parser.add_argument("--refit-limit", type=int, default=None, help="With --refit: training images used (seeded)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     saved = load_model(args.run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    refitted = refit(saved, args.run, device, args.seed, args.refit_limit) if args.refit else None
     if saved.ood is None:
-        sys.exit(f"--run {args.run}: the model has no OOD detector (saved before the guard); train it again")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+        sys.exit(f"--run {args.run}: the model has no OOD detector (saved before the guard); train it again or --refit")
     paths = expand_inputs([args.data])
     rng = np.random.default_rng(args.seed)
     paths = [paths[i] for i in sorted(rng.choice(len(paths), min(args.limit, len(paths)), replace=False))]
-    in_features = features_of(saved, paths)
+    in_features = features_of(saved, paths, saved.ood.layers, device)
     result: dict = {"run": str(args.run), "data": str(args.data), "in_distribution": len(paths),
-                    "default_method": saved.ood.method, "methods": {}}
+                    "default_method": saved.ood.method, "layers": list(saved.ood.layers), "refit": refitted,
+                    "device": device.type, "methods": {}}
     with tempfile.TemporaryDirectory(prefix="medtransfer-ood-") as folder:
         sets = build_sets(Path(folder), paths, args.per_set, args.seed)
-        out_features = {name: features_of(saved, files) for name, files in sets.items()}
-    for method in METHODS:
+        out_features = {name: features_of(saved, files, saved.ood.layers, device) for name, files in sets.items()}
+    for method in saved.ood.methods:
         detector = saved.ood.using(method)
         in_scores = detector.score(in_features).numpy()
         rows = {"in_flagged": round(float(detector.flags(in_scores).mean()), 4)}
@@ -160,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows["min_auroc_inverted_rotated"] = min(rows[n]["auroc"] for n in ("inverted", "rotated90", "rotated180"))
         rows["pass"] = rows["min_auroc_non_radiographs"] >= 0.99 and rows["min_auroc_inverted_rotated"] >= 0.9
         result["methods"][method] = rows
+    result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
     return result
 

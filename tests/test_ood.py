@@ -17,8 +17,11 @@ from medtransfer.artifacts import load_model, model_info, save_model
 from medtransfer.errors import ConfigError, WeightsError
 from medtransfer.export import export_onnx
 from medtransfer.models.backbones import create_backbone
-from medtransfer.models.strategies import TransferModel
-from medtransfer.ood import ACCEPT_FRACTION, OOD_JSON, OOD_WEIGHTS, ScoredModel, fit_detector, load_detector, save_detector
+from medtransfer.models.strategies import TransferModel, backbone_children
+from medtransfer.ood import (
+    ACCEPT_FRACTION, OOD_JSON, OOD_WEIGHTS, ScoredModel, collect_features, fit_detector, load_detector, pick_layers,
+    save_detector,
+)
 from medtransfer.predict import predict_files, write_rows
 from medtransfer.serving.app import create_app
 from medtransfer.serving.replicas import OOD_MESSAGE
@@ -93,31 +96,31 @@ def test_save_load_round_trip_without_pickle(tmp_path):
 
 @pytest.fixture(scope="module")
 def guarded_run(tmp_path_factory) -> Path:
-    """A random-weight resnet18 run with a detector fitted on its own features of random images."""
+    """A random-weight resnet18 run with a multilayer detector fitted on its own features of random images."""
     torch.manual_seed(4)
     net, spec = create_backbone("resnet18", num_classes=2, weights="none")
     model = TransferModel(net, spec).eval()
     run = tmp_path_factory.mktemp("ood") / "run"
     model_dir = save_model(model, model_info(model, classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA",
                                              threshold=0.5, image_size=48, decode_size=56), run)
-    head = model.net.fc
-    model.net.fc = torch.nn.Identity()
-    with torch.no_grad():
-        train = model(torch.randn(40, 3, 48, 48) * 0.2).numpy()
-        val = model(torch.randn(20, 3, 48, 48) * 0.2).numpy()
-    model.net.fc = head
-    save_detector(fit_detector(train, np.arange(40) % 2, val, k=3), model_dir)
+    layers = pick_layers(model, backbone_children(net, spec), 48)
+    train, val = (collect_features(model, [torch.randn(n, 3, 48, 48) * 0.2], layers, device=torch.device("cpu"),
+                                   precision="32-true") for n in (40, 20))
+    save_detector(fit_detector(train, np.arange(40) % 2, val, layers=layers, k=3), model_dir)
     return run
 
 
 def test_scored_model_features_are_the_heads_input(guarded_run):
     saved = load_model(guarded_run)
+    assert saved.ood.method == "multilayer" and saved.ood.layers
     images = torch.randn(3, 3, 48, 48)
     with torch.no_grad():
         logits, scores = ScoredModel(saved.model, saved.ood)(images)
         torch.testing.assert_close(logits, saved.model(images))
         saved.model.net.fc, head = torch.nn.Identity(), saved.model.net.fc
-        torch.testing.assert_close(scores, saved.ood.score(saved.model(images)))
+        for method in ("knn", "mahalanobis"):  # the penultimate methods read the head's input alone
+            torch.testing.assert_close(ScoredModel(saved.model, saved.ood.using(method))(images)[1],
+                                       saved.ood.score(saved.model(images), method))
         saved.model.net.fc = head
 
 
@@ -139,7 +142,7 @@ def test_onnx_has_an_ood_score_output_equal_to_torch(guarded_run):
     path = export_onnx(guarded_run)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits", "probabilities", "ood_score"]
-    batch = torch.randn(4, 3, 48, 48)
+    batch = torch.randn(4, 3, 48, 48) * 0.2  # like the images the detector was fitted on: scores of order 1
     onnx_scores = session.run(["ood_score"], {"image": batch.numpy()})[0]
     with torch.no_grad():
         torch_scores = ScoredModel(saved.model, saved.ood)(batch)[1].numpy()

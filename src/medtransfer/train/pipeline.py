@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from rich.console import Console
 from rich.markup import escape
 
@@ -42,8 +43,8 @@ from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class
 from medtransfer.models.backbones import BackboneSpec, create_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.inference import inference_network
-from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
-from medtransfer.ood import OODDetector, fit_detector
+from medtransfer.models.strategies import Strategy, TransferModel, backbone_children, build_transfer_model
+from medtransfer.ood import OODDetector, collect_features, fit_detector, pick_layers
 from medtransfer.rundir import CONFIG_FILE
 from medtransfer.runtime import (
     default_decode_workers,
@@ -56,7 +57,6 @@ from medtransfer.runtime import (
     resolve_precision,
 )
 from medtransfer.train.callbacks import read_history
-from medtransfer.train.feature_probe import extract_features
 from medtransfer.train.fit import Fit, fit_with_lightning, probe_phase, train_probe_on_features
 from medtransfer.train.outputs import Evaluation, write_outputs
 from medtransfer.train.runfolder import check_resumable, check_run_dir, hold_run_folder, with_absolute_paths
@@ -164,7 +164,7 @@ def _train_into(
     if not is_global_zero():
         return None
     evaluation = evaluate_model(model, splits, data, config, hardware)
-    ood = fit_ood(model, splits, config, hardware, console, features=fit.features)
+    ood = fit_ood(model, splits, config, hardware, console)
     history = read_history(out / "history.csv")
     result = TrainResult(
         backbone=config.backbone, strategy=config.strategy, weights=config.weights, params=model.parameter_counts(),
@@ -443,17 +443,17 @@ def evaluate_model(
 
 def fit_ood(
     model: TransferModel, splits: dict[str, SplitData], config: TrainConfig, hardware: Hardware, console: Console,
-    *, features: dict[str, torch.Tensor] | None = None,
 ) -> OODDetector:
-    """The OOD guard, fitted on train's penultimate features (as evaluation sees the images), accepting 95% of
-    val. `features`: the linear probe's (frozen backbone, so still valid), else one more pass over train and val."""
-    if features is None:
-        features = {name: extract_features(model, dataset, batch_size=max(64, config.batch_size),
-                                           device=hardware.device, precision=hardware.precision,
-                                           num_workers=hardware.workers)
-                    for name, dataset in eval_datasets({k: splits[k] for k in ("train", "val")}, config,
-                                                       model.spec).items()}
-    detector = fit_detector(features["train"].numpy(), np.asarray(splits["train"].labels), features["val"].numpy(),
+    """The OOD guard on train's penultimate and stage features (as evaluation sees the images); accepts 95% of val."""
+    layers = pick_layers(model, backbone_children(model.net, model.spec), config.image_size, config.in_channels)
+    features = {
+        name: collect_features(model, DataLoader(dataset, batch_size=max(64, config.batch_size),
+                                                 num_workers=hardware.workers), layers,
+                               device=hardware.device, precision=hardware.precision)
+        for name, dataset in eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec).items()
+    }
+    detector = fit_detector(features["train"], np.asarray(splits["train"].labels), features["val"], layers=layers,
                             seed=config.seed)
-    console.print(f"OOD guard: {detector.method}, threshold {detector.threshold:.3f} (accepts 95% of validation)")
+    console.print(f"OOD guard: {detector.method} ({len(layers)} stages and the penultimate features), "
+                  f"threshold {detector.threshold:.3f} (accepts 95% of validation)")
     return detector
