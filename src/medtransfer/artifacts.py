@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.decode import decode_image
-from medtransfer.data.transforms import eval_transform
+from medtransfer.data.transforms import eval_transform, with_border_crop
 from medtransfer.errors import DataError, MedtransferError, WeightsError
 from medtransfer.models.backbones import OUTPUT_STRIDES, create_backbone
 from medtransfer.models.heads import HEADS, apply_head
@@ -81,6 +81,7 @@ class ModelInfo:
     head: str | None = None  # models/heads.py, rebuilt on load; None (files from before heads): linear
     wise_ft: dict[str, Any] | None = None  # WiSE-FT mixing chosen on validation (train/wise_ft.py)
     provenance: dict[str, Any] | None = None  # where a recalibrated model came from (trained, recalibrated)
+    border_crop: float = 0.0  # fraction cut off each side of the decoded image first (train --border-crop)
 
     @property
     def positive_index(self) -> int:
@@ -202,6 +203,7 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "head": (_checked(_text, lambda h: h in HEADS), f"must be one of {', '.join(HEADS)}"),
     "wise_ft": (_mapping, "must be an object (alpha, criterion, grid, val_loss)"),
     "provenance": (_mapping, "must be an object (trained, recalibrated)"),
+    "border_crop": (_checked(_real, lambda f: 0.0 <= f < 0.5), "must be a fraction in [0, 0.5)"),
 }
 
 
@@ -223,6 +225,7 @@ def model_info(
     training_config: dict[str, Any] | None = None,
     head: str | None = None,
     wise_ft: dict[str, Any] | None = None,
+    border_crop: float = 0.0,
 ) -> ModelInfo:
     """The ModelInfo of `model`: backbone name and normalisation come from the model itself,
     so they cannot disagree with the weights."""
@@ -245,6 +248,7 @@ def model_info(
         training_config=training_config,
         head=head,
         wise_ft=wise_ft,
+        border_crop=float(border_crop),
     )
 
 
@@ -300,13 +304,13 @@ class SavedModel:
 
     def transform(self) -> v2.Compose:
         """The evaluation transform: uint8 C x H x W at decode size -> normalised float model input."""
-        return eval_transform(
+        return with_border_crop(eval_transform(
             image_size=self.info.image_size,
             mean=self.info.mean,
             std=self.info.std,
             channels=self.info.in_channels,
             crop_fraction=self.info.eval_crop_fraction,
-        )
+        ), self.info.border_crop)
 
     @cached_property
     def _halves(self) -> tuple[v2.Compose, v2.Compose]:
@@ -325,7 +329,7 @@ class SavedModel:
         return image_tensor(decode_image(source, size=self.info.decode_size))
 
     def crop(self, decoded: torch.Tensor) -> torch.Tensor:
-        """The image as the model sees it, still uint8: resize, centre crop, channels matched."""
+        """The image as the model sees it, still uint8: border crop, resize, centre crop, channels matched."""
         return self._halves[0](decoded)
 
     def normalise(self, cropped: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from medtransfer.data.split import (
     summary_lines,
     write_split_csv,
 )
-from medtransfer.data.transforms import eval_transform, train_transform
+from medtransfer.data.transforms import eval_transform, train_transform, with_border_crop
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class, fit_operating_point, split_metrics
 from medtransfer.models.backbones import BackboneSpec, create_backbone
@@ -339,6 +339,7 @@ def eval_datasets(splits: dict[str, SplitData], config: TrainConfig, spec: Backb
         image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
         channels=config.in_channels, crop_fraction=config.eval_crop_fraction,
     )
+    transform = with_border_crop(transform, config.border_crop)
     return {name: CachedImageDataset(s.images, s.labels, transform) for name, s in splits.items()}
 
 
@@ -351,7 +352,7 @@ def train_dataset(train: SplitData, config: TrainConfig, spec: BackboneSpec) -> 
         channels=config.in_channels, crop_scale=config.crop_scale, rotation_degrees=config.rotation_degrees, brightness=config.brightness,
         contrast=config.contrast, horizontal_flip=config.horizontal_flip,
     )
-    return CachedImageDataset(train.images, train.labels, transform)
+    return CachedImageDataset(train.images, train.labels, with_border_crop(transform, config.border_crop))
 
 
 def train_model(
