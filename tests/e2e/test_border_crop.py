@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -42,7 +43,10 @@ def test_border_crop_is_saved_and_predict_and_onnx_match_training(cropped_run, t
     batch = np.stack([saved.preprocess(p).numpy() for p in images])
     probabilities = session.run(["probabilities"], {"image": batch})[0]
     positive = saved.positive_index
-    assert probabilities[:, positive] == pytest.approx([reference[p] for p in images], abs=2e-3)
+    fp32 = saved.decide(saved.model(torch.from_numpy(batch)).detach()).probabilities[:, positive]
+    assert probabilities[:, positive] == pytest.approx(fp32, abs=1e-4)  # the crop is outside the graph: same input
+    # training evaluated under bf16 autocast on this CPU: about 3 significant digits
+    assert probabilities[:, positive] == pytest.approx([reference[p] for p in images], abs=1e-2)
     metadata = json.loads(session.get_modelmeta().custom_metadata_map["medtransfer"])
     assert metadata["border_crop"] == 0.1
 

@@ -417,7 +417,8 @@ def _explanations(run: _Run) -> str:
 
 
 def _gallery_intro(gallery: dict[str, Any]) -> str:
-    intro = h.note("Class activation maps: where the model looked. Warm colours mark the regions that raised the score.")
+    outlines = " White outlines: the lesions, from the data's masks." if gallery.get("outlines") else ""
+    intro = h.note(f"Class activation maps: where the model looked. Warm colours mark the regions that raised the score.{outlines}")
     cells, size = gallery.get("map_cells"), gallery.get("input_size")
     if isinstance(cells, list) and len(cells) == 2 and all(isinstance(c, int) and c > 0 for c in cells) and isinstance(size, int):
         method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "cam": "CAM"}.get(str(gallery.get("method")), str(gallery.get("method")))
