@@ -66,8 +66,7 @@ def test_save_and_load_round_trip(tmp_path):
     written = json.loads((run / "model" / "model.json").read_text())
     assert list(written) == ["format_version", "backbone", "classes", "positive_class", "threshold", "temperature",
                              "image_size", "decode_size", "eval_crop_fraction", "mean", "std", "in_channels",
-                             "output_stride", "threshold_policy", "strategy", "frozen", "training_config", "versions",
-                             "border_crop"]
+                             "output_stride", "threshold_policy", "strategy", "frozen", "training_config", "versions"]
     reference = saved_run(tmp_path / "again")  # same seed, same weights
     original = load_model(reference).model.net.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in saved.model.net.state_dict().items())
@@ -77,7 +76,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_optional_fields_left_unset_are_not_written(tmp_path):
     written = json.loads((saved_run(tmp_path / "run") / "model" / "model.json").read_text())
-    assert not {"threshold_policy", "strategy", "frozen", "training_config"} & set(written)
+    assert not {"threshold_policy", "strategy", "frozen", "training_config", "border_crop"} & set(written)
     assert load_model(tmp_path / "run").info.threshold_policy is None
 
 

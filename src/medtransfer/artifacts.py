@@ -81,7 +81,7 @@ class ModelInfo:
     head: str | None = None  # models/heads.py, rebuilt on load; None (files from before heads): linear
     wise_ft: dict[str, Any] | None = None  # WiSE-FT mixing chosen on validation (train/wise_ft.py)
     provenance: dict[str, Any] | None = None  # where a recalibrated model came from (trained, recalibrated)
-    border_crop: float = 0.0  # fraction cut off each side of the decoded image first (train --border-crop)
+    border_crop: float | None = None  # fraction cut off each side of the decoded image first (train --border-crop); None: 0
 
     @property
     def positive_index(self) -> int:
@@ -248,7 +248,7 @@ def model_info(
         training_config=training_config,
         head=head,
         wise_ft=wise_ft,
-        border_crop=float(border_crop),
+        border_crop=float(border_crop) or None,  # 0 is not written: model.json stays as before the setting
     )
 
 
@@ -310,7 +310,7 @@ class SavedModel:
             std=self.info.std,
             channels=self.info.in_channels,
             crop_fraction=self.info.eval_crop_fraction,
-        ), self.info.border_crop)
+        ), self.info.border_crop or 0.0)
 
     @cached_property
     def _halves(self) -> tuple[v2.Compose, v2.Compose]:

@@ -335,11 +335,10 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
 
 
 def eval_datasets(splits: dict[str, SplitData], config: TrainConfig, spec: BackboneSpec) -> dict[str, CachedImageDataset]:
-    transform = eval_transform(
+    transform = with_border_crop(eval_transform(
         image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
         channels=config.in_channels, crop_fraction=config.eval_crop_fraction,
-    )
-    transform = with_border_crop(transform, config.border_crop)
+    ), config.border_crop)
     return {name: CachedImageDataset(s.images, s.labels, transform) for name, s in splits.items()}
 
 
