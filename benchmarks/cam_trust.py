@@ -40,7 +40,8 @@ Usage::
 
 Data go to DIR/data_<render size>px (generated unless its README.txt exists; delete the
 folder to regenerate), the run to DIR/run_<backbone>_<size>px_os<stride>_<epochs>ep[_seed<N>]
-(reused when finished, resumed when interrupted). One JSON line on stdout; everything else on stderr.
+(reused when finished, resumed when interrupted). ``--run RUN --data DIR`` measures a finished
+run instead, e.g. the demo's: ``--run demo-run/finetune --data demo-run/data``. One JSON line on stdout; everything else on stderr.
 """
 
 from __future__ import annotations
@@ -357,13 +358,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     out = Path(args.out).resolve()
-    run_dir = train_or_reuse(args, out)
+    run_dir = Path(args.run).resolve() if args.run else train_or_reuse(args, out)
     metrics = json.loads((run_dir / "metrics.json").read_text())
 
     cam_started = time.perf_counter()
     saved = load_model(run_dir)
     tolerance = args.tolerance_px if args.tolerance_px is not None else round(0.025 * saved.info.image_size)
-    data = data_dir(out, args.image_size)
+    data = Path(args.data).resolve() if args.data else data_dir(out, args.image_size)
     inputs, masks, patients, skipped = _cases(run_dir, data, saved)
     if not inputs:
         raise SystemExit(f"cam_trust: no {saved.info.positive_class} test image with a lesion mask in {data}")
@@ -407,7 +408,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "weights": args.weights,
         "image_size": saved.info.image_size,
         "output_stride": saved.info.output_stride,
-        "epochs": args.epochs,
+        "epochs": None if args.run else args.epochs,
+        "run": str(run_dir),
         "train_seed": args.train_seed,
         "epochs_run": metrics.get("epochs_run"),
         "train_seconds": metrics.get("train_seconds"),
@@ -436,7 +438,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-seed", type=int, default=0, help="seed of training (split, head init, augmentation, order)")
     parser.add_argument("--patients-per-class", type=int, default=None, help="training patients per class (smaller: faster smoke test)")
     parser.add_argument("--test-patients-per-class", type=int, default=40, help="more test patients: a steadier pointing-game estimate")
-    return parser.parse_args(argv)
+    parser.add_argument("--run", default=None, help="measure this finished run (e.g. a demo's finetune/) instead of training one")
+    parser.add_argument("--data", default=None, help="with --run: the synthetic data folder it was trained on (its masks/)")
+    args = parser.parse_args(argv)
+    if bool(args.run) != bool(args.data):
+        parser.error("--run and --data go together: the run, and the synthetic data folder (with masks/) it was trained on")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

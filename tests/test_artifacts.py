@@ -78,7 +78,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_optional_fields_left_unset_are_not_written(tmp_path):
     written = json.loads((saved_run(tmp_path / "run") / "model" / "model.json").read_text())
-    assert not {"threshold_policy", "strategy", "frozen", "training_config"} & set(written)
+    assert not {"threshold_policy", "strategy", "frozen", "training_config", "border_crop"} & set(written)
     assert load_model(tmp_path / "run").info.threshold_policy is None
 
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medtransfer.config import TrainConfig, default_cache_dir, parse_set_values, resolve_train_config
-from medtransfer.errors import MedtransferError
+from medtransfer.errors import DataError, MedtransferError
 
 app = typer.Typer(
     help="Transfer learning for medical image classification: train, evaluate, predict, explain.",
@@ -60,6 +60,9 @@ def train(
     image_size: Optional[int] = typer.Option(None, help=f"Model input size in pixels (default {DEFAULTS.image_size})."),
     output_stride: Optional[int] = typer.Option(
         None, help="32 (default); 16 or 8 dilate the last stage for finer heatmaps (efficientnet_lite0, resnet50, timm)."
+    ),
+    border_crop: Optional[float] = typer.Option(
+        None, help="Fraction of width and height cut off each side before resizing, in train, evaluation and the saved model (default 0)."
     ),
     val_fraction: Optional[float] = typer.Option(None, help=f"Patient-level validation fraction drawn from train+val (default {DEFAULTS.val_fraction})."),
     test_fraction: Optional[float] = typer.Option(None, help="Patient-level test fraction drawn when the data has no test split (default 0.2; 0: none)."),
@@ -347,6 +350,29 @@ def explain(
     rows = explain_files(saved, expand_inputs(paths), out, method=method, target_layer=target_layer)
     for row in rows:
         console.print(f"{row['path']}: {row['predicted']} p={row['probability']:.3f} -> {row['overlay']}")
+
+
+@app.command()
+def shortcuts(
+    run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
+    split: str = typer.Option("test", help="Which predictions_<split>.csv to explain."),
+    method: str = typer.Option("gradcam", help="cam, gradcam, gradcam++ or occlusion (slow)."),
+    limit: int = typer.Option(200, help="Images explained at most, spread evenly over the split."),
+):
+    """Shortcut check: the share of heatmap evidence in the image border (outer 10%), into metrics.json and report.html."""
+    from medtransfer.artifacts import load_model
+    from medtransfer.evaluation.report import write_report
+    from medtransfer.explain.border import record_border_evidence
+    from medtransfer.rundir import RunDir
+
+    saved, metrics = load_model(run), RunDir(run).metrics().to_dict()
+    block = record_border_evidence(run, saved, metrics, split=split, method=method, limit=limit)
+    if block is None:
+        raise DataError(f"--run {run}: no predictions_{split}.csv with readable images; pass a run that has a {split} split")
+    console.print(f"Border evidence ({block['n_images']} {split} images): mean {100 * block['mean_band_share']:.1f}% in the "
+                  f"outer {100 * block['band']:.0f}% band ({100 * block['band_area_share']:.0f}% of the area), "
+                  f"{block['n_flagged']} flagged (above {100 * block['flag_above']:.0f}%)")
+    write_report(run, console=console)
 
 
 @app.command()

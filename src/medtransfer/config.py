@@ -42,6 +42,7 @@ class TrainConfig:
     cache_size: int = 256
     image_size: int = 224
     eval_crop_fraction: float = 0.875
+    border_crop: float = 0.0  # fraction cut off each side before resizing (train, evaluation, saved model)
     # augmentation: none, light, radiograph or trivial (data/augment.py; old true/false read as light/none;
     # none: a linear probe then trains on cached features)
     augment: str = "light"
@@ -161,6 +162,7 @@ class TrainConfig:
             (self.image_size >= 16, "image_size", self.image_size, "at least 16"),
             (self.cache_size >= self.image_size, "cache_size", self.cache_size, f"at least image_size ({self.image_size})"),
             (0 < self.eval_crop_fraction <= 1, "eval_crop_fraction", self.eval_crop_fraction, "in (0, 1]"),
+            (0 <= self.border_crop <= 0.4, "border_crop", self.border_crop, "a fraction in [0, 0.4] cut off each side, e.g. 0.1"),
             (
                 len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
                 "crop_scale",

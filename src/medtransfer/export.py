@@ -30,6 +30,7 @@ from medtransfer.ood import ScoredModel
 PREPROCESSING_KEYS = (
     "backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size",
     "decode_size", "eval_crop_fraction", "mean", "std", "in_channels", "output_stride", "tta", "members",
+    "border_crop",
 )
 
 

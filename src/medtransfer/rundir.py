@@ -225,6 +225,7 @@ class RunMetrics:
     run: str | None = _spec("str")
     data: str | None = _spec("str")
     split: str | None = _spec("str")
+    border_evidence: dict[str, Any] | None = _spec("dict")  # explain/border.py: heatmap mass in the image border
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

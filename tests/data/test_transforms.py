@@ -98,3 +98,18 @@ def test_match_channels(have, want):
 def test_match_channels_refuses_what_it_cannot_map():
     with pytest.raises(ValueError, match="cannot map a 2-channel image to 3 channels"):
         MatchChannels(3)(_image(channels=2, size=8))
+
+
+def test_border_crop_cuts_the_same_fraction_off_every_side_before_resizing():
+    from medtransfer.data.transforms import BorderCrop, with_border_crop
+
+    image = torch.arange(20 * 10, dtype=torch.uint8).reshape(1, 20, 10)
+    cropped = BorderCrop(0.1)(image)
+    assert torch.equal(cropped, image[:, 2:18, 1:9])
+    plain = eval_transform(image_size=8, mean=[0.5], std=[0.5], channels=1, crop_fraction=1.0)
+    assert with_border_crop(plain, 0.0) is plain
+    composed = with_border_crop(plain, 0.1)
+    assert isinstance(composed.transforms[0], BorderCrop)
+    assert torch.equal(composed(image), plain(image[:, 2:18, 1:9]))
+    with pytest.raises(ValueError, match="border crop: got 0.5"):
+        BorderCrop(0.5)

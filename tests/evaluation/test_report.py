@@ -160,7 +160,7 @@ def test_full_run_report_has_every_section_and_is_self_contained(tmp_path):
     assert path == run / "report.html" and path.is_file()
     assert out.getvalue().strip() == f"Report: {path}"
     text = path.read_text(encoding="utf-8")
-    shown = [s for s in SECTION_IDS if s != "shift"]  # the shift summary belongs to `evaluate` on an external set
+    shown = [s for s in SECTION_IDS if s not in ("shift", "shortcut-check")]  # the shift summary belongs to `evaluate` on an external set
     assert sections(text) == shown
     for section_id in shown:
         assert re.search(rf'<section id="{section_id}">\s*<h2>', text)
@@ -195,7 +195,7 @@ def test_evaluation_directory_without_training_files(tmp_path):
     run = make_run(tmp_path / "eval", metrics=metrics, training=False, plots=plots)
     (run / "predictions_test.csv").write_text("path,label,patient_id,prob_NORMAL,prob_PNEUMONIA,pred\n")
     text = write_report(run, title="External test set").read_text()
-    assert sections(text) == [s for s in SECTION_IDS if s not in ("explanations", "shift")]
+    assert sections(text) == [s for s in SECTION_IDS if s not in ("explanations", "shift", "shortcut-check")]
     assert "<title>External test set</title>" in text
     assert "No training history" in text and "No config.yaml" in text
     assert text.count(DATA_URI) == len(plots)

@@ -238,3 +238,29 @@ def test_report_shows_the_gallery(run_dir, tmp_path):
     assert "p(PNEUMONIA)=0.12 (threshold 0.41)" in html
     assert "Grad-CAM on layer layer4: a 2 x 2 map of the 48 px input, one cell per 24 px" in html
     assert "Not shown" not in html
+
+
+def test_lesion_masks_beside_the_data_are_outlined_on_the_gallery_images(run_dir, tmp_path):
+    from medtransfer.explain.gallery import lesion_outline
+    from medtransfer.explain.render import mask_edge
+
+    data = tmp_path / "data"
+    images = data / "test" / "PNEUMONIA"
+    _write_predictions(run_dir, CSV_ROWS, images=images)
+    mask = np.zeros((70, 60), np.uint8)
+    mask[20:45, 10:30] = 255
+    (data / "masks" / "test" / "PNEUMONIA").mkdir(parents=True)
+    Image.fromarray(mask).save(data / "masks" / "test" / "PNEUMONIA" / "tp1.png")
+    saved = load_model(run_dir)
+
+    gallery = json.loads(write_gallery(run_dir, saved, per_group=1, data_root=data).read_text())
+
+    outline = lesion_outline(saved, images / "tp1.png", data)
+    assert outline.shape == (48, 48) and outline[25, 15] and not outline[5, 40]  # the mask, through the image's crop
+    assert lesion_outline(saved, images / "tp2.png", data) is None and gallery["outlines"] == "lesion masks"
+    first = gallery["sections"][0]["items"][0]["image"]
+    assert "tp1" in first
+    picture = np.asarray(Image.open(run_dir / first))
+    left = (picture.shape[1] - 48) // 2
+    white = (picture[:48, left : left + 48] == 255).all(axis=2)
+    assert (white == mask_edge(outline)).all()  # white exactly on the lesion's edge: jet never reaches white

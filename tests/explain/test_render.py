@@ -80,3 +80,17 @@ def test_gray_conversions_average_the_channels():
 def test_docstring_examples_run():
     failures, tried = doctest.testmod(render_module)
     assert tried > 0 and failures == 0
+
+
+def test_outline_draws_the_edge_of_a_region_in_white_and_nothing_else():
+    from medtransfer.explain.render import mask_edge, overlay, overlay_picture
+
+    gray, heat = np.full((64, 64), 100, np.uint8), np.zeros((64, 64))
+    region = np.zeros((64, 64), bool)
+    region[20:25, 30:35] = True
+    edge = mask_edge(region)
+    assert edge.sum() == 2 * 5 + 2 * 3 and not edge[22, 32] and edge[20, 30]
+    picture = np.asarray(overlay_picture(gray, heat, "x", outline=region))[:64, :64]
+    plain = overlay(gray, heat)
+    assert (picture[edge] == 255).all() and (picture[~edge] == plain[~edge]).all()
+    assert not mask_edge(np.ones((5, 5), bool)).any()  # the image's own edge is not drawn

@@ -118,3 +118,29 @@ def eval_transform(
     """Resize to ``image_size / crop_fraction``, center-crop ``image_size``, then normalise."""
     resize_to = int(round(image_size / crop_fraction))
     return v2.Compose([v2.Resize(resize_to, antialias=True), v2.CenterCrop(image_size)] + _finish(mean, std, channels))
+
+
+# ---------------------------------------------------------------------- border crop (shortcut check)
+
+
+class BorderCrop(torch.nn.Module):
+    """Cut ``fraction`` of the height and of the width off each side: markers, text and collimator
+    edges in the border band then never reach the model (``train --border-crop``)."""
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        if not 0.0 <= fraction < 0.5:
+            raise ValueError(f"border crop: got {fraction}; expected a fraction in [0, 0.5)")
+        self.fraction = float(fraction)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        top, left = round(height * self.fraction), round(width * self.fraction)
+        return image[..., top : height - top, left : width - left]
+
+
+def with_border_crop(transform: v2.Compose, fraction: float) -> v2.Compose:
+    """``transform`` with :class:`BorderCrop` in front (unchanged for 0): one place for train and evaluation."""
+    if not fraction:
+        return transform
+    return v2.Compose([BorderCrop(fraction), *transform.transforms])

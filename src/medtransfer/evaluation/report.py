@@ -24,14 +24,14 @@ from medtransfer import __version__
 from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
 from medtransfer.evaluation.published import published_section
-from medtransfer.evaluation.report_findings import foreign_inputs_html, leakage_html, shift_html
+from medtransfer.evaluation.report_findings import border_evidence_html, foreign_inputs_html, leakage_html, shift_html
 from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["SECTION_IDS", "write_report"]
 
 # In reading order: the verdict first, then what it rests on, the settings last.
 SECTION_IDS = ("summary", "shift", "data", "metrics", "foreign-inputs", "curves", "calibration", "training", "explanations",
-               "published", "configuration")
+               "shortcut-check", "published", "configuration")
 
 
 def write_report(run_dir: Path, *, console: Any = None, title: str | None = None) -> Path:
@@ -417,7 +417,8 @@ def _explanations(run: _Run) -> str:
 
 
 def _gallery_intro(gallery: dict[str, Any]) -> str:
-    intro = h.note("Class activation maps: where the model looked. Warm colours mark the regions that raised the score.")
+    outlines = " White outlines: the lesions, from the data's masks." if gallery.get("outlines") else ""
+    intro = h.note(f"Class activation maps: where the model looked. Warm colours mark the regions that raised the score.{outlines}")
     cells, size = gallery.get("map_cells"), gallery.get("input_size")
     if isinstance(cells, list) and len(cells) == 2 and all(isinstance(c, int) and c > 0 for c in cells) and isinstance(size, int):
         method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "cam": "CAM"}.get(str(gallery.get("method")), str(gallery.get("method")))
@@ -453,4 +454,5 @@ _SECTIONS = {
     "summary": _summary, "shift": _shift, "data": _data, "metrics": _metrics, "foreign-inputs": _foreign_inputs,
     "curves": _curves, "calibration": _calibration,
     "training": _training, "explanations": _explanations, "published": _published, "configuration": _configuration,
+    "shortcut-check": lambda run: border_evidence_html(run.metrics.border_evidence, run.root),
 }

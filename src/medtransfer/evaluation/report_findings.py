@@ -19,7 +19,7 @@ from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
 from medtransfer.rundir import SplitMetrics
 
-__all__ = ["foreign_inputs_html", "leakage_html", "shift_html"]
+__all__ = ["border_evidence_html", "foreign_inputs_html", "leakage_html", "shift_html"]
 
 
 def leakage_html(leakage: dict[str, Any] | None) -> str:
@@ -106,3 +106,33 @@ def foreign_inputs_html(ood: Any, test: SplitMetrics | None) -> str:
     rows = [[label, fmt(test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS] if rest and test else []
     table = h.table(["Metric", "All images", "Without flagged images"], rows + [["Images", fmt(test.n), fmt(rest.n)]]) if rows else ""
     return h.section("foreign-inputs", "Foreign inputs", h.note(lead) + table)
+
+
+def border_evidence_html(block: Any, root: Path) -> str:
+    """metrics.json "border_evidence" (explain/border.py): the shortcut check, flagged above its level,
+    with the worst cases (PNG files under ``root``); "" when the run has none."""
+    if not isinstance(block, dict):
+        return ""
+    fmt, pct = h.format_number, lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    band = block.get("band", 0)
+    lead = (
+        f"Share of the {h.escape(str(block.get('method')))} evidence (positive heatmap mass, predicted class) in the outer "
+        f"{100 * band:.0f}% of each side ({pct(block.get('band_area_share'))} of the area) and in its four corners "
+        f"({pct(block.get('corner_area_share'))}), on {fmt(block.get('n_images'))} of {fmt(block.get('n_available'))} "
+        f"{h.escape(str(block.get('split')))} images (at most {fmt(block.get('limit'))}). Flagged: more than "
+        f"{fmt(block.get('level'))} x the band's area share ({pct(block.get('flag_above'))} of the evidence)."
+    )
+    rows = [["Mean share in the band", pct(block.get("mean_band_share"))], ["Mean share in the corners", pct(block.get("mean_corner_share"))],
+            ["Images flagged", f"{fmt(block.get('n_flagged'))} ({pct(block.get('flagged_fraction'))})"]]
+    flagged = block.get("n_flagged") or 0
+    verdict = h.note(
+        f"{flagged} image(s) draw most of their evidence from the border: look for markers, text or collimator edges there, "
+        "and consider training with --border-crop 0.1." if flagged else "No image draws most of its evidence from the border.",
+        css="warn" if flagged else "ok",
+    )
+    root = root.resolve()
+    items = [(root / str(g.get("image")), str(g.get("caption", ""))) for g in block.get("gallery") or [] if isinstance(g, dict)]
+    items = [(p if p.is_relative_to(root) and p.is_file() else None, c) for p, c in items]
+    tiles = h.figures(items, css="gallery")
+    gallery = f"<h3>Highest border shares (band outlined)</h3>{tiles}" if tiles else ""
+    return h.section("shortcut-check", "Shortcut check", verdict + h.note(lead) + h.table(None, rows) + gallery)

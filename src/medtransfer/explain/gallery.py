@@ -161,7 +161,8 @@ def caption(row: PredictionRow, classes: Sequence[str], *, positive_class: str, 
 
 
 def write_gallery(
-    run_dir: Path, saved_model: Any, *, per_group: int = 4, method: str = "gradcam", split: str = "test"
+    run_dir: Path, saved_model: Any, *, per_group: int = 4, method: str = "gradcam", split: str = "test",
+    data_root: str | Path | None = None,
 ) -> Path | None:
     """Write the CAM gallery of ``run_dir`` for one split; return the ``gallery.json`` path.
 
@@ -176,6 +177,9 @@ def write_gallery(
         per_group: images per group.
         method: ``"cam"``, ``"gradcam"`` or ``"gradcam++"``.
         split: which ``predictions_<split>.csv`` to read.
+        data_root: the dataset folder; an image with a lesion mask at
+            ``data_root/masks/<split>/<CLASS>/<stem>.png`` (as the synthetic data has) gets the
+            mask's outline drawn in white, through the same crop as the image.
     """
     from medtransfer.explain.cam import METHODS
     from medtransfer.explain.render import save_overlay
@@ -208,7 +212,8 @@ def write_gallery(
             text = caption(row, classes, positive_class=positive, threshold=threshold, loss=group.key == "loss")
             name = f"{_safe(group.key)}_{rank:02d}_{_safe(row.path.stem)}_{method}.png"
             shown, heat = rendered[row]
-            save_overlay(out_dir / name, shown, heat, text)
+            outline = lesion_outline(saved_model, row.path, data_root) if data_root else None
+            save_overlay(out_dir / name, shown, heat, text, outline=outline)
             items.append({"image": (GALLERY_DIR / name).as_posix(), "caption": text})
         sections.append({"title": f"{group.title} ({split} split)", "items": items})
     gallery = {
@@ -221,6 +226,7 @@ def write_gallery(
         "explained_class": "predicted",
         "threshold": threshold,
         "positive_class": positive,
+        "outlines": "lesion masks" if data_root else None,
     }
     path = run_dir / GALLERY_FILE
     return write_text_atomic(path, json.dumps(gallery, indent=2))
@@ -247,6 +253,16 @@ def _render(
             for i, row in enumerate(batch):
                 out[row] = (shown[i], maps[i])
     return out, cam.target_layer, cells
+
+
+def lesion_outline(saved_model: Any, image: Path, data_root: str | Path) -> np.ndarray | None:
+    """The image's lesion mask as the model sees it (decoded, cropped as the image), or None without one."""
+    from medtransfer.data.synthetic import lesion_mask_path
+
+    mask = lesion_mask_path(image, Path(data_root))
+    if mask is None:
+        return None
+    return saved_model.crop(saved_model.decode(mask))[0].numpy() >= 128
 
 
 def _safe(text: str) -> str:

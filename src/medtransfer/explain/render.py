@@ -18,7 +18,7 @@ import torch
 
 from medtransfer.safeio import atomic_path
 
-__all__ = ["gray_from_pixels", "overlay", "overlay_picture", "prediction_caption", "save_overlay"]
+__all__ = ["gray_from_pixels", "mask_edge", "overlay", "overlay_picture", "prediction_caption", "save_overlay"]
 
 
 def overlay(image_gray: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
@@ -47,24 +47,33 @@ def overlay(image_gray: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> n
     return np.clip(np.round(blended * 255), 0, 255).astype(np.uint8)
 
 
-def save_overlay(path: str | Path, image_gray: np.ndarray, cam: np.ndarray, caption: str, *, alpha: float = 0.4) -> Path:
+def save_overlay(
+    path: str | Path, image_gray: np.ndarray, cam: np.ndarray, caption: str, *, alpha: float = 0.4,
+    outline: np.ndarray | None = None,
+) -> Path:
     """PNG of :func:`overlay_picture` at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
-        overlay_picture(image_gray, cam, caption, alpha=alpha).save(temporary, format="PNG")
+        overlay_picture(image_gray, cam, caption, alpha=alpha, outline=outline).save(temporary, format="PNG")
     return path
 
 
-def overlay_picture(image_gray: np.ndarray, cam: np.ndarray, caption: str, *, alpha: float = 0.4) -> Any:
+def overlay_picture(
+    image_gray: np.ndarray, cam: np.ndarray, caption: str, *, alpha: float = 0.4, outline: np.ndarray | None = None
+) -> Any:
     """:func:`overlay` with a caption strip below it (PIL's default font), as a PIL image.
 
     The overlay keeps its H x W pixels (centred, the canvas widened when the caption is
-    wider than the image).
+    wider than the image). ``outline``: an H x W boolean region (a lesion mask, the border
+    band) whose edge is drawn in white over the overlay.
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    picture = Image.fromarray(overlay(image_gray, cam, alpha=alpha), mode="RGB")
+    rgb = overlay(image_gray, cam, alpha=alpha)
+    if outline is not None:
+        rgb[mask_edge(outline)] = OUTLINE_RGB
+    picture = Image.fromarray(rgb, mode="RGB")
     font = ImageFont.load_default()
     pad = 4
     left, top, right, bottom = ImageDraw.Draw(picture).textbbox((0, 0), caption, font=font)
@@ -74,6 +83,26 @@ def overlay_picture(image_gray: np.ndarray, cam: np.ndarray, caption: str, *, al
     canvas.paste(picture, ((width - picture.width) // 2, 0))
     ImageDraw.Draw(canvas).text((pad - left, picture.height + pad - top), caption, fill=(255, 255, 255), font=font)
     return canvas
+
+
+OUTLINE_RGB = (255, 255, 255)
+
+
+def mask_edge(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a boolean H x W region that touch a pixel outside it (4-neighbours); the
+    image's own edge does not count, so a region reaching it is not framed there.
+
+    >>> mask_edge(np.pad(np.ones((3, 3), bool), 1)).astype(int)[1:4, 1:4]
+    array([[1, 1, 1],
+           [1, 0, 1],
+           [1, 1, 1]])
+    """
+    region = np.asarray(mask, dtype=bool)
+    if region.ndim != 2:
+        raise ValueError(f"outline: expected an H x W mask; got shape {region.shape}")
+    padded = np.pad(region, 1, mode="edge")
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return region & ~inner
 
 
 def prediction_caption(

@@ -18,6 +18,7 @@ from medtransfer.config import TrainConfig
 from medtransfer.evaluation import plots
 from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, write_plots, write_predictions
 from medtransfer.evaluation.report import write_report
+from medtransfer.explain.border import record_border_evidence
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.models.strategies import TransferModel
 from medtransfer.ood import OODDetector, save_detector
@@ -62,7 +63,9 @@ def write_outputs(
     write_metrics(out, metrics)
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
-    write_gallery(out, load_model(out))  # Grad-CAM of the most confident hits and misses, for the report
+    saved = load_model(out)
+    write_gallery(out, saved, data_root=config.data)  # Grad-CAM of the most confident hits and misses, for the report
+    record_border_evidence(out, saved, metrics)  # the shortcut check, at most border.LIMIT test images
     write_report(out, console=console)
 
 
@@ -88,4 +91,5 @@ def saved_model_info(
         training_config=config.to_dict(),
         wise_ft=wise_ft,
         tta=config.tta,
+        border_crop=config.border_crop,
     )

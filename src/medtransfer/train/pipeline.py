@@ -37,7 +37,7 @@ from medtransfer.data.split import (
     summary_lines,
     write_split_csv,
 )
-from medtransfer.data.transforms import eval_transform, train_transform
+from medtransfer.data.transforms import eval_transform, train_transform, with_border_crop
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class, fit_operating_point, split_metrics
 from medtransfer.models.backbones import BackboneSpec, create_backbone
@@ -336,10 +336,10 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
 
 
 def eval_datasets(splits: dict[str, SplitData], config: TrainConfig, spec: BackboneSpec) -> dict[str, CachedImageDataset]:
-    transform = eval_transform(
+    transform = with_border_crop(eval_transform(
         image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
         channels=config.in_channels, crop_fraction=config.eval_crop_fraction,
-    )
+    ), config.border_crop)
     return {name: CachedImageDataset(s.images, s.labels, transform) for name, s in splits.items()}
 
 
@@ -351,7 +351,7 @@ def train_dataset(train: SplitData, config: TrainConfig, spec: BackboneSpec, *, 
     magnitudes = {k: getattr(config, k) for k in ("crop_scale", "rotation_degrees", "brightness", "contrast", "horizontal_flip")}
     transform = train_transform(image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
                                 channels=config.in_channels, policy=config.augment, on_device=on_device, **magnitudes)
-    return CachedImageDataset(train.images, train.labels, transform)
+    return CachedImageDataset(train.images, train.labels, with_border_crop(transform, config.border_crop))
 
 
 def train_model(

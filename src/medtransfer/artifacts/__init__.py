@@ -18,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -31,9 +30,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.transforms import v2
 
+from medtransfer.artifacts.fields import checked as _checked, integer as _integer, mapping as _mapping
+from medtransfer.artifacts.fields import real as _real, reals as _reals, text as _text, texts as _texts
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.decode import decode_image
-from medtransfer.data.transforms import eval_transform
+from medtransfer.data.transforms import eval_transform, with_border_crop
 from medtransfer.errors import DataError, MedtransferError, WeightsError
 from medtransfer.models.backbones import OUTPUT_STRIDES
 from medtransfer.models.heads import HEADS
@@ -86,6 +87,7 @@ class ModelInfo:
     # files of every member in order (None: one model, weights.safetensors); older files lack both
     tta: str = "none"
     members: tuple[str, ...] | None = None
+    border_crop: float | None = None  # fraction cut off each side of the decoded image first (train --border-crop); None: 0
 
     @property
     def positive_index(self) -> int:
@@ -138,52 +140,6 @@ def _field_error(source: str | Path, name: str, expected: str, value: Any) -> We
     return WeightsError(f"{source}: field {name!r} {expected}; got {shown}. {_FIX}")
 
 
-def _real(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError
-    return float(value)
-
-
-def _checked(convert: Callable[[Any], Any], ok: Callable[[Any], bool]) -> Callable[[Any], Any]:
-    def parse(value: Any) -> Any:
-        converted = convert(value)
-        if not ok(converted):
-            raise ValueError
-        return converted
-
-    return parse
-
-
-def _integer(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError
-    return value
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError
-    return value
-
-
-def _texts(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise ValueError
-    return tuple(_text(v) for v in value)
-
-
-def _reals(value: Any) -> tuple[float, ...]:
-    if not isinstance(value, list):
-        raise ValueError
-    return tuple(_real(v) for v in value)
-
-
-def _mapping(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise ValueError
-    return value
-
-
 _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "backbone": (_text, "must be a backbone name (text)"),
     "classes": (_checked(_texts, lambda c: len(c) >= 2 and len(set(c)) == len(c)),
@@ -211,6 +167,7 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "members": (_checked(_texts, lambda m: len(m) >= 1 and all(n.endswith(".safetensors") and "/" not in n
                                                                 for n in m) and len(set(m)) == len(m)),
                 "must be a list of distinct .safetensors file names in the model folder"),
+    "border_crop": (_checked(_real, lambda f: 0.0 <= f < 0.5), "must be a fraction in [0, 0.5)"),
 }
 
 
@@ -233,6 +190,7 @@ def model_info(
     head: str | None = None,
     wise_ft: dict[str, Any] | None = None,
     tta: str = "none",
+    border_crop: float = 0.0,
 ) -> ModelInfo:
     """The ModelInfo of `model`: backbone name and normalisation come from the model itself,
     so they cannot disagree with the weights."""
@@ -256,6 +214,7 @@ def model_info(
         head=head,
         wise_ft=wise_ft,
         tta=tta,
+        border_crop=float(border_crop) or None,  # 0 is not written: model.json stays as before the setting
     )
 
 
@@ -324,13 +283,13 @@ class SavedModel:
 
     def transform(self) -> v2.Compose:
         """The evaluation transform: uint8 C x H x W at decode size -> normalised float model input."""
-        return eval_transform(
+        return with_border_crop(eval_transform(
             image_size=self.info.image_size,
             mean=self.info.mean,
             std=self.info.std,
             channels=self.info.in_channels,
             crop_fraction=self.info.eval_crop_fraction,
-        )
+        ), self.info.border_crop or 0.0)
 
     @cached_property
     def _halves(self) -> tuple[v2.Compose, v2.Compose]:
@@ -349,7 +308,7 @@ class SavedModel:
         return image_tensor(decode_image(source, size=self.info.decode_size))
 
     def crop(self, decoded: torch.Tensor) -> torch.Tensor:
-        """The image as the model sees it, still uint8: resize, centre crop, channels matched."""
+        """The image as the model sees it, still uint8: border crop, resize, centre crop, channels matched."""
         return self._halves[0](decoded)
 
     def normalise(self, cropped: torch.Tensor) -> torch.Tensor:
