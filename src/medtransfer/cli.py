@@ -149,12 +149,12 @@ def predict(
     Streams: files are decoded in worker processes and rows written to --csv as they come, so
     memory stays flat for any number of images; the table is printed for up to 50 images."""
     from medtransfer.artifacts import load_model
-    from medtransfer.predict import expand_inputs, onnx_file, predict_with_progress
+    from medtransfer.predict import expand_inputs, onnx_file, predict_with_progress, with_tta_override
     from medtransfer.runtime import resolve_devices
 
     onnx_path = onnx_file(runtime, run, onnx)
     targets = resolve_devices(devices, "cpu" if onnx_path else accelerator)
-    saved = _with_tta(load_model(run), tta)
+    saved = with_tta_override(load_model(run), tta, error_console)
     files = expand_inputs(paths)
     rows = predict_with_progress(
         saved, files, csv_path=csv, batch_size=batch_size, accelerator=accelerator, skip_bad=skip_bad_images,
@@ -187,15 +187,6 @@ def predict(
 
 
 TABLE_ROWS = 50  # predict prints a table up to this many images; more go to --csv only
-
-
-def _with_tta(saved, tta: Optional[str]):
-    from medtransfer.models.inference import override_warning
-
-    changed = saved.with_tta(tta)
-    if changed is not saved:
-        error_console.print(override_warning(saved.info.tta, tta), markup=False)
-    return changed
 
 
 @app.command()

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
+from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.artifacts import Decision, SavedModel, find_model_dir
 from medtransfer.data.discover import IMAGE_SUFFIXES
 from medtransfer.errors import ConfigError, DataError
+from medtransfer.models.inference import override_warning
 from medtransfer.ood import ScoredModel
 from medtransfer.runtime import (
     autocast, default_num_workers, device_for, map_in_order, place_batch, place_model, resolve_accelerator,
@@ -83,6 +85,14 @@ class Classifier:
         """The decision and, with an OOD detector, each image's ood_score (else None)."""
         logits, scores = self.outputs(images)
         return self.saved.decide(logits), scores
+
+
+def with_tta_override(saved: SavedModel, tta: str | None, console: Console) -> SavedModel:
+    """`saved` with another test-time augmentation (None: as saved), warning that the operating point differs."""
+    changed = saved.with_tta(tta)
+    if changed is not saved:
+        console.print(override_warning(saved.info.tta, tta), markup=False, highlight=False)
+    return changed
 
 
 def decision_row(saved: SavedModel, path: str, decision: Decision, i: int, scores: np.ndarray | None = None) -> dict:

@@ -37,7 +37,7 @@ def test_cell_names_are_filesystem_safe():
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"epochs": 1}, "needs grid:, a mapping of setting: [values]"),
+        ({"epochs": 1}, "needs grid: (or variants:), a mapping of setting: [values]"),
         ({"grid": {"stratgy": ["finetune"]}}, "grid: unknown setting 'stratgy'; did you mean 'strategy'?"),
         ({"grid": {"seed": []}}, "grid: seed got []; expected a non-empty list of values"),
         ({"grid": {"seed": 3}}, "grid: seed got 3; expected a non-empty list of values"),

@@ -68,6 +68,8 @@ def test_a_tiny_run_returns_its_typed_result_and_writes_the_run_folder(data, tmp
     assert result.train_seconds <= result.total_seconds
 
     metrics = json.loads((out / "metrics.json").read_text())
+    border = metrics.pop("border_evidence")  # written after the result, by the shortcut check
+    assert border["n_images"] == result.test["n"] and 0 <= border["mean_band_share"] <= 1
     assert metrics == json.loads(json.dumps(result.to_metrics()))  # metrics.json is the result, field for field
     assert list(metrics) == [f.name for f in dataclasses.fields(TrainResult)] and list(metrics)[:12] == METRICS_HEAD
     model_json = json.loads((out / "model" / "model.json").read_text())

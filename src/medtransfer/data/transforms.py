@@ -13,6 +13,8 @@ and the model registry do not import each other.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Sequence
 
 import torch
@@ -75,9 +77,10 @@ class TrainTransform(v2.Transform):
         mean, std = normalisation(mean, std, channels)
         self.stats = torch.tensor([mean, std]).view(2, 1, -1, 1, 1)
         self._on: dict[torch.device, torch.Tensor] = {}  # stats copied once per device: no copy per batch
+        self.border: torch.nn.Module | None = None  # BorderCrop set by with_border_crop (train --border-crop)
 
     def forward(self, image: torch.Tensor):
-        image = self.match(image)
+        image = self.match(image if self.border is None else self.border(image))
         params = draw_params(self.policy, 1)[0]
         if self.on_device:
             return image.contiguous(), params
@@ -139,8 +142,13 @@ class BorderCrop(torch.nn.Module):
         return image[..., top : height - top, left : width - left]
 
 
-def with_border_crop(transform: v2.Compose, fraction: float) -> v2.Compose:
-    """``transform`` with :class:`BorderCrop` in front (unchanged for 0): one place for train and evaluation."""
+def with_border_crop(transform: v2.Compose | TrainTransform, fraction: float) -> v2.Compose | TrainTransform:
+    """``transform`` with :class:`BorderCrop` in front (unchanged for 0): one place for train and evaluation.
+    A TrainTransform stays one (a copy cropping first), so the GPU path still finds its ``finish``."""
     if not fraction:
         return transform
+    if isinstance(transform, TrainTransform):
+        cropping = copy.copy(transform)
+        cropping.border = BorderCrop(fraction)
+        return cropping
     return v2.Compose([BorderCrop(fraction), *transform.transforms])

@@ -26,13 +26,15 @@ MAX_LAYER_CHANNELS = 1024  # wider maps would need a (2c)^2 whitening matrix of 
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def capture(model: nn.Module, layers: Sequence[str], *, first_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, every forward of `model` (a TransferModel) fills the dict: PENULTIMATE -> the head's
-    input, each layer name (a submodule of model.net) -> the channel statistics of its output."""
+    input, each layer name (a submodule of model.net) -> the channel statistics of its output. With
+    `first_only` a later call of `model` in the block leaves the first call's values in place."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str, value: torch.Tensor) -> None:
-        captured[name] = value
+        if not (first_only and name in captured):
+            captured[name] = value
 
     handles = [model.head.register_forward_pre_hook(lambda _module, args: keep(PENULTIMATE, args[0].flatten(1)))]
     for name in layers:
@@ -99,13 +101,16 @@ class ScoredModel(nn.Module):
     For predict, evaluate, serve and the ONNX export.
     """
 
-    def __init__(self, model: nn.Module, detector: OODDetector):  # a models.strategies.TransferModel
+    def __init__(self, model: nn.Module, detector: OODDetector):
+        """`model`: a TransferModel, or a network averaging several (test-time views, ensemble members;
+        ``members``): the detector then reads the first member's first call, the evaluation crop, as fitted."""
         super().__init__()
         self.model = model
         self.detector = detector
+        self.reader = getattr(model, "members", [model])[0]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with capture(self.model, self.detector.reads) as captured:
+        with capture(self.reader, self.detector.reads, first_only=True) as captured:
             logits = self.model(images)
         return logits, self.detector.score(captured)
 
