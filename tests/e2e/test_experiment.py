@@ -127,6 +127,8 @@ def test_variants_run_in_parallel_processes_on_the_one_split(tmp_path):
     assert all(sorted((exp / "cells" / n / "split.csv").read_text().splitlines()) == split
                for n in ("variant=baseline", "variant=probe"))
     assert len(summary["comparisons"]) >= 1
+    assert summary["variants"] == {"baseline": {}, "probe": {"strategy": "linear-probe"}}
+    assert "variants: {\"baseline\": {}" in (exp / "summary.md").read_text()
 
 
 def test_a_variant_that_sets_a_split_setting_is_refused(tmp_path):

@@ -59,6 +59,7 @@ class ExperimentPlan:
     base: TrainConfig  # the settings outside grid: they draw the split
     grid: dict[str, list[Any]]
     cells: list[Cell]
+    variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> its settings
 
     @property
     def configurations(self) -> list[str]:
@@ -96,7 +97,7 @@ def read_experiment(path: Path, *, data: str | None = None, cache_dir: str | Non
                 raise ConfigError(f"{where}: {exc}") from None
             without_seed = {k: v for k, v in chosen.items() if k != SEED}
             cells.append(Cell(name, chosen, config, cell_name(without_seed) or "default"))
-    return ExperimentPlan(base, grid, cells)
+    return ExperimentPlan(base, grid, cells, variants)
 
 
 def _read_grid(grid: Any, values: dict[str, Any], source: str, *, required: bool = True) -> dict[str, list[Any]]:

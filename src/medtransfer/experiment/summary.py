@@ -51,6 +51,7 @@ def write_summary(
     eval_sets = ["val", "test", *sets]
     summary = {
         "grid": plan.grid,
+        "variants": plan.variants,
         "split_file": str(out / "split.csv"),
         "cells": [
             {"name": c.name, "configuration": c.configuration, "seed": c.seed, "values": c.values,
@@ -201,7 +202,7 @@ def tables(summary: dict[str, Any], eval_sets: list[str]) -> list[tuple[str, lis
 
 
 def to_markdown(summary: dict[str, Any], eval_sets: list[str]) -> str:
-    parts = ["# Experiment summary", "", f"Grid: {json.dumps(summary['grid'])}; one split: {summary['split_file']}."]
+    parts = ["# Experiment summary", "", f"{_design(summary)}; one split: {summary['split_file']}."]
     for title, header, rows in tables(summary, eval_sets):
         parts += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         parts += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -210,8 +211,15 @@ def to_markdown(summary: dict[str, Any], eval_sets: list[str]) -> str:
 
 
 def to_html(summary: dict[str, Any], eval_sets: list[str], plot: Path) -> str:
-    body = [h.note(f"Grid: {json.dumps(summary['grid'])}; every cell used the one split {summary['split_file']}.")]
+    body = [h.note(f"{_design(summary)}; every cell used the one split {summary['split_file']}.")]
     for i, (title, header, rows) in enumerate(tables(summary, eval_sets)):
         body.append(h.section(f"t{i}", title, h.table(header, rows)))
     body.append(h.section("plot", "AUC per configuration", h.figures([(plot, "AUC per configuration and seed, 95% CIs")], css="wide")))
     return h.page("Experiment summary", "\n".join(body))
+
+
+def _design(summary: dict[str, Any]) -> str:
+    """What the cells vary: the grid and the variants, as the YAML gave them."""
+    parts = [f"Grid: {json.dumps(summary['grid'])}"] if summary["grid"] else []
+    parts += [f"variants: {json.dumps(summary['variants'])}"] if summary.get("variants") else []
+    return "; ".join(parts) or "Grid: {}"
