@@ -10,6 +10,13 @@ or "RGB"); its pixels are seeded by the path, so two files never share bytes by 
 - a list of file names, or of (file name, mode) pairs.
 
     root = make_kaggle_tree({"train": {"NORMAL": 3, "PNEUMONIA": ["person1_virus_7.png"]}})
+
+`write_demo_data(root, **settings)` writes a tiny synthetic chest X-ray set (the demo's
+phantoms, Kaggle layout) for training end to end: TINY_DEMO with `settings` changed. The
+session fixture `demo_data(name="chest_xray", **settings)` builds each distinct set once and
+returns its folder; tests only read it (one that changes its data writes its own copy).
+
+    data = demo_data(test_patients_per_class=2, image_size=40)
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ from PIL import Image
 
 ImageSpec = int | list[str | tuple[str, str]]
 TreeSpec = dict[str, dict[str, ImageSpec]]
+
+# Small enough to train a 32-48 px ResNet-18 for a few epochs in seconds; seed 0 puts both classes in every split.
+TINY_DEMO = dict(patients_per_class=6, images_per_patient=(1, 1), val_patients_per_class=3, test_patients_per_class=3,
+                 image_size=48, seed=0)
 
 
 def write_image(path: Path, mode: str = "L", *, size: tuple[int, int] = (12, 10), seed: int | None = None) -> Path:
@@ -64,5 +75,26 @@ def make_kaggle_tree(tmp_path: Path) -> Callable[..., Path]:
                     name, mode = (entry, "L") if isinstance(entry, str) else entry
                     write_image(folder / name, mode)
         return root
+
+    return build
+
+
+def write_demo_data(root: Path, **settings) -> Path:
+    """A tiny synthetic chest X-ray set at `root` (generate_demo_dataset with TINY_DEMO, `settings` changed)."""
+    from medtransfer.data.synthetic import generate_demo_dataset
+
+    generate_demo_dataset(root, **{**TINY_DEMO, **settings})
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Callable[..., Path]:
+    built: dict[tuple, Path] = {}
+
+    def build(name: str = "chest_xray", **settings) -> Path:
+        key = (name, *sorted({**TINY_DEMO, **settings}.items()))
+        if key not in built:
+            built[key] = write_demo_data(tmp_path_factory.mktemp("demo") / name, **settings)
+        return built[key]
 
     return build

@@ -8,18 +8,15 @@ import pytest
 import yaml
 
 from benchmarks import time_to_quality
-from medtransfer.data.synthetic import generate_demo_dataset
 
 TINY = dict(backbone="resnet18", weights="none", image_size=32, cache_size=40, batch_size=8, bootstrap=20, num_workers=0,
             progress=False, patience=5, precision="32-true", accelerator="cpu", augment=False)
 
 
-def test_prints_one_json_line_with_both_aucs_the_wall_clock_ratio_and_the_difference(tmp_path, capsys):
-    data, external = tmp_path / "data", tmp_path / "external"
-    generate_demo_dataset(data, patients_per_class=6, images_per_patient=(1, 1), val_patients_per_class=3,
-                          test_patients_per_class=2, image_size=40, seed=0)
-    generate_demo_dataset(external, patients_per_class=2, images_per_patient=(1, 1), val_patients_per_class=1,
-                          test_patients_per_class=4, image_size=40, seed=3)
+def test_prints_one_json_line_with_both_aucs_the_wall_clock_ratio_and_the_difference(demo_data, tmp_path, capsys):
+    data = demo_data(test_patients_per_class=2, image_size=40)
+    external = demo_data("external", patients_per_class=2, val_patients_per_class=1, test_patients_per_class=4,
+                         image_size=40, seed=3)
     main, fast = tmp_path / "main.yaml", tmp_path / "fast.yaml"
     main.write_text(yaml.safe_dump({**TINY, "epochs": 2}))
     fast.write_text(yaml.safe_dump({**TINY, "epochs": 1, "strategy": "linear-probe"}))

@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from sklearn.metrics import roc_auc_score
 
 from medtransfer.artifacts import load_model
-from medtransfer.data.synthetic import generate_demo_dataset
 from medtransfer.predict import predict_files
 from medtransfer.serving.app import create_app
 from tests.e2e.test_train_predict import FAST, invoke
@@ -28,12 +27,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+def runs(tmp_path_factory, demo_data) -> tuple[Path, Path, Path, Path]:
     """Two seeds trained on one split.csv with --tta crops, and their ensemble."""
     base = tmp_path_factory.mktemp("ensemble")
-    data = base / "chest_xray"
-    generate_demo_dataset(data, patients_per_class=6, images_per_patient=(1, 1), val_patients_per_class=3,
-                          test_patients_per_class=4, image_size=48, seed=0)
+    data = demo_data(test_patients_per_class=4)
     assert invoke(["split", "--data", data, "--out", base / "split.csv", "--cache-dir", base / "cache"]) == 0
     members = []
     for seed in (1, 2):

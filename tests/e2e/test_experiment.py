@@ -15,8 +15,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from medtransfer.data.synthetic import generate_demo_dataset
-from tests.e2e.test_resume import KILL_IN_EPOCH_2, cli  # the same SIGKILL at the start of epoch 2, the same CLI runner
+from tests.e2e.test_resume import DATA, KILL_IN_EPOCH_2, cli  # the same data, SIGKILL at the start of epoch 2 and CLI runner
 
 SETTINGS = {
     "backbone": "resnet18", "weights": "none", "image_size": 32, "cache_size": 40, "batch_size": 8, "bootstrap": 20,
@@ -28,12 +27,9 @@ CELLS = ["strategy=finetune__seed=0", "strategy=finetune__seed=1", "strategy=lin
          "strategy=linear-probe__seed=1"]
 
 
-def test_a_grid_runs_on_one_split_resumes_skips_and_compares(tmp_path):
-    data, external = tmp_path / "data", tmp_path / "external"
-    generate_demo_dataset(data, patients_per_class=8, images_per_patient=(1, 2), val_patients_per_class=2,
-                          test_patients_per_class=3, image_size=48, seed=0)
-    generate_demo_dataset(external, patients_per_class=2, images_per_patient=(1, 1), val_patients_per_class=1,
-                          test_patients_per_class=4, image_size=48, seed=7)
+def test_a_grid_runs_on_one_split_resumes_skips_and_compares(demo_data, tmp_path):
+    data = demo_data(**DATA)
+    external = demo_data("external", patients_per_class=2, val_patients_per_class=1, test_patients_per_class=4, seed=7)
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(SETTINGS, sort_keys=False))
     exp = tmp_path / "exp"
@@ -104,10 +100,8 @@ def test_a_bad_grid_fails_with_one_line_before_anything_runs(tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
-def test_variants_run_in_parallel_processes_on_the_one_split(tmp_path):
-    data = tmp_path / "data"
-    generate_demo_dataset(data, patients_per_class=8, images_per_patient=(1, 2), val_patients_per_class=2,
-                          test_patients_per_class=3, image_size=48, seed=0)
+def test_variants_run_in_parallel_processes_on_the_one_split(demo_data, tmp_path):
+    data = demo_data(**DATA)
     settings = {k: v for k, v in SETTINGS.items() if k != "grid"}
     settings["variants"] = {"baseline": {}, "probe": {"strategy": "linear-probe"}}
     config = tmp_path / "variants.yaml"

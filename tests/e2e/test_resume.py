@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from medtransfer.data.synthetic import generate_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--set", "cache_size=40",
@@ -49,15 +48,12 @@ def val_losses(run: Path) -> list[float]:
         return [float(row["val_loss"]) for row in csv.DictReader(handle)]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume") / "chest_xray"
-    generate_demo_dataset(root, patients_per_class=8, images_per_patient=(1, 2), val_patients_per_class=2,
-                          test_patients_per_class=3, image_size=48, seed=0)
-    return root
+# Two images for some patients, as the kill and resume tests of `experiment` use too.
+DATA = dict(patients_per_class=8, images_per_patient=(1, 2), val_patients_per_class=2, test_patients_per_class=3)
 
 
-def test_a_killed_and_resumed_run_reproduces_the_uninterrupted_validation_losses(data, tmp_path):
+def test_a_killed_and_resumed_run_reproduces_the_uninterrupted_validation_losses(demo_data, tmp_path):
+    data = demo_data(**DATA)
     cache = tmp_path / "cache"
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = cli("train", "--data", data, "--out", whole, "--cache-dir", cache, *ARGS)

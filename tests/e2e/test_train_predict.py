@@ -16,8 +16,8 @@ from sklearn.metrics import roc_auc_score
 
 from medtransfer.artifacts import load_model
 from medtransfer.cli import main
-from medtransfer.data.synthetic import generate_demo_dataset
 from medtransfer.models.backbones import list_backbones
+from tests.conftest import write_demo_data
 
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "48", "--set", "cache_size=56",
         "--batch-size", "8", "--bootstrap", "50", "--num-workers", "0", "--no-progress"]
@@ -44,9 +44,8 @@ def run_cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny") / "chest_xray"
-    generate_demo_dataset(root, patients_per_class=10, images_per_patient=(1, 2), val_patients_per_class=2,
-                          test_patients_per_class=5, image_size=64, seed=0)  # seed 0: virus patients in every split
+    root = write_demo_data(tmp_path_factory.mktemp("tiny") / "chest_xray", patients_per_class=10, images_per_patient=(1, 2),
+                           val_patients_per_class=2, test_patients_per_class=5, image_size=64)  # virus patients in every split
     (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     return root
 

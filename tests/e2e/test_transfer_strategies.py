@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from medtransfer.artifacts import load_model
-from medtransfer.data.synthetic import generate_demo_dataset
 from medtransfer.predict import predict_files
 from tests.e2e.test_train_predict import FAST, invoke
 
@@ -24,18 +23,10 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo") / "chest_xray"
-    generate_demo_dataset(root, patients_per_class=6, images_per_patient=(1, 1), val_patients_per_class=3,
-                          test_patients_per_class=3, image_size=48, seed=0)
-    return root
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_strategy_trains_from_the_cli_and_reloads_for_predict(case, demo, tmp_path):
+def test_strategy_trains_from_the_cli_and_reloads_for_predict(case, demo_data, tmp_path):
     run = tmp_path / case
-    code = invoke(["train", "--data", demo, "--out", run, "--cache-dir", tmp_path / "cache", "--epochs", "2",
+    code = invoke(["train", "--data", demo_data(), "--out", run, "--cache-dir", tmp_path / "cache", "--epochs", "2",
                    *CASES[case], *FAST])
     assert code == 0
     metrics = json.loads((run / "metrics.json").read_text())

@@ -9,7 +9,6 @@ import pytest
 from rich.console import Console
 
 from medtransfer.config import TrainConfig
-from medtransfer.data.synthetic import generate_demo_dataset
 from medtransfer.errors import ConfigError
 from medtransfer.train.callbacks import read_history
 from medtransfer.train.pipeline import run_training
@@ -21,11 +20,8 @@ TINY = dict(backbone="resnet18", weights="none", image_size=32, cache_size=40, b
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tracking") / "data"
-    generate_demo_dataset(root, patients_per_class=6, images_per_patient=(1, 1), val_patients_per_class=3,
-                          test_patients_per_class=2, image_size=40, seed=0)
-    return root
+def data(demo_data) -> Path:
+    return demo_data(test_patients_per_class=2, image_size=40)
 
 
 def train(data: Path, out: Path, **settings) -> list[dict]:
