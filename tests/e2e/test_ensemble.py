@@ -77,6 +77,9 @@ def test_ensemble_metrics_match_sklearn_and_predict(runs):
     probabilities = np.array([float(r["prob_PNEUMONIA"]) for r in rows])
     assert metrics["test"]["auc"] == pytest.approx(roc_auc_score(y, probabilities), abs=1e-6)
     assert metrics["threshold_policy"] == "youden" and len(metrics["ensemble"]["member_test_auc"]) == 2
+    assert metrics["precision"] == metrics["hardware"]["precision"] == "32-true"  # the members' --precision
+    assert metrics["hardware"]["devices"] == metrics["hardware"]["world_size"] == 1
+    assert "(world size 1, none, precision 32-true)" in (ens / "report.html").read_text()
     predicted = predict_files(load_model(ens), [Path(r["path"]) for r in rows], accelerator="cpu", precision="32-true")
     assert np.abs(probabilities - [p["prob_PNEUMONIA"] for p in predicted]).max() < 1e-4
 

@@ -20,6 +20,7 @@ def test_two_devices_give_the_one_device_evaluation_and_the_hardware_is_recorded
         evaluate_saved_model(run, data, out, cache_dir=tmp_path / "cache", bootstrap=0, accelerator="cpu",
                              precision="32-true", devices=devices)
         results[name] = ((out / "predictions.csv").read_text(), json.loads((out / "metrics.json").read_text()))
+        assert "(world size 1, " + ("threads" if devices else "none") + ", precision 32-true)" in (out / "report.html").read_text()
     assert results["one"][0] == results["two"][0]  # same rows, same order, same digits
     assert results["one"][1]["test"] == results["two"][1]["test"]
     assert results["one"][1]["hardware"]["devices"] == 1 and results["two"][1]["hardware"]["devices"] == 2

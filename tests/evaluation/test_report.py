@@ -366,4 +366,5 @@ def test_the_run_facts_name_the_hardware_and_distributed_setup(tmp_path):
     metrics["hardware"] = {"accelerator": "gpu", "devices": 4, "num_nodes": 2, "world_size": 8, "distributed": "ddp",
                            "precision": "bf16-mixed", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "x", "cores": 32}
     text = write_report(make_run(tmp_path / "run", metrics=metrics)).read_text()
-    assert "4 x NVIDIA H100 80GB HBM3 on 2 nodes (world size 8, ddp)" in text
+    assert "4 x NVIDIA H100 80GB HBM3 on 2 nodes (world size 8, ddp, precision bf16-mixed)" in text
+    assert "Numeric precision" not in text  # said once, in the hardware line

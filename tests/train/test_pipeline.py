@@ -18,6 +18,7 @@ from medtransfer.errors import ConfigError, DataError, WeightsError
 from medtransfer.models.backbones import create_backbone
 from medtransfer.data.split import write_split_csv
 from medtransfer.rundir import CONFIG_FILE
+from medtransfer.runtime import resolve_precision
 from medtransfer.train.pipeline import (
     TrainResult,
     cache_splits,
@@ -72,6 +73,10 @@ def test_a_tiny_run_returns_its_typed_result_and_writes_the_run_folder(data, tmp
     assert border["n_images"] == result.test["n"] and 0 <= border["mean_band_share"] <= 1
     assert metrics == json.loads(json.dumps(result.to_metrics()))  # metrics.json is the result, field for field
     assert list(metrics) == [f.name for f in dataclasses.fields(TrainResult)] and list(metrics)[:12] == METRICS_HEAD
+    resolved = resolve_precision("auto", metrics["hardware"]["accelerator"])  # what training and evaluation ran at, not the requested "auto"
+    assert metrics["precision"] == metrics["hardware"]["precision"] == resolved != "auto"
+    assert (metrics["hardware"]["devices"], metrics["hardware"]["num_nodes"], metrics["hardware"]["world_size"]) == (1, 1, 1)
+    assert f"on 1 node (world size 1, none, precision {resolved})</td>" in (out / "report.html").read_text()
     model_json = json.loads((out / "model" / "model.json").read_text())
     assert model_json["threshold"] == result.threshold and model_json["frozen"] == ["conv1", "bn1", "relu", "maxpool"]
     for name in [CONFIG_FILE, "split.csv", "history.csv", "predictions_val.csv", "predictions_test.csv", "report.html",

@@ -205,8 +205,8 @@ def _run_facts(run: _Run) -> str:
         ("Strategy", m.strategy),
         ("Weights", m.weights),
         ("Parameters", params if m.params is not None else None),
-        ("Numeric precision", m.precision),
         ("Hardware", _hardware_text(m.extra.get("hardware"))),
+        ("Numeric precision", None if isinstance(m.extra.get("hardware"), dict) else m.precision),  # older runs
         ("Epochs run", m.epochs_run),
         ("Best epoch (lowest val loss)", m.best_epoch),
         ("Stopped early", m.stopped_early),
@@ -218,13 +218,15 @@ def _run_facts(run: _Run) -> str:
 
 
 def _hardware_text(hardware: Any) -> str | None:
-    """metrics.json's hardware block in one line: "2 x NVIDIA H100 on 1 node (world size 2, ddp)"."""
+    """metrics.json's hardware block in one line: "2 x NVIDIA H100 on 1 node (world size 2, ddp, precision bf16-mixed)";
+    the precision is the resolved one the run (or the evaluation) ran at."""
     if not isinstance(hardware, dict):
         return None
     device = hardware.get("gpu") or f"{hardware.get('cpu') or 'CPU'} ({hardware.get('cores')} cores)"
     nodes = hardware.get("num_nodes", 1)
     text = f"{hardware.get('devices', 1)} x {device} on {nodes} node{'s' if nodes != 1 else ''}"
-    return text + f" (world size {hardware.get('world_size', 1)}, {hardware.get('distributed', 'none')})"
+    precision = f", precision {hardware['precision']}" if hardware.get("precision") else ""
+    return text + f" (world size {hardware.get('world_size', 1)}, {hardware.get('distributed', 'none')}{precision})"
 
 
 def _configuration(run: _Run) -> str:

@@ -35,7 +35,9 @@ from medtransfer.evaluation.report import write_report
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.ood import save_detector
 from medtransfer.rundir import CONFIG_FILE, RunDir, SplitRow, write_metrics
-from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
+from medtransfer.runtime import (
+    default_decode_workers, device_for, hardware_summary, predict_logits, resolve_accelerator, resolve_precision,
+)
 
 __all__ = ["COMPATIBLE_FIELDS", "Member", "build_ensemble", "check_members"]
 
@@ -114,8 +116,10 @@ def build_ensemble(
     first = members[0]
     saved = SavedModel(first.saved.model, first.saved.info, first.saved.ood, tuple(m.saved.model for m in members[1:]))
     config = first.config
+    device = resolve_accelerator(accelerator)
+    precision = resolve_precision(str(config.get("precision", "auto")), device)  # the members' setting, on this machine
     outputs = score_split(saved, first.split, cache_dir=Path(cache_dir or config.get("cache_dir") or default_cache_dir()),
-                          accelerator=accelerator, precision=str(config.get("precision", "auto")))
+                          accelerator=device, precision=precision)
     if "val" not in outputs:
         raise DataError(f"RUNS {first.run}: split.csv has no val images to choose the threshold on")
     point = fit_operating_point(outputs["val"], positive_index=saved.positive_index, policy=config["threshold"],
@@ -137,7 +141,8 @@ def build_ensemble(
         write_predictions(split_outputs, point, saved.classes, out / f"predictions_{name}.csv")
         write_plots(split_outputs, point, saved.classes, scores[name], out / "plots", prefix=name,
                     band_resamples=min(200, resamples), seed=seed)
-    metrics = _metrics(members, info, scores, description)
+    metrics = {**_metrics(members, info, scores, description), "precision": precision,
+               "hardware": hardware_summary(accelerator=device, precision=precision)}  # what ran val and test
     write_metrics(out, metrics)
     write_gallery(out, load_model(out))
     write_report(out, console=console, title=f"Seed ensemble of {len(members)} runs")
