@@ -3,8 +3,10 @@
     python benchmarks/time_to_quality.py --data DIR --external DIR --main MAIN.yaml --fast FAST.yaml [--out DIR]
 
 Each configuration is trained as `medtransfer train --config CONFIG --data DIR` would train it
-(resolve_train_config, then run_training) and evaluated on --external as `medtransfer evaluate`
-would (evaluate_saved_model). The decoded-image cache is built before the clock starts, so
+(resolve_train_config, then train_run: one run, or a seed ensemble with `ensemble: N`) and
+evaluated on --external as `medtransfer evaluate` would (evaluate_saved_model). The members
+of an ensemble are evaluated too (``members`` in its block: each member's external AUC, and
+the ensemble minus its first member, paired). The decoded-image cache is built before the clock starts, so
 neither run pays for decoding. Prints ONE JSON line on stdout (logs go to stderr): per
 configuration the external AUC with its patient-bootstrap CI, the wall clock of training and
 the run's own train_seconds; then the wall-clock ratio main / fast and the AUC difference
@@ -28,7 +30,8 @@ from medtransfer.config import resolve_train_config
 from medtransfer.evaluation.compare import compare_runs
 from medtransfer.evaluation.external import evaluate_saved_model
 from medtransfer.rundir import RunDir
-from medtransfer.train.pipeline import prebuild_cache, run_training
+from medtransfer.train.pipeline import prebuild_cache
+from medtransfer.train.seed_ensemble import MEMBERS, train_run
 
 CONSOLE = Console(stderr=True)
 
@@ -40,19 +43,34 @@ def train_and_evaluate(name: str, config: Path, args: argparse.Namespace, root: 
     prebuild_cache(Path(settings.data), cache_dir=Path(settings.cache_dir), size=settings.cache_size, workers=None,
                    skip_bad=settings.skip_bad_images, console=CONSOLE)
     started = time.perf_counter()
-    run_training(settings, run_dir, console=CONSOLE)
+    train_run(settings, run_dir, resume=False, console=CONSOLE)
     wall = time.perf_counter() - started
     evaluation = root / f"{name}-external"
-    metrics = evaluate_saved_model(
-        run_dir, args.external, evaluation, split=args.split, cache_dir=Path(settings.cache_dir),
-        bootstrap=args.bootstrap, seed=settings.seed, accelerator=settings.accelerator, console=CONSOLE,
-    )
-    test = metrics["test"]
-    return {
+    test = evaluate(run_dir, evaluation, settings, args)
+    result = {
         "config": str(config), "run": str(run_dir), "wall_seconds": round(wall, 1),
         "train_seconds": RunDir(run_dir).metrics().train_seconds, "external_auc": test["auc"],
         "external_auc_ci": test.get("auc_ci"), "external_n": test["n"],
     }
+    members = sorted((run_dir / MEMBERS).glob("seed-*"), key=lambda p: int(p.name.removeprefix("seed-")))
+    if members:  # not timed: what the ensemble adds over its members on the same images
+        blocks = {m.name: evaluate(m, root / f"{name}-{m.name}-external", settings, args) for m in members}
+        paired = compare_runs([evaluation, root / f"{name}-{members[0].name}-external"],
+                              n_resamples=max(1, args.bootstrap)).tests[0]
+        result["members"] = {
+            **{k: {"external_auc": b["auc"], "external_auc_ci": b.get("auc_ci")} for k, b in blocks.items()},
+            "ensemble_minus_first": {"auc_diff": paired["auc_diff"], "auc_diff_ci": paired["ci"],
+                                     "p_bootstrap": paired["p_bootstrap"], "p_delong": paired["p_delong"]},
+        }
+    return result
+
+
+def evaluate(run_dir: Path, target: Path, settings, args: argparse.Namespace) -> dict:
+    """`medtransfer evaluate --run RUN_DIR --data EXTERNAL --out TARGET`; the test block of its metrics."""
+    return evaluate_saved_model(
+        run_dir, args.external, target, split=args.split, cache_dir=Path(settings.cache_dir),
+        bootstrap=args.bootstrap, seed=settings.seed, accelerator=settings.accelerator, console=CONSOLE,
+    )["test"]
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -100,21 +100,22 @@ def train(
     cutmix: Optional[float] = typer.Option(None, help="CutMix Beta alpha, e.g. 1.0 (default 0: off; with --mixup, one of the two per batch)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
     logger: Optional[str] = typer.Option(None, help="Tracking under RUN/logs/, offline: csv (default), tensorboard or mlflow (local file store)."),
+    ensemble: Optional[int] = typer.Option(None, help="Train N members (seeds SEED, SEED+1, ...) on one split and save them as one seed-ensemble model; members in OUT/members (default 1)."),
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):
     """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
     flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume", "set_values")}
     flags["class_map"] = class_map or None  # not given: the YAML's map stays
-    from medtransfer.train.pipeline import run_training
+    from medtransfer.train.seed_ensemble import train_run
 
     settings, run_dir = resolve_train_config(
         out=out, resume=resume, config_file=config, overrides={**flags, **parse_set_values(set_values)}
     )
     _quiet_lightning()
-    result = run_training(settings, run_dir, resume=resume is not None, console=console)
+    result = train_run(settings, run_dir, resume=resume is not None, console=console)
     if result is None:  # a DDP process other than rank 0: rank 0 prints
         return
-    _print_result({"val": result.val, "test": result.test}, result.threshold)
+    _print_result({"val": result["val"], "test": result["test"]}, result["threshold"])
 
 
 def _print_result(splits: dict[str, dict | None], threshold: float) -> None:

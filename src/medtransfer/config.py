@@ -105,6 +105,7 @@ class TrainConfig:
     # experiments and tracking
     split_file: str | None = None  # a split.csv (from `medtransfer split`) used as is instead of drawing a split
     logger: str = "csv"  # csv, tensorboard or mlflow (train/tracking.py): settings and per-epoch metrics in RUN/logs/
+    ensemble: int = 1  # > 1: that many members, seeds seed, seed+1, ..., saved as one model (train/seed_ensemble.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool):  # TrainConfig(augment=False) as before the policies existed
@@ -194,6 +195,7 @@ class TrainConfig:
             (self.distributed in DISTRIBUTED, "distributed", self.distributed, " or ".join(DISTRIBUTED)),
             (self.mixup >= 0, "mixup", self.mixup, "0 (off) or a positive Beta alpha, e.g. 0.2"),
             (self.cutmix >= 0, "cutmix", self.cutmix, "0 (off) or a positive Beta alpha, e.g. 1.0"),
+            (self.ensemble >= 1, "ensemble", self.ensemble, "1 (one model) or the number of seed-ensemble members, e.g. 3"),
         ]
         for ok, name, value, expected in checks:
             if not ok:

@@ -18,7 +18,7 @@ def test_prints_one_json_line_with_both_aucs_the_wall_clock_ratio_and_the_differ
     external = demo_data("external", patients_per_class=2, val_patients_per_class=1, test_patients_per_class=4,
                          image_size=40, seed=3)
     main, fast = tmp_path / "main.yaml", tmp_path / "fast.yaml"
-    main.write_text(yaml.safe_dump({**TINY, "epochs": 2}))
+    main.write_text(yaml.safe_dump({**TINY, "epochs": 1, "ensemble": 2}))
     fast.write_text(yaml.safe_dump({**TINY, "epochs": 1, "strategy": "linear-probe"}))
     time_to_quality.main(["--data", str(data), "--external", str(external), "--main", str(main), "--fast", str(fast),
                           "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "50"])
@@ -32,3 +32,10 @@ def test_prints_one_json_line_with_both_aucs_the_wall_clock_ratio_and_the_differ
     assert result["wall_ratio"] == pytest.approx(result["main"]["wall_seconds"] / result["fast"]["wall_seconds"], rel=1e-2)
     assert result["auc_diff"] == pytest.approx(result["main"]["external_auc"] - result["fast"]["external_auc"])
     assert len(result["auc_diff_ci"]) == 2 and 0 < result["p_bootstrap"] <= 1
+    members = result["main"]["members"]
+    for seed in ("seed-0", "seed-1"):
+        evaluation = json.loads((tmp_path / "out" / f"main-{seed}-external" / "metrics.json").read_text())["test"]
+        assert members[seed]["external_auc"] == evaluation["auc"]
+    paired = members["ensemble_minus_first"]
+    assert paired["auc_diff"] == pytest.approx(result["main"]["external_auc"] - members["seed-0"]["external_auc"])
+    assert "members" not in result["fast"]

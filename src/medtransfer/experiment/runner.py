@@ -28,7 +28,8 @@ from medtransfer.evaluation.external import evaluate_saved_model
 from medtransfer.experiment.grid import Cell, ExperimentPlan, read_experiment, with_split
 from medtransfer.experiment.summary import CellOutcome, write_summary
 from medtransfer.rundir import CONFIG_FILE, RunDir
-from medtransfer.train.pipeline import run_training, write_split
+from medtransfer.train.pipeline import write_split
+from medtransfer.train.seed_ensemble import train_run
 
 SPLIT_FILE = "split.csv"
 CELLS = "cells"
@@ -136,11 +137,11 @@ def run_cell(cell: Cell, run_dir: Path, sets: dict[str, Path], *, console: Conso
         elif (run_dir / CONFIG_FILE).is_file():
             console.rule(f"Cell {escape(cell.name)} (resuming)")
             settings, _ = resolve_train_config(out=None, resume=run_dir, config_file=None, overrides={})
-            run_training(settings, run_dir, resume=True, console=console)
+            train_run(settings, run_dir, resume=True, console=console)
             status = "resumed"
         else:
             console.rule(f"Cell {escape(cell.name)}")
-            run_training(cell.config, run_dir, resume=False, console=console)
+            train_run(cell.config, run_dir, resume=False, console=console)
             status = "trained"
         for name, data in sets.items():
             evaluate_external(cell, run_dir, name, data, console)

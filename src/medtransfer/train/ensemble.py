@@ -104,12 +104,14 @@ def _shown(value: Any) -> str:
 
 def build_ensemble(
     runs: list[Path], out: Path, *, cache_dir: Path | None = None, accelerator: str = "auto",
-    bootstrap: int | None = None, console: Console | None = None,
+    bootstrap: int | None = None, console: Console | None = None, held_run_folder: bool = False,
 ) -> dict[str, Any]:
     """Check the members, write OUT/model with every member's weights, choose the operating point on
-    the shared val split, score val and test, and write the run folder; returns metrics.json's content."""
+    the shared val split, score val and test, and write the run folder; returns metrics.json's content.
+    ``held_run_folder``: OUT is a `train --ensemble` run folder its caller holds, with its own
+    config.yaml and the members inside; that config.yaml is kept."""
     console = console or Console()
-    if out.exists() and any(out.iterdir()):
+    if not held_run_folder and out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder")
     members = [read_member(run) for run in runs]
     check_members(members)
@@ -135,7 +137,7 @@ def build_ensemble(
     model_dir = save_model(first.saved.model, info, out, extra=saved.extra)
     if first.saved.ood is not None:
         save_detector(first.saved.ood, model_dir)
-    for name in ("split.csv", CONFIG_FILE):
+    for name in ("split.csv",) if held_run_folder else ("split.csv", CONFIG_FILE):
         shutil.copy2(first.run / name, out / name)
     for name, split_outputs in outputs.items():
         write_predictions(split_outputs, point, saved.classes, out / f"predictions_{name}.csv")
@@ -181,6 +183,8 @@ def _metrics(members: list[Member], info: Any, scores: dict[str, dict], descript
         "positive_class": info.positive_class, "threshold": info.threshold, "val": scores.get("val"),
         "test": scores.get("test"), "classes": list(info.classes), "threshold_policy": info.threshold_policy,
         "ensemble": {**description, "member_test_auc": [_test_auc(m.run) for m in members]},
+        # the compute the ensemble cost: its members' training, one after another
+        "train_seconds": sum(RunDir(m.run).metrics().train_seconds or 0.0 for m in members),
     }
 
 
