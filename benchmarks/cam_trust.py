@@ -28,7 +28,8 @@ split, for every PNEUMONIA image that has a lesion mask:
 The map is only as fine as the target layer (``map_grid`` in the JSON). The defaults train
 at 320 px, where EfficientNet-Lite0's last layer is 10 x 10 (32 px cells); at 160 px it is
 5 x 5, coarser than the lesions. ``--output-stride 16`` dilates the last stage instead of
-striding it (20 x 20 at 320 px); ``--target-layer`` explains another layer. The phantoms
+striding it (20 x 20 at 320 px); ``--target-layer`` explains another layer; ``--method
+layercam`` reads the last stride-16 stage by default (``blocks.4``: 10 x 10 at 160 px). The phantoms
 are rendered at 1.1 x the input size (352 px for 320).
 
 Pass: pointing_game >= 0.80, randomization_spearman < 0.5 and test AUC >= 0.95.
@@ -41,7 +42,8 @@ Usage::
 Data go to DIR/data_<render size>px (generated unless its README.txt exists; delete the
 folder to regenerate), the run to DIR/run_<backbone>_<size>px_os<stride>_<epochs>ep[_seed<N>]
 (reused when finished, resumed when interrupted). ``--run RUN --data DIR`` measures a finished
-run instead, e.g. the demo's: ``--run demo-run/finetune --data demo-run/data``. One JSON line on stdout; everything else on stderr.
+run instead, e.g. the demo's: ``--run demo-run/finetune --data demo-run/data --method layercam`` (what its
+gallery draws). One JSON line on stdout; everything else on stderr.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ def train(
     bootstrap: Optional[int] = typer.Option(None, help=f"Bootstrap resamples for 95% CIs (default {DEFAULTS.bootstrap}, 0 = off)."),
     calibrate: Optional[str] = typer.Option(None, help="temperature (default) or none."),
     tta: Optional[str] = typer.Option(None, help="Test-time augmentation, also saved with the model: none (default), crops (centre + 4 shifted crops) or flip (see README)."),
+    cam_method: Optional[str] = typer.Option(None, help="Heatmaps of the report's gallery and border check: gradcam (default), layercam (finer: the stride-16 stage), gradcam++ or cam."),
     seed: Optional[int] = typer.Option(None, help=f"Random seed (default {DEFAULTS.seed})."),
     accelerator: Optional[str] = typer.Option(None, help="auto (default), cpu or gpu."),
     devices: Optional[str] = typer.Option(None, help="Devices per node: a count, GPU ids like 0,1, or auto (default: all GPUs, or 1 CPU process)."),
@@ -329,9 +330,9 @@ def explain(
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
     out: Path = typer.Option(..., help="Folder for overlay PNGs and raw .npy maps."),
     method: str = typer.Option(
-        "gradcam", help="cam, gradcam, gradcam++, or occlusion (model-agnostic, about 200 forward passes per image)."
+        "gradcam", help="cam, gradcam, gradcam++, layercam (finer: the stride-16 stage), or occlusion (model-agnostic, about 200 forward passes per image)."
     ),
-    target_layer: Optional[str] = typer.Option(None, help="Layer to explain (default: the backbone's last feature map)."),
+    target_layer: Optional[str] = typer.Option(None, help="Layer to explain (default: the backbone's last feature map; layercam: the last stride-16 stage)."),
 ):
     """Class Activation Maps (or occlusion sensitivity): heatmap overlays showing what drove each prediction."""
     from medtransfer.artifacts import load_model
@@ -348,7 +349,7 @@ def explain(
 def shortcuts(
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
     split: str = typer.Option("test", help="Which predictions_<split>.csv to explain."),
-    method: str = typer.Option("gradcam", help="cam, gradcam, gradcam++ or occlusion (slow)."),
+    method: str = typer.Option("gradcam", help="cam, gradcam, gradcam++, layercam or occlusion (slow)."),
     limit: int = typer.Option(200, help="Images explained at most, spread evenly over the split."),
 ):
     """Shortcut check: the share of heatmap evidence in the image border (outer 10%), into metrics.json and report.html."""

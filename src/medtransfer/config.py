@@ -106,6 +106,8 @@ class TrainConfig:
     split_file: str | None = None  # a split.csv (from `medtransfer split`) used as is instead of drawing a split
     logger: str = "csv"  # csv, tensorboard or mlflow (train/tracking.py): settings and per-epoch metrics in RUN/logs/
     ensemble: int = 1  # > 1: that many members, seeds seed, seed+1, ..., saved as one model (train/seed_ensemble.py)
+    # explanations
+    cam_method: str = "gradcam"  # heatmaps of the report's gallery and border check: cam, gradcam, gradcam++ or layercam
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool):  # TrainConfig(augment=False) as before the policies existed

@@ -31,6 +31,10 @@ class TinyNet(nn.Module):
 LAYER_METHODS = tuple(m for m in METHODS if m != "occlusion")  # the methods that read a feature map
 
 
+# LayerCAM's default: the last stride-16 stage, one map cell per 16 px
+STRIDE_16 = {"resnet18": "layer3", "resnet50": "layer3", "densenet121": "features.denseblock3", "efficientnet_lite0": "blocks.4"}
+
+
 @pytest.mark.parametrize("method", LAYER_METHODS)
 @pytest.mark.parametrize("name", list_backbones())
 def test_automatic_layer_is_the_spec_cam_layer_for_every_backbone(name, method, transfer_model):
@@ -38,7 +42,8 @@ def test_automatic_layer_is_the_spec_cam_layer_for_every_backbone(name, method, 
     images = torch.randn(2, 3, 64, 64)
     with ClassActivationMap(model, method=method) as cam:
         result = cam(images)
-    assert cam.target_layer == model.spec.cam_layer
+    assert cam.target_layer == (STRIDE_16[name] if method == "layercam" else model.spec.cam_layer)
+    assert result.map_cells == ((4, 4) if method == "layercam" else (2, 2))
     assert result.maps.shape == (2, 64, 64)
     assert torch.isfinite(result.maps).all()
     assert result.maps.min() >= 0 and result.maps.max() <= 1
@@ -188,3 +193,44 @@ def test_map_peak_lands_on_the_pixel_the_cell_sees(method):
     assert cam.grid.stride == 8 and result.map_cells == (8, 8)
     row, col = divmod(int(result.maps[0].argmax()), 64)
     assert abs(row - 40) <= 1 and abs(col - 24) <= 1, (row, col)
+
+
+class SlopeChange(nn.Module):
+    """1 x 1 identity conv (the target layer), then a score that rises with values up to 0.7 and falls above.
+
+    An opacity at 0.5 raises the score; a brighter patch at 0.9 lowers it. Grad-CAM's one
+    weight per channel scales the whole map, so its maximum is the brightest patch; LayerCAM
+    weighs each position by its own gradient.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(1, 1, 1, bias=False)
+        nn.init.ones_(self.features.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.features(x)
+        evidence = (torch.relu(a) - 2 * torch.relu(a - 0.7)).mean(dim=(1, 2, 3))
+        return torch.stack([-evidence, evidence], dim=1)
+
+
+def test_layercam_points_at_the_lesion_where_gradcam_points_at_a_brighter_distractor():
+    image = torch.zeros(1, 1, 32, 32)
+    image[..., 4:14, 4:14] = 0.5  # the lesion: raises the class-1 score
+    image[..., 22:26, 22:26] = 0.9  # brighter, smaller, lowers it
+    peaks = {}
+    for method in ("gradcam", "layercam"):
+        with ClassActivationMap(SlopeChange(), method=method, target_layer="features") as cam:
+            maps = cam(image, class_index=1).maps[0]
+        peaks[method] = divmod(int(maps.argmax()), 32)
+        if method == "layercam":
+            assert maps[22:26, 22:26].max() == 0 and maps[4:14, 4:14].min() == 1  # all of the lesion, nothing else
+    assert 22 <= peaks["gradcam"][0] < 26 and 22 <= peaks["gradcam"][1] < 26
+    assert 4 <= peaks["layercam"][0] < 14 and 4 <= peaks["layercam"][1] < 14
+
+
+def test_layercam_without_a_stride_16_layer_explains_the_last_layer():
+    with ClassActivationMap(TinyNet(), method="layercam") as cam:  # stride 2 only
+        assert cam.target_layer == "features"
+    with ClassActivationMap(TinyNet(), method="layercam", target_layer="features.0") as cam:
+        assert cam(torch.randn(1, 3, 16, 16)).map_cells == (16, 16)

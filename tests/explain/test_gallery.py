@@ -240,6 +240,19 @@ def test_report_shows_the_gallery(run_dir, tmp_path):
     assert "Not shown" not in html
 
 
+def test_layercam_gallery_reads_the_stride_16_stage_and_the_report_says_so(run_dir, tmp_path):
+    from medtransfer.evaluation.report import write_report
+
+    _write_predictions(run_dir, CSV_ROWS, images=tmp_path / "images")
+    gallery = json.loads(write_gallery(run_dir, load_model(run_dir), per_group=1, method="layercam").read_text())
+    # layer3 of resnet18: a 3 x 3 map of the 48 px input where layer4's is 2 x 2
+    assert (gallery["method"], gallery["target_layer"], gallery["map_cells"]) == ("layercam", "layer3", [3, 3])
+    assert all(item["image"].endswith("_layercam.png") for s in gallery["sections"] for item in s["items"])
+    block = {"n": 4, "auc": 0.5, "accuracy": 0.5, "confusion_matrix": [[1, 1], [1, 1]]}
+    (run_dir / "metrics.json").write_text(json.dumps({"positive_class": "PNEUMONIA", "threshold": 0.41, "val": block, "test": block}))
+    assert "LayerCAM on layer layer3: a 3 x 3 map of the 48 px input, one cell per 16 px" in write_report(run_dir).read_text()
+
+
 def test_lesion_masks_beside_the_data_are_outlined_on_the_gallery_images(run_dir, tmp_path):
     from medtransfer.explain.gallery import lesion_outline
     from medtransfer.explain.render import mask_edge

@@ -35,11 +35,13 @@ def evaluation(tmp_path, make_image) -> Evaluation:
     return Evaluation(CLASSES, "PNEUMONIA", outputs, point, metrics)
 
 
-def test_write_outputs_fills_the_run_folder(tmp_path, evaluation):
+@pytest.mark.parametrize(("cam_method", "layer"), [("gradcam", "layer4"), ("layercam", "layer3")])
+def test_write_outputs_fills_the_run_folder(tmp_path, evaluation, cam_method, layer):
     torch.manual_seed(0)
     net, spec = create_backbone("resnet18", num_classes=2, weights="none")
     model = build_transfer_model(net, spec, Strategy("freeze", 4))
-    config = TrainConfig(image_size=16, cache_size=24, bootstrap=0, threshold="fixed:0.55", strategy="freeze")
+    config = TrainConfig(image_size=16, cache_size=24, bootstrap=0, threshold="fixed:0.55", strategy="freeze",
+                         cam_method=cam_method)
     out = tmp_path / "run"
     out.mkdir()
     config.write_yaml(out / "config.yaml")
@@ -53,6 +55,8 @@ def test_write_outputs_fills_the_run_folder(tmp_path, evaluation):
                   console=Console(quiet=True))
 
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    gallery = json.loads((out / "gallery.json").read_text())
+    assert (gallery["method"], gallery["target_layer"], metrics["border_evidence"]["method"]) == (cam_method, layer, cam_method)
     test = evaluation.outputs["test"]
     scaled = test.logits / 2.0
     expected = np.exp(scaled) / np.exp(scaled).sum(axis=1, keepdims=True)  # temperature-scaled softmax

@@ -62,6 +62,8 @@ def test_a_refused_choice_gets_its_owners_message(values, owner):
         ({"output_stride": 16}, ConfigError, ["output_stride", "16", "resnet18", "resnet50"]),
         ({"epochs": 0}, ConfigError, ["--epochs: got 0"]),  # the config's own checks run as well
         ({"tta": "rotate"}, ConfigError, ["--tta: got 'rotate'", "none, crops, flip"]),
+        ({"cam_method": "lime"}, ConfigError, ["--cam-method: got 'lime'", "cam, gradcam, gradcam++, layercam"]),
+        ({"cam_method": "occlusion"}, ConfigError, ["--cam-method: got 'occlusion'", "layercam", "medtransfer explain --method occlusion"]),
     ],
 )
 def test_refusals_name_the_option_the_value_and_the_choices(values, error, fragments):

@@ -423,11 +423,12 @@ def _gallery_intro(gallery: dict[str, Any]) -> str:
     intro = h.note(f"Class activation maps: where the model looked. Warm colours mark the regions that raised the score.{outlines}")
     cells, size = gallery.get("map_cells"), gallery.get("input_size")
     if isinstance(cells, list) and len(cells) == 2 and all(isinstance(c, int) and c > 0 for c in cells) and isinstance(size, int):
-        method = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "cam": "CAM"}.get(str(gallery.get("method")), str(gallery.get("method")))
+        names = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "cam": "CAM", "layercam": "LayerCAM"}
+        method = names.get(str(gallery.get("method")), str(gallery.get("method")))
         intro += h.note(
             f"{method} on layer {gallery.get('target_layer', '?')}: a {cells[0]} x {cells[1]} map of the {size} px input, "
             f"one cell per {size / cells[1]:.0f} px, so a finding smaller than a cell cannot be outlined; "
-            "train at a larger --image-size or with --output-stride 16 for finer maps."
+            "train at a larger --image-size, or use --cam-method layercam (the stride-16 stage) or --output-stride 16, for finer maps."
         )
     return intro
 

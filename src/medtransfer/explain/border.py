@@ -2,7 +2,7 @@
 
 A classifier that reads a hospital's marker, burnt-in text or a collimator edge instead of
 the lungs puts its evidence at the edge of the image. For each image, the map of the
-predicted class (Grad-CAM by default, as the gallery draws it, on the image as the model saw
+predicted class (the run's cam_method, Grad-CAM by default, as the gallery draws it, on the image as the model saw
 it) is split into the outer band (``band`` = 10% of the side on each edge: 36% of the area)
 and its four corner squares (4% of the area). The share of the map's positive mass in the
 band is compared with the band's share of the area: an image whose band share is more than

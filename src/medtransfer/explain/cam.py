@@ -1,7 +1,7 @@
 """Class activation maps: where in the image the evidence for a class lies.
 
-Three methods on the last spatial feature map of the backbone (the "target layer"), and
-one that needs no layer:
+Four methods on a spatial feature map of the backbone (the "target layer"), and one that
+needs no layer:
 
 - ``"cam"``: Zhou B, Khosla A, Lapedriza A, Oliva A, Torralba A. *Learning Deep Features
   for Discriminative Localization.* CVPR 2016. The map is the feature map weighted by the
@@ -15,6 +15,12 @@ one that needs no layer:
   *Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep Convolutional
   Networks.* WACV 2018. Pixel-wise weights from the closed form with the second and third
   powers of the gradients (exponential-score form, as in the paper's eq. 19).
+- ``"layercam"``: Jiang PT, Zhang CB, Hou Q, Cheng MM, Wei Y. *LayerCAM: Exploring
+  Hierarchical Class Activation Maps for Localization.* IEEE TIP 2021. Each position's
+  activations are weighted by the positive part of their own gradient (not a channel
+  mean), which keeps a shallower layer's finer map on the evidence. Its default layer is
+  the last stride-16 stage (:func:`~medtransfer.explain.layers.stride_layer`: ``blocks.4``
+  of EfficientNet-Lite0, ``layer3`` of ResNet), the last layer when there is none.
 - ``"occlusion"``: occlusion sensitivity (Zeiler and Fergus, ECCV 2014), model-agnostic
   and layer-free; see :mod:`medtransfer.explain.occlusion`.
 
@@ -45,8 +51,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,16 +59,16 @@ import torch
 from torch import nn
 
 from medtransfer.errors import ConfigError, DataError
-from medtransfer.explain.grid import FeatureGrid, feature_grid, input_channels, upsample
+from medtransfer.explain.grid import FeatureGrid, feature_grid, upsample
+from medtransfer.explain.layers import candidate_layers, eval_mode, spatial_layers, stride_layer
 from medtransfer.explain.occlusion import occlusion_sensitivity
 
-__all__ = ["LAYER_FREE", "METHODS", "CamResult", "ClassActivationMap"]
+__all__ = ["LAYERCAM_STRIDE", "LAYER_FREE", "METHODS", "CamResult", "ClassActivationMap"]
 
-METHODS = ("cam", "gradcam", "gradcam++", "occlusion")
+METHODS = ("cam", "gradcam", "gradcam++", "layercam", "occlusion")
 LAYER_FREE = "input"  # target_layer reported by the occlusion method, which needs none
 
-_MAX_CANDIDATES = 10
-_PROBE_SIZE = 224  # input side of the dry forward pass that lists spatial layers
+LAYERCAM_STRIDE = 16  # LayerCAM's default layer: the last stage at this stride
 _FLAT_TOLERANCE = 1e-6  # a map whose range is below this fraction of its magnitude is constant
 
 ClassChoice = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], Any] | None
@@ -91,13 +96,14 @@ class CamResult:
 
 
 class ClassActivationMap:
-    """CAM / Grad-CAM / Grad-CAM++ on one layer of a classifier, as a context manager.
+    """CAM / Grad-CAM / Grad-CAM++ / LayerCAM on one layer of a classifier (or occlusion), as a context manager.
 
     Args:
         model: a :class:`~medtransfer.models.strategies.TransferModel` or any ``nn.Module``
             mapping N x C x H x W images to N x K logits.
         target_layer: dotted module name, relative to ``model.net`` for a TransferModel
-            (``"layer4"``) or to ``model`` otherwise. ``None`` picks ``spec.cam_layer`` when
+            (``"layer4"``) or to ``model`` otherwise. ``None`` picks, for ``"layercam"``, the
+            last stride-16 stage (see the module docstring), otherwise ``spec.cam_layer`` when
             the backbone spec is known, else the last module whose output is a 4-D map with
             more than one spatial position (found by a dry forward pass whose temporary
             hooks are removed). ``"occlusion"`` reads no layer (its ``target_layer`` is
@@ -183,7 +189,7 @@ class ClassActivationMap:
             return self._occlusion(images, class_index)
         needs_grad = self.method != "cam"
         try:
-            with _eval_mode(self.model), torch.inference_mode(False), torch.set_grad_enabled(needs_grad):
+            with eval_mode(self.model), torch.inference_mode(False), torch.set_grad_enabled(needs_grad):
                 x = images.clone() if images.is_inference() else images
                 self._activation = None
                 logits = self.model(x)
@@ -235,7 +241,7 @@ class ClassActivationMap:
 
     def _occlusion(self, images: torch.Tensor, class_index: ClassChoice) -> CamResult:
         """Occlusion sensitivity of the model in eval mode, normalised like the layer maps."""
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             logits = self.model(images)
             _check_logits(logits, images.shape[0])
             index = self._class_index(logits, class_index)
@@ -286,12 +292,14 @@ class ClassActivationMap:
         return torch.einsum("nc,nchw->nhw", weights.to(activation.device), activation)
 
     def _resolve_layer(self, name: str | None) -> tuple[str, nn.Module]:
+        if name is None and self.method == "layercam":
+            name = stride_layer(self.root, LAYERCAM_STRIDE, self.model_name)
         if name is None:
             cam_layer = getattr(self.spec, "cam_layer", None)
             if cam_layer:
                 name = cam_layer
             else:
-                spatial = self._spatial_layers()
+                spatial = spatial_layers(self.root, self.model_name)
                 if not spatial:
                     raise ConfigError(
                         f"{self.model_name}: no layer outputs a spatial feature map (N x C x H x W), so there is nothing to "
@@ -309,46 +317,8 @@ class ClassActivationMap:
         listed = ", ".join(candidates) if candidates else "none found"
         raise ConfigError(f"--target-layer {name!r}: no such layer in {self.model_name}; candidates: {listed}")
 
-    def _spatial_layers(self) -> list[str]:
-        """Modules whose output is N x C x H x W with H*W > 1, in the order their forward ends."""
-        order: dict[str, None] = {}
-
-        def hook(name: str) -> Callable:
-            def record(module: nn.Module, args: Any, output: Any) -> None:
-                if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
-                    order.pop(name, None)  # a module run twice counts where it last ran
-                    order[name] = None
-
-            return record
-
-        handles = [module.register_forward_hook(hook(name)) for name, module in self.root.named_modules() if name]
-        try:
-            parameter = next(self.root.parameters(), None)
-            probe = torch.zeros(
-                1,
-                input_channels(self.root),
-                _PROBE_SIZE,
-                _PROBE_SIZE,
-                device=parameter.device if parameter is not None else None,
-                dtype=parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32,
-            )
-            with _eval_mode(self.root), torch.no_grad():
-                self.root(probe)
-        except Exception as exc:
-            raise ConfigError(
-                f"{self.model_name}: could not list its spatial layers with a {_PROBE_SIZE} px dry run "
-                f"({exc.__class__.__name__}: {str(exc)[:120]}); pass --target-layer"
-            ) from None
-        finally:
-            for handle in handles:
-                handle.remove()
-        return list(order)
-
     def _candidates(self) -> list[str]:
-        """Spatial layers, most useful first: shallow names before their sub-layers, deepest (last) first."""
-        spatial = self._spatial_layers()
-        ranked = sorted(range(len(spatial)), key=lambda i: (spatial[i].count("."), -i))
-        return [spatial[i] for i in ranked[:_MAX_CANDIDATES]]
+        return candidate_layers(self.root, self.model_name)
 
     def _find_head(self) -> nn.Linear:
         head_name = getattr(self.spec, "head", None)
@@ -367,18 +337,6 @@ class ClassActivationMap:
         return linears[-1]
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode, then give every module back the train/eval mode it had."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
 def _check_logits(logits: Any, n: int) -> None:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != n:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -386,9 +344,11 @@ def _check_logits(logits: Any, n: int) -> None:
 
 
 def _grad_weighted(activation: torch.Tensor, grads: torch.Tensor, method: str) -> torch.Tensor:
-    """N x h x w Grad-CAM or Grad-CAM++ map from N x C x h x w activations and gradients."""
+    """N x h x w Grad-CAM, Grad-CAM++ or LayerCAM map from N x C x h x w activations and gradients."""
     if method == "gradcam":
         weights = grads.mean(dim=(2, 3), keepdim=True)
+    elif method == "layercam":  # a weight per channel and position
+        weights = grads.clamp(min=0)
     else:  # Grad-CAM++, closed form for an exponential class score
         grads2 = grads.pow(2)
         grads3 = grads2 * grads

@@ -175,7 +175,7 @@ def write_gallery(
         saved_model: :class:`~medtransfer.artifacts.SavedModel` that wrote the predictions;
             its preprocessing, classes, positive class and threshold are used.
         per_group: images per group.
-        method: ``"cam"``, ``"gradcam"`` or ``"gradcam++"``.
+        method: one of :data:`~medtransfer.explain.cam.METHODS` (training passes its ``cam_method``).
         split: which ``predictions_<split>.csv`` to read.
         data_root: the dataset folder; an image with a lesion mask at
             ``data_root/masks/<split>/<CLASS>/<stem>.png`` (as the synthetic data has) gets the

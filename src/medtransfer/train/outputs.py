@@ -64,8 +64,9 @@ def write_outputs(
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
     saved = load_model(out)
-    write_gallery(out, saved, data_root=config.data)  # Grad-CAM of the most confident hits and misses, for the report
-    record_border_evidence(out, saved, metrics)  # the shortcut check, at most border.LIMIT test images
+    # heatmaps of the most confident hits and misses, for the report, and the shortcut check (at most border.LIMIT test images)
+    write_gallery(out, saved, data_root=config.data, method=config.cam_method)
+    record_border_evidence(out, saved, metrics, method=config.cam_method)
     write_report(out, console=console)
 
 

@@ -24,6 +24,7 @@ from medtransfer.data.augment import AUGMENT_ON, POLICIES
 from medtransfer.data.discover import LABEL_SCHEMES
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.thresholds import parse_threshold_policy
+from medtransfer.explain.cam import METHODS
 from medtransfer.models.backbones import WEIGHT_CHOICES, get_backbone, load_weights_file
 from medtransfer.models.heads import check_head
 from medtransfer.models.inference import check_tta
@@ -148,6 +149,7 @@ def validate_config(config: TrainConfig) -> None:
     check_transfer_choices(config)
     check_tta(config.tta)
     check_logger(config.logger)
+    check_cam_method(config.cam_method)
     if config.split_file and not Path(config.split_file).is_file():
         raise ConfigError(f"--split-file {config.split_file}: no such file; write one with "
                           "`medtransfer split --data DIR --out FILE`, or leave out --split-file to draw the split")
@@ -184,6 +186,14 @@ def validate_splits(labels: dict[str, list[str]], classes: list[str], config: Tr
             f"--data {config.data}: the {split} split holds only {', '.join(held) or 'no images'} ({len(labels[split])} "
             f"image(s)), but {use} on it and needs {need}; {fix}"
         )
+
+
+def check_cam_method(method: str) -> None:
+    """The gallery's and border check's heatmap method: one forward and backward pass an image, so no occlusion."""
+    choices = [m for m in METHODS if m != "occlusion"]
+    if method not in choices:
+        extra = "; occlusion (about 200 forward passes an image) runs on chosen images with `medtransfer explain --method occlusion`"
+        raise ConfigError(f"--cam-method: got {method!r}; choose one of {', '.join(choices)}{extra if method == 'occlusion' else ''}")
 
 
 def check_augmentation(config: TrainConfig) -> None:
