@@ -24,7 +24,9 @@ from medtransfer import __version__
 from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
 from medtransfer.evaluation.published import published_section
-from medtransfer.evaluation.report_findings import border_evidence_html, foreign_inputs_html, leakage_html, shift_html
+from medtransfer.evaluation.report_findings import (
+    border_evidence_html, foreign_inputs_html, gallery_intro_html, leakage_html, shift_html,
+)
 from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["SECTION_IDS", "write_report"]
@@ -415,22 +417,7 @@ def _explanations(run: _Run) -> str:
             else:
                 figures.append(h.figure(path, str(item.get("caption", ""))))
         parts.append(f"<h3>{h.escape(section.get('title', ''))}</h3>" + f'<div class="figures gallery">{"".join(figures)}</div>')
-    return h.section("explanations", "Explanations", _gallery_intro(gallery) + "\n".join(parts))
-
-
-def _gallery_intro(gallery: dict[str, Any]) -> str:
-    outlines = " White outlines: the lesions, from the data's masks." if gallery.get("outlines") else ""
-    intro = h.note(f"Class activation maps: where the model looked. Warm colours mark the regions that raised the score.{outlines}")
-    cells, size = gallery.get("map_cells"), gallery.get("input_size")
-    if isinstance(cells, list) and len(cells) == 2 and all(isinstance(c, int) and c > 0 for c in cells) and isinstance(size, int):
-        names = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "cam": "CAM", "layercam": "LayerCAM"}
-        method = names.get(str(gallery.get("method")), str(gallery.get("method")))
-        intro += h.note(
-            f"{method} on layer {gallery.get('target_layer', '?')}: a {cells[0]} x {cells[1]} map of the {size} px input, "
-            f"one cell per {size / cells[1]:.0f} px, so a finding smaller than a cell cannot be outlined; "
-            "train at a larger --image-size, or use --cam-method layercam (the stride-16 stage) or --output-stride 16, for finer maps."
-        )
-    return intro
+    return h.section("explanations", "Explanations", gallery_intro_html(gallery) + "\n".join(parts))
 
 
 def _published(run: _Run) -> str:

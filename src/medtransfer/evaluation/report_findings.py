@@ -1,5 +1,6 @@
 """Report sections on what the data holds: the leakage check (with near-duplicate pairs side by
-side) and, for `evaluate` on an external set, the shift summary (evaluation.shift).
+side), for `evaluate` on an external set the shift summary (evaluation.shift), and the
+explanation gallery's introduction.
 
 Thumbnails are decoded from the image files named in metrics.json, as training decodes them
 (DICOM included), and embedded, so the page stays self-contained.
@@ -19,7 +20,7 @@ from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
 from medtransfer.rundir import SplitMetrics
 
-__all__ = ["border_evidence_html", "foreign_inputs_html", "leakage_html", "shift_html"]
+__all__ = ["border_evidence_html", "foreign_inputs_html", "gallery_intro_html", "leakage_html", "shift_html"]
 
 
 def leakage_html(leakage: dict[str, Any] | None) -> str:
@@ -136,3 +137,19 @@ def border_evidence_html(block: Any, root: Path) -> str:
     tiles = h.figures(items, css="gallery")
     gallery = f"<h3>Highest border shares (band outlined)</h3>{tiles}" if tiles else ""
     return h.section("shortcut-check", "Shortcut check", verdict + h.note(lead) + h.table(None, rows) + gallery)
+
+
+def gallery_intro_html(gallery: dict[str, Any]) -> str:
+    """What the gallery's heatmaps are, and how coarse: the map's cells against the input size."""
+    outlines = " White outlines: the lesions, from the data's masks." if gallery.get("outlines") else ""
+    intro = h.note(f"Class activation maps: where the model looked. Warm colours mark the regions that raised the score.{outlines}")
+    cells, size = gallery.get("map_cells"), gallery.get("input_size")
+    if isinstance(cells, list) and len(cells) == 2 and all(isinstance(c, int) and c > 0 for c in cells) and isinstance(size, int):
+        names = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "cam": "CAM", "layercam": "LayerCAM"}
+        method = names.get(str(gallery.get("method")), str(gallery.get("method")))
+        intro += h.note(
+            f"{method} on layer {gallery.get('target_layer', '?')}: a {cells[0]} x {cells[1]} map of the {size} px input, "
+            f"one cell per {size / cells[1]:.0f} px, so a finding smaller than a cell cannot be outlined; "
+            "train at a larger --image-size, or use --cam-method layercam (the stride-16 stage) or --output-stride 16, for finer maps."
+        )
+    return intro
