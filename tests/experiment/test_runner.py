@@ -26,7 +26,7 @@ def test_a_failing_cell_is_reported_in_one_line(tmp_path, monkeypatch, error, ex
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(runner, "run_training", fail)
+    monkeypatch.setattr(runner, "train_run", fail)
     outcome = runner.run_cell(cell(), tmp_path / "cell", {}, console=Console(quiet=True))
     assert (outcome.status, outcome.error) == ("failed", expected)
 
@@ -41,7 +41,7 @@ def test_external_sets_get_unique_safe_names(tmp_path):
 
 
 def test_a_cell_run_with_other_settings_says_it_keeps_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "run_training", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "train_run", lambda *args, **kwargs: None)
     monkeypatch.setattr(runner, "resolve_train_config", lambda **kwargs: (None, None))
     folder = tmp_path / "cell"
     folder.mkdir()
