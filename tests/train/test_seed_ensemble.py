@@ -80,3 +80,10 @@ def test_several_processes_per_member_are_refused_in_one_line(settings):
 def test_an_ensemble_of_less_than_one_is_refused(capsys):
     assert invoke(["train", "--data", "x", "--out", "y", "--ensemble", "0"]) == 1
     assert "--ensemble: got 0; expected 1 (one model) or the number of seed-ensemble members" in capsys.readouterr().err
+
+
+def test_a_refused_setting_leaves_no_run_folder_behind(tmp_path, capsys):
+    out = tmp_path / "ens"
+    assert invoke(["train", "--data", tmp_path, "--out", out, "--ensemble", "2", "--backbone", "nosuch"]) == 1
+    assert "--backbone: unknown backbone 'nosuch'" in capsys.readouterr().err
+    assert not out.exists()  # a second try with --out ens is not told the folder holds a run

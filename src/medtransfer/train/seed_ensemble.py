@@ -32,6 +32,7 @@ from medtransfer.rundir import CONFIG_FILE, RunDir
 from medtransfer.train.ensemble import build_ensemble
 from medtransfer.train.pipeline import run_training
 from medtransfer.train.runfolder import hold_run_folder, with_absolute_paths
+from medtransfer.train.validate import validate_config
 
 __all__ = ["MEMBERS", "member_seeds", "train_run", "train_seed_ensemble"]
 
@@ -54,6 +55,7 @@ def member_seeds(config: TrainConfig) -> list[int]:
 def train_seed_ensemble(config: TrainConfig, out: Path, *, resume: bool, console: Console) -> dict[str, Any]:
     """Train (or keep, or resume) every member into OUT/members, then write the ensemble into OUT."""
     check_single_process(config)
+    validate_config(config)  # before OUT/config.yaml exists: a refused setting leaves no folder behind
     if not resume:
         config = with_absolute_paths(config)
     with hold_run_folder(out, resume=resume):
@@ -72,15 +74,12 @@ def _train_member(config: TrainConfig, out: Path, seed: int, index: int, console
     # One device per member: "auto" would start every visible GPU's process on the member loop
     devices = "1" if config.devices == "auto" else config.devices
     member = dataclasses.replace(config, seed=seed, ensemble=1, split_file=split_file, devices=devices)
-    folder = RunDir(run)
-    if folder.finished():
+    if RunDir(run).finished():
         console.print(f"Member seed {seed}: finished earlier, kept ({run})")
-    elif (run / CONFIG_FILE).is_file():
-        console.rule(f"Member seed {seed} of {config.ensemble} (resuming)")
-        run_training(member, run, resume=True, console=console)
-    else:
-        console.rule(f"Member seed {seed} of {config.ensemble}")
-        run_training(member, run, resume=False, console=console)
+        return run
+    resume = (run / CONFIG_FILE).is_file()  # started before the interruption
+    console.rule(f"Member seed {seed} of {config.ensemble}" + (" (resuming)" if resume else ""))
+    run_training(member, run, resume=resume, console=console)
     return run
 
 
