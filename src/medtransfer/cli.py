@@ -80,7 +80,7 @@ def train(
     bootstrap: Optional[int] = typer.Option(None, help=f"Bootstrap resamples for 95% CIs (default {DEFAULTS.bootstrap}, 0 = off)."),
     calibrate: Optional[str] = typer.Option(None, help="temperature (default) or none."),
     tta: Optional[str] = typer.Option(None, help="Test-time augmentation, also saved with the model: none (default), crops (centre + 4 shifted crops) or flip (see README)."),
-    cam_method: Optional[str] = typer.Option(None, help="Heatmaps of the report's gallery and border check: gradcam (default), layercam (finer: the stride-16 stage), gradcam++ or cam."),
+    cam_method: Optional[str] = typer.Option(None, help="Heatmaps of the report's gallery and border check, and the default of explain, predict --cam, shortcuts and serve: gradcam (default), layercam (finer: the stride-16 stage), gradcam++ or cam."),
     seed: Optional[int] = typer.Option(None, help=f"Random seed (default {DEFAULTS.seed})."),
     accelerator: Optional[str] = typer.Option(None, help="auto (default), cpu or gpu."),
     devices: Optional[str] = typer.Option(None, help="Devices per node: a count, GPU ids like 0,1, or auto (default: all GPUs, or 1 CPU process)."),
@@ -136,7 +136,7 @@ def predict(
     paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
     run: Path = typer.Option(..., help="Run folder (or its model/ folder) written by `medtransfer train`."),
     csv: Optional[Path] = typer.Option(None, help="Also write the predictions to this CSV file."),
-    cam: Optional[Path] = typer.Option(None, help="Also write Grad-CAM overlays into this folder."),
+    cam: Optional[Path] = typer.Option(None, help="Also write heatmap overlays into this folder (the run's --cam-method, gradcam unless set)."),
     batch_size: int = typer.Option(32, help="Images per batch."),
     accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
@@ -329,8 +329,8 @@ def explain(
     paths: List[Path] = typer.Argument(..., help="Image files or folders of images."),
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
     out: Path = typer.Option(..., help="Folder for overlay PNGs and raw .npy maps."),
-    method: str = typer.Option(
-        "gradcam", help="cam, gradcam, gradcam++, layercam (finer: the stride-16 stage), or occlusion (model-agnostic, about 200 forward passes per image)."
+    method: Optional[str] = typer.Option(
+        None, help="cam, gradcam, gradcam++, layercam (finer: the stride-16 stage), or occlusion (model-agnostic, about 200 forward passes per image). Default: the run's --cam-method (gradcam unless set)."
     ),
     target_layer: Optional[str] = typer.Option(None, help="Layer to explain (default: the backbone's last feature map; layercam: the last stride-16 stage)."),
 ):
@@ -349,7 +349,7 @@ def explain(
 def shortcuts(
     run: Path = typer.Option(..., help="Run folder written by `medtransfer train`."),
     split: str = typer.Option("test", help="Which predictions_<split>.csv to explain."),
-    method: str = typer.Option("gradcam", help="cam, gradcam, gradcam++, layercam or occlusion (slow)."),
+    method: Optional[str] = typer.Option(None, help="cam, gradcam, gradcam++, layercam or occlusion (slow). Default: the run's --cam-method (gradcam unless set)."),
     limit: int = typer.Option(200, help="Images explained at most, spread evenly over the split."),
 ):
     """Shortcut check: the share of heatmap evidence in the image border (outer 10%), into metrics.json and report.html."""
@@ -359,7 +359,7 @@ def shortcuts(
     from medtransfer.rundir import RunDir
 
     saved, metrics = load_model(run), RunDir(run).metrics().to_dict()
-    block = record_border_evidence(run, saved, metrics, split=split, method=method, limit=limit)
+    block = record_border_evidence(run, saved, metrics, split=split, method=method or saved.cam_method, limit=limit)
     if block is None:
         raise DataError(f"--run {run}: no predictions_{split}.csv with readable images; pass a run that has a {split} split")
     console.print(f"Border evidence ({block['n_images']} {split} images): mean {100 * block['mean_band_share']:.1f}% in the "

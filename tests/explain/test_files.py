@@ -98,3 +98,21 @@ def test_prepare_images_shows_what_the_model_sees(tmp_path, saved):
     mean, std = torch.tensor(saved.info.mean)[:, None, None], torch.tensor(saved.info.std)[:, None, None]
     seen = (batch[0] * std + mean) * 255
     assert (seen - torch.from_numpy(shown[0]).float()).abs().max() < 0.51
+
+
+def test_without_a_method_the_run_draws_the_heatmap_it_was_trained_to_draw(tmp_path):
+    """explain, predict --cam, shortcuts and serve follow the run's `train --cam-method`; Grad-CAM otherwise."""
+    paths = _images(tmp_path)
+    layercam_run = _saved(tmp_path / "layercam", ["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5,
+                          training_config={"cam_method": "layercam"})
+    plain_run = _saved(tmp_path / "plain", ["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5)
+    assert (layercam_run.cam_method, plain_run.cam_method) == ("layercam", "gradcam")
+
+    default = explain_files(layercam_run, paths[:1], tmp_path / "default")[0]
+    explicit = explain_files(layercam_run, paths[:1], tmp_path / "explicit", method="layercam")[0]
+    gradcam = explain_files(layercam_run, paths[:1], tmp_path / "gradcam", method="gradcam")[0]
+
+    assert default["overlay"].name == "a_layercam.png"
+    np.testing.assert_array_equal(np.load(default["map"]), np.load(explicit["map"]))
+    assert not np.array_equal(np.load(default["map"]), np.load(gradcam["map"]))
+    assert explain_files(plain_run, paths[:1], tmp_path / "plain-out")[0]["overlay"].name == "a_gradcam.png"

@@ -59,6 +59,7 @@ def test_server_predicts_like_the_cli_with_a_heatmap(client, run, tmp_path, make
     assert overlay.width >= 48 and overlay.height > 48  # the model's 48 x 48 crop plus the caption strip
     heat = np.frombuffer(base64.b64decode(answer["gradcam_map"]["float32_base64"]), "<f4").reshape(answer["gradcam_map"]["shape"])
     assert heat.shape == (48, 48) and 0 <= heat.min() and heat.max() <= 1
+    assert answer["cam_method"] == "gradcam"  # a run trained without --cam-method
     status, plain = post(client, "a.png", image.read_bytes())
     assert status == 200 and "gradcam_png" not in plain and plain["probabilities"] == answer["probabilities"]
 

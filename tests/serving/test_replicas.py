@@ -50,7 +50,7 @@ def test_onnxruntime_answers_as_torch_and_still_draws_heatmaps(run, tmp_path, ma
     for i, mode in enumerate(["L", "RGB", "L"]):  # three requests: both replicas of each server answer
         image = make_image(tmp_path / f"{i}.png", mode, size=(70 + i, 64))
         a, b = post(torch_client, image), post(onnx_client, image, "?cam=true")
-        assert set(a) | {"gradcam_png"} == set(b) and a["predicted"] == b["predicted"] and a["ood"] == b["ood"]
+        assert set(a) | {"gradcam_png", "cam_method"} == set(b) and a["predicted"] == b["predicted"] and a["ood"] == b["ood"]
         fp32 = predict_files(load_model(run), [image], accelerator="cpu", precision="32-true")[0]  # torch, no autocast
         assert max(abs(fp32[f"prob_{c}"] - b["probabilities"][c]) for c in b["probabilities"]) < 1e-4
         assert b["ood_score"] == pytest.approx(fp32["ood_score"], rel=1e-4, abs=1e-4)

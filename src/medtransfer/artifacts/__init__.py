@@ -278,6 +278,13 @@ class SavedModel:
         return self.info.threshold
 
     @property
+    def cam_method(self) -> str:
+        """The heatmap method the run was trained to draw (`train --cam-method`): explain, predict --cam,
+        shortcuts and serve default to it, so they show what the report's gallery showed."""
+        method = (self.info.training_config or {}).get("cam_method")
+        return method if isinstance(method, str) and method else "gradcam"
+
+    @property
     def temperature(self) -> float:
         return self.info.temperature
 

@@ -26,13 +26,14 @@ def explain_files(
     paths: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    method: str = "gradcam",
+    method: str | None = None,
     target_layer: str | None = None,
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
     """Explain the prediction of a saved model for each image file.
 
-    Images are preprocessed as prediction does (see :func:`prepare_images`). The explained
+    ``method`` None is the run's own (``saved_model.cam_method``: its ``train --cam-method``, else
+    Grad-CAM). Images are preprocessed as prediction does (see :func:`prepare_images`). The explained
     class is the prediction: for two classes the positive class when its temperature-scaled
     probability reaches the saved threshold, else the other class; for more classes the
     argmax; a seed ensemble or a model with test-time augmentation decides with every member
@@ -48,6 +49,7 @@ def explain_files(
         raise ConfigError(f"--batch-size: got {batch_size}; use 1 or more")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    method = method or getattr(saved_model, "cam_method", "gradcam")
     classes = list(saved_model.classes)
     positive, threshold = saved_model.positive_index, saved_model.threshold
 

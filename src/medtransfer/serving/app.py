@@ -84,8 +84,8 @@ def create_app(
     @api.post("/predict")
     def predict(
         file: UploadFile = File(...),
-        cam: bool = Query(False, description="Add a Grad-CAM overlay (PNG, base64)"),
-        cam_values: bool = Query(False, description="Add the Grad-CAM map itself (float32, base64)"),
+        cam: bool = Query(False, description="Add a heatmap overlay (PNG, base64): the run's --cam-method, Grad-CAM by default"),
+        cam_values: bool = Query(False, description="Add the heatmap itself (float32, base64)"),
     ) -> dict:
         name = str(file.filename or "upload")
         payload = file.file.read()

@@ -87,6 +87,7 @@ class Replicas:
             if answer["ood"]:
                 answer["ood_message"] = OOD_MESSAGE
         if heat is not None:
+            answer["cam_method"] = saved.cam_method  # the keys below keep their historical gradcam_ names
             index = int(decision.predicted[0])
             caption = prediction_caption(saved.classes, decision.probabilities[0], index,
                                          positive_index=saved.positive_index, threshold=saved.threshold)
@@ -101,8 +102,9 @@ class Replicas:
 
     @staticmethod
     def _heatmap(replica: Replica, image: torch.Tensor, index: int) -> np.ndarray:
-        """Grad-CAM of the class shown to the user, on this request's own model copy."""
+        """The run's heatmap (Grad-CAM unless trained with another --cam-method) of the class shown to the
+        user, on this request's own model copy."""
         x = image.to(replica.classify.device)
-        with ClassActivationMap(replica.saved.model, method="gradcam") as explain:
+        with ClassActivationMap(replica.saved.model, method=replica.saved.cam_method) as explain:
             result = explain(x, class_index=index)
         return result.maps[0].cpu().numpy().astype(np.float32)
