@@ -93,7 +93,8 @@ async function classify(file, cam, block) {
     block.prepend(el("p", `${answer.ood_message} (OOD score ${answer.ood_score.toFixed(3)} > ${answer.ood_threshold.toFixed(3)})`, "error ood"));
   }
   if (answer.gradcam_png) {
-    const img = el("img"); img.alt = `${answer.cam_method || "gradcam"} heatmap of ${file.name}`;
+    const method = {cam: "CAM", gradcam: "Grad-CAM", "gradcam++": "Grad-CAM++", layercam: "LayerCAM"}[answer.cam_method];
+    const img = el("img"); img.alt = `${method || "Grad-CAM"} heatmap of ${file.name}`;
     img.src = "data:image/png;base64," + answer.gradcam_png; block.append(img);
   }
 }
