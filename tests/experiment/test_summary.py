@@ -32,3 +32,19 @@ def test_a_failed_cell_appears_with_its_error_in_the_tables():
     }
     title, header, rows = tables(summary, ["test"])[0]
     assert rows == [["lr=1", "lr=1", "0", "failed", "boom"]]
+
+
+def _comparison(seeds: list[int], diffs: list[float]) -> dict:
+    per_seed = [{"seed": s, "auc_diff": d, "ci": (d - 0.01, d + 0.01), "p_bootstrap": 0.5, "p_delong": 0.5}
+                for s, d in zip(seeds, diffs)]
+    return {"set": "test", "a": "A", "b": "B", "per_seed": per_seed,
+            "across_seeds": {**spread(diffs), "p_paired_t": None if len(diffs) < 2 else 0.2}}
+
+
+def test_the_across_seeds_row_appears_only_with_two_or_more_seeds():
+    base = {"cells": [], "configurations": {}}
+    one = tables({**base, "comparisons": [_comparison([0], [0.011])]}, [])[-1][2]
+    two = tables({**base, "comparisons": [_comparison([0, 1], [0.011, 0.005])]}, [])[-1][2]
+    assert [row[3] for row in one] == ["0"]  # a one-seed "all" row would only repeat seed 0
+    assert [row[3] for row in two] == ["0", "1", "all (2)"]
+    assert two[-1][4] == "+0.008 ± 0.004 [+0.005, +0.011]" and two[-1][5] == "paired t: 0.200"

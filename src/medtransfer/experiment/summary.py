@@ -194,8 +194,9 @@ def tables(summary: dict[str, Any], eval_sets: list[str]) -> list[tuple[str, lis
                          h.format_with_ci(t["auc_diff"], t["ci"], signed=True) if "auc_diff" in t else t["error"],
                          _p(t.get("p_bootstrap")), _p(t.get("p_delong"))])
         across = comp["across_seeds"]
-        rows.append([comp["set"], comp["a"], comp["b"], f"all ({across['n']})", _stat(across, signed=True),
-                     f"paired t: {_p(across['p_paired_t'])}", ""])
+        if across["n"] > 1:  # with one shared seed the row would only repeat that seed's difference
+            rows.append([comp["set"], comp["a"], comp["b"], f"all ({across['n']})", _stat(across, signed=True),
+                         f"paired t: {_p(across['p_paired_t'])}", ""])
     out.append(("Paired comparisons: AUC(a) - AUC(b)", ["set", "a", "b", "seed", "AUC difference",
                                                        "p (patient bootstrap)", "p (DeLong)"], rows))
     return out
