@@ -76,7 +76,9 @@ class ResumeCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.stopped = bool(trainer.should_stop)  # early stopping has decided by now
-        trainer.save_checkpoint(self.path)
+        # the whole training state (optimizer, schedulers, callbacks) for --resume; said explicitly,
+        # Lightning stops logging that weights_only was not set. Loading still never unpickles objects.
+        trainer.save_checkpoint(self.path, weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stopped": self.stopped}
