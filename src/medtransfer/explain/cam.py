@@ -63,9 +63,11 @@ from medtransfer.explain.grid import FeatureGrid, feature_grid, upsample
 from medtransfer.explain.layers import candidate_layers, eval_mode, spatial_layers, stride_layer
 from medtransfer.explain.occlusion import occlusion_sensitivity
 
-__all__ = ["LAYERCAM_STRIDE", "LAYER_FREE", "METHODS", "CamResult", "ClassActivationMap"]
+__all__ = ["LAYERCAM_STRIDE", "LAYER_FREE", "METHODS", "METHOD_NAMES", "CamResult", "ClassActivationMap"]
 
 METHODS = ("cam", "gradcam", "gradcam++", "layercam", "occlusion")
+METHOD_NAMES = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM",
+                "occlusion": "occlusion sensitivity"}  # as people write them, for pages and captions
 LAYER_FREE = "input"  # target_layer reported by the occlusion method, which needs none
 
 LAYERCAM_STRIDE = 16  # LayerCAM's default layer: the last stage at this stride

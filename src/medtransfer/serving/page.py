@@ -5,6 +5,10 @@ block per file. A token, when the server needs one, is typed into the page or gi
 as ``/?token=...``; it is kept in localStorage and sent as ``Authorization: Bearer``.
 """
 
+import json
+
+from medtransfer.explain.cam import METHOD_NAMES
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>medtransfer</title>
 <link rel="icon" href="data:,">
@@ -68,6 +72,7 @@ async function loadCard() {
   target.replaceChildren(...parts);
 }
 
+const METHOD_NAMES = __METHOD_NAMES__;
 async function classify(file, cam, block) {
   if (card && file.size > card.max_upload_mb * 1048576) {
     block.append(el("p", `${file.name}: upload too large (${(file.size / 1048576).toFixed(1)} MB); ` +
@@ -93,8 +98,7 @@ async function classify(file, cam, block) {
     block.prepend(el("p", `${answer.ood_message} (OOD score ${answer.ood_score.toFixed(3)} > ${answer.ood_threshold.toFixed(3)})`, "error ood"));
   }
   if (answer.gradcam_png) {
-    const method = {cam: "CAM", gradcam: "Grad-CAM", "gradcam++": "Grad-CAM++", layercam: "LayerCAM"}[answer.cam_method];
-    const img = el("img"); img.alt = `${method || "Grad-CAM"} heatmap of ${file.name}`;
+    const img = el("img"); img.alt = `${METHOD_NAMES[answer.cam_method] || "Grad-CAM"} heatmap of ${file.name}`;
     img.src = "data:image/png;base64," + answer.gradcam_png; block.append(img);
   }
 }
@@ -116,3 +120,4 @@ loadCard();
 <p class="muted">Research software: not a medical device.</p>
 </body></html>
 """
+PAGE = PAGE.replace("__METHOD_NAMES__", json.dumps(METHOD_NAMES))  # the one mapping, explain.cam's
