@@ -15,6 +15,7 @@ LAYERS: dict[str, int] = {
     "safeio": 1,
     "runtime": 2,
     "rundir": 2,
+    "task": 2,
     "config": 3,
     "data": 3,
     "models": 3,

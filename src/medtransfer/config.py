@@ -21,6 +21,7 @@ import yaml
 
 from medtransfer.errors import ConfigError
 from medtransfer.rundir import CONFIG_FILE, write_yaml_atomic
+from medtransfer.task import TASK_KINDS, UNCERTAIN_POLICIES
 
 DISTRIBUTED = ("auto", "ddp", "ddp_spawn")  # Lightning strategies `train --distributed` passes on
 
@@ -102,6 +103,12 @@ class TrainConfig:
     # classes: OLD -> NEW renames or merges (--class-map OLD=NEW); names of an .npz file's label indices
     class_map: dict[str, str] = field(default_factory=dict)
     class_names: list[str] | None = None
+    # multi-label data (medtransfer.task, data/manifest.py): told by the source unless `task` says which
+    task: str = "auto"  # auto, single-label or multi-label; a run's config.yaml holds the resolved kind
+    labels_column: str | None = None  # CSV column of |-separated findings (default: labels or Finding Labels)
+    findings: list[str] | None = None  # the findings to train on, in output order (default: every finding found)
+    uncertain: str = "ignore"  # CheXpert's -1 labels: ones, zeros or ignore (masked out of loss and metrics)
+    views: list[str] | None = None  # keep only these views: frontal, lateral (CSV column, file names, DICOM tag)
     # experiments and tracking
     split_file: str | None = None  # a split.csv (from `medtransfer split`) used as is instead of drawing a split
     logger: str = "csv"  # csv, tensorboard or mlflow (train/tracking.py): settings and per-epoch metrics in RUN/logs/
@@ -198,6 +205,9 @@ class TrainConfig:
             (self.mixup >= 0, "mixup", self.mixup, "0 (off) or a positive Beta alpha, e.g. 0.2"),
             (self.cutmix >= 0, "cutmix", self.cutmix, "0 (off) or a positive Beta alpha, e.g. 1.0"),
             (self.ensemble >= 1, "ensemble", self.ensemble, "1 (one model) or the number of seed-ensemble members, e.g. 3"),
+            (self.task in ("auto", *TASK_KINDS), "task", self.task, "auto, single-label or multi-label"),
+            (self.uncertain in UNCERTAIN_POLICIES, "uncertain", self.uncertain, "ones, zeros or ignore"),
+            (not self.views or set(self.views) <= {"frontal", "lateral"}, "views", self.views, "frontal, lateral or frontal,lateral"),
         ]
         for ok, name, value, expected in checks:
             if not ok:
@@ -377,6 +387,7 @@ def _augment(key: str, value: Any, default: Any, source: str) -> str:
 
 _SPECIAL = {
     "test_fraction": _optional_fraction, "class_map": _class_map, "class_names": _class_names, "augment": _augment,
+    "findings": _class_names, "views": _class_names,
 }
 
 

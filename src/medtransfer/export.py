@@ -8,6 +8,12 @@ applies the threshold chosen on validation to exactly what `predict` reports. Ev
 needed to preprocess and decide (classes, positive class, threshold, image size, crop,
 mean/std) travels in the file's metadata as JSON under the key "medtransfer".
 
+A multi-label model (metadata "task": "multi-label"; "classes" are its findings) has the same
+outputs, but "probabilities" is sigmoid(logits_k / temperature_k) per finding, the per-finding
+temperatures applied inside the graph; a finding is called where its probability reaches its
+threshold, "thresholds" in the metadata (one per finding, in "classes" order, beside
+"temperatures").
+
 The graph is `SavedModel.network`: a seed ensemble's members and the test-time augmentation
 views (models/inference.py) run inside it and their logits are averaged there, so a
 deployment feeds the one evaluation crop and gets what `predict` reports.
@@ -30,21 +36,27 @@ from medtransfer.ood import ScoredModel
 PREPROCESSING_KEYS = (
     "backbone", "classes", "positive_class", "threshold", "threshold_policy", "temperature", "image_size",
     "decode_size", "eval_crop_fraction", "mean", "std", "in_channels", "output_stride", "tta", "members",
-    "border_crop",
+    "border_crop", "task", "thresholds", "temperatures",
 )
 
 
 class CalibratedClassifier(nn.Module):
-    """logits and softmax(logits / temperature), as `predict` computes them."""
+    """logits and softmax(logits / temperature), as `predict` computes them; with ``multilabel``,
+    sigmoid(logits / temperature) where ``temperature`` holds one value per finding."""
 
-    def __init__(self, model: nn.Module, temperature: float):
+    def __init__(self, model: nn.Module, temperature: float | tuple[float, ...], *, multilabel: bool = False):
         super().__init__()
         self.model = model
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.multilabel = multilabel
+        self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        scaled = logits / self.temperature  # multi-label: (findings,) broadcast over the batch
+        return torch.sigmoid(scaled) if self.multilabel else torch.softmax(scaled, dim=1)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(image)
-        return logits, torch.softmax(logits / self.temperature, dim=1)
+        return logits, self.calibrated(logits)
 
 
 class ScoredCalibratedClassifier(CalibratedClassifier):
@@ -52,7 +64,14 @@ class ScoredCalibratedClassifier(CalibratedClassifier):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, score = self.model(image)
-        return logits, torch.softmax(logits / self.temperature, dim=1), score
+        return logits, self.calibrated(logits), score
+
+
+def calibration_of(saved: SavedModel) -> dict:
+    """CalibratedClassifier's settings for `saved`: its one temperature, or one per finding (multi-label)."""
+    if saved.task.multilabel:
+        return {"temperature": tuple(saved.info.temperatures), "multilabel": True}
+    return {"temperature": float(saved.temperature)}
 
 
 def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, tolerance: float = 1e-4) -> Path:
@@ -69,9 +88,9 @@ def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, to
     out.parent.mkdir(parents=True, exist_ok=True)
     network = saved.network.eval()  # every ensemble member over every TTA view, averaged inside the graph
     if saved.ood is None:
-        wrapper = CalibratedClassifier(network, saved.temperature).eval()
+        wrapper = CalibratedClassifier(network, **calibration_of(saved)).eval()
     else:  # an extra output ood_score (the first member's, evaluation crop); its threshold travels in the metadata
-        wrapper = ScoredCalibratedClassifier(ScoredModel(network, saved.ood), saved.temperature).eval()
+        wrapper = ScoredCalibratedClassifier(ScoredModel(network, saved.ood), **calibration_of(saved)).eval()
     outputs = ["logits", "probabilities"] + (["ood_score"] if saved.ood is not None else [])
     size = saved.info.image_size
     example = torch.randn(2, saved.info.in_channels, size, size)

@@ -1,4 +1,10 @@
-"""`medtransfer predict`: class probabilities for new images from a saved model (no pickle)."""
+"""`medtransfer predict`: class probabilities for new images from a saved model (no pickle).
+
+One row per image. Single-label: ``path, prob_<class>..., pred``. Multi-label (the model's
+task asks): ``path, prob_<finding>..., pred_<finding>... (0/1 at the finding's saved threshold),
+findings`` (those called, ``|``-joined, most probable first). Both add ``ood_score, ood`` when the
+model has an OOD detector.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import csv
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 from rich.console import Console
@@ -21,6 +28,7 @@ from medtransfer.runtime import (
     autocast, default_num_workers, device_for, map_in_order, place_batch, place_model, resolve_accelerator,
     resolve_precision,
 )
+from medtransfer.task import join_findings
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -96,14 +104,25 @@ def with_tta_override(saved: SavedModel, tta: str | None, console: Console) -> S
 
 
 def decision_row(saved: SavedModel, path: str, decision: Decision, i: int, scores: np.ndarray | None = None) -> dict:
-    """path, prob_<class> per class, pred (and ood_score, ood = in/out with a detector): one image's row."""
+    """path, prob_<class> per class, pred (and ood_score, ood = in/out with a detector): one image's row.
+    Multi-label: path, prob_<finding>..., pred_<finding>... (0/1), findings (called, most probable first)."""
     row = {"path": path}
     row.update({f"prob_{c}": float(decision.probabilities[i, k]) for k, c in enumerate(saved.classes)})
-    row["pred"] = saved.classes[int(decision.predicted[i])]
+    if saved.task.multilabel:
+        row.update({f"pred_{c}": int(decision.predicted[i, k]) for k, c in enumerate(saved.classes)})
+        row["findings"] = join_findings(called_findings(saved.classes, decision.probabilities[i], decision.predicted[i]))
+    else:
+        row["pred"] = saved.classes[int(decision.predicted[i])]
     if scores is not None:
         row["ood_score"] = float(scores[i])
         row["ood"] = "out" if saved.ood.flags(scores[i]) else "in"
     return row
+
+
+def called_findings(findings: list[str], probabilities, predicted) -> list[str]:
+    """The findings called (predicted 1), most probable first (ties in the model's order)."""
+    order = sorted(range(len(findings)), key=lambda k: -float(probabilities[k]))
+    return [findings[k] for k in order if predicted[k]]
 
 
 def predict_files(saved: SavedModel, paths: list[Path], **options) -> list[dict]:
@@ -189,9 +208,10 @@ def stream_predictions(
 
 
 def write_rows(rows: Iterable[dict], path: Path) -> int:
-    """Write rows to a CSV as they come (a stream is never held in memory); returns how many."""
+    """Write rows to a CSV as they come (a stream is never held in memory); returns how many.
+    UTF-8; a file name that is not UTF-8 is kept byte for byte (surrogateescape), as split.csv keeps it."""
     count = 0
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = None
         for row in rows:
             if writer is None:
@@ -201,6 +221,42 @@ def write_rows(rows: Iterable[dict], path: Path) -> int:
             count += 1
     return count
 
+
+def prediction_table(saved: SavedModel, rows: list[dict]):
+    """The console table of `medtransfer predict` (rich): single-label, p(class) per class and the
+    predicted class; multi-label, the findings called with their probabilities. ood_score when scored."""
+    from rich.table import Table
+
+    scored = saved.ood is not None
+    table = Table()
+    table.add_column("path", overflow="fold")
+    multilabel = saved.task.multilabel
+    if multilabel:
+        table.add_column("findings (p >= the finding's threshold)", overflow="fold")
+    else:
+        for c in saved.classes:
+            table.add_column(f"p({c})", justify="right")
+        table.add_column("predicted")
+    if scored:
+        table.add_column("ood_score", justify="right")
+    for row in rows:
+        ood = [f"{row['ood_score']:.3f}" + (" FOREIGN" if row["ood"] == "out" else "")] if scored else []
+        if multilabel:
+            called = called_findings(saved.classes, [row[f"prob_{f}"] for f in saved.classes],
+                                     [row[f"pred_{f}"] for f in saved.classes])
+            table.add_row(row["path"], ", ".join(f"{f} {row[f'prob_{f}']:.3f}" for f in called) or "none", *ood)
+        else:
+            table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"], *ood)
+    return table
+
+
+def operating_point_text(saved: SavedModel) -> str:
+    """One line naming the saved operating point (printed under the table)."""
+    info = saved.info
+    if saved.task.multilabel:
+        pairs = ", ".join(f"{f} {t:.3f}" for f, t in zip(info.classes, info.thresholds))
+        return f"thresholds per finding on p(finding): {pairs}"
+    return f"threshold {info.threshold:.3f} on p({info.positive_class})"
 
 
 RUNTIMES = ("torch", "onnxruntime")

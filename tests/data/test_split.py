@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from medtransfer.data.split import (
     read_split_csv,
     resplit,
     split_summary,
+    summary_lines,
     write_split_csv,
 )
 from medtransfer.errors import ConfigError, DataError
@@ -459,3 +461,194 @@ def test_resplit_with_hashes_keeps_near_duplicates_of_different_patients_togethe
         assert check_leakage(resplit(records, seed=seed, hashes=hashes), hashes=hashes).clean
         leaked += len(check_leakage(resplit(records, seed=seed), hashes=hashes).near_duplicates)
     assert leaked > 0  # without the hashes the copies do land on both sides
+
+
+# --------------------------------------------------------------------------- multi-label: split.csv, split, summary
+
+FINDINGS = ("Effusion", "Infiltration", "Mass", "Nodule", "Hernia")
+PREVALENCE = (0.4, 0.2, 0.1, 0.05, 0.02)  # per image; the last is as rare as NIH's Hernia
+
+
+def make_multilabel_records(seed: int, *, patients: int = 300, masked_share: float = 0.1) -> list[Record]:
+    """Patients with 1-4 images; a patient's findings mostly recur on each of its images; some labels unknown."""
+    rng = random.Random(seed)
+    records = []
+    for p in range(patients):
+        carried = [f for f, prevalence in zip(FINDINGS, PREVALENCE) if rng.random() < prevalence / 0.8]
+        for i in range(rng.randint(1, 4)):
+            present = [f for f in carried if rng.random() < 0.8]
+            masked = tuple(f for f in FINDINGS if f not in present and rng.random() < masked_share / len(FINDINGS))
+            records.append(Record(Path(f"/nih/p{p:03d}_{i}.png"), "|".join(present), f"p{p:03d}", "train", masked))
+    return records
+
+
+def positives(records: list[Record], finding: str) -> int:
+    return sum(finding in r.label.split("|") and finding not in r.masked for r in records)
+
+
+def prevalence_error(records: list[Record], finding: str, split: str = "val") -> float:
+    """|prevalence in `split` - overall prevalence| (known positives per image)."""
+    drawn = [r for r in records if r.split == split]
+    return abs(positives(drawn, finding) / len(drawn) - positives(records, finding) / len(records))
+
+
+def naive_patient_split(records: list[Record], *, fraction: float, seed: int) -> list[Record]:
+    """Whole patients in a seeded random order until `fraction` of the images: no stratification."""
+    patients = sorted({r.patient_id for r in records})
+    random.Random(seed).shuffle(patients)
+    images = Counter(r.patient_id for r in records)
+    chosen, taken = set(), 0
+    for patient in patients:
+        if taken >= fraction * len(records):
+            break
+        chosen.add(patient)
+        taken += images[patient]
+    return [replace(r, split="val" if r.patient_id in chosen else "train") for r in records]
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [Record(Path("/x/a.png"), "Mass|Nodule", "p1", "train", ("Effusion",), "frontal")],
+        [Record(Path("/x/a.png"), "", "p1", "val", ("Effusion", "Mass")), Record(Path("/x/b.png"), "Mass", "p2", None)],
+        [Record(Path("/x/a.png"), "", "p1", "test", (), "lateral"), Record(Path("/x/b.png"), "", "p1", "test")],
+        [Record(Path("/x/a.png"), "NORMAL", "p1", "train", view="frontal")],  # single-label with a view
+    ],
+    ids=["masked-and-view", "masked-only-no-finding", "view-only-no-finding", "single-label-view"],
+)
+def test_split_csv_round_trips_masked_findings_and_view(tmp_path, records):
+    path = tmp_path / "split.csv"
+    write_split_csv(records, path)
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "path,label,patient_id,split,masked,view"
+    assert read_split_csv(path) == records
+
+
+def test_split_csv_without_masked_findings_or_views_is_unchanged(tmp_path):
+    records = [Record(Path("/x/a.png"), "NORMAL", "p1", "train"), Record(Path("/x/b.png"), "", "p2", None)]
+    path = tmp_path / "split.csv"
+    write_split_csv(records, path)
+    assert path.read_bytes() == b"path,label,patient_id,split\r\n/x/a.png,NORMAL,p1,train\r\n/x/b.png,,p2,\r\n"
+    assert read_split_csv(path) == records  # '' (no finding) reads back as ''
+
+
+def test_split_csv_masked_column_is_written_where_any_record_needs_it(tmp_path):
+    records = [Record(Path("/x/a.png"), "Mass", "p1", "train"), Record(Path("/x/b.png"), "", "p2", "val", ("Mass", "Hernia"))]
+    path = tmp_path / "split.csv"
+    write_split_csv(records, path)
+    assert path.read_text(encoding="utf-8").splitlines()[1:] == ["/x/a.png,Mass,p1,train,,", "/x/b.png,,p2,val,Mass|Hernia,"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_multilabel_resplit_keeps_patients_whole_and_every_finding_near_its_prevalence(seed):
+    records = make_multilabel_records(seed)
+    result = resplit(records, val_fraction=0.2, test_fraction=0.2, seed=seed, findings=FINDINGS)
+
+    assert sorted(r.path for r in result) == sorted(r.path for r in records)
+    by_split = patients_by_split(result)
+    assert set(by_split) == {"train", "val", "test"}
+    assert not (by_split["train"] & by_split["val"] or by_split["train"] & by_split["test"] or by_split["val"] & by_split["test"])
+    pool = [r for r in result if r.split != "test"]
+    assert abs(sum(r.split == "val" for r in pool) / len(pool) - 0.2) < 0.02
+    for finding in FINDINGS:
+        assert prevalence_error(result, finding, "test") < 0.02, finding
+        assert prevalence_error(pool, finding, "val") < 0.02, finding
+        assert positives([r for r in result if r.split == "train"], finding) > 0, finding  # every finding left to learn
+
+
+def test_multilabel_resplit_beats_a_random_patient_split_on_the_rare_finding():
+    stratified, naive = [], []
+    for seed in range(5):
+        records = make_multilabel_records(seed)
+        stratified.append(prevalence_error(resplit(records, test_fraction=0, seed=seed, findings=FINDINGS), "Hernia"))
+        naive.append(prevalence_error(naive_patient_split(records, fraction=0.2, seed=seed), "Hernia"))
+    assert max(stratified) < 0.005
+    assert sum(stratified) < sum(naive) / 2, (stratified, naive)
+
+
+def test_multilabel_resplit_is_deterministic_for_a_seed_and_differs_across_seeds():
+    records = make_multilabel_records(7)
+    first = assignment(resplit(records, seed=3, findings=FINDINGS))
+    assert assignment(resplit(list(records), seed=3, findings=FINDINGS)) == first
+    assert assignment(resplit(list(reversed(records)), seed=3, findings=FINDINGS)) == first
+    assert assignment(resplit(records, seed=4, findings=FINDINGS)) != first
+
+
+def test_multilabel_split_counts_masked_positives_as_unknown():
+    # One patient is positive for Mass only where Mass is masked: that is no positive, so the
+    # one real Mass patient must stay on the train side.
+    records = [Record(Path(f"/x/n{i}.png"), "", f"n{i}", "train") for i in range(20)]
+    records.append(Record(Path("/x/m.png"), "Mass", "m", "train"))
+    records.append(Record(Path("/x/u.png"), "Mass", "u", "train", ("Mass",)))
+    for seed in range(6):
+        result = grouped_stratified_split(records, fraction=0.3, seed=seed, name="val", rest="train", findings=("Mass",))
+        assert next(r.split for r in result if r.patient_id == "m") == "train"
+
+
+@pytest.mark.parametrize("findings", [None, ("Mass",)])
+def test_too_few_patients_for_a_split_is_the_same_error_for_both_task_kinds(findings):
+    records = [Record(Path("/x/a.png"), "Mass", "p1", "train"), Record(Path("/x/b.png"), "Mass", "p1", "train")]
+    with pytest.raises(DataError, match=r"--val-fraction 0.2: too few patients \(1\) to draw a val split; add images"):
+        grouped_stratified_split(records, fraction=0.2, seed=0, name="val", rest="train", findings=findings)
+
+
+def test_multilabel_split_merges_patients_that_share_an_image():
+    records = make_multilabel_records(2, patients=60)
+    group_of = {f"p{p:03d}": "p000" for p in range(0, 60, 10)}  # six patients filed as copies of p000
+    result = grouped_stratified_split(records, fraction=0.3, seed=1, name="val", rest="train", group_of=group_of, findings=FINDINGS)
+    assert len({r.split for r in result if r.patient_id in group_of}) == 1
+
+
+def test_split_summary_per_finding_for_multilabel():
+    records = [
+        Record(Path("/x/1.png"), "Mass|Nodule", "p1", "train"),
+        Record(Path("/x/2.png"), "Mass", "p1", "train", ("Nodule",)),
+        Record(Path("/x/3.png"), "", "p2", "train", ("Mass",)),
+        Record(Path("/x/4.png"), "Hernia", "p3", "train"),  # a finding outside the task
+        Record(Path("/x/5.png"), "Nodule", "p4", "val", ("Nodule",)),  # masked wins: unknown, not positive
+        Record(Path("/x/6.png"), "", "p5", "val"),
+    ]
+    assert split_summary(records, findings=("Mass", "Nodule")) == {
+        "train": {
+            "Mass": {"images": 2, "patients": 1, "known": 3},
+            "Nodule": {"images": 1, "patients": 1, "known": 3},
+            "No Finding": {"images": 2, "patients": 2, "known": 4},
+        },
+        "val": {
+            "Mass": {"images": 0, "patients": 0, "known": 2},
+            "Nodule": {"images": 0, "patients": 0, "known": 1},
+            "No Finding": {"images": 2, "patients": 2, "known": 2},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "summary, line",
+    [
+        (
+            {"train": {"NORMAL": {"images": 3, "patients": 2}, "PNEUMONIA": {"images": 1, "patients": 1}}},
+            "  train: NORMAL 3 images / 2 patients, PNEUMONIA 1 images / 1 patients",
+        ),
+        (
+            {"val": {"Mass": {"images": 2, "patients": 1, "known": 4}, "No Finding": {"images": 2, "patients": 2, "known": 4}}},
+            "  val  : Mass 2 images / 1 patients, No Finding 2 images / 2 patients",
+        ),
+        (
+            {"val": {"Mass": {"images": 0, "patients": 0, "known": 3}, "No Finding": {"images": 2, "patients": 2, "known": 4}}},
+            "  val  : Mass 0 images / 0 patients (3 known), No Finding 2 images / 2 patients",
+        ),
+    ],
+    ids=["single-label", "multi-label-all-known", "multi-label-some-unknown"],
+)
+def test_summary_lines_one_line_per_split(summary, line):
+    assert summary_lines(summary) == [line]
+
+
+def test_multilabel_summary_lines_print_one_line_per_split():
+    records = resplit(make_multilabel_records(1), seed=0, findings=FINDINGS)
+    summary = split_summary(records, findings=FINDINGS)
+    lines = summary_lines(summary)
+    assert [line.split(":")[0].strip() for line in lines] == ["test", "train", "val"]
+    for split, per_finding in summary.items():
+        assert list(per_finding) == [*FINDINGS, "No Finding"]
+        assert per_finding["No Finding"]["known"] == sum(r.split == split for r in records)
+        assert per_finding["Hernia"]["images"] == positives([r for r in records if r.split == split], "Hernia")

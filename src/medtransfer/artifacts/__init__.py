@@ -4,7 +4,8 @@ Loading never unpickles: tensors come from safetensors, everything else from JSO
 JSON (:class:`ModelInfo`) carries what is needed to rebuild the network and preprocess an
 image exactly as in evaluation (decode size, crop, normalisation), plus the operating point
 chosen on validation: the calibration temperature, the decision threshold and the positive
-class. :class:`SavedModel` turns an image into the model's input (:meth:`SavedModel.preprocess`)
+class, or for a multi-label model (``task``: ``multi-label``, one sigmoid per finding) one
+temperature and one threshold per finding. :class:`SavedModel` turns an image into the model's input (:meth:`SavedModel.preprocess`)
 and logits into a decision (:meth:`SavedModel.decide`), so predict, export, serve, explain
 and the benchmarks prepare and decide one way.
 
@@ -22,7 +23,7 @@ import platform
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,18 +31,16 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.transforms import v2
 
-from medtransfer.artifacts.fields import checked as _checked, integer as _integer, mapping as _mapping
-from medtransfer.artifacts.fields import real as _real, reals as _reals, text as _text, texts as _texts
+from medtransfer.artifacts.fields import PARSERS, FieldError, check_together
 from medtransfer.data.datamodule import image_tensor
 from medtransfer.data.decode import decode_image
 from medtransfer.data.transforms import eval_transform, with_border_crop
-from medtransfer.errors import DataError, MedtransferError, WeightsError
-from medtransfer.models.backbones import OUTPUT_STRIDES
-from medtransfer.models.heads import HEADS
-from medtransfer.models.inference import TTA_MODES, check_tta, inference_network, load_member
+from medtransfer.errors import ConfigError, DataError, MedtransferError, WeightsError
+from medtransfer.models.inference import check_tta, inference_network, load_member
 from medtransfer.models.strategies import TransferModel
 from medtransfer.ood import OODDetector, load_detector
 from medtransfer.safeio import atomic_path, write_text_atomic
+from medtransfer.task import MULTI_LABEL, SINGLE_LABEL, Task
 
 MODEL_DIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
@@ -60,14 +59,21 @@ class ModelInfo:
     """model.json, typed. Field order is the file's key order; optional fields that are None are not written.
 
     Defaults exist only for fields that older model.json files may lack (output_stride came
-    with the dilated backbones; the rest is description, not needed to predict).
+    with the dilated backbones, task with multi-label models; the rest is description, not needed
+    to predict), and for the operating point of the other task kind: a single-label model has
+    positive_class, threshold and temperature; a multi-label one (``classes`` are its findings) has
+    thresholds and temperatures instead, one per finding in ``classes`` order. ``task`` is written
+    only for multi-label, so single-label files stay as they were.
     """
 
     backbone: str
+    task: str = SINGLE_LABEL  # medtransfer.task: single-label (softmax) or multi-label (one sigmoid per finding)
     classes: tuple[str, ...]
-    positive_class: str
-    threshold: float  # on the temperature-scaled probability of positive_class
-    temperature: float = 1.0
+    positive_class: str | None = None  # single-label only (required there)
+    threshold: float | None = None  # single-label: on the temperature-scaled probability of positive_class
+    temperature: float = 1.0  # single-label; not written for multi-label
+    thresholds: tuple[float, ...] | None = None  # multi-label: on sigmoid(logit_k / temperatures[k]), per finding
+    temperatures: tuple[float, ...] | None = None  # multi-label: one per finding
     image_size: int
     decode_size: int  # side of the decoded (cached) image, before resize + centre crop
     eval_crop_fraction: float = 0.875
@@ -90,16 +96,27 @@ class ModelInfo:
     border_crop: float | None = None  # fraction cut off each side of the decoded image first (train --border-crop); None: 0
 
     @property
+    def task_object(self) -> Task:
+        """The task (medtransfer.task.Task): what the outputs mean and how they are decided."""
+        return Task(self.task, self.classes)
+
+    @property
     def positive_index(self) -> int:
+        if self.positive_class is None:
+            raise ConfigError(f"a {self.task} model has no positive class or single threshold: it decides per finding "
+                              f"({', '.join(self.classes)}); this step supports single-label models only")
         return self.classes.index(self.positive_class)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object (lists for tuples; None fields left out), without format_version."""
+        """The JSON object (lists for tuples; None fields left out), without format_version.
+        ``task`` single-label (the default) and a multi-label model's unused temperature 1.0 are left out too."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is not None:
-                out[f.name] = list(value) if isinstance(value, tuple) else value
+            if (value is None or (f.name == "task" and value == SINGLE_LABEL)
+                    or (f.name == "temperature" and self.task == MULTI_LABEL and value == 1.0)):
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
@@ -119,18 +136,17 @@ class ModelInfo:
                 if f.default is dataclasses.MISSING:
                     raise WeightsError(f"{source}: field {f.name!r} is missing. {_FIX}")
                 continue
-            parse, expected = _PARSERS[f.name]
+            parse, expected = PARSERS[f.name]
             try:
                 values[f.name] = parse(data[f.name])
             except (TypeError, ValueError):
                 raise _field_error(source, f.name, expected, data[f.name]) from None
-        classes = values["classes"]
-        if values["positive_class"] not in classes:
-            raise _field_error(source, "positive_class", f"must be one of the classes ({', '.join(classes)})",
-                               values["positive_class"])
-        if len(values["std"]) != len(values["mean"]):
-            raise _field_error(source, "std", f"must have as many values as 'mean' ({len(values['mean'])})",
-                               data["std"])
+        try:
+            check_together(values)  # task kind, classes, operating point
+        except FieldError as problem:
+            if problem.missing:
+                raise WeightsError(f"{source}: field {problem.name!r} {problem.expected}. {_FIX}") from None
+            raise _field_error(source, problem.name, problem.expected, data[problem.name]) from None
         return cls(**values)
 
 
@@ -140,43 +156,12 @@ def _field_error(source: str | Path, name: str, expected: str, value: Any) -> We
     return WeightsError(f"{source}: field {name!r} {expected}; got {shown}. {_FIX}")
 
 
-_PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "backbone": (_text, "must be a backbone name (text)"),
-    "classes": (_checked(_texts, lambda c: len(c) >= 2 and len(set(c)) == len(c)),
-                "must be a list of at least 2 distinct class names"),
-    "positive_class": (_text, "must be a class name (text)"),
-    "threshold": (_checked(_real, lambda t: 0.0 <= t <= 1.0), "must be a number between 0 and 1"),
-    "temperature": (_checked(_real, lambda t: t > 0.0), "must be a number > 0"),
-    "image_size": (_checked(_integer, lambda n: n >= 1), "must be a whole number of pixels >= 1"),
-    "decode_size": (_checked(_integer, lambda n: n >= 1), "must be a whole number of pixels >= 1"),
-    "eval_crop_fraction": (_checked(_real, lambda f: 0.0 < f <= 1.0), "must be a number in (0, 1]"),
-    "mean": (_checked(_reals, lambda m: len(m) in (1, 3)), "must be a list of 1 or 3 numbers"),
-    "std": (_checked(_reals, lambda s: len(s) in (1, 3) and min(s) > 0), "must be a list of 1 or 3 numbers > 0"),
-    "in_channels": (_checked(_integer, lambda n: n in (1, 3)), "must be 1 or 3"),
-    "output_stride": (_checked(_integer, lambda n: n in OUTPUT_STRIDES),
-                      f"must be one of {', '.join(map(str, OUTPUT_STRIDES))}"),
-    "threshold_policy": (_text, "must be a threshold policy (text, e.g. 'youden')"),
-    "strategy": (_text, "must be a strategy name (text)"),
-    "frozen": (_texts, "must be a list of layer names"),
-    "training_config": (_mapping, "must be an object of setting: value"),
-    "versions": (_mapping, "must be an object of package: version"),
-    "head": (_checked(_text, lambda h: h in HEADS), f"must be one of {', '.join(HEADS)}"),
-    "wise_ft": (_mapping, "must be an object (alpha, criterion, grid, val_loss)"),
-    "provenance": (_mapping, "must be an object (trained, recalibrated)"),
-    "tta": (_checked(_text, lambda t: t in TTA_MODES), f"must be one of {', '.join(TTA_MODES)}"),
-    "members": (_checked(_texts, lambda m: len(m) >= 1 and all(n.endswith(".safetensors") and "/" not in n
-                                                                for n in m) and len(set(m)) == len(m)),
-                "must be a list of distinct .safetensors file names in the model folder"),
-    "border_crop": (_checked(_real, lambda f: 0.0 <= f < 0.5), "must be a fraction in [0, 0.5)"),
-}
-
-
 def model_info(
     model: TransferModel,
     *,
     classes: list[str],
-    positive_class: str,
-    threshold: float,
+    positive_class: str | None = None,
+    threshold: float | None = None,
     image_size: int,
     decode_size: int,
     temperature: float = 1.0,
@@ -191,15 +176,23 @@ def model_info(
     wise_ft: dict[str, Any] | None = None,
     tta: str = "none",
     border_crop: float = 0.0,
+    task: str = SINGLE_LABEL,
+    thresholds: list[float] | None = None,
+    temperatures: list[float] | None = None,
 ) -> ModelInfo:
     """The ModelInfo of `model`: backbone name and normalisation come from the model itself,
-    so they cannot disagree with the weights."""
+    so they cannot disagree with the weights. Single-label: `positive_class` and `threshold` (and
+    `temperature`); multi-label (`classes` are the findings): `thresholds` and `temperatures`, one
+    per finding, and no positive class or threshold. save_model checks the result as load_model does."""
     return ModelInfo(
         backbone=model.spec.name,
+        task=task,
         classes=tuple(classes),
         positive_class=positive_class,
-        threshold=float(threshold),
+        threshold=None if threshold is None else float(threshold),
         temperature=float(temperature),
+        thresholds=None if thresholds is None else tuple(float(t) for t in thresholds),
+        temperatures=None if temperatures is None else tuple(float(t) for t in temperatures),
         image_size=image_size,
         decode_size=decode_size,
         eval_crop_fraction=eval_crop_fraction,
@@ -242,8 +235,8 @@ def versions() -> dict[str, str]:
 class Decision:
     """What the saved operating point makes of a batch of logits."""
 
-    probabilities: np.ndarray  # (n, classes) float64: softmax(logits / temperature)
-    predicted: np.ndarray  # (n,) class indices
+    probabilities: np.ndarray  # (n, classes) float64: softmax(logits / T); multi-label sigmoid(logit_k / T_k)
+    predicted: np.ndarray  # (n,) class indices; multi-label (n, findings) 0/1 int: probability >= threshold_k
 
 
 @dataclass
@@ -270,11 +263,16 @@ class SavedModel:
         return list(self.info.classes)
 
     @property
+    def task(self) -> Task:
+        return self.info.task_object
+
+    @property
     def positive_index(self) -> int:
         return self.info.positive_index
 
     @property
-    def threshold(self) -> float:
+    def threshold(self) -> float | None:
+        """The single-label threshold (None for multi-label: info.thresholds, one per finding)."""
         return self.info.threshold
 
     @property
@@ -327,9 +325,14 @@ class SavedModel:
         return self.normalise(self.crop(self.decode(source)))
 
     def decide(self, logits: np.ndarray | torch.Tensor) -> Decision:
-        """Probabilities softmax(logits / temperature); predicted class by the saved operating point."""
+        """Probabilities softmax(logits / temperature); predicted class by the saved operating point.
+        Multi-label: sigmoid(logit_k / temperatures[k]) per finding, predicted 1 where it reaches thresholds[k]."""
         if isinstance(logits, torch.Tensor):
             logits = logits.detach().float().cpu().numpy()
+        if self.info.task == MULTI_LABEL:
+            task = self.task
+            probabilities = task.probabilities(logits, self.info.temperatures)
+            return Decision(probabilities, task.decide(probabilities, self.info.thresholds))
         probabilities = calibrated_probabilities(logits, self.info.temperature)
         return Decision(probabilities, predicted_classes(probabilities, self.info.positive_index, self.info.threshold))
 

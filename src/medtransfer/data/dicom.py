@@ -23,6 +23,9 @@ measured before pydicom expands them.
 
 pydicom's warnings about malformed values it works around are silenced: a file either
 decodes or fails with one :class:`~medtransfer.errors.DataError`.
+
+:func:`read_dicom_header` reads only the tags that group and filter images (PatientID,
+ViewPosition), never the pixel data; a deflated file is inflated by at most one step for it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import struct
 import warnings
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -39,13 +44,109 @@ from PIL import Image
 from medtransfer.data.limits import check_pixels
 from medtransfer.errors import DataError
 
-__all__ = ["dicom_to_image", "is_dicom"]
+__all__ = ["DicomHeader", "dicom_to_image", "is_dicom", "read_dicom_header"]
 
 _FIRST_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")  # (0002,xxxx) or (0008,xxxx), LE or BE
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS
 _STEP = 1 << 20  # bytes inflated at a time; the first step holds the header
+_HEADER_TAGS = (0x00100020, 0x00185101)  # PatientID, ViewPosition
+_HEAD = 8192  # bytes read to recognise a DICOM file and its transfer syntax
+_PIXEL_TAGS = {  # (7FE0,0008/0009/0010) as little- and big-endian bytes: where a complete header ends
+    *(struct.pack("<HH", 0x7FE0, e) for e in (8, 9, 0x10)), *(struct.pack(">HH", 0x7FE0, e) for e in (8, 9, 0x10))
+}
+
+
+class _Truncated(Exception):
+    """The header read ran into the end of the file."""
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The header values that group and filter images; blank values are None.
+
+    ``patient_id`` is the clear PatientID: hash it (``data.patients.dicom_patient_id``) before
+    it goes anywhere; it is left out of ``repr`` so that logging the header does not show it.
+    """
+
+    patient_id: str | None = field(repr=False)
+    view_position: str | None
+
+
+def read_dicom_header(path: str | Path) -> DicomHeader:
+    """PatientID and ViewPosition of a DICOM file, read without its pixel data.
+
+    Raises:
+        DataError: the file cannot be read, is not DICOM, its header is corrupt, or the file
+            ends before its pixel data (truncated: pydicom would silently shorten the last
+            value read). The message names the file, never the PatientID.
+    """
+    path = Path(path)
+    try:
+        import pydicom  # noqa: F401  (a clear message when missing)
+    except ImportError:
+        raise DataError("DICOM headers need pydicom: pip install pydicom") from None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD)
+    except OSError as exc:
+        raise DataError(
+            f"DICOM file {path}: cannot be read ({exc.strerror or exc}); check the path and its permissions"
+        ) from None
+    if not is_dicom(head):
+        raise DataError(
+            f"DICOM file {path}: not DICOM content (no 'DICM' marker, no DICOM first element); leave it out"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about every value it works around
+        try:
+            dataset = _deflated_header(path) if _DEFLATED.encode() in head else _plain_header(path)
+            values = [dataset.get(tag) for tag in _HEADER_TAGS]
+            patient, view = (None if v is None else str(v.value).strip() or None for v in values)
+        except _Truncated:
+            raise DataError(
+                f"DICOM file {path}: the header ends before the pixel data (a truncated file, or not an image); "
+                "re-export it or leave it out"
+            ) from None
+        except Exception as exc:  # pydicom raises many types for a corrupt header
+            raise DataError(
+                f"DICOM file {path}: unreadable header ({type(exc).__name__}); the file is corrupt or "
+                "truncated: re-export it or leave it out"
+            ) from None
+    return DicomHeader(patient_id=patient, view_position=view)
+
+
+def _plain_header(path: Path):
+    """The header tags; the read must stop at the pixel data, not at the end of the file."""
+    from pydicom import dcmread
+
+    with open(path, "rb") as handle:
+        dataset = dcmread(handle, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS), force=True)
+        if handle.read(4) not in _PIXEL_TAGS:  # pydicom reads a truncated value as a shorter one, silently
+            raise _Truncated
+    return dataset
+
+
+def _deflated_header(path: Path):
+    """The header tags of a deflated file from its first inflated step (pydicom would inflate all)."""
+    from pydicom.filereader import read_dataset, read_preamble
+
+    data = path.read_bytes()
+    stream = io.BytesIO(data)
+    read_preamble(stream, force=True)
+    read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag.group != 2)
+    head = b""
+    for piece in _inflated(memoryview(data)[stream.tell() :]):
+        head += piece
+        if len(head) >= _STEP:
+            break
+    stream = io.BytesIO(head)
+    dataset = read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                           stop_when=lambda tag, *_: tag > _HEADER_TAGS[-1], specific_tags=list(_HEADER_TAGS))
+    if stream.tell() >= len(head):  # ended inside the header tags: truncated
+        raise _Truncated
+    return dataset
 
 
 def is_dicom(data: bytes) -> bool:

@@ -18,12 +18,22 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from medtransfer.data.manifest import discover_multilabel_csv, is_multilabel
 from medtransfer.data.npz import extract_npz
+from medtransfer.data.patients import (
+    check_views,
+    dicom_patient_id,
+    local_salt,
+    patient_id_from_path,
+    view_from_path,
+)
 from medtransfer.errors import ConfigError, DataError
+from medtransfer.task import MULTI_LABEL, SINGLE_LABEL, Task
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 SPLIT_NAMES = ("train", "val", "test")
@@ -47,9 +57,11 @@ LABEL_SCHEMES = ("folder", "kermany-3class")
 @dataclass(frozen=True)
 class Record:
     path: Path
-    label: str
+    label: str  # the class; multi-label: the findings present, '|'-joined ('' for none; see medtransfer.task)
     patient_id: str
     split: str | None  # None when the source does not assign one
+    masked: tuple[str, ...] = ()  # multi-label: findings whose label is unknown (blank, or uncertain under ignore)
+    view: str | None = None  # frontal / lateral where the data says so (CSV column, file name, DICOM ViewPosition)
 
 
 def patient_id_from_name(path: str | Path, pattern: str | re.Pattern | None = None) -> str:
@@ -129,19 +141,22 @@ def _visible_dirs(folder: Path) -> list[Path]:
     )
 
 
-def _class_folder_records(class_dir: Path, split: str | None, patient_regex: str | None) -> list[Record]:
+def _class_folder_records(class_dir: Path, split: str | None, namer: Callable[[Path], str]) -> list[Record]:
     images = sorted(p for p in class_dir.rglob("*") if _is_visible_image(p, class_dir))
     if not images:
         raise DataError(
             f"--data: folder {class_dir} holds no images (.jpg, .jpeg, .png, .bmp, .tif, .dcm); "
             "add its images or remove the empty folder"
         )
-    return [Record(image, class_dir.name, patient_id_from_name(image, patient_regex), split) for image in images]
+    return [Record(image, class_dir.name, namer(image), split, view=view_from_path(image)) for image in images]
 
 
-def discover_folder(root: Path, *, patient_regex: str | None = None) -> list[Record]:
+def discover_folder(
+    root: Path, *, patient_regex: str | None = None, namer: Callable[[Path], str] | None = None
+) -> list[Record]:
     """Records from DIR/{train,val,test}/{CLASS}/* (absent splits are not listed), or from
     plain class folders DIR/{CLASS}/* when there is no split folder (records without a split)."""
+    namer = namer or PatientNamer(root, patient_regex, None)
     split_dirs = [root / name for name in SPLIT_NAMES if (root / name).is_dir()]
     if not split_dirs:
         class_dirs = _visible_dirs(root)
@@ -154,19 +169,22 @@ def discover_folder(root: Path, *, patient_regex: str | None = None) -> list[Rec
         nested = [d for d in class_dirs if any((d / name).is_dir() for name in SPLIT_NAMES)]
         if nested:
             raise DataError(f"--data {root}: the split folders sit one level deeper; use --data {nested[0]}")
-        return [r for class_dir in class_dirs for r in _class_folder_records(class_dir, None, patient_regex)]
+        return [r for class_dir in class_dirs for r in _class_folder_records(class_dir, None, namer)]
     records: list[Record] = []
     for split_dir in split_dirs:
         class_dirs = _visible_dirs(split_dir)
         if not class_dirs:
             raise DataError(f"--data: split folder {split_dir} has no class folders; add one folder per class")
         for class_dir in class_dirs:
-            records += _class_folder_records(class_dir, split_dir.name, patient_regex)
+            records += _class_folder_records(class_dir, split_dir.name, namer)
     return records
 
 
-def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Record]:
+def discover_csv(
+    manifest: Path, *, patient_regex: str | None = None, namer: Callable[[Path], str] | None = None
+) -> list[Record]:
     """Records from a CSV with columns path,label[,patient_id][,split]."""
+    namer = namer or PatientNamer(manifest.parent, patient_regex, None)
     # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
     with manifest.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -193,7 +211,7 @@ def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Re
                 raise DataError(
                     f"--data {manifest}, line {line_number}: split {split!r} is not one of {', '.join(SPLIT_NAMES)}"
                 )
-            patient = (row.get("patient_id") or "").strip() or patient_id_from_name(path, patient_regex)
+            patient = (row.get("patient_id") or "").strip() or namer(path)
             key = os.path.normpath(os.path.abspath(path))
             if key in first_seen:  # a repeat would weigh twice, or land in two splits, or teach two labels
                 line, first_label = first_seen[key]
@@ -209,14 +227,32 @@ def discover_csv(manifest: Path, *, patient_regex: str | None = None) -> list[Re
     return records
 
 
-def discover_npz(path: Path, *, extract_dir: Path | None, class_names: Sequence[str] | None = None) -> list[Record]:
-    """Records from a MedMNIST `.npz` (splits kept; each image is its own patient)."""
+def discover_npz(
+    path: Path, *, extract_dir: Path | None, class_names: Sequence[str] | None = None
+) -> tuple[list[Record], list[str] | None]:
+    """Records from a MedMNIST `.npz` (splits kept; each image is its own patient), and the findings
+    of a multi-label file (None: one class per image)."""
     if extract_dir is None:
         raise ConfigError(f"--data {path}: an .npz source needs a folder to write its images to (the cache folder)")
-    return [Record(png, label, png.stem, split) for png, label, split in extract_npz(path, extract_dir, class_names=class_names)]
+    extracted, findings = extract_npz(path, extract_dir, class_names=class_names)
+    return [Record(png, label, png.stem, split) for png, label, split in extracted], findings
 
 
-def discover(
+@dataclass(frozen=True)
+class Discovered:
+    """What discovery found: the records and the task they define (kind, classes or findings in order)."""
+
+    records: list[Record]
+    task: Task
+    patient_rules: Counter  # rule name -> images whose patient ID it gave (data.patients)
+
+
+def discover(data: str | Path, **options) -> list[Record]:
+    """The records of :func:`discover_data` (same options)."""
+    return discover_data(data, **options).records
+
+
+def discover_data(
     data: str | Path,
     *,
     patient_regex: str | None = None,
@@ -224,11 +260,19 @@ def discover(
     class_map: Mapping[str, str] | None = None,
     class_names: Sequence[str] | None = None,
     extract_dir: str | Path | None = None,
-) -> list[Record]:
+    labels_column: str | None = None,
+    findings: Sequence[str] | None = None,
+    uncertain: str = "ignore",
+    views: Sequence[str] | None = None,
+    salt_dir: str | Path | None = None,
+) -> Discovered:
     """Records from a folder, a CSV manifest or a MedMNIST `.npz`, label scheme and class map applied.
 
     `class_names` names an `.npz` file's class indices; `extract_dir` is where its images are
-    written as PNG files (the CLI passes CACHE_DIR/npz).
+    written as PNG files (the CLI passes CACHE_DIR/npz). A CSV with a `labels` column or one
+    column per finding, or an `.npz` with one label column per finding, is multi-label
+    (:mod:`medtransfer.data.manifest`). `views` keeps images of those views only (frontal,
+    lateral). `salt_dir` holds the secret that hashes DICOM PatientIDs (the cache folder).
     """
     root = Path(data)
     if labels not in LABEL_SCHEMES:
@@ -241,22 +285,80 @@ def discover(
     is_npz = root.is_file() and root.suffix.lower() == ".npz"
     if class_names is not None and not is_npz:
         raise ConfigError("--class-names names the class indices of an .npz file; to rename folder classes use --class-map")
+    namer = PatientNamer(root if root.is_dir() else root.parent, patient_regex, salt_dir)
+    order: list[str] | None = None
     if is_npz:
         if patient_regex is not None:
             raise ConfigError("--patient-regex: an .npz file has no patient IDs in file names; leave it out")
-        records = discover_npz(root, extract_dir=None if extract_dir is None else Path(extract_dir), class_names=class_names)
+        records, order = discover_npz(
+            root, extract_dir=None if extract_dir is None else Path(extract_dir), class_names=class_names or findings
+        )
+        namer.rules["npz"] += len(records)
     elif root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(f"--data {root}: a file must be a CSV manifest (path,label[,patient_id][,split]) or an .npz")
-        records = discover_csv(root, patient_regex=patient_regex)
+        if is_multilabel(root, labels_column=labels_column, findings=findings):
+            rows, order = discover_multilabel_csv(
+                root, labels_column=labels_column, findings=findings, uncertain=uncertain, patient_of=namer
+            )
+            records = [Record(p, label, patient, split, masked, view) for p, label, patient, masked, split, view in rows]
+        else:
+            records = discover_csv(root, patient_regex=patient_regex, namer=namer)
     else:
-        records = discover_folder(root, patient_regex=patient_regex)
+        records = discover_folder(root, patient_regex=patient_regex, namer=namer)
+    if order is None and (labels_column or findings):
+        raise ConfigError("--labels-column and --findings describe a multi-label CSV manifest or .npz; leave them out for class folders")
+    if views:
+        records = _keep_views(records, check_views(",".join(views)), root)
+    if order is not None:
+        if labels != "folder" or class_map:
+            raise ConfigError("--labels kermany-3class and --class-map apply to single-label classes; leave them out for multi-label data")
+        return Discovered(records, Task(MULTI_LABEL, tuple(order)), namer.rules)
     if labels == "kermany-3class":
         records = [replace(r, label=kermany_3class_label(r.path, r.label)) for r in records]
     if class_map:
         records = apply_class_map(records, class_map)
     check_class_sets(records)
-    return records
+    return Discovered(records, Task(SINGLE_LABEL, tuple(sorted({r.label for r in records}))), namer.rules)
+
+
+def _keep_views(records: list[Record], wanted: tuple[str, ...], root: Path) -> list[Record]:
+    known = [r for r in records if r.view is not None]
+    if not known:
+        raise DataError(
+            f"--views {','.join(wanted)}: {root} says nothing about views (no view column, no view1_frontal-style "
+            "file names, no DICOM ViewPosition); leave --views out"
+        )
+    kept = [r for r in records if r.view in wanted]
+    if not kept:
+        found = ", ".join(sorted({r.view for r in known}))
+        raise DataError(f"--views {','.join(wanted)}: no image of that view in {root}; views found: {found}")
+    return kept
+
+
+class PatientNamer:
+    """The patient ID of a path by the field's naming rules (data.patients), counting which rule fired.
+
+    A DICOM file's PatientID tag comes first (as a salted hash, never in clear), then
+    --patient-regex, then the naming rules; a name that fits none is its own patient.
+    """
+
+    def __init__(self, root: Path, regex: str | None, salt_dir: str | Path | None):
+        self.root, self.regex, self.salt_dir = root, regex, salt_dir
+        self.rules: Counter = Counter()
+        self._salt: bytes | None = None
+
+    def __call__(self, path: Path) -> str:
+        if self.regex is None and path.suffix.lower() in (".dcm", ".dicom") and self.salt_dir is not None:
+            if self._salt is None:
+                self._salt = local_salt(Path(self.salt_dir))
+            patient = dicom_patient_id(path, self._salt)
+            if patient is not None:
+                self.rules["dicom"] += 1
+                return patient
+        patient, rule = patient_id_from_path(path, root=self.root, pattern=self.regex)
+        self.rules[rule] += 1
+        return patient
 
 
 def apply_class_map(records: list[Record], class_map: Mapping[str, str]) -> list[Record]:

@@ -70,11 +70,12 @@ def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
 
 
 def _check_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndarray:
-    if labels.ndim == 2 and labels.shape[1] != 1:
-        raise DataError(
-            f"--data {path}: {split}_labels has shape {labels.shape}: multi-label data (one column per finding) "
-            "is not supported; a classifier here needs one class per image"
-        )
+    if labels.ndim == 2 and labels.shape[1] != 1:  # multi-label: one 0/1 column per finding (ChestMNIST)
+        if len(labels) != n or not np.isin(labels, (0, 1)).all():
+            raise DataError(
+                f"--data {path}: {split}_labels has shape {labels.shape}; multi-label labels must be ({n}, findings) of 0 / 1"
+            )
+        return labels.astype(np.int64)
     flat = labels.reshape(-1) if labels.ndim in (1, 2) else labels
     if flat.ndim != 1 or len(flat) != n:
         raise DataError(f"--data {path}: {split}_labels has shape {labels.shape}; expected ({n}, 1) for {n} images")
@@ -83,8 +84,28 @@ def _check_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndar
     return flat.astype(np.int64)
 
 
+# MedMNIST v2 ChestMNIST's 14 label columns (NIH ChestX-ray14's findings), in file order.
+CHESTMNIST_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+
+
+def is_multilabel_npz(labels: Sequence[np.ndarray]) -> bool:
+    return any(a.ndim == 2 for a in labels)
+
+
 def npz_class_names(labels: Sequence[np.ndarray], class_names: Sequence[str] | None, path: Path) -> list[str]:
-    """Names for class indices: "0", "1", ... or the given list (one name per index)."""
+    """Names for class indices ("0", "1", ... or the given list), or for a multi-label file's columns
+    (ChestMNIST's findings for 14 columns, else "finding_0", ...)."""
+    if is_multilabel_npz(labels):
+        width = next(a.shape[1] for a in labels if a.ndim == 2)
+        if class_names is None:
+            return list(CHESTMNIST_FINDINGS) if width == len(CHESTMNIST_FINDINGS) else [f"finding_{i}" for i in range(width)]
+        names = [str(n).strip() for n in class_names]
+        if len(names) != width or any(not n for n in names) or len(set(names)) != len(names):
+            raise DataError(f"--class-names {', '.join(names)}: give {width} distinct names, one per label column of {path}")
+        return names
     top = max((int(a.max()) for a in labels if len(a)), default=0)
     if class_names is None:
         return [str(i) for i in range(top + 1)]
@@ -118,8 +139,9 @@ def _write_pngs(arrays: dict[str, tuple[np.ndarray, np.ndarray]], folder: Path) 
 
 def extract_npz(
     path: Path, extract_dir: Path, *, class_names: Sequence[str] | None = None
-) -> list[tuple[Path, str, str]]:
-    """(png path, class name, split) for every image of a MedMNIST `.npz`, writing the PNGs once."""
+) -> tuple[list[tuple[Path, str, str]], list[str] | None]:
+    """(png path, class name, split) for every image of a MedMNIST `.npz`, writing the PNGs once, and
+    the findings of a multi-label file (its labels are then the findings present, '|'-joined), else None."""
     arrays = _load_arrays(path)
     names = npz_class_names([labels for _, labels in arrays.values()], class_names, path)
     folder = Path(extract_dir) / f"{path.stem}-{_digest(path)}"
@@ -133,8 +155,16 @@ def extract_npz(
                 f"--data {path}: cannot write its images under {extract_dir} ({exc.strerror or exc}); "
                 "choose a writable --cache-dir"
             ) from None
-    return [
-        (folder / split / f"{split}-{i:05d}.png", names[int(label)], split)
+    rows = [
+        (folder / split / f"{split}-{i:05d}.png", _label_text(label, names), split)
         for split, (_, labels) in arrays.items()
         for i, label in enumerate(labels)
     ]
+    return rows, names if is_multilabel_npz([labels for _, labels in arrays.values()]) else None
+
+
+def _label_text(label: np.ndarray, names: list[str]) -> str:
+    """A class name, or a multi-label row's findings present, '|'-joined (medtransfer.task)."""
+    if np.ndim(label) == 0:
+        return names[int(label)]
+    return "|".join(name for name, value in zip(names, label) if value == 1)

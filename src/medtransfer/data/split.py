@@ -3,7 +3,8 @@
 The official chest X-ray val split has 16 images, far too few to stop training or pick a
 threshold on. By default train and val are pooled and a validation split is drawn by
 patient, stratified by class, so that no patient's images sit on both sides. Data without
-a test split (plain class folders) gets one drawn the same way first.
+a test split (plain class folders) gets one drawn the same way first. Multi-label data
+(several findings per image) is stratified over its findings (data.stratify).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import random
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,10 +28,13 @@ from medtransfer.data.near_duplicates import (
     hash_images,
     near_duplicate_pairs,
 )
+from medtransfer.data.stratify import class_quota_split, group_counts, iterative_group_split, known_positives
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.safeio import write_csv_atomic
+from medtransfer.task import LABEL_SEPARATOR, NO_FINDING, join_findings
 
 SPLIT_CSV_COLUMNS = ("path", "label", "patient_id", "split")
+SPLIT_CSV_EXTRA_COLUMNS = ("masked", "view")  # written only when some record has masked findings or a view
 DEFAULT_TEST_FRACTION = 0.2  # drawn by patient when the data has no test split
 
 
@@ -145,44 +149,35 @@ class LeakageReport:
         }
 
 
-def _patient_strata(records: list[Record], group_of: dict[str, str]) -> dict[str, str]:
-    """Each group's stratum: the most frequent label among its images (ties: alphabetical)."""
-    labels: dict[str, Counter] = defaultdict(Counter)
-    for r in records:
-        labels[group_of.get(r.patient_id, r.patient_id)][r.label] += 1
-    return {p: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for p, c in labels.items()}
-
-
 def grouped_stratified_split(
-    records: list[Record], *, fraction: float, seed: int, name: str, rest: str, group_of: dict[str, str] | None = None
+    records: list[Record],
+    *,
+    fraction: float,
+    seed: int,
+    name: str,
+    rest: str,
+    group_of: dict[str, str] | None = None,
+    findings: Sequence[str] | None = None,
 ) -> list[Record]:
     """Assign about `fraction` of each class's images, whole patients at a time, to split `name`.
 
     Patients are shuffled (seeded) within their stratum and taken until the stratum's image
-    quota is met, so the split is deterministic for a seed and stratified by images.
+    quota is met, so the split is deterministic for a seed and stratified by images. Given
+    `findings` (multi-label), patient groups are stratified over the findings' positives
+    instead, by iterative stratification. Both keep a patient on the other side (data.stratify).
     """
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"--{name}-fraction: got {fraction}; use a number between 0 and 1, e.g. 0.2")
     group_of = group_of or {}
-    strata = _patient_strata(records, group_of)
-    images_per_patient = Counter(group_of.get(r.patient_id, r.patient_id) for r in records)
-    rng = random.Random(seed)
-    chosen: set[str] = set()
-    for stratum in sorted(set(strata.values())):
-        patients = sorted(p for p, s in strata.items() if s == stratum)
-        rng.shuffle(patients)
-        quota = fraction * sum(images_per_patient[p] for p in patients)
-        taken = 0
-        # Keep at least one patient of every stratum on the other side.
-        for patient in patients[: len(patients) - 1]:
-            if taken >= quota:
-                break
-            chosen.add(patient)
-            taken += images_per_patient[patient]
+    if findings is None:
+        chosen = class_quota_split(records, fraction=fraction, seed=seed, group_of=group_of)
+    else:
+        chosen = iterative_group_split(group_counts(records, findings, group_of), fraction=fraction, seed=seed)
     assigned = [replace(r, split=name if group_of.get(r.patient_id, r.patient_id) in chosen else rest) for r in records]
     if not any(r.split == name for r in assigned):
+        patients = len({group_of.get(r.patient_id, r.patient_id) for r in records})
         raise DataError(
-            f"--{name}-fraction {fraction}: too few patients ({len(strata)}) to draw a {name} split; add images"
+            f"--{name}-fraction {fraction}: too few patients ({patients}) to draw a {name} split; add images"
         )
     return assigned
 
@@ -195,6 +190,7 @@ def resplit(
     seed: int = 0,
     keep_official_val: bool = False,
     hashes: ImageHashes | None = None,
+    findings: Sequence[str] | None = None,
 ) -> list[Record]:
     """Pool train+val (and unassigned records) and draw a patient-level validation split.
 
@@ -203,6 +199,7 @@ def resplit(
     it is None; 0 draws none. With `keep_official_val` the data's val split is kept as is
     (and a test split, if drawn, comes from the rest). Images that are byte-identical, or
     near-duplicates by `hashes`, travel together even when filed under different patients.
+    Multi-label data passes its `findings` (the task's classes) to be stratified over them.
     """
     test = [r for r in records if r.split == "test"]
     pool = [r for r in records if r.split != "test"]
@@ -224,13 +221,15 @@ def resplit(
         )
     if test_fraction > 0:
         drawn = grouped_stratified_split(
-            pool, fraction=test_fraction, seed=seed + 1, name="test", rest="train", group_of=group_of
+            pool, fraction=test_fraction, seed=seed + 1, name="test", rest="train", group_of=group_of, findings=findings
         )
         test = [r for r in drawn if r.split == "test"]
         pool = [r for r in drawn if r.split != "test"]
     if keep_official_val:
         return pool + official_val + test
-    pool = grouped_stratified_split(pool, fraction=val_fraction, seed=seed, name="val", rest="train", group_of=group_of)
+    pool = grouped_stratified_split(
+        pool, fraction=val_fraction, seed=seed, name="val", rest="train", group_of=group_of, findings=findings
+    )
     return pool + test
 
 
@@ -358,8 +357,16 @@ def _shared_patient_distances(
     return out
 
 
-def split_summary(records: list[Record]) -> dict[str, dict[str, dict[str, int]]]:
-    """{split: {class: {"images": n, "patients": m}}} for the report and the console."""
+def split_summary(records: list[Record], *, findings: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, int]]]:
+    """{split: {class: {"images": n, "patients": m}}} for the report and the console.
+
+    Given `findings` (multi-label), one entry per finding instead: {"images": positive images,
+    "patients": patients with one, "known": images whose label for it is known}, then NO_FINDING:
+    the images with no known positive (its "known": every image of the split).
+    """
+    if findings is not None:
+        return {split: _finding_counts([r for r in records if (r.split or "unassigned") == split], findings)
+                for split in sorted({r.split or "unassigned" for r in records})}
     images: dict[tuple[str, str], int] = Counter()
     patients: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in records:
@@ -372,23 +379,45 @@ def split_summary(records: list[Record]) -> dict[str, dict[str, dict[str, int]]]
     return summary
 
 
+def _finding_counts(records: list[Record], findings: Sequence[str]) -> dict[str, dict[str, int]]:
+    positive = [set(known_positives(r, findings)) for r in records]
+
+    def entry(has: list[bool], known: int) -> dict[str, int]:
+        patients = {r.patient_id for r, yes in zip(records, has) if yes}
+        return {"images": sum(has), "patients": len(patients), "known": known}
+
+    counts = {f: entry([f in p for p in positive], sum(f not in r.masked for r in records)) for f in findings}
+    return {**counts, NO_FINDING: entry([not p for p in positive], len(records))}
+
+
 def summary_lines(summary: dict[str, dict[str, dict[str, int]]]) -> list[str]:
-    """One console line per split: images and patients per class."""
-    return [
-        f"  {split:5s}: " + ", ".join(f"{label} {c['images']} images / {c['patients']} patients" for label, c in per_class.items())
-        for split, per_class in summary.items()
-    ]
+    """One console line per split: images and patients per class (multi-label: positives per
+    finding, and the images whose label is known where that is not every image of the split)."""
+    lines = []
+    for split, per_class in summary.items():
+        total = max((c.get("known", 0) for c in per_class.values()), default=0)  # multi-label: the split's images
+        lines.append(f"  {split:5s}: " + ", ".join(
+            f"{label} {c['images']} images / {c['patients']} patients"
+            + (f" ({c['known']} known)" if c.get("known", total) != total else "")
+            for label, c in per_class.items()
+        ))
+    return lines
 
 
 def write_split_csv(records: list[Record], path: Path) -> None:
     """Atomically, with absolute paths (a resumed run may start in another folder); a file
-    name that is not UTF-8 is kept byte for byte (surrogateescape)."""
-    rows = ([os.path.abspath(r.path), r.label, r.patient_id, r.split] for r in records)
-    write_csv_atomic(path, SPLIT_CSV_COLUMNS, rows)
+    name that is not UTF-8 is kept byte for byte (surrogateescape). The columns masked
+    (findings, '|'-joined) and view follow only when some record has masked findings or a view."""
+    extra = any(r.masked or r.view for r in records)
+    rows = (
+        [os.path.abspath(r.path), r.label, r.patient_id, r.split] + ([join_findings(r.masked), r.view or ""] if extra else [])
+        for r in records
+    )
+    write_csv_atomic(path, SPLIT_CSV_COLUMNS + (SPLIT_CSV_EXTRA_COLUMNS if extra else ()), rows)
 
 
 def read_split_csv(path: Path) -> list[Record]:
-    """Records from a split.csv written by `write_split_csv` (an empty split reads back as None)."""
+    """Records from a split.csv written by `write_split_csv` (an empty split or view reads back as None)."""
     try:
         handle = path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
     except OSError as exc:
@@ -402,5 +431,9 @@ def read_split_csv(path: Path) -> list[Record]:
                 f"found {', '.join(reader.fieldnames or []) or 'no header'}. Expected {','.join(SPLIT_CSV_COLUMNS)}"
             )
         return [
-            Record(Path(row["path"]), row["label"], row["patient_id"], row["split"] or None) for row in reader
+            Record(
+                Path(row["path"]), row["label"], row["patient_id"], row["split"] or None,
+                masked=tuple(m for m in (row.get("masked") or "").split(LABEL_SEPARATOR) if m), view=row.get("view") or None,
+            )
+            for row in reader
         ]

@@ -6,10 +6,10 @@ import math
 
 import lightning as L
 import torch
-from torch import nn
 
 from medtransfer.models.mixing import mix_batch
 from medtransfer.models.strategies import TransferModel, parameter_groups
+from medtransfer.task import SINGLE_LABEL, Task
 
 LOSSES = ("cross-entropy", "focal")  # focal: ClassifierModule(focal_gamma > 0)
 
@@ -37,8 +37,11 @@ class ClassifierModule(L.LightningModule):
         lr_decay: float = 1.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
+        task: Task | None = None,
     ):
         super().__init__()
+        # The task decides the loss and what a hit is (medtransfer.task); without one: single-label classes.
+        self.task = task or Task(SINGLE_LABEL, tuple(str(i) for i in range(model.num_classes)))
         self.model = model
         self.lr = lr
         self.lr_decay = lr_decay  # per child group from the head down (1.0: one learning rate)
@@ -60,17 +63,10 @@ class ClassifierModule(L.LightningModule):
         return self.model(images)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.focal_gamma > 0:
-            # Focal loss (Lin et al. 2017): down-weights easy examples; class weights act as alpha.
-            log_p = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
-            loss = -((1 - log_p.exp()) ** self.focal_gamma) * log_p
-            if self.class_weight is not None:
-                loss = loss * self.class_weight[labels]
-                return loss.sum() / self.class_weight[labels].sum()
-            return loss.mean()
-        return nn.functional.cross_entropy(
-            logits, labels, weight=self.class_weight, label_smoothing=self.label_smoothing
+        """Cross-entropy or focal (single-label); masked binary cross-entropy or focal per finding (multi-label).
+        Class weights are per-class weights, or per-finding positive weights for multi-label."""
+        return self.task.loss(
+            logits, labels, weight=self.class_weight, focal_gamma=self.focal_gamma, label_smoothing=self.label_smoothing
         )
 
     def _step(self, batch, stage: str) -> torch.Tensor:
@@ -84,15 +80,16 @@ class ClassifierModule(L.LightningModule):
         else:
             logits = self(images)
             loss = self.loss(logits, labels)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        hits, decisions = self.task.hits(logits, labels)
+        accuracy = hits.float() / decisions.clamp(min=1).float()
         if stage == "val":
             # Under DDP each rank validates its own shard (no padding: shards may differ by one image).
             # Sums of loss x images, hits and images are added over the ranks when the epoch ends, so
             # val/loss counts every validation image once and is the same number on every rank (early
             # stopping and the best epoch agree). Nothing is synced per step: ranks never wait on each other.
             sums = self._val_sums
-            hits = (logits.argmax(dim=1) == labels).sum()
-            sums += torch.stack([loss.detach().to(sums) * len(labels), hits.to(sums), sums.new_tensor(len(labels))])
+            sums += torch.stack([loss.detach().to(sums) * len(labels), hits.to(sums) * len(labels) / decisions.clamp(min=1).to(sums),
+                                 sums.new_tensor(len(labels))])
             return loss
         # Training shards are padded to equal size, so Lightning's sync_dist mean is exact.
         logged = {"on_epoch": True, "prog_bar": True, "batch_size": len(labels), "sync_dist": True}

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.runtime import autocast
 from medtransfer.models.strategies import TransferModel
+from medtransfer.task import SINGLE_LABEL, Task
 
 __all__ = ["epoch_batches", "extract_features", "train_head_on_features"]
 
@@ -95,17 +96,18 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[t
 def _check_pair(name: str, x: torch.Tensor, y: torch.Tensor, width: int) -> None:
     if x.ndim != 2 or x.shape[1] != width:
         raise ValueError(f"{name}_x: expected n x {width} features, got {tuple(x.shape)}")
-    if y.ndim != 1 or len(y) != len(x):
+    if y.ndim not in (1, 2) or len(y) != len(x):  # 2-D: multi-label targets
         raise ValueError(f"{name}_y: expected {len(x)} labels, got shape {tuple(y.shape)}")
     if len(x) == 0:
         raise ValueError(f"{name}_x: no rows")
 
 
 @torch.no_grad()
-def _evaluate(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> tuple[float, float]:
+def _evaluate(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, task: Task) -> tuple[float, float]:
     logits = head(x)
-    loss = nn.functional.cross_entropy(logits, y, weight=weight)
-    return float(loss), float((logits.argmax(1) == y).float().mean())
+    loss = task.loss(logits, y, weight=weight)
+    hits, count = task.hits(logits, y)
+    return float(loss), float(hits) / max(1.0, float(count))
 
 
 def train_head_on_features(
@@ -122,6 +124,7 @@ def train_head_on_features(
     class_weights: Sequence[float] | torch.Tensor | None = None,
     patience: int | None = None,
     seed: int = 0,
+    task: Task | None = None,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Train ``head`` in place on precomputed features with AdamW (constant learning rate).
 
@@ -141,7 +144,9 @@ def train_head_on_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = head.weight.device
     train_x, val_x = train_x.to(device, torch.float32), val_x.to(device, torch.float32)
-    train_y, val_y = train_y.to(device, torch.long), val_y.to(device, torch.long)
+    task = task or Task(SINGLE_LABEL, tuple(str(i) for i in range(head.out_features)))
+    target_type = torch.float32 if task.multilabel else torch.long
+    train_y, val_y = train_y.to(device, target_type), val_y.to(device, target_type)
     _check_pair("train", train_x, train_y, head.in_features)
     _check_pair("val", val_x, val_y, head.in_features)
     weight = _class_weight(class_weights, head)
@@ -153,8 +158,8 @@ def train_head_on_features(
     head.train()
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = _train_epoch(head, optimizer, train_x, train_y, weight, batch_size, generator)
-        val_loss, val_acc = _evaluate(head, val_x, val_y, weight)
+        train_loss, train_acc = _train_epoch(head, optimizer, train_x, train_y, weight, batch_size, generator, task)
+        val_loss, val_acc = _evaluate(head, val_x, val_y, weight, task)
         history.append(
             {
                 "epoch": epoch,
@@ -193,16 +198,18 @@ def _train_epoch(
     weight: torch.Tensor | None,
     batch_size: int,
     generator: torch.Generator,
+    task: Task,
 ) -> tuple[float, float]:
     """One pass over the mini-batches of :func:`epoch_batches`; the mean loss and the accuracy."""
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, decisions = 0.0, 0, 0
     for index in epoch_batches(len(x), batch_size, generator):
         index = index.to(x.device)
         logits = head(x[index])
-        loss = nn.functional.cross_entropy(logits, y[index], weight=weight)
+        loss = task.loss(logits, y[index], weight=weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += float(loss.detach()) * len(index)
-        correct += int((logits.argmax(1) == y[index]).sum())
-    return loss_sum / len(x), correct / len(x)
+        hits, count = task.hits(logits, y[index])
+        correct, decisions = correct + int(hits), decisions + int(count)
+    return loss_sum / len(x), correct / max(1, decisions)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -30,6 +31,7 @@ from medtransfer.errors import DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
 from medtransfer.runtime import is_global_zero
+from medtransfer.task import Task
 from medtransfer.train.callbacks import (
     BestWeights,
     GradualUnfreezing,
@@ -165,6 +167,7 @@ def train_probe_on_features(
     workers: int,
     console: Console,
     prefix: str = "",
+    task: Task | None = None,
 ) -> Fit:
     """Linear probe without augmentation: one backbone pass over train and val, then the head trains on the features.
 
@@ -178,11 +181,11 @@ def train_probe_on_features(
         for name in ("train", "val")
     }
     console.print(f"Feature pass: {sum(len(f) for f in features.values())} images in {time.perf_counter() - started:.1f} s")
-    labels = {name: torch.as_tensor(datasets[name].labels) for name in ("train", "val")}
+    labels = {name: torch.as_tensor(np.asarray(datasets[name].labels)) for name in ("train", "val")}
     history, best_state = train_head_on_features(
         model.head, features["train"], labels["train"], features["val"], labels["val"], epochs=config.epochs,
         lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size, class_weights=class_weights,
-        patience=config.patience, seed=config.seed,
+        patience=config.patience, seed=config.seed, task=task,
     )
     history[0]["seconds"] += time.perf_counter() - started - sum(r["seconds"] for r in history)  # the feature pass
     write_history(history, history_path)

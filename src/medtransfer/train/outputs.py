@@ -17,12 +17,15 @@ from medtransfer.artifacts import ModelInfo, load_model, model_info, save_model
 from medtransfer.config import TrainConfig
 from medtransfer.evaluation import plots
 from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, write_plots, write_predictions
+from medtransfer.evaluation.multilabel import MultiLabelPoint, write_multilabel_predictions
+from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
 from medtransfer.explain.border import record_border_evidence
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.models.strategies import TransferModel
 from medtransfer.ood import OODDetector, save_detector
 from medtransfer.rundir import write_metrics
+from medtransfer.task import Task
 
 __all__ = ["Evaluation", "write_outputs"]
 
@@ -32,10 +35,15 @@ class Evaluation:
     """The trained model scored on val (where its operating point was chosen) and test."""
 
     classes: list[str]
-    positive_class: str
+    positive_class: str | None  # None for multi-label
     outputs: dict[str, SplitOutputs]  # "val" and, when the data has one, "test"
-    point: OperatingPoint
+    point: OperatingPoint | MultiLabelPoint
     metrics: dict[str, dict[str, Any]]  # per split, as in metrics.json
+    task: Task | None = None  # None: single-label over `classes`
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task is not None and self.task.multilabel
 
 
 def write_outputs(
@@ -52,6 +60,11 @@ def write_outputs(
     """Write the run folder's results; `metrics` is metrics.json's content; `ood` goes beside the model."""
     point = evaluation.point
     for name, split_outputs in evaluation.outputs.items():
+        if evaluation.multilabel:
+            o = split_outputs
+            write_multilabel_predictions(o.paths, o.labels, o.patient_ids, o.logits, point, out / f"predictions_{name}.csv")
+            write_multilabel_plots(o.logits, o.labels, point, evaluation.metrics[name], out / "plots", prefix=name)
+            continue
         write_predictions(split_outputs, point, evaluation.classes, out / f"predictions_{name}.csv")
         write_plots(
             split_outputs, point, evaluation.classes, evaluation.metrics[name], out / "plots", prefix=name,
@@ -64,6 +77,9 @@ def write_outputs(
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
     saved = load_model(out)
+    if evaluation.multilabel:  # heatmaps per finding: `medtransfer explain --finding`
+        write_report(out, console=console)
+        return
     # heatmaps of the most confident hits and misses, for the report, and the shortcut check (at most border.LIMIT test images)
     write_gallery(out, saved, data_root=config.data, method=config.cam_method)
     record_border_evidence(out, saved, metrics, method=config.cam_method)
@@ -74,12 +90,16 @@ def saved_model_info(
     model: TransferModel, config: TrainConfig, evaluation: Evaluation, *, wise_ft: dict[str, Any] | None = None
 ) -> ModelInfo:
     """model.json: what predict, explain, export and serve need to use the model as evaluation did."""
+    point = evaluation.point
+    if isinstance(point, MultiLabelPoint):
+        operating = dict(task=point.task.kind, thresholds=point.thresholds, temperatures=point.temperatures,
+                         positive_class=None, threshold=None)
+    else:
+        operating = dict(positive_class=evaluation.positive_class, threshold=point.threshold, temperature=point.temperature)
     return model_info(
         model,
         classes=evaluation.classes,
-        positive_class=evaluation.positive_class,
-        threshold=evaluation.point.threshold,
-        temperature=evaluation.point.temperature,
+        **operating,
         image_size=config.image_size,
         decode_size=config.cache_size,
         eval_crop_fraction=config.eval_crop_fraction,

@@ -19,32 +19,18 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 from rich.console import Console
-from rich.markup import escape
 
-from medtransfer.config import TrainConfig, default_cache_dir
+from medtransfer.config import TrainConfig
 from medtransfer.data.cache import CachedImages, CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
-from medtransfer.data.discover import Record, discover
-from medtransfer.data.near_duplicates import ImageHashes, hash_images
-from medtransfer.data.split import (
-    check_leakage,
-    read_split_csv,
-    resplit,
-    split_summary,
-    summary_lines,
-    write_split_csv,
-)
-from medtransfer.data.transforms import eval_transform, train_transform, with_border_crop
-from medtransfer.errors import ConfigError, DataError
-from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class, fit_operating_point, split_metrics
+from medtransfer.data.discover import Record
+from medtransfer.data.split import write_split_csv
+from medtransfer.data.transforms import train_transform, with_border_crop
+from medtransfer.errors import DataError
 from medtransfer.models.backbones import BackboneSpec, create_backbone
 from medtransfer.models.module import ClassifierModule
-from medtransfer.models.inference import inference_network
-from medtransfer.models.strategies import Strategy, TransferModel, backbone_children, build_transfer_model
-from medtransfer.ood import OODDetector, collect_features, fit_detector, pick_layers
+from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
 from medtransfer.rundir import CONFIG_FILE
 from medtransfer.runtime import (
     default_decode_workers,
@@ -52,15 +38,26 @@ from medtransfer.runtime import (
     device_for,
     hardware_summary,
     is_global_zero,
-    predict_logits,
     resolve_accelerator,
     resolve_precision,
 )
+from medtransfer.evaluation.evaluate import default_positive_class
+from medtransfer.task import Task, positive_weights
 from medtransfer.train.callbacks import read_history
 from medtransfer.train.fit import Fit, fit_with_lightning, probe_phase, train_probe_on_features
-from medtransfer.train.outputs import Evaluation, write_outputs
-from medtransfer.train.runfolder import check_resumable, check_run_dir, hold_run_folder, with_absolute_paths
-from medtransfer.train.validate import uses_feature_probe, validate_config, validate_splits
+from medtransfer.train.labelled import (  # noqa: F401  (re-exported: the data step's names as before)
+    LabelledData,
+    discover_records,
+    draw_split,
+    draw_split_hashed,
+    load_labelled_data,
+    report_leakage,
+    write_split,
+)
+from medtransfer.train.outputs import write_outputs
+from medtransfer.train.runfolder import check_resumable, check_run_dir, hold_run_folder, with_absolute_paths  # noqa: F401
+from medtransfer.train.scoring import Hardware, SplitData, eval_datasets, evaluate_model, fit_ood
+from medtransfer.train.validate import uses_feature_probe, validate_config, validate_multilabel_splits, validate_splits
 from medtransfer.train.wise_ft import choose_mixing, load_or_save_start
 
 LP_HISTORY = "history_lp.csv"  # LP-FT's probe phase; history.csv holds the fine-tuning epochs
@@ -78,8 +75,8 @@ class TrainResult:
     best_epoch: int
     stopped_early: bool
     train_seconds: float
-    positive_class: str
-    threshold: float
+    positive_class: str | None  # None for multi-label: an operating point per finding (operating_point)
+    threshold: float | None
     val: dict[str, Any]
     test: dict[str, Any] | None  # None when the data has no test split
     classes: list[str]
@@ -91,34 +88,12 @@ class TrainResult:
     head: str = "linear"
     wise_ft: dict[str, Any] | None = None  # the mixing coefficient chosen on val (train/wise_ft.py)
     hardware: dict[str, Any] | None = None  # accelerator, devices, num_nodes, world_size, distributed, precision, cpu, gpu
+    task: str = "single-label"  # or multi-label (medtransfer.task): then classes are the findings
+    operating_point: dict[str, Any] | None = None  # multi-label: per-finding thresholds and temperatures chosen on val
 
     def to_metrics(self) -> dict[str, Any]:
         """metrics.json's content (DESIGN.md's key order; keys may be added, never renamed)."""
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Hardware:
-    accelerator: str  # "cpu" or "gpu"
-    precision: str  # resolved: 32-true, bf16-mixed or 16-mixed
-    device: torch.device
-    workers: int  # DataLoader workers
-
-
-@dataclass(frozen=True)
-class LabelledData:
-    records: list[Record]  # with their split
-    classes: list[str]
-    positive_class: str
-    leakage: dict[str, Any]
-    summary: dict[str, Any]
-
-
-@dataclass
-class SplitData:
-    records: list[Record]
-    images: CachedImages
-    labels: list[int]
 
 
 def run_training(
@@ -152,15 +127,18 @@ def _train_into(
         check_resumable(out, config, console)
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = load_labelled_data(config, out, console, resume=resume)  # the same split on every rank: seeded
+    config = dataclasses.replace(  # config.yaml records the task the data defines
+        config, task=data.task.kind, findings=list(data.task.classes) if data.task.multilabel else None
+    )
     model = build_model(config, data.classes, console)
     if not resume and zero:
         config.write_yaml(out / CONFIG_FILE)  # the run's marker, before the long cache build
-    splits = cache_splits(data.records, data.classes, config, console)
+    splits = cache_splits(data.records, data.task, config, console)
     if zero and not (out / "split.csv").is_file():
         write_split_csv([r for s in splits.values() for r in s.records], out / "split.csv")
     if not zero and uses_feature_probe(config):
         return None  # the feature probe runs in one process
-    fit = train_model(model, splits, config, out, hardware, resume=resume, console=console)
+    fit = train_model(model, splits, config, out, hardware, resume=resume, console=console, task=data.task)
     if not is_global_zero():
         return None
     evaluation = evaluate_model(model, splits, data, config, hardware)
@@ -171,7 +149,8 @@ def _train_into(
         epochs_run=len(history), best_epoch=fit.best_epoch, stopped_early=fit.stopped_early,
         train_seconds=round(sum(r["seconds"] for r in history + read_history(out / LP_HISTORY)), 1),
         positive_class=data.positive_class,
-        threshold=evaluation.point.threshold, val=evaluation.metrics["val"], test=evaluation.metrics.get("test"),
+        threshold=None if data.task.multilabel else evaluation.point.threshold,
+        val=evaluation.metrics["val"], test=evaluation.metrics.get("test"),
         classes=data.classes, threshold_policy=config.threshold, total_seconds=round(time.perf_counter() - started, 1),
         precision=hardware.precision, leakage=data.leakage, data_summary=data.summary, head=config.head,
         wise_ft=fit.wise_ft,
@@ -179,6 +158,7 @@ def _train_into(
             accelerator=hardware.accelerator, precision=hardware.precision, devices=fit.devices,
             num_nodes=fit.num_nodes, distributed=fit.distributed,
         ),
+        task=data.task.kind, operating_point=evaluation.point.to_dict() if data.task.multilabel else None,
     )
     write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
                   console=console, ood=ood)
@@ -191,85 +171,13 @@ def resolve_hardware(config: TrainConfig) -> Hardware:
     return Hardware(accelerator, resolve_precision(config.precision, accelerator), device_for(accelerator), workers)
 
 
-def class_weights(labels: list[int], num_classes: int) -> list[float]:
-    """'balanced' weights n / (k * n_c), as scikit-learn computes them."""
+def class_weights(labels: list[int] | np.ndarray, num_classes: int) -> list[float]:
+    """'balanced' weights n / (k * n_c), as scikit-learn computes them; multi-label (2-D targets): each
+    finding's positive weight negatives / positives over its known labels."""
+    if np.ndim(labels) == 2:
+        return positive_weights(np.asarray(labels))
     counts = np.bincount(labels, minlength=num_classes).astype(float)
     return (len(labels) / (num_classes * np.maximum(counts, 1))).tolist()
-
-
-def discover_records(config: TrainConfig) -> list[Record]:
-    """The labelled images of `config.data`: label scheme, class map and .npz class names applied."""
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    return discover(
-        config.data, patient_regex=config.patient_regex, labels=config.labels, class_map=config.class_map,
-        class_names=config.class_names, extract_dir=cache_dir / "npz",
-    )
-
-
-def draw_split_hashed(config: TrainConfig) -> tuple[list[Record], ImageHashes]:
-    """The patient-level split of `config.data` and the content hashes it was drawn with.
-
-    Images are hashed once: near-duplicates travel together in the split, and the leakage
-    check reuses the same hashes.
-    """
-    records = discover_records(config)
-    hashes = hash_images([r.path for r in records])
-    drawn = resplit(
-        records, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
-        keep_official_val=config.keep_official_val, hashes=hashes,
-    )
-    return drawn, hashes
-
-
-def draw_split(config: TrainConfig) -> list[Record]:
-    """The patient-level split of `config.data` (the same for `train` and `split`)."""
-    return draw_split_hashed(config)[0]
-
-
-def report_leakage(records: list[Record], config: TrainConfig, console: Console, hashes: ImageHashes | None = None) -> dict:
-    """Check IDs, bytes and content across splits: the summary line, each finding as a warning."""
-    leakage = check_leakage(records, hashes=hashes)
-    console.print(leakage.summary(), markup=False, highlight=False)
-    for line in leakage.lines():
-        console.print(f"[yellow]Leakage:[/yellow] {escape(line)}")
-    if config.strict and not leakage.clean:
-        raise DataError(f"--strict: {leakage.lines()[0]}; remove the duplicates or run without --strict")
-    return leakage.to_dict()
-
-
-def write_split(config: TrainConfig, out: Path, console: Console) -> None:
-    """`medtransfer split`: the split `train` would draw, checked for leakage, saved as CSV."""
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: is a folder; name a CSV file, e.g. --out split.csv")
-    records, hashes = draw_split_hashed(config)
-    report_leakage(records, config, console, hashes)
-    for line in summary_lines(split_summary(records)):
-        console.print(line)
-    write_split_csv(records, out)
-    console.print(f"Wrote {out}")
-
-
-def load_labelled_data(config: TrainConfig, run_dir: Path, console: Console, *, resume: bool) -> LabelledData:
-    """Records with their split (a resumed run's split.csv, else `split_file`, else drawn), classes, leakage, summary."""
-    split_file = run_dir / "split.csv" if resume and (run_dir / "split.csv").is_file() else config.split_file
-    if split_file:
-        records = read_split_csv(Path(split_file))
-        hashes = hash_images([r.path for r in records])
-    else:
-        records, hashes = draw_split_hashed(config)
-    classes = sorted({r.label for r in records})
-    positive_class = config.positive_class or default_positive_class(classes)
-    if positive_class not in classes:
-        raise ConfigError(f"--positive-class: got {positive_class!r}; classes are {', '.join(classes)}")
-    validate_splits(
-        {split: [r.label for r in records if r.split == split] for split in ("train", "val", "test") if any(r.split == split for r in records)},
-        classes, config, positive_class,
-    )
-    leakage = report_leakage(records, config, console, hashes)
-    summary = split_summary(records)
-    for line in summary_lines(summary):
-        console.print(line)
-    return LabelledData(records, classes, positive_class, leakage, summary)
 
 
 def build_model(config: TrainConfig, classes: list[str], console: Console) -> TransferModel:
@@ -311,7 +219,7 @@ def prebuild_cache(
     console.print(f"{len(images)} images cached ({images.built} decoded now) in {cache.stats()['location']}")
 
 
-def cache_splits(records: list[Record], classes: list[str], config: TrainConfig, console: Console) -> dict[str, SplitData]:
+def cache_splits(records: list[Record], task: Task | list[str], config: TrainConfig, console: Console) -> dict[str, SplitData]:
     """Decoded images per split (before training starts, so a bad image stops the run early),
     checked again by :func:`validate_splits` once bad images are left out."""
     cache = ImageCache(config.cache_dir, CacheSettings(size=config.cache_size))
@@ -319,28 +227,25 @@ def cache_splits(records: list[Record], classes: list[str], config: TrainConfig,
         cache, [r.path for r in records], skip_bad=config.skip_bad_images, progress=config.progress, console=console
     )
     kept = [records[i] for i in images.positions]
+    task = task if isinstance(task, Task) else Task("single-label", tuple(task))
     out: dict[str, SplitData] = {}
     for split in ("train", "val", "test"):
         indices = [i for i, r in enumerate(kept) if r.split == split]
         if not indices:
             continue
-        out[split] = SplitData(
-            [kept[i] for i in indices], images.subset(indices), [classes.index(kept[i].label) for i in indices]
-        )
+        chosen = [kept[i] for i in indices]
+        targets = task.targets([r.label for r in chosen], [r.masked for r in chosen])
+        out[split] = SplitData(chosen, images.subset(indices), targets if task.multilabel else targets.tolist())
     for split in ("train", "val"):
         if split not in out:
             raise DataError(f"--data {config.data}: no {split} images left after splitting; add images")
+    if task.multilabel:
+        validate_multilabel_splits({k: s.records for k, s in out.items()}, task, config)
+        return out
+    classes = list(task.classes)
     positive_class = config.positive_class or default_positive_class(classes)
     validate_splits({k: [classes[i] for i in s.labels] for k, s in out.items()}, classes, config, positive_class)
     return out
-
-
-def eval_datasets(splits: dict[str, SplitData], config: TrainConfig, spec: BackboneSpec) -> dict[str, CachedImageDataset]:
-    transform = with_border_crop(eval_transform(
-        image_size=config.image_size, mean=spec.normalization.mean, std=spec.normalization.std,
-        channels=config.in_channels, crop_fraction=config.eval_crop_fraction,
-    ), config.border_crop)
-    return {name: CachedImageDataset(s.images, s.labels, transform) for name, s in splits.items()}
 
 
 def train_dataset(train: SplitData, config: TrainConfig, spec: BackboneSpec, *, accelerator: str = "cpu") -> CachedImageDataset:
@@ -363,6 +268,7 @@ def train_model(
     *,
     resume: bool,
     console: Console,
+    task: Task | None = None,
 ) -> Fit:
     """Fit with Lightning, or, for a linear probe without augmentation, on features computed once.
 
@@ -372,7 +278,7 @@ def train_model(
     console.print(f"Training on {hardware.accelerator} with {hardware.precision}, {hardware.workers} loader worker(s)")
     probe_settings = dict(
         class_weights=weights, device=hardware.device, precision=hardware.precision, workers=hardware.workers,
-        console=console,
+        console=console, task=task,
     )
     if uses_feature_probe(config):
         datasets = eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec)
@@ -391,7 +297,7 @@ def train_model(
         label_smoothing=config.label_smoothing,
         focal_gamma=config.focal_gamma if config.loss == "focal" else 0.0,
         channels_last=config.channels_last,
-        lr_decay=config.lr_decay, mixup=config.mixup, cutmix=config.cutmix,
+        lr_decay=config.lr_decay, mixup=config.mixup, cutmix=config.cutmix, task=task,
     )
     datamodule = TransferDataModule(
         train=train_dataset(splits["train"], config, model.spec, accelerator=hardware.accelerator),
@@ -410,50 +316,9 @@ def train_model(
     val = eval_datasets({"val": splits["val"]}, config, model.spec)["val"]
     mixing = choose_mixing(
         model, start, val, splits["val"].labels, batch_size=max(64, config.batch_size), num_workers=hardware.workers,
-        device=hardware.device, precision=hardware.precision,
+        device=hardware.device, precision=hardware.precision, task=task,
     )
     console.print(f"WiSE-FT: mixing coefficient {mixing['alpha']} (lowest validation loss over {mixing['grid']})")
     return dataclasses.replace(fit, wise_ft=mixing)
 
 
-def evaluate_model(
-    model: TransferModel, splits: dict[str, SplitData], data: LabelledData, config: TrainConfig, hardware: Hardware
-) -> Evaluation:
-    """Best-on-validation model: calibrate and pick the threshold on val, then score val and test."""
-    datasets = eval_datasets({k: v for k, v in splits.items() if k in ("val", "test")}, config, model.spec)
-    outputs = {}
-    for name, dataset in datasets.items():
-        logits = predict_logits(  # with the TTA the saved model will use: the operating point is chosen on it
-            inference_network([model], config.tta), dataset, batch_size=max(64, config.batch_size),
-            num_workers=hardware.workers, device=hardware.device, precision=hardware.precision)
-        split = splits[name]
-        outputs[name] = SplitOutputs(
-            [str(r.path) for r in split.records], np.asarray(split.labels), [r.patient_id for r in split.records], logits
-        )
-    point = fit_operating_point(
-        outputs["val"], positive_index=data.classes.index(data.positive_class), policy=config.threshold,
-        calibrate=config.calibrate,
-    )
-    metrics = {
-        name: split_metrics(split_outputs, point, data.classes, bootstrap=config.bootstrap, seed=config.seed)
-        for name, split_outputs in outputs.items()
-    }
-    return Evaluation(data.classes, data.positive_class, outputs, point, metrics)
-
-
-def fit_ood(
-    model: TransferModel, splits: dict[str, SplitData], config: TrainConfig, hardware: Hardware, console: Console,
-) -> OODDetector:
-    """The OOD guard on train's penultimate and stage features (as evaluation sees the images); accepts 95% of val."""
-    layers = pick_layers(model, backbone_children(model.net, model.spec), config.image_size, config.in_channels)
-    features = {
-        name: collect_features(model, DataLoader(dataset, batch_size=max(64, config.batch_size),
-                                                 num_workers=hardware.workers), layers,
-                               device=hardware.device, precision=hardware.precision)
-        for name, dataset in eval_datasets({k: splits[k] for k in ("train", "val")}, config, model.spec).items()
-    }
-    detector = fit_detector(features["train"], np.asarray(splits["train"].labels), features["val"], layers=layers,
-                            seed=config.seed)
-    console.print(f"OOD guard: {detector.method} ({len(layers)} stages and the penultimate features), "
-                  f"threshold {detector.threshold:.3f} (accepts 95% of validation)")
-    return detector

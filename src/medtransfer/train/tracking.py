@@ -95,7 +95,7 @@ class EpochAUC(L.Callback):
     def _keep(self, module, inputs, output) -> None:
         # Under DDP Lightning routes validation_step through forward too: that call returns the loss, not logits.
         if isinstance(output, torch.Tensor) and output.ndim == 2:
-            self._probs.append(output.detach().float().softmax(1).cpu())
+            self._probs.append(output.detach().float().cpu())  # logits: softmax or sigmoid once the labels are seen
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._labels.append(batch[1].detach().cpu())
@@ -106,14 +106,24 @@ class EpochAUC(L.Callback):
             self._hook = None
         if trainer.sanity_checking or not self._probs:
             return
-        auc = epoch_auc(torch.cat(self._labels).numpy(), torch.cat(self._probs).numpy())
+        labels, logits = torch.cat(self._labels), torch.cat(self._probs)
+        probs = logits.sigmoid() if labels.ndim == 2 else logits.softmax(1)  # multi-label: one sigmoid per finding
+        auc = epoch_auc(labels.numpy(), probs.numpy())
         if auc is not None:
             pl_module.log("val/auc", auc, rank_zero_only=True)
 
 
 def epoch_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     """AUC of the validation epoch (macro one-vs-rest beyond two classes); None when a class is missing or a
-    probability is not finite."""
+    probability is not finite. Multi-label (2-D labels, NaN unknown): the mean AUC of the findings with both classes."""
+    if labels.ndim == 2:
+        aucs = []
+        for k in range(labels.shape[1]):
+            known = ~np.isnan(labels[:, k])
+            y = labels[known, k]
+            if 0 < y.sum() < len(y) and np.isfinite(probs[known, k]).all():
+                aucs.append(binary_metrics(y.astype(int), probs[known, k], threshold=0.5)["auc"])
+        return float(np.mean(aucs)) if aucs else None
     if len(np.unique(labels)) < probs.shape[1] or not np.isfinite(probs).all():  # a diverged epoch: no AUC
         return None
     if probs.shape[1] == 2:

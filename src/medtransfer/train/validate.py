@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medtransfer.config import TrainConfig
 from medtransfer.data.augment import AUGMENT_ON, POLICIES
 from medtransfer.data.discover import LABEL_SCHEMES
@@ -185,6 +187,31 @@ def validate_splits(labels: dict[str, list[str]], classes: list[str], config: Tr
         raise DataError(
             f"--data {config.data}: the {split} split holds only {', '.join(held) or 'no images'} ({len(labels[split])} "
             f"image(s)), but {use} on it and needs {need}; {fix}"
+        )
+
+
+def validate_multilabel_splits(splits: dict[str, list], task, config: TrainConfig) -> None:
+    """Multi-label: train needs two images and, for every finding, a known positive and a known negative.
+
+    A finding with one class on validation keeps a fallback operating point (evaluation/multilabel.py);
+    one with one class on test has no AUC there: both are reported, neither stops the run.
+    """
+    if config.sampler == "balanced":
+        raise ConfigError("--sampler balanced draws each class equally often; multi-label images carry several findings: "
+                          "use --class-weights balanced (a positive weight per finding) instead")
+    train = splits.get("train", [])
+    if len(train) < 2:
+        raise DataError(f"--data {config.data}: the train split has {len(train)} image(s); training needs at least 2; add images")
+    targets = task.targets([r.label for r in train], [r.masked for r in train])
+    one_class = [
+        f"{finding} ({int(np.nansum(targets[:, k]))} positive of {int((~np.isnan(targets[:, k])).sum())} known)"
+        for k, finding in enumerate(task.classes)
+        if not 0 < np.nansum(targets[:, k]) < (~np.isnan(targets[:, k])).sum()
+    ]
+    if one_class:
+        raise DataError(
+            f"--data {config.data}: finding(s) {', '.join(one_class)} have a single known class in the train split, so the "
+            "model cannot learn them; choose the findings to train with --findings, or add images"
         )
 
 

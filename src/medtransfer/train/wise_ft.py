@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from medtransfer.runtime import predict_logits
+from medtransfer.task import Task
 
 GRID = tuple(round(0.1 * i, 1) for i in range(11))
 CRITERION = "val_loss"  # cross-entropy of the uncalibrated logits on the validation split
@@ -51,7 +53,7 @@ def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], al
 
 def choose_mixing(
     model: nn.Module, start: dict[str, torch.Tensor], val: Dataset, labels: list[int], *, batch_size: int,
-    num_workers: int, device: torch.device, precision: str,
+    num_workers: int, device: torch.device, precision: str, task: Task | None = None,
 ) -> dict:
     """Load theta(a) with the best validation loss over GRID into `model.net`; return the record.
 
@@ -59,14 +61,15 @@ def choose_mixing(
     stored in metrics.json and model.json.
     """
     end = net_state(model.net)
-    target = torch.as_tensor(labels, dtype=torch.long)
+    target = torch.as_tensor(np.asarray(labels))
+    loss_of = task.loss if task is not None else nn.functional.cross_entropy
     losses = []
     for alpha in GRID:
         model.net.load_state_dict(interpolate(start, end, alpha))
         logits = torch.as_tensor(predict_logits(
             model, val, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision
         )).float()
-        losses.append(round(float(nn.functional.cross_entropy(logits, target)), 6))
+        losses.append(round(float(loss_of(logits, target)), 6))
     best = min(range(len(GRID)), key=lambda i: (losses[i], -GRID[i]))
     model.net.load_state_dict(interpolate(start, end, GRID[best]))
     return {"alpha": GRID[best], "criterion": CRITERION, "grid": list(GRID), "val_loss": losses}
