@@ -20,7 +20,7 @@ from scipy.special import softmax
 from medtransfer.artifacts import ModelInfo, load_model, model_info, save_model
 from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
-from medtransfer.errors import DataError, WeightsError
+from medtransfer.errors import ConfigError, DataError, WeightsError
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.strategies import TransferModel
 
@@ -290,3 +290,111 @@ def test_decide_refuses_logits_of_the_wrong_shape(tmp_path):
     saved = load_model(saved_run(tmp_path / "run"))
     with pytest.raises(DataError, match=r"got shape \(3,\)"):
         saved.decide(np.zeros(3))
+
+
+# ---------------------------------------------------------------------- multi-label
+
+
+def test_a_multilabel_model_round_trips_with_one_threshold_and_temperature_per_finding(tmp_path):
+    from medtransfer.task import Task
+    from tests.saved_multilabel import FINDINGS, TEMPERATURES, THRESHOLDS, save_multilabel_model
+
+    run = save_multilabel_model(tmp_path / "run", threshold_policy="youden")
+    written = json.loads((run / "model" / "model.json").read_text())
+    assert list(written)[:6] == ["format_version", "backbone", "task", "classes", "thresholds", "temperatures"]
+    assert written["task"] == "multi-label" and written["thresholds"] == THRESHOLDS
+    assert not {"positive_class", "threshold", "temperature"} & set(written)  # no single-label operating point
+    saved = load_model(run)
+    assert (saved.info.task, saved.info.classes) == ("multi-label", tuple(FINDINGS))
+    assert (saved.info.thresholds, saved.info.temperatures) == (tuple(THRESHOLDS), tuple(TEMPERATURES))
+    assert (saved.info.positive_class, saved.threshold) == (None, None)
+    assert saved.task == saved.info.task_object == Task("multi-label", tuple(FINDINGS))
+    assert {"format_version": 1, **saved.info.to_json()} == written
+    with pytest.raises(ConfigError, match="multi-label model has no positive class"):
+        saved.positive_index
+
+
+def test_a_single_label_model_json_without_task_loads_as_single_label(tmp_path):
+    assert "task" not in json.loads(FIXTURE.read_text())
+    saved = load_model(fixture_run(tmp_path / "run"))
+    assert saved.info.task == "single-label" and not saved.task.multilabel
+    assert saved.info.thresholds is None and saved.info.temperatures is None
+    assert "task" not in saved.info.to_json()  # single-label files are written as before
+
+
+def test_decide_multilabel_is_the_calibrated_sigmoid_of_each_finding_at_its_threshold(tmp_path):
+    from tests.saved_multilabel import TEMPERATURES, THRESHOLDS, save_multilabel_model
+
+    saved = load_model(save_multilabel_model(tmp_path / "run", thresholds=[0.3, 0.5, 0.7, 0.9]))
+    logits = np.random.default_rng(0).normal(scale=2.0, size=(64, 4)).astype(np.float32)
+    decision = saved.decide(torch.from_numpy(logits))
+    expected = 1 / (1 + np.exp(-logits.astype(np.float64) / np.asarray(TEMPERATURES)))
+    np.testing.assert_allclose(decision.probabilities, expected, rtol=0, atol=1e-12)
+    assert decision.predicted.shape == (64, 4) and set(np.unique(decision.predicted)) == {0, 1}
+    np.testing.assert_array_equal(decision.predicted, (expected >= np.asarray([0.3, 0.5, 0.7, 0.9])).astype(int))
+    assert THRESHOLDS != [0.3, 0.5, 0.7, 0.9]  # the saved thresholds, not the helper's defaults, decided
+    with pytest.raises(DataError, match=r"got shape \(2, 3\)"):
+        saved.decide(np.zeros((2, 3)))
+
+
+def multilabel_payload(**changes) -> dict:
+    payload = {key: value for key, value in json.loads(FIXTURE.read_text()).items()
+               if key not in ("positive_class", "threshold", "temperature")}
+    payload.update(task="multi-label", classes=["Effusion", "Mass", "Nodule"], thresholds=[0.2, 0.5, 0.7],
+                   temperatures=[1.0, 1.2, 0.9])
+    for key, value in changes.items():
+        if value is MISSING:
+            del payload[key]
+        else:
+            payload[key] = value
+    return payload
+
+
+@pytest.mark.parametrize(
+    "changes, field, expected",
+    [
+        ({"thresholds": [0.2, 0.5]}, "thresholds", "must be a list of 3 numbers between 0 and 1, one per finding "
+                                                   "(Effusion, Mass, Nodule); got [0.2, 0.5]"),
+        ({"thresholds": [0.2, 0.5, 1.5]}, "thresholds", "must be a list of 3 numbers between 0 and 1"),
+        ({"thresholds": "0.5"}, "thresholds", "numbers between 0 and 1, one per finding; got '0.5'"),
+        ({"temperatures": [1.0, 0.0, 1.0]}, "temperatures", "must be a list of 3 numbers > 0"),
+        ({"temperatures": [1.0]}, "temperatures", "must be a list of 3 numbers > 0"),
+        ({"thresholds": MISSING}, "thresholds", "is missing; a multi-label model needs one per finding"),
+        ({"temperatures": MISSING}, "temperatures", "is missing"),
+        ({"positive_class": "Mass"}, "positive_class", "is for single-label models"),
+        ({"threshold": 0.5}, "threshold", "is for single-label models; a multi-label model has 'thresholds'"),
+        ({"temperature": 1.3}, "temperature", "is for single-label models"),
+        ({"classes": []}, "classes", "at least 1 distinct finding name"),
+        ({"classes": ["Mass", "Mass", "Nodule"]}, "classes", "at least 1 distinct finding name"),
+        ({"task": "multi"}, "task", "must be one of single-label, multi-label; got 'multi'"),
+    ],
+)
+def test_a_bad_multilabel_field_is_refused_naming_it(changes, field, expected):
+    with pytest.raises(WeightsError) as error:
+        ModelInfo.from_json(multilabel_payload(**changes), source="runs/x/model/model.json")
+    message = str(error.value)
+    assert message.startswith(f"runs/x/model/model.json: field '{field}' ") and expected in message
+    assert "medtransfer train" in message
+
+
+def test_a_multilabel_payload_loads_and_one_finding_is_enough():
+    assert ModelInfo.from_json(multilabel_payload(), source="m.json").thresholds == (0.2, 0.5, 0.7)
+    info = ModelInfo.from_json(multilabel_payload(classes=["Mass"], thresholds=[0.4], temperatures=[1.1]), source="m")
+    assert info.classes == ("Mass",) and info.task_object.num_outputs == 1
+
+
+@pytest.mark.parametrize("field", ["thresholds", "temperatures"])
+def test_a_single_label_model_json_with_per_finding_lists_is_refused(field):
+    payload = {**json.loads(FIXTURE.read_text()), field: [0.5, 0.5]}
+    with pytest.raises(WeightsError, match=rf"field '{field}' is only for multi-label models \(task 'multi-label'\)"):
+        ModelInfo.from_json(payload, source="m.json")
+
+
+def test_save_model_refuses_a_multilabel_info_with_the_wrong_number_of_thresholds(tmp_path):
+    from tests.saved_multilabel import save_multilabel_model
+
+    with pytest.raises(WeightsError, match=r"field 'thresholds' must be a list of 4 numbers"):
+        save_multilabel_model(tmp_path / "run", thresholds=[0.5, 0.5])
+    assert not (tmp_path / "run" / "model" / "model.json").exists()
+    with pytest.raises(WeightsError, match=r"field 'positive_class' is missing"):  # single-label still needs it
+        saved_run(tmp_path / "single", positive=None)

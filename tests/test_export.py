@@ -93,3 +93,39 @@ def test_onnx_graph_averages_tta_views_and_ensemble_members_as_torch_does(tmp_pa
     assert np.abs(probabilities - single).max() > 1e-3  # the views and members change the output
     metadata = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["medtransfer"])
     assert metadata["tta"] == tta
+
+
+# ---------------------------------------------------------------------- multi-label
+
+
+def test_multilabel_onnx_gives_each_findings_calibrated_sigmoid_and_carries_the_thresholds(tmp_path, make_image):
+    from tests.saved_multilabel import FINDINGS, TEMPERATURES, THRESHOLDS, save_multilabel_model
+
+    run = save_multilabel_model(tmp_path / "run", threshold_policy="youden")
+    path = export_onnx(run)
+    saved = load_model(run)
+    images = [make_image(tmp_path / f"{i}.png", mode, size=(70, 60)) for i, mode in enumerate(["L", "RGB", "L"])]
+    batch = torch.stack([saved.preprocess(p) for p in images])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, probabilities = session.run(["logits", "probabilities"], {"image": batch.numpy()})
+    assert probabilities.shape == (3, len(FINDINGS))
+    with torch.no_grad():
+        torch_logits = saved.network.eval()(batch)
+    decision = saved.decide(torch_logits)
+    assert np.abs(probabilities - decision.probabilities).max() <= 1e-5  # temperatures applied inside the graph
+    hand = 1 / (1 + np.exp(-logits.astype(np.float64) / np.asarray(TEMPERATURES)))
+    assert np.abs(probabilities - hand).max() <= 1e-6 and np.abs(probabilities - 1 / (1 + np.exp(-logits))).max() > 1e-3
+    assert verify(saved, path, onnxruntime, tolerance=1e-5) <= 1e-5
+    metadata = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["medtransfer"])
+    assert (metadata["task"], metadata["classes"]) == ("multi-label", FINDINGS)
+    assert (metadata["thresholds"], metadata["temperatures"]) == (THRESHOLDS, TEMPERATURES)
+    assert not {"positive_class", "threshold", "temperature"} & set(metadata)
+    assert metadata["threshold_policy"] == "youden"
+    # what a deployment does with the file alone: call each finding at its threshold, as predict does
+    np.testing.assert_array_equal(probabilities >= np.asarray(metadata["thresholds"]), decision.predicted == 1)
+
+
+def test_single_label_onnx_metadata_has_no_task_keys(exported):
+    metadata = json.loads({p.key: p.value for p in onnx.load(str(exported / "model" / "model.onnx")).metadata_props}
+                          ["medtransfer"])
+    assert not {"task", "thresholds", "temperatures"} & set(metadata)

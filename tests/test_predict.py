@@ -165,3 +165,101 @@ def test_a_wrong_runtime_or_an_onnx_file_without_it_is_refused_in_one_line(saved
         onnx_file("tvm", saved.run)
     with pytest.raises(ConfigError, match="--onnx .*x.onnx: only used with --runtime onnxruntime"):
         onnx_file("torch", saved.run, tmp_path / "x.onnx")
+
+
+# ----------------------------------------------------------------- multi-label
+
+
+@pytest.fixture(scope="module")
+def multilabel(tmp_path_factory):
+    from tests.saved_multilabel import save_multilabel_model
+
+    run = save_multilabel_model(tmp_path_factory.mktemp("predict-multilabel") / "run")
+    saved = load_model(run)
+    saved.run = run
+    return saved
+
+
+def test_multilabel_rows_give_each_findings_probability_decision_and_the_called_findings(multilabel, images, tmp_path):
+    from tests.saved_multilabel import FINDINGS, TEMPERATURES, THRESHOLDS
+
+    rows = predict_files(multilabel, images, batch_size=2, accelerator="cpu", precision="32-true")
+    with torch.no_grad():
+        logits = multilabel.model.eval()(torch.stack([multilabel.preprocess(p) for p in images])).double().numpy()
+    expected = 1 / (1 + np.exp(-logits / np.asarray(TEMPERATURES)))
+    columns = ["path", *(f"prob_{f}" for f in FINDINGS), *(f"pred_{f}" for f in FINDINGS), "findings"]
+    for i, row in enumerate(rows):
+        assert list(row) == columns and row["path"] == str(images[i])
+        np.testing.assert_allclose([row[f"prob_{f}"] for f in FINDINGS], expected[i], rtol=0, atol=1e-5)
+        assert [row[f"pred_{f}"] for f in FINDINGS] == [int(p >= t) for p, t in zip(expected[i], THRESHOLDS)]
+        called = sorted((f for f in FINDINGS if row[f"pred_{f}"]), key=lambda f: -row[f"prob_{f}"])
+        assert row["findings"] == "|".join(called) and "Atelectasis" in called and "Mass" not in called
+    assert any(r["findings"].count("|") >= 1 for r in rows)  # several findings in one row, most probable first
+
+
+def test_multilabel_csv_has_the_columns_and_the_decisions_as_0_or_1(multilabel, images, tmp_path):
+    from tests.saved_multilabel import FINDINGS, THRESHOLDS
+
+    out = tmp_path / "predictions.csv"
+    kept = predict_with_progress(multilabel, images, csv_path=out, batch_size=2, accelerator="cpu", num_workers=0)
+    written = list(csv.DictReader(out.open()))
+    assert list(written[0]) == ["path", *(f"prob_{f}" for f in FINDINGS), *(f"pred_{f}" for f in FINDINGS), "findings"]
+    for row, line in zip(kept, written):
+        assert line["path"] == row["path"] and line["findings"] == row["findings"]
+        assert [line[f"prob_{f}"] for f in FINDINGS] == [f"{row[f'prob_{f}']:.6f}" for f in FINDINGS]
+        assert [line[f"pred_{f}"] for f in FINDINGS] == [str(row[f"pred_{f}"]) for f in FINDINGS]
+        assert all(line[f"pred_{f}"] == str(int(row[f"prob_{f}"] >= t)) for f, t in zip(FINDINGS, THRESHOLDS))
+
+
+def test_multilabel_console_table_names_the_findings_called(multilabel, images):
+    from rich.console import Console
+
+    from medtransfer.predict import operating_point_text, prediction_table
+
+    rows = predict_files(multilabel, images[:2], accelerator="cpu", precision="32-true")
+    console = Console(width=200, record=True)
+    console.print(prediction_table(multilabel, rows))
+    text = console.export_text()
+    for row in rows:
+        first = row["findings"].split("|")[0]
+        assert f"{first} {row[f'prob_{first}']:.3f}" in text and "Mass 0." not in text
+    assert operating_point_text(multilabel) == ("thresholds per finding on p(finding): Atelectasis 0.000, "
+                                                "Effusion 0.450, Mass 1.000, Nodule 0.550")
+
+
+def test_single_label_console_table_and_operating_point_are_as_before(saved, images):
+    from rich.console import Console
+
+    from medtransfer.predict import operating_point_text, prediction_table
+
+    rows = predict_files(saved, images[:1], accelerator="cpu", precision="32-true")
+    console = Console(width=200, record=True)
+    console.print(prediction_table(saved, rows))
+    text = console.export_text()
+    assert "p(PNEUMONIA)" in text and f"{rows[0]['prob_PNEUMONIA']:.4f}" in text and rows[0]["pred"] in text
+    assert operating_point_text(saved) == "threshold 0.500 on p(PNEUMONIA)"
+
+
+def test_multilabel_onnxruntime_rows_equal_torch_rows(multilabel, files, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from medtransfer.export import export_onnx
+
+    onnx_path = export_onnx(multilabel.run, tmp_path / "model.onnx")
+    torch_rows = list(stream_predictions(multilabel, files, batch_size=4, accelerator="cpu", precision="32-true"))
+    onnx_rows = list(stream_predictions(multilabel, files, batch_size=4, accelerator="cpu", onnx_path=onnx_path))
+    for a, b in zip(torch_rows, onnx_rows):
+        assert a.keys() == b.keys()
+        assert max(abs(a[k] - b[k]) for k in a if k.startswith("prob_")) < 1e-5
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_byte_for_byte_in_the_csv(saved, tmp_path, make_image):
+    import os
+
+    image = tmp_path / os.fsdecode(b"r\xe9sum\xe9.png")  # Latin-1 bytes: not UTF-8
+    try:
+        make_image(tmp_path / "plain.png", size=(40, 36)).rename(image)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "predictions.csv"
+    predict_with_progress(saved, [image], csv_path=out, accelerator="cpu", num_workers=0)
+    assert os.fsencode(str(image)) in out.read_bytes()

@@ -87,8 +87,8 @@ def test_npz_with_only_a_test_split_and_a_resplit(tmp_path):
          "train_images has dtype float32"),
         ({"train_images": np.zeros((2, 4, 4, 4), np.uint8), "train_labels": np.zeros((2, 1), np.uint8)},
          "3D volumes are not supported"),
-        ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros((2, 14), np.uint8)},
-         "multi-label data (one column per finding) is not supported"),
+        ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.full((2, 14), 2, np.uint8)},
+         "multi-label labels must be (2, findings) of 0 / 1"),
         ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros((3, 1), np.uint8)},
          "expected (2, 1) for 2 images"),
         ({"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.full((2, 1), -1)},
@@ -129,3 +129,26 @@ def test_class_names_with_a_folder_source_is_refused(make_kaggle_tree):
     root = make_kaggle_tree({"train": {"NORMAL": 1, "PNEUMONIA": 1}})
     with pytest.raises(ConfigError, match="to rename folder classes use --class-map"):
         discover(root, class_names=["A", "B"])
+
+
+def test_multilabel_npz_gives_findings_and_the_findings_present(tmp_path):
+    """ChestMNIST-style (N, 14) labels: a multi-label task over ChestX-ray14's findings, in file order."""
+    from medtransfer.data.discover import discover_data
+    from medtransfer.data.npz import CHESTMNIST_FINDINGS
+
+    rng = np.random.default_rng(0)
+    labels = {split: rng.integers(0, 2, (n, 14)).astype(np.uint8) for split, n in (("train", 6), ("val", 3), ("test", 3))}
+    arrays = {f"{split}_images": rng.integers(0, 255, (len(y), 8, 8)).astype(np.uint8) for split, y in labels.items()}
+    arrays.update({f"{split}_labels": y for split, y in labels.items()})
+    np.savez(tmp_path / "chestmnist.npz", **arrays)
+    found = discover_data(tmp_path / "chestmnist.npz", extract_dir=tmp_path / "x")
+    assert found.task.multilabel and found.task.classes == CHESTMNIST_FINDINGS
+    train = [r for r in found.records if r.split == "train"]
+    assert found.task.targets([r.label for r in train]).tolist() == labels["train"].astype(float).tolist()
+
+
+def test_multilabel_npz_class_names_must_match_the_columns(tmp_path):
+    arrays = {"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros((2, 3), np.uint8)}
+    np.savez(tmp_path / "m.npz", **arrays)
+    with pytest.raises(DataError, match="give 3 distinct names, one per label column"):
+        discover(tmp_path / "m.npz", extract_dir=tmp_path / "x", class_names=["a", "b"])

@@ -594,7 +594,9 @@ def test_too_few_patients_for_a_split_is_the_same_error_for_both_task_kinds(find
 def test_multilabel_split_merges_patients_that_share_an_image():
     records = make_multilabel_records(2, patients=60)
     group_of = {f"p{p:03d}": "p000" for p in range(0, 60, 10)}  # six patients filed as copies of p000
-    result = grouped_stratified_split(records, fraction=0.3, seed=1, name="val", rest="train", group_of=group_of, findings=FINDINGS)
+    result = grouped_stratified_split(
+        records, fraction=0.3, seed=1, name="val", rest="train", group_of=group_of, findings=FINDINGS
+    )
     assert len({r.split for r in result if r.patient_id in group_of}) == 1
 
 

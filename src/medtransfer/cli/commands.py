@@ -64,14 +64,19 @@ def predict(
         table.add_column("path", overflow="fold")
         for c in saved.classes:
             table.add_column(f"p({c})", justify="right")
-        table.add_column("predicted")
+        multilabel = saved.info.task == "multi-label"
+        table.add_column("findings called" if multilabel else "predicted")
         if scored:
             table.add_column("ood_score", justify="right")
         for row in rows:
             ood = [f"{row['ood_score']:.3f}" + (" FOREIGN" if row["ood"] == "out" else "")] if scored else []
-            table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], row["pred"], *ood)
+            called = (row["findings"] or "none") if multilabel else row["pred"]
+            table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], called, *ood)
         console.print(table)
-    console.print(f"threshold {saved.threshold:.3f} on p({saved.info.positive_class})")
+    if saved.info.task == "multi-label":
+        console.print("thresholds " + ", ".join(f"{c} {t:.3f}" for c, t in zip(saved.classes, saved.info.thresholds)))
+    else:
+        console.print(f"threshold {saved.threshold:.3f} on p({saved.info.positive_class})")
     if not scored:
         console.print("This model was saved without an OOD detector (train again to get ood_score and ood columns).")
     if csv is not None:
@@ -232,16 +237,32 @@ def explain(
         None, help="cam, gradcam, gradcam++, layercam (finer: the stride-16 stage), or occlusion (model-agnostic, about 200 forward passes per image). Default: the run's --cam-method (gradcam unless set)."
     ),
     target_layer: Optional[str] = typer.Option(None, help="Layer to explain (default: the backbone's last feature map; layercam: the last stride-16 stage)."),
+    finding: Optional[List[str]] = typer.Option(
+        None, "--finding", help="Multi-label models: draw this finding for every image (repeatable). Default: each image's "
+        "findings at or above their thresholds (none drawn for an image with none)."
+    ),
 ):
-    """Class Activation Maps (or occlusion sensitivity): heatmap overlays showing what drove each prediction."""
+    """Class Activation Maps (or occlusion sensitivity): heatmap overlays showing what drove each prediction.
+
+    Multi-label models: one map per finding, targeting that finding's logit."""
     from medtransfer.artifacts import load_model
     from medtransfer.explain.files import explain_files
     from medtransfer.predict import expand_inputs
 
     saved = load_model(run)
-    rows = explain_files(saved, expand_inputs(paths), out, method=method, target_layer=target_layer)
+    rows = explain_files(saved, expand_inputs(paths), out, method=method, target_layer=target_layer, findings=finding)
     for row in rows:
-        console.print(f"{row['path']}: {row['predicted']} p={row['probability']:.3f} -> {row['overlay']}")
+        if "heatmaps" not in row:  # single-label: the predicted class
+            console.print(f"{row['path']}: {row['predicted']} p={row['probability']:.3f} -> {row['overlay']}")
+            continue
+        for heat in row["heatmaps"]:
+            console.print(f"{row['path']}: {heat['caption']} -> {heat['overlay']}", markup=False, highlight=False, soft_wrap=True)
+        if not row["heatmaps"]:
+            probabilities, thresholds = row["probabilities"], row["thresholds"]
+            closest = max(probabilities, key=lambda c: probabilities[c] - thresholds[c])
+            console.print(f"{row['path']}: no finding at or above its threshold (closest: {closest} "
+                          f"p={probabilities[closest]:.2f} < threshold {thresholds[closest]:.2f}); no heatmap drawn "
+                          "(choose findings with --finding)", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

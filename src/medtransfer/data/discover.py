@@ -25,11 +25,13 @@ from pathlib import Path
 
 from medtransfer.data.manifest import discover_multilabel_csv, is_multilabel
 from medtransfer.data.npz import extract_npz
+from medtransfer.data.dicom import read_dicom_header
 from medtransfer.data.patients import (
     check_views,
-    dicom_patient_id,
     local_salt,
+    normalise_view,
     patient_id_from_path,
+    salted_patient_id,
     view_from_path,
 )
 from medtransfer.errors import ConfigError, DataError
@@ -148,7 +150,11 @@ def _class_folder_records(class_dir: Path, split: str | None, namer: Callable[[P
             f"--data: folder {class_dir} holds no images (.jpg, .jpeg, .png, .bmp, .tif, .dcm); "
             "add its images or remove the empty folder"
         )
-    return [Record(image, class_dir.name, namer(image), split, view=view_from_path(image)) for image in images]
+    return [Record(image, class_dir.name, namer(image), split, view=_view(namer, image)) for image in images]
+
+
+def _view(namer: Callable[[Path], str], image: Path) -> str | None:
+    return namer.view(image) if isinstance(namer, PatientNamer) else view_from_path(image)
 
 
 def discover_folder(
@@ -211,7 +217,8 @@ def discover_csv(
                 raise DataError(
                     f"--data {manifest}, line {line_number}: split {split!r} is not one of {', '.join(SPLIT_NAMES)}"
                 )
-            patient = (row.get("patient_id") or "").strip() or namer(path)
+            column = (row.get("patient_id") or "").strip()
+            patient = namer.from_column(column) if column and isinstance(namer, PatientNamer) else column or namer(path)
             key = os.path.normpath(os.path.abspath(path))
             if key in first_seen:  # a repeat would weigh twice, or land in two splits, or teach two labels
                 line, first_label = first_seen[key]
@@ -221,7 +228,8 @@ def discover_csv(
                     "keep one row per image"
                 )
             first_seen[key] = (line_number, label)
-            records.append(Record(path, label, patient, split))
+            view = normalise_view((row.get("view") or "").strip()) or _view(namer, path)
+            records.append(Record(path, label, patient, split, view=view))
     if not records:
         raise DataError(f"--data {manifest}: the CSV manifest lists no images")
     return records
@@ -298,10 +306,11 @@ def discover_data(
         if root.suffix.lower() != ".csv":
             raise DataError(f"--data {root}: a file must be a CSV manifest (path,label[,patient_id][,split]) or an .npz")
         if is_multilabel(root, labels_column=labels_column, findings=findings):
-            rows, order = discover_multilabel_csv(
-                root, labels_column=labels_column, findings=findings, uncertain=uncertain, patient_of=namer
-            )
-            records = [Record(p, label, patient, split, masked, view) for p, label, patient, masked, split, view in rows]
+            rows, order = discover_multilabel_csv(root, labels_column=labels_column, findings=findings, uncertain=uncertain)
+            records = []
+            for p, label, patient, masked, split, view in rows:
+                patient_id = namer.from_column(patient) if patient else namer(p)  # reads a DICOM's ViewPosition too
+                records.append(Record(p, label, patient_id, split, masked, view or namer.view(p)))
         else:
             records = discover_csv(root, patient_regex=patient_regex, namer=namer)
     else:
@@ -346,16 +355,32 @@ class PatientNamer:
     def __init__(self, root: Path, regex: str | None, salt_dir: str | Path | None):
         self.root, self.regex, self.salt_dir = root, regex, salt_dir
         self.rules: Counter = Counter()
+        self.views: dict[Path, str | None] = {}  # DICOM ViewPosition, read with the PatientID
         self._salt: bytes | None = None
 
+    def view(self, path: Path) -> str | None:
+        """The view of an image: its DICOM ViewPosition tag, else CheXpert-style file names."""
+        if path not in self.views and self._reads_dicom(path) and path.is_file():  # a CSV patient column: not yet read
+            self.views[path] = normalise_view(read_dicom_header(path).view_position)
+        return self.views.get(path) or view_from_path(path)
+
+    def _reads_dicom(self, path: Path) -> bool:
+        return path.suffix.lower() in (".dcm", ".dicom") and self.salt_dir is not None
+
+    def from_column(self, patient: str) -> str:
+        """A patient ID the data gives in a column, counted as such."""
+        self.rules["csv"] += 1
+        return patient
+
     def __call__(self, path: Path) -> str:
-        if self.regex is None and path.suffix.lower() in (".dcm", ".dicom") and self.salt_dir is not None:
-            if self._salt is None:
-                self._salt = local_salt(Path(self.salt_dir))
-            patient = dicom_patient_id(path, self._salt)
-            if patient is not None:
+        if self._reads_dicom(path):
+            header = read_dicom_header(path)
+            self.views[path] = normalise_view(header.view_position)
+            if self.regex is None and header.patient_id is not None:
+                if self._salt is None:
+                    self._salt = local_salt(Path(self.salt_dir))
                 self.rules["dicom"] += 1
-                return patient
+                return salted_patient_id(header.patient_id, self._salt)  # never the clear ID
         patient, rule = patient_id_from_path(path, root=self.root, pattern=self.regex)
         self.rules[rule] += 1
         return patient

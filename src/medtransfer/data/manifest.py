@@ -7,7 +7,8 @@ Two layouts (column names are matched without case and surrounding spaces):
   names another column;
 - one column per finding holding ``1`` (present), ``0`` (absent), ``-1`` (uncertain) or blank
   (not mentioned), as CheXpert and MIMIC-CXR ship them. ``--findings A,B,C`` chooses and
-  orders them; without it every column whose values are all 1 / 0 / -1 / blank is a finding.
+  orders them; without it every column whose values are all 1 / 0 / -1 / blank is a finding
+  (CheXpert's ``No Finding`` column aside: it means none of them).
 
 Uncertain labels follow ``--uncertain`` (CheXpert's U-Ones, U-Zeros, U-Ignore); ignored and
 blank labels are unknown: masked out of the loss and the metrics (:mod:`medtransfer.task`).
@@ -21,7 +22,7 @@ the dataset folder's own name), then, for a bare file name, anywhere under the C
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from medtransfer.data.patients import normalise_view, view_from_path
@@ -34,6 +35,7 @@ VIEW_COLUMNS = ("view", "view position", "viewposition", "frontal/lateral")
 LABELS_COLUMNS = ("labels", "finding labels")
 SPLIT_COLUMN = "split"
 _CODES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": None}
+_LINE = "\0line"  # read_rows: the row's line in the file (blank lines are skipped, so not its index + 2)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
 
 
@@ -42,13 +44,18 @@ def _normalised(name: str) -> str:
 
 
 def read_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """The header as written and every row keyed by the normalised header names."""
+    """The header as written and every row keyed by the normalised header names (blank rows
+    left out; each row's line in the file, for messages, under a private key)."""
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = next(reader, [])
             keys = [_normalised(h) for h in header]
-            rows = [dict(zip(keys, (value.strip() for value in row))) for row in reader if any(v.strip() for v in row)]
+            rows, start = [], reader.line_num + 1
+            for row in reader:
+                if any(v.strip() for v in row):
+                    rows.append({**dict(zip(keys, (value.strip() for value in row))), _LINE: start})
+                start = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"--data {manifest}: cannot read the CSV manifest ({exc}); save it as UTF-8 CSV") from None
     return header, rows
@@ -59,8 +66,12 @@ def _first(columns: Sequence[str], choices: Sequence[str]) -> str | None:
 
 
 def finding_columns(header: Sequence[str], rows: list[dict[str, str]]) -> list[str]:
-    """Columns (as written) whose every value is 1, 0, -1 or blank, metadata columns left out."""
-    metadata = {*PATH_COLUMNS, *PATIENT_COLUMNS, *VIEW_COLUMNS, SPLIT_COLUMN, "label", *LABELS_COLUMNS}
+    """Columns (as written) whose every value is 1, 0, -1 or blank, metadata columns left out.
+
+    CheXpert's ``No Finding`` column is left out too: a label of ``No Finding`` means none of
+    the findings (:func:`medtransfer.task.split_findings`), so it cannot be an output of its own.
+    """
+    metadata = {*PATH_COLUMNS, *PATIENT_COLUMNS, *VIEW_COLUMNS, SPLIT_COLUMN, "label", *LABELS_COLUMNS, _normalised(NO_FINDING)}
     found = []
     for name in header:
         key = _normalised(name)
@@ -99,13 +110,9 @@ def discover_multilabel_csv(
     labels_column: str | None = None,
     findings: Sequence[str] | None = None,
     uncertain: str = "ignore",
-    patient_of: Callable[[Path], str],
 ) -> tuple[list[tuple[Path, str, str | None, tuple[str, ...], str | None, str | None]], list[str]]:
     """Rows (path, findings present '|'-joined, patient ID from a column or None, masked findings,
-    split, view) and the findings in output order.
-
-    `patient_of` gives the patient of a path when the CSV has no patient column.
-    """
+    split, view) and the findings in output order."""
     if uncertain not in UNCERTAIN_POLICIES:
         raise ConfigError(f"--uncertain: got {uncertain!r}; choose one of {', '.join(UNCERTAIN_POLICIES)}")
     chosen = _parse_findings(findings)
@@ -131,7 +138,8 @@ def discover_multilabel_csv(
     patient_key, view_key = _first(columns, PATIENT_COLUMNS), _first(columns, VIEW_COLUMNS)
     resolve = _PathResolver(manifest)
     out, seen = [], {}
-    for line, (row, (present, masked)) in enumerate(zip(rows, parsed), start=2):
+    for row, (present, masked) in zip(rows, parsed):
+        line = row[_LINE]
         raw = row.get(path_column, "")
         if not raw:
             raise DataError(f"--data {manifest}, line {line}: empty {path_column!r}; fill it in")
@@ -144,7 +152,7 @@ def discover_multilabel_csv(
             raise DataError(f"--data {manifest}, line {line}: split {split!r} is not one of train, val, test")
         patient = row.get(patient_key, "") if patient_key else ""
         view = normalise_view(row.get(view_key, "")) if view_key else None
-        out.append((path, join_findings(present), patient or patient_of(path), tuple(masked), split, view or view_from_path(path)))
+        out.append((path, join_findings(present), patient or None, tuple(masked), split, view or view_from_path(path)))
     return out, order
 
 
@@ -177,6 +185,11 @@ def _from_finding_columns(
                 "of |-separated findings, or one column per finding holding 1 / 0 / -1 / blank"
             )
     else:
+        if any(_normalised(f) == _normalised(NO_FINDING) for f in chosen):
+            raise ConfigError(
+                f"--findings: {NO_FINDING!r} means none of the findings and cannot be trained as one; leave it out "
+                f"(finding columns: {', '.join(available) or 'none'})"
+            )
         absent = [f for f in chosen if _normalised(f) not in by_key]
         if absent:
             raise ConfigError(
@@ -184,7 +197,8 @@ def _from_finding_columns(
             )
         order = [by_key[_normalised(f)] for f in chosen]
     parsed = []
-    for line, row in enumerate(rows, start=2):
+    for row in rows:
+        line = row[_LINE]
         present, masked = [], []
         for finding in order:
             raw = row.get(_normalised(finding), "")

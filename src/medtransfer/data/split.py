@@ -28,7 +28,12 @@ from medtransfer.data.near_duplicates import (
     hash_images,
     near_duplicate_pairs,
 )
-from medtransfer.data.stratify import class_quota_split, group_counts, iterative_group_split, known_positives
+from medtransfer.data.stratify import (
+    class_quota_split,
+    group_counts,
+    iterative_group_split,
+    known_positives,
+)
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.safeio import write_csv_atomic
 from medtransfer.task import LABEL_SEPARATOR, NO_FINDING, join_findings

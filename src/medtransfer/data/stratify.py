@@ -47,7 +47,7 @@ def _patient_strata(records: Sequence[Record], group_of: Mapping[str, str]) -> d
     labels: dict[str, Counter] = defaultdict(Counter)
     for r in records:
         labels[group_of.get(r.patient_id, r.patient_id)][r.label] += 1
-    return {p: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for p, c in labels.items()}
+    return {p: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for p, c in labels.items()}
 
 
 def class_quota_split(records: Sequence[Record], *, fraction: float, seed: int, group_of: Mapping[str, str]) -> set[str]:

@@ -17,6 +17,11 @@ tested against the first (the reference). Each pair gets
   :func:`medtransfer.evaluation.resampling.paired_bootstrap_auc_test`;
 * DeLong's test (image-level), :func:`medtransfer.evaluation.resampling.delong_test`.
 
+Multi-label folders (metrics.json ``task: multi-label``) are compared per finding and by
+macro AUC (:mod:`medtransfer.evaluation.multilabel_compare`): each pair's test is the macro AUC
+difference (the keys above; no DeLong p), with the per-finding tests under ``findings``; the
+table shows macro and micro AUC and each finding's AUC, sensitivity, specificity and threshold.
+
 Example
 -------
 >>> from pathlib import Path
@@ -35,8 +40,10 @@ import numpy as np
 
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import html as h
+from medtransfer.evaluation import multilabel_compare as ml
 from medtransfer.evaluation import resampling
 from medtransfer.rundir import Predictions, RunDir, RunMetrics, SplitMetrics, write_text_atomic
+from medtransfer.task import MULTI_LABEL, SINGLE_LABEL
 
 __all__ = ["ComparisonResult", "OUTPUT_FILES", "compare_runs"]
 
@@ -64,11 +71,13 @@ class ComparisonResult:
     Attributes:
         names: column name of each folder (folder name; ``parent/name`` for duplicates).
         paths: the folders, in input order (the first is the reference).
-        positive_class: the class whose AUC is compared.
+        positive_class: the class whose AUC is compared (None for multi-label runs).
         rows: ``(label, [cell per folder])`` for the side-by-side table.
         tests: one dict per pair: ``a, b, n_images, n_patients, bootstrap_unit, auc_a,
             auc_b, auc_diff (a - b), ci, confidence, p_bootstrap, p_delong, delong_z,
             n_resamples, n_valid, seed``.
+        task: ``single-label`` or ``multi-label`` (then ``findings`` lists them, and each test
+            is the macro AUC one with the per-finding tests under ``findings``).
         markdown: the table and the "Paired tests" table as Markdown.
         html: a self-contained HTML page (inline CSS, no scripts, no network references).
         files: what was written to ``out`` (empty without ``out``).
@@ -76,9 +85,11 @@ class ComparisonResult:
 
     names: list[str]
     paths: list[Path]
-    positive_class: str
+    positive_class: str | None
     rows: list[tuple[str, list[str]]]
     tests: list[dict[str, Any]]
+    task: str = SINGLE_LABEL
+    findings: list[str] = field(default_factory=list)
     markdown: str = ""
     html: str = ""
     files: list[Path] = field(default_factory=list)
@@ -87,6 +98,7 @@ class ComparisonResult:
         """JSON-ready: what ``comparison.json`` holds."""
         return {
             "positive_class": self.positive_class,
+            **({"task": self.task, "findings": self.findings} if self.task == MULTI_LABEL else {}),
             "runs": [{"name": n, "path": str(p)} for n, p in zip(self.names, self.paths)],
             "table": {"columns": list(self.names), "rows": [{"metric": label, "values": cells} for label, cells in self.rows]},
             "tests": self.tests,
@@ -121,16 +133,23 @@ def compare_runs(
 
     names = _column_names(paths)
     folders = [_read_folder(p, n) for p, n in zip(paths, names)]
-    positive = _positive_class(folders)
-    for folder in folders:
-        _check_predictions(folder, positive)
-
     pairs = [(0, 1)] if len(folders) == 2 else [(0, j) for j in range(1, len(folders))]
-    for i, j in pairs:  # check every pair before spending time on any bootstrap
-        _check_same_images(folders[i], folders[j])
-    tests = [_paired_test(folders[i], folders[j], positive, n_resamples=n_resamples, seed=seed) for i, j in pairs]
-
-    result = ComparisonResult(names=names, paths=paths, positive_class=positive, rows=_table_rows(folders), tests=tests)
+    multilabel = [ml.is_multilabel_folder(f.metrics, f.predictions) for f in folders]
+    if any(multilabel):
+        if not all(multilabel):
+            kinds = ", ".join(f"{f.path}: {'multi-label' if m else 'single-label'}" for f, m in zip(folders, multilabel))
+            raise DataError(f"cannot compare multi-label with single-label folders ({kinds}); compare runs of one task")
+        tests, findings = ml.compare_multilabel(folders, pairs, n_resamples=n_resamples, seed=seed)
+        result = ComparisonResult(names=names, paths=paths, positive_class=None, rows=_table_rows(folders, findings),
+                                  tests=tests, task=MULTI_LABEL, findings=findings)
+    else:
+        positive = _positive_class(folders)
+        for folder in folders:
+            _check_predictions(folder, positive)
+        for i, j in pairs:  # check every pair before spending time on any bootstrap
+            _check_same_images(folders[i], folders[j])
+        tests = [_paired_test(folders[i], folders[j], positive, n_resamples=n_resamples, seed=seed) for i, j in pairs]
+        result = ComparisonResult(names=names, paths=paths, positive_class=positive, rows=_table_rows(folders), tests=tests)
     result.markdown = _markdown(result)
     result.html = _html(result)
     if out is not None:
@@ -256,10 +275,14 @@ def _source(f: _Folder) -> str:
     return f"evaluation on {f.metrics.data} ({f.metrics.split})" if f.metrics.data else "evaluation"
 
 
-def _table_rows(folders: list[_Folder]) -> list[tuple[str, list[str]]]:
-    rows = [(label, [h.split_value(f.test, key) for f in folders]) for key, label in h.METRIC_ROWS]
-    threshold = [f.test.threshold if f.test.threshold is not None else f.metrics.threshold for f in folders]
-    rows.append(("Threshold", [h.format_number(t) for t in threshold]))
+def _table_rows(folders: list[_Folder], findings: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """The side-by-side rows; with `findings` (multi-label) macro figures and one block per finding."""
+    if findings is not None:
+        rows = ml.table_rows(folders, findings)
+    else:
+        rows = [(label, [h.split_value(f.test, key) for f in folders]) for key, label in h.METRIC_ROWS]
+        threshold = [f.test.threshold if f.test.threshold is not None else f.metrics.threshold for f in folders]
+        rows.append(("Threshold", [h.format_number(t) for t in threshold]))
     rows.append(("Images (n)", [h.format_number(f.test.n) for f in folders]))
     optional = [
         ("Patients", [f.test.patients for f in folders]),
@@ -297,6 +320,11 @@ _TEST_HEADER = ["A", "B", "AUC A", "AUC B", "AUC A \u2212 B (95% CI)", "p (paire
 
 
 def _intro(result: ComparisonResult) -> str:
+    if result.task == MULTI_LABEL:
+        return (
+            f"Test metrics as stored in each folder's metrics.json: multi-label, {len(result.findings)} findings, "
+            "macro AUC (the mean of the findings' AUCs) first, with the bootstrap confidence interval where the run computed one."
+        )
     return (
         f"Test metrics as stored in each folder's metrics.json (positive class {result.positive_class}), "
         "with the bootstrap confidence interval where the run computed one."
@@ -304,6 +332,8 @@ def _intro(result: ComparisonResult) -> str:
 
 
 def _tests_note(result: ComparisonResult) -> str:
+    if result.task == MULTI_LABEL:
+        return ml.tests_note(result.tests)
     if not result.tests:
         return ""
     t = result.tests[0]
@@ -325,6 +355,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _test_table(result: ComparisonResult) -> tuple[list[str], list[list[str]]]:
+    if result.task == MULTI_LABEL:
+        return ml.TEST_HEADER, [row for t in result.tests for row in ml.test_rows(t)]
+    return _TEST_HEADER, [_test_row(t) for t in result.tests]
+
+
 def _markdown(result: ComparisonResult) -> str:
     parts = [
         "# Run comparison",
@@ -337,7 +373,7 @@ def _markdown(result: ComparisonResult) -> str:
         "",
         _tests_note(result),
         "",
-        _md_table(_TEST_HEADER, [_test_row(t) for t in result.tests]),
+        _md_table(*_test_table(result)),
         "",
         "Folders: " + "; ".join(f"{n}: {p}" for n, p in zip(result.names, result.paths)),
         "",
@@ -352,7 +388,7 @@ def _html(result: ComparisonResult) -> str:
             h.table(["Metric", *result.names], [[label, *cells] for label, cells in result.rows], css="metrics"),
             "<h2>Paired tests</h2>",
             h.note(_tests_note(result)),
-            h.table(_TEST_HEADER, [_test_row(t) for t in result.tests], css="tests"),
+            h.table(*_test_table(result), css="tests"),
             "<h2>Folders</h2>",
             f"<ul>{sources}</ul>",
         ]

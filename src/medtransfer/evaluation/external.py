@@ -4,6 +4,14 @@ The run is only read: threshold and temperature come from model.json (chosen on 
 validation split), so an external test set is scored exactly as the run's own test split.
 With an OOD detector (model/ood.*) metrics.json also gets "ood": the share of images flagged
 as foreign and the metrics without them ("test" keeps every image).
+
+A multi-label model (model.json ``task: multi-label``) is scored the same way with its
+per-finding temperatures and thresholds: per-finding AUC, AP, sensitivity, specificity and
+calibration, macro and micro AUC with patient-bootstrap CIs
+(:func:`medtransfer.evaluation.multilabel.multilabel_split_metrics`), the multi-label
+predictions CSV and figures, and the shift summary per finding. The set's findings are matched
+to the model's by name; a model finding the set lacks is masked on every image and listed
+under "findings_match" (:mod:`medtransfer.evaluation.multilabel_external`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,12 @@ from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import Record, apply_class_map, discover
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics, write_plots, write_predictions
-from medtransfer.evaluation.shift import shift_lines, shift_summary
+from medtransfer.evaluation.multilabel import multilabel_split_metrics, write_multilabel_predictions
+from medtransfer.evaluation.multilabel_external import (
+    ExternalFindings, discover_multilabel_external, multilabel_ood_summary, multilabel_shift, point_of,
+)
+from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
+from medtransfer.evaluation.shift import multilabel_shift_lines, shift_lines, shift_summary
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.models.inference import override_warning
 from medtransfer.ood import LogitsAndScore, ScoredModel
@@ -57,12 +70,14 @@ def evaluate_saved_model(
     if out.resolve() == Path(run).resolve() or out.resolve() == find_model_dir(run).resolve():
         raise ConfigError(f"--out {out}: must differ from the run folder; evaluation never writes into the run")
     info = saved.info
-    records = discover_external(saved, data, split=split, cache_dir=cache_dir)
+    multilabel = saved.task.multilabel
+    external = discover_multilabel_external(saved, data, split=split, cache_dir=cache_dir) if multilabel else None
+    records = external.records if external is not None else discover_external(saved, data, split=split, cache_dir=cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = ImageCache(cache_dir, CacheSettings(size=info.decode_size))
     images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=True, workers=default_decode_workers())
     kept = [records[i] for i in images.positions]
-    labels = [saved.classes.index(r.label) for r in kept]
+    labels = [0] * len(kept) if multilabel else [saved.classes.index(r.label) for r in kept]  # multi-label: targets below
     accelerator = resolve_accelerator(accelerator)
     # With an OOD detector the one pass also gives each image's ood_score (the last column).
     network = saved.network if saved.ood is None else LogitsAndScore(ScoredModel(saved.network, saved.ood))
@@ -76,6 +91,14 @@ def evaluate_saved_model(
     )
     scores = None if saved.ood is None else logits[:, -1]
     logits = logits if saved.ood is None else logits[:, :-1]
+    hardware = {**hardware_summary(accelerator=accelerator, precision=resolve_precision(precision, accelerator),
+                                   devices=len(devices or [accelerator])),  # what ran the inference:
+                "world_size": 1, "distributed": "threads" if len(devices or []) > 1 else "none"}  # one process
+    if external is not None:
+        metrics = _multilabel_metrics(saved, external, kept, logits, scores, run=run, data=data, split=split, out=out,
+                                      bootstrap=bootstrap, seed=seed)
+        return _finish(out, {**metrics, "hardware": hardware}, saved, scores, console, run=run, data=data,
+                       lines=multilabel_shift_lines(metrics["shift"]))
     outputs = SplitOutputs([str(r.path) for r in kept], np.asarray(labels), [r.patient_id for r in kept], logits)
     point = OperatingPoint.from_info(info)
     result = split_metrics(outputs, point, saved.classes, bootstrap=bootstrap, seed=seed)
@@ -93,23 +116,54 @@ def evaluate_saved_model(
         "tta": info.tta,
         "test": result,
         "shift": shift_against_run(run, outputs, point),
-        "hardware": {**hardware_summary(accelerator=accelerator, precision=resolve_precision(precision, accelerator),
-                                        devices=len(devices or [accelerator])),  # what ran the inference:
-                     "world_size": 1, "distributed": "threads" if len(devices or []) > 1 else "none"},  # one process
+        "hardware": hardware,
     }
+    if scores is not None:
+        metrics["ood"] = ood_summary(saved, outputs, scores, point, bootstrap=bootstrap, seed=seed)
+    return _finish(out, metrics, saved, scores, console, run=run, data=data, lines=None)
+
+
+def _finish(out: Path, metrics: dict[str, Any], saved: SavedModel, scores: np.ndarray | None, console: Console, *,
+            run: Path, data: Path, lines: list[str] | None) -> dict[str, Any]:
+    """The OOD and shift lines on the console, metrics.json, then report.html."""
     if scores is None:
         console.print("This model was saved without an OOD detector: no foreign-input check (train again to get one).")
     else:
-        metrics["ood"] = ood_summary(saved, outputs, scores, point, bootstrap=bootstrap, seed=seed)
         metrics["shift"]["ood_flagged_fraction"] = metrics["ood"]["flagged_fraction"]
         console.print(f"OOD guard ({saved.ood.method}): {metrics['ood']['flagged']} of {len(scores)} images "
                       f"({metrics['ood']['flagged_fraction']:.1%}) do not look like the training data")
-    for line in shift_lines(metrics["shift"]):
+    for line in shift_lines(metrics["shift"]) if lines is None else lines:
         console.print(line, markup=False, highlight=False)
     write_metrics(out, metrics)
     from medtransfer.evaluation.report import write_report
 
     write_report(out, console=console, title=f"Evaluation of {run} on {data}")
+    return metrics
+
+
+def _multilabel_metrics(
+    saved: SavedModel, external: ExternalFindings, kept: list[Record], logits: np.ndarray, scores: np.ndarray | None, *,
+    run: Path, data: Path, split: str, out: Path, bootstrap: int, seed: int,
+) -> dict[str, Any]:
+    """metrics.json of a multi-label model (without "hardware"); writes predictions.csv and the figures."""
+    info, point = saved.info, point_of(saved)
+    targets = external.targets(saved, kept)
+    paths, patients = [str(r.path) for r in kept], [r.patient_id for r in kept]
+    result = multilabel_split_metrics(logits, targets, patients, point, bootstrap=bootstrap, seed=seed)
+    for finding in external.missing:
+        result["findings"][finding]["not_in_data"] = True  # masked on every image: no labels in this set
+    write_multilabel_predictions(paths, targets, patients, logits, point, out / "predictions.csv")
+    write_multilabel_plots(logits, targets, point, result, out / "plots", prefix="test")
+    metrics: dict[str, Any] = {
+        "run": str(run), "data": str(data), "split": split, "backbone": info.backbone, "strategy": info.strategy,
+        "threshold": None,  # one per finding: "operating_point"
+        "classes": list(saved.classes), "threshold_policy": info.threshold_policy, "tta": info.tta, "task": info.task,
+        "operating_point": point.to_dict(), "findings_match": external.to_dict(), "test": result,
+        "shift": multilabel_shift(run, targets, point.probabilities(logits), saved, external.missing),
+    }
+    if scores is not None:
+        metrics["ood"] = multilabel_ood_summary(saved, paths, targets, patients, logits, scores, point,
+                                                bootstrap=bootstrap, seed=seed)
     return metrics
 
 

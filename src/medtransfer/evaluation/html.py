@@ -213,7 +213,8 @@ table.history td { text-align: right; }
 table.history tr.best td { background: #fff6d6; font-weight: 600; }
 table.config td { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .85rem; word-break: break-word; }
 table.confusion td { text-align: right; min-width: 6rem; }
-table.metrics td, table.tests td { white-space: nowrap; }
+table.metrics td, table.tests td, table.findings td { white-space: nowrap; }
+.scroll { overflow-x: auto; }
 details { margin: .5rem 0 1rem; }
 summary { cursor: pointer; color: #2456a6; }
 .lead { font-size: 1.05rem; }
@@ -240,6 +241,8 @@ li { overflow-wrap: anywhere; }
   figure, table, .ok, .warn { break-inside: avoid; }
   .figures { grid-template-columns: repeat(2, 1fr); }
   .figures.wide { grid-template-columns: minmax(0, 1fr); }
+  .scroll { overflow: visible; }
+  table.findings td { white-space: normal; }
   a { color: inherit; text-decoration: none; }
 }
 """

@@ -12,6 +12,11 @@ model folder holds the same weights (linked or copied), a model.json with the ne
 temperature and threshold and both provenances (the original run; the local data and
 its fit/report split), metrics.json, predictions of the report part, the split and a short
 report.html.
+
+A multi-label model (model.json ``task: multi-label``) gets the same with one temperature and
+one threshold per finding (:mod:`medtransfer.evaluation.multilabel_recalibrate`): the local
+findings matched by name as `evaluate` matches them, the split stratified over the findings,
+per-finding and macro figures before/after, and a model.json with the new per-finding lists.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ from medtransfer.evaluation import html as h
 from medtransfer.evaluation import plots
 from medtransfer.evaluation.evaluate import SplitOutputs, fit_operating_point, softmax, split_metrics, write_predictions
 from medtransfer.evaluation.external import discover_external
+from medtransfer.evaluation.multilabel import MultiLabelPoint, multilabel_split_metrics, write_multilabel_predictions
+from medtransfer.evaluation.multilabel_external import discover_multilabel_external, point_of
+from medtransfer.evaluation.multilabel_recalibrate import (
+    multilabel_recalibration_metrics, multilabel_summary_lines, refit_multilabel, split_local_multilabel,
+    write_multilabel_recalibration_report,
+)
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.rundir import SplitMetrics, write_metrics, write_text_atomic
 from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
@@ -67,6 +78,11 @@ def recalibrate_model(
         raise ConfigError(f"--fit-fraction: got {fit_fraction}; use a number between 0 and 1 (the rest reports), e.g. 0.5")
     saved = load_model(run)
     _check_out(out, run)
+    if saved.task.multilabel:
+        return _recalibrate_multilabel(
+            saved, run, data, out, fit_fraction=fit_fraction, seed=seed, split=split, cache_dir=cache_dir,
+            bootstrap=bootstrap, skip_bad=skip_bad, accelerator=accelerator, progress=progress, console=console,
+        )
     records = split_local(discover_external(saved, data, split=split, cache_dir=cache_dir), fit_fraction, seed)
     outputs = score_records(saved, records, cache_dir=cache_dir, skip_bad=skip_bad, accelerator=accelerator, progress=progress)
     before = OperatingPoint.from_info(saved.info)
@@ -120,19 +136,31 @@ def split_local(records: list[Record], fit_fraction: float, seed: int) -> list[R
     return drawn
 
 
-def score_records(
-    saved: SavedModel, records: list[Record], *, cache_dir: Path, skip_bad: bool, accelerator: str, progress: bool = True
-) -> dict[str, SplitOutputs]:
-    """Logits of every record, decoded as training did, grouped by the records' split."""
+def _logits(
+    saved: SavedModel, records: list[Record], *, cache_dir: Path, skip_bad: bool, accelerator: str, progress: bool
+) -> tuple[list[Record], np.ndarray]:
+    """The records that decoded and their logits, decoded as training did."""
     cache = ImageCache(cache_dir, CacheSettings(size=saved.info.decode_size))
     images = cache.build([r.path for r in records], skip_bad=skip_bad, progress=progress, workers=default_decode_workers())
     kept = [records[i] for i in images.positions]
-    labels = np.asarray([saved.classes.index(r.label) for r in kept])
     device = resolve_accelerator(accelerator)
     logits = predict_logits(
-        saved.network, CachedImageDataset(images, labels.tolist(), saved.transform()),
+        saved.network, CachedImageDataset(images, [0] * len(kept), saved.transform()),  # labels are not read
         device=device_for(device), precision=resolve_precision("auto", device),
     )
+    return kept, logits
+
+
+def score_records(
+    saved: SavedModel, records: list[Record], *, cache_dir: Path, skip_bad: bool, accelerator: str, progress: bool = True
+) -> dict[str, SplitOutputs]:
+    """Logits of every record, decoded as training did, grouped by the records' split.
+    Labels are class indices, or (multi-label) 1 / 0 / NaN targets in the model's finding order."""
+    kept, logits = _logits(saved, records, cache_dir=cache_dir, skip_bad=skip_bad, accelerator=accelerator, progress=progress)
+    if saved.task.multilabel:
+        labels = saved.task.targets([r.label for r in kept], [r.masked for r in kept])
+    else:
+        labels = np.asarray([saved.classes.index(r.label) for r in kept])
     out = {}
     for name in (FIT, REPORT):
         rows = [i for i, r in enumerate(kept) if r.split == name]
@@ -142,8 +170,55 @@ def score_records(
     return out
 
 
-def write_model_folder(saved: SavedModel, point: OperatingPoint, provenance: dict[str, Any], out: Path) -> Path:
-    """out/model: the original weights (hard link, else copy) and model.json with the new operating point."""
+def _recalibrate_multilabel(
+    saved: SavedModel, run: Path, data: Path, out: Path, *, fit_fraction: float, seed: int, split: str, cache_dir: Path,
+    bootstrap: int, skip_bad: bool, accelerator: str, progress: bool, console: Console,
+) -> dict[str, Any]:
+    """recalibrate_model for a multi-label model: per-finding temperatures and thresholds."""
+    local = discover_multilabel_external(saved, data, split=split, cache_dir=cache_dir)
+    records = split_local_multilabel(local.records, saved.task.classes, fit_fraction, seed)
+    outputs = score_records(saved, records, cache_dir=cache_dir, skip_bad=skip_bad, accelerator=accelerator, progress=progress)
+    before = point_of(saved)
+    training = saved.info.training_config or {}
+    fit = outputs[FIT]
+    after, kept = refit_multilabel(before, fit.logits, fit.labels, policy=saved.info.threshold_policy or training.get("threshold", "youden"),
+                                   calibrate=training.get("calibrate", "temperature"))
+    report = outputs[REPORT]
+    results = {name: multilabel_split_metrics(report.logits, report.labels, report.patient_ids, point, bootstrap=bootstrap, seed=seed)
+               for name, point in (("before", before), ("after", after))}
+    out.mkdir(parents=True, exist_ok=True)
+    scored = set(fit.paths) | set(report.paths)
+    write_split_csv([r for r in records if str(r.path) in scored], out / SPLIT_FILE)
+    original = before.to_dict()
+    provenance = {
+        "run": str(run), "data": str(data), "split": split, "fit_fraction": fit_fraction, "seed": seed,
+        "split_file": SPLIT_FILE, **{f"{name}_images": len(o.paths) for name, o in outputs.items()},
+        **{f"{name}_patients": len(set(o.patient_ids)) for name, o in outputs.items()},
+        "original": {"thresholds": original["thresholds"], "temperatures": original["temperatures"], "policy": before.policy},
+        "findings_match": local.to_dict(),
+    }
+    write_model_folder(saved, after, provenance, out)
+    write_multilabel_predictions(report.paths, report.labels, report.patient_ids, report.logits, after, out / "predictions_test.csv")
+    metrics = multilabel_recalibration_metrics(saved.info, after, provenance, results, kept)
+    write_metrics(out, metrics)
+    known = ~np.isnan(report.labels)
+    figure = out / "plots" / "report_calibration.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    y = report.labels[known].astype(int)
+    plots.plot_reliability({"uncalibrated": (y, saved.task.probabilities(report.logits)[known]),
+                            "run's temperatures": (y, before.probabilities(report.logits)[known]),
+                            "recalibrated": (y, after.probabilities(report.logits)[known])}, figure)
+    write_multilabel_recalibration_report(out, metrics, figure)
+    for line in multilabel_summary_lines(metrics):
+        console.print(line, markup=False, highlight=False)
+    return metrics
+
+
+def write_model_folder(
+    saved: SavedModel, point: OperatingPoint | MultiLabelPoint, provenance: dict[str, Any], out: Path
+) -> Path:
+    """out/model: the original weights (hard link, else copy) and model.json with the new operating point
+    (per-finding temperatures and thresholds for a multi-label model)."""
     source = find_model_dir(provenance["run"])
     target = out / MODEL_DIR
     target.mkdir(parents=True, exist_ok=True)
@@ -153,10 +228,11 @@ def write_model_folder(saved: SavedModel, point: OperatingPoint, provenance: dic
         except OSError:  # another file system, or links not allowed
             shutil.copy2(source / name, target / name)
     trained = (saved.info.provenance or {}).get("trained") or {"run": str(Path(provenance["run"]).resolve())}
-    info = replace(
-        saved.info, threshold=point.threshold, temperature=point.temperature,
-        provenance={"trained": trained, "recalibrated": provenance},
-    )
+    if isinstance(point, MultiLabelPoint):
+        operating: dict[str, Any] = dict(thresholds=tuple(point.thresholds), temperatures=tuple(point.temperatures))
+    else:
+        operating = dict(threshold=point.threshold, temperature=point.temperature)
+    info = replace(saved.info, **operating, provenance={"trained": trained, "recalibrated": provenance})
     payload = {"format_version": FORMAT_VERSION, **info.to_json()}
     ModelInfo.from_json(payload, source=target / MODEL_JSON)  # what load_model will accept
     write_text_atomic(target / MODEL_JSON, json.dumps(payload, indent=2))  # last: a half-written folder has no model.json

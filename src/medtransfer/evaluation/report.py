@@ -27,6 +27,7 @@ from medtransfer.evaluation.published import published_section
 from medtransfer.evaluation.report_findings import (
     border_evidence_html, foreign_inputs_html, gallery_intro_html, leakage_html, shift_html,
 )
+from medtransfer.evaluation.report_multilabel import MULTILABEL_SECTION_IDS, is_multilabel, multilabel_sections
 from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["SECTION_IDS", "write_report"]
@@ -50,7 +51,10 @@ def write_report(run_dir: Path, *, console: Any = None, title: str | None = None
     """
     run = _Run.load(Path(run_dir))
     page_title = title or f"medtransfer report: {run.root.resolve().name}"
-    sections = {name: _SECTIONS[name](run) for name in SECTION_IDS}  # in page order: each plot is shown once
+    builders, order = (_SECTIONS, SECTION_IDS)  # multi-label: per-finding sections, none of those for one positive class
+    if run.multilabel:
+        builders, order = {**_SECTIONS, **multilabel_sections(_run_facts)}, MULTILABEL_SECTION_IDS
+    sections = {name: builders[name](run) for name in order}  # in page order: each plot is shown once
     sections["other-figures"] = _other_figures(run)
     present = [name for name, content in sections.items() if content]
     nav = [(name, name.replace("-", " ").capitalize()) for name in present]
@@ -91,6 +95,10 @@ class _Run:
     @property
     def root(self) -> Path:
         return self.folder.root
+
+    @property
+    def multilabel(self) -> bool:
+        return is_multilabel(self.metrics)
 
     @property
     def threshold(self) -> float | None:
@@ -194,7 +202,7 @@ def _run_facts(run: _Run) -> str:
     m = run.metrics
     rows: list[tuple[str, str]] = []
     if run.threshold is not None or m.threshold_policy is not None:
-        text = h.format_number(run.threshold)
+        text = "one per finding" if run.multilabel else h.format_number(run.threshold)
         if m.threshold_policy:
             text += f" (policy: {m.threshold_policy}, chosen on validation)"
         rows.append(("Decision threshold", text))
@@ -202,7 +210,7 @@ def _run_facts(run: _Run) -> str:
         params = f"{h.format_number(m.params.get('total'))} total, {h.format_number(m.params.get('trainable'))} trainable"
     facts = [
         ("Positive class", m.positive_class),
-        ("Classes", ", ".join(run.classes) or None),
+        ("Findings" if run.multilabel else "Classes", ", ".join(run.classes) or None),
         ("Backbone", m.backbone),
         ("Strategy", m.strategy),
         ("Weights", m.weights),

@@ -13,16 +13,24 @@ A model that meets another hospital's images answers as confidently as at home, 
   is the intercept a with b fixed at 1 (0 is ideal; below 0: risks overestimated).
 
 The logistic fits are Newton-Raphson (IRLS) in numpy; both have one or two parameters.
+
+A multi-label model gets the same summary per finding (:func:`multilabel_shift_summary`),
+each on that finding's known labels only (an unknown label counts for nothing), and once
+pooled over every known image-finding pair at the top level, so readers of the single-label
+keys keep working.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from scipy.stats import ks_2samp
 
-__all__ = ["logit", "fit_logistic", "calibration_fit", "shift_summary", "shift_lines"]
+__all__ = [
+    "logit", "fit_logistic", "calibration_fit", "shift_summary", "shift_lines", "multilabel_shift_summary",
+    "multilabel_shift_lines",
+]
 
 _EPS = 1e-6  # probabilities are clipped to [EPS, 1 - EPS] before taking logits
 
@@ -132,4 +140,49 @@ def shift_lines(summary: dict[str, Any]) -> list[str]:
         lines.append("  no predictions of the run's own test split to compare the scores with")
     if summary.get("ood_flagged_fraction") is not None:  # evaluate adds it when the model has an OOD guard
         lines.append(f"  {summary['ood_flagged_fraction']:.1%} of the images flagged as foreign by the OOD guard")
+    return lines
+
+
+def _known_pairs(targets: np.ndarray, probs: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of the known entries: of column k, or of every column pooled."""
+    t, p = (targets, probs) if k is None else (targets[:, k], probs[:, k])
+    known = ~np.isnan(t)
+    return t[known].astype(np.float64), p[known].astype(np.float64)
+
+
+def multilabel_shift_summary(
+    targets: Any, probs: Any, findings: Sequence[str], *, reference_targets: Any | None, reference_probs: Any | None,
+    reference: str, missing: Sequence[str] = (),
+) -> dict[str, Any]:
+    """:func:`shift_summary` per finding (known labels only) under "findings", and pooled over the
+    known image-finding pairs at the top level ("pooled": true). ``reference_*`` are the run's own
+    targets (1 / 0 / NaN) and probabilities in the same finding order, or None. ``missing`` findings
+    (no label in this set) are listed, not summarised."""
+    t, p = np.asarray(targets, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    has_ref = reference_targets is not None and reference_probs is not None
+    rt = np.asarray(reference_targets, dtype=np.float64) if has_ref else None
+    rp = np.asarray(reference_probs, dtype=np.float64) if has_ref else None
+
+    def one(k: int | None) -> dict[str, Any]:
+        y, prob = _known_pairs(t, p, k)
+        ref_y, ref_p = _known_pairs(rt, rp, k) if has_ref else (None, None)
+        return shift_summary(y, prob, reference_y=ref_y, reference_prob=ref_p, reference=reference)
+
+    per_finding = {f: one(k) for k, f in enumerate(findings) if f not in missing}
+    return {**one(None), "pooled": True, "images": int(t.shape[0]), "findings": per_finding, "missing": list(missing)}
+
+
+def multilabel_shift_lines(summary: dict[str, Any]) -> list[str]:
+    """Console lines: the pooled summary, then one line per finding."""
+    fmt = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = ["Shift, pooled over the known image-finding pairs:", *("  " + line for line in shift_lines(summary))]
+    for finding, s in summary["findings"].items():
+        ref = s.get("reference") or {}
+        against = (f"; vs reference prevalence {fmt(ref.get('prevalence'))}, KS {fmt(ref.get('ks_distance'))}" if ref else "")
+        lines.append(
+            f"  {finding}: prevalence {fmt(s['prevalence'])}, calibration in the large {fmt(s['calibration_in_the_large'])}, "
+            f"slope {fmt(s['calibration_slope'])}{against}"
+        )
+    for finding in summary.get("missing", []):
+        lines.append(f"  {finding}: no labels in this set (masked for every image)")
     return lines

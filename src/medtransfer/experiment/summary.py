@@ -7,6 +7,12 @@ configurations, on test and each external set: for each seed, the patient-level 
 bootstrap and DeLong's test of the AUC difference (:func:`~medtransfer.evaluation.compare.compare_runs`
 on the two cells' prediction files); across seeds, the mean difference with its spread and
 a paired t-test (scipy's ``ttest_rel``; two or more seeds).
+
+Multi-label cells (metrics.json ``task: multi-label``) are summarised by macro AUC: a split
+block's ``auc`` is its macro AUC (the mean of the findings' AUCs) with ``auc_ci`` its interval,
+sensitivity and specificity are the macro averages, ECE the mean over findings, and the paired
+tests compare macro AUC (``compare_runs`` on multi-label folders). The summary says "macro AUC"
+wherever it would say "AUC" (``headline`` in summary.json).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from medtransfer.evaluation.compare import compare_runs
 from medtransfer.experiment.grid import ExperimentPlan
 from medtransfer.experiment.plot import plot_auc
 from medtransfer.rundir import RunDir, SplitMetrics, write_text_atomic
+from medtransfer.task import MULTI_LABEL, SINGLE_LABEL
 
 CELLS = "cells"
 EXTERNAL = "external"
@@ -49,7 +56,10 @@ def write_summary(
     """Read every finished cell, aggregate, test, plot, and write summary.md, .html and .json into `out`."""
     results = {name: cell_results(out / CELLS / name, sets) for name, o in outcomes.items() if o.status != "failed"}
     eval_sets = ["val", "test", *sets]
+    multilabel = any(r.get("task") == MULTI_LABEL for r in results.values())
     summary = {
+        "task": MULTI_LABEL if multilabel else SINGLE_LABEL,
+        "headline": "macro AUC" if multilabel else "AUC",
         "grid": plan.grid,
         "variants": plan.variants,
         "split_file": str(out / "split.csv"),
@@ -80,13 +90,15 @@ def write_summary(
 
 
 def cell_results(run_dir: Path, sets: list[str]) -> dict[str, Any]:
-    """A finished cell's training time and, per evaluation set, its AUC (with CI), sensitivity, specificity, ECE."""
+    """A finished cell's training time and, per evaluation set, its AUC (with CI), sensitivity, specificity, ECE.
+    Multi-label: macro AUC and macro sensitivity / specificity, ECE averaged over the findings."""
     metrics = RunDir(run_dir).metrics()
     blocks: dict[str, SplitMetrics | None] = {"val": metrics.val, "test": metrics.test}
     for name in sets:
         blocks[name] = RunDir(run_dir / EXTERNAL / name).metrics().test
     return {
         "train_seconds": metrics.train_seconds,
+        "task": metrics.extra.get("task") or SINGLE_LABEL,
         "sets": {name: _block(block) for name, block in blocks.items() if block is not None},
     }
 
@@ -94,8 +106,14 @@ def cell_results(run_dir: Path, sets: list[str]) -> dict[str, Any]:
 def _block(block: SplitMetrics) -> dict[str, Any]:
     return {
         "auc": block.auc, "auc_ci": block.interval("auc"), "sensitivity": block.sensitivity,
-        "specificity": block.specificity, "ece": (block.calibration or {}).get("ece_after"),
+        "specificity": block.specificity, "ece": _ece(block),
     }
+
+
+def _ece(block: SplitMetrics) -> float | None:
+    """ECE after calibration; for a multi-label block the mean over its findings."""
+    calibration = block.calibration or {}
+    return calibration.get("ece_after", calibration.get("ece_after_mean"))
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -181,7 +199,10 @@ def tables(summary: dict[str, Any], eval_sets: list[str]) -> list[tuple[str, lis
     cells = [[c["name"], c["configuration"], str(c["seed"]), c["status"], c["error"] or ""] for c in summary["cells"]]
     out = [("Cells", ["cell", "configuration", "seed", "status", "error"], cells)]
     confs = summary["configurations"]
-    header = ["configuration", "runs", "AUC", "sensitivity", "specificity", "ECE"]
+    auc = summary.get("headline", "AUC")
+    macro = auc != "AUC"
+    header = ["configuration", "runs", auc, *(f"{m} (macro)" if macro else m for m in ("sensitivity", "specificity")),
+              "ECE (mean over findings)" if macro else "ECE"]
     for s in eval_sets:
         rows = [[name, str(c["runs"]), *(_stat(c["sets"][s][m]) for m in METRICS)] for name, c in confs.items()]
         out.append((f"{s}: mean ± sd [min, max] over seeds", header, rows))
@@ -197,8 +218,8 @@ def tables(summary: dict[str, Any], eval_sets: list[str]) -> list[tuple[str, lis
         if across["n"] > 1:  # with one shared seed the row would only repeat that seed's difference
             rows.append([comp["set"], comp["a"], comp["b"], f"all ({across['n']})", _stat(across, signed=True),
                          f"paired t: {_p(across['p_paired_t'])}", ""])
-    out.append(("Paired comparisons: AUC(a) - AUC(b)", ["set", "a", "b", "seed", "AUC difference",
-                                                       "p (patient bootstrap)", "p (DeLong)"], rows))
+    out.append((f"Paired comparisons: {auc}(a) - {auc}(b)", ["set", "a", "b", "seed", f"{auc} difference",
+                                                             "p (patient bootstrap)", "p (DeLong)"], rows))
     return out
 
 
@@ -207,7 +228,7 @@ def to_markdown(summary: dict[str, Any], eval_sets: list[str]) -> str:
     for title, header, rows in tables(summary, eval_sets):
         parts += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         parts += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    parts += ["", f"![AUC per configuration]({PLOT})", ""]
+    parts += ["", f"![{summary.get('headline', 'AUC')} per configuration]({PLOT})", ""]
     return "\n".join(parts)
 
 
@@ -215,7 +236,9 @@ def to_html(summary: dict[str, Any], eval_sets: list[str], plot: Path) -> str:
     body = [h.note(f"{_design(summary)}; every cell used the one split {summary['split_file']}.")]
     for i, (title, header, rows) in enumerate(tables(summary, eval_sets)):
         body.append(h.section(f"t{i}", title, h.table(header, rows)))
-    body.append(h.section("plot", "AUC per configuration", h.figures([(plot, "AUC per configuration and seed, 95% CIs")], css="wide")))
+    auc = summary.get("headline", "AUC")
+    body.append(h.section("plot", f"{auc} per configuration",
+                          h.figures([(plot, f"{auc} per configuration and seed, 95% CIs")], css="wide")))
     return h.page("Experiment summary", "\n".join(body))
 
 

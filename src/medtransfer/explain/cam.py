@@ -82,9 +82,10 @@ class CamResult:
 
     maps: N x H x W float32 in [0, 1] (zeros where the map is constant).
     logits: N x K model outputs. probabilities: N x K softmax of the logits, or N x 2
-        ``[1 - sigmoid, sigmoid]`` for a single-logit head (K = 1).
+        ``[1 - sigmoid, sigmoid]`` for a single-logit head (K = 1); multi-label: N x K
+        sigmoid of each logit (uncalibrated).
     class_index: N class indices explained (for a single-logit head 1 = positive logit,
-        0 = its negation).
+        0 = its negation; multi-label: the output index, also for K = 1).
     map_cells: (h, w) of the target layer's map before upsampling: how fine the map really is.
     """
 
@@ -113,6 +114,10 @@ class ClassActivationMap:
         method: one of :data:`METHODS` (see the module docstring for the papers).
         spec: the :class:`~medtransfer.models.backbones.BackboneSpec`; taken from
             ``model.spec`` when omitted.
+        multilabel: the K outputs are independent sigmoids, one per finding
+            (:mod:`medtransfer.task`): ``class_index`` k targets logit k for any K, a single
+            logit included (never its negation); occlusion scores the finding's log-sigmoid
+            instead of a log-softmax over the findings.
 
     Raises:
         ConfigError: unknown method, a target layer that does not exist (the message lists
@@ -129,12 +134,14 @@ class ClassActivationMap:
     """
 
     def __init__(
-        self, model: nn.Module, *, target_layer: str | None = None, method: str = "gradcam", spec: Any = None
+        self, model: nn.Module, *, target_layer: str | None = None, method: str = "gradcam", spec: Any = None,
+        multilabel: bool = False,
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
         self.model = model
         self.method = method
+        self.multilabel = multilabel
         self.spec = spec if spec is not None else getattr(model, "spec", None)
         inner = getattr(model, "net", None)
         self.root: nn.Module = inner if isinstance(inner, nn.Module) and hasattr(model, "spec") else model
@@ -176,7 +183,7 @@ class ClassActivationMap:
         """Maps for a batch of normalised images (N x C x H x W float).
 
         ``class_index``: ``None`` explains the predicted class (argmax; for a single-logit
-        head class 1 when the logit is >= 0); an int explains that class for every image; a
+        head class 1 when the logit is >= 0; multi-label: the highest logit); an int explains that class for every image; a
         sequence gives one class per image; a callable receives the detached N x K logits
         and returns the N classes (how :func:`~medtransfer.explain.files.explain_files` applies the saved threshold).
         """
@@ -202,7 +209,7 @@ class ClassActivationMap:
                     )
                 _check_logits(logits, x.shape[0])
                 index = self._class_index(logits.detach(), class_index)
-                single = logits.shape[1] == 1
+                single = logits.shape[1] == 1 and not self.multilabel
                 sign = (index * 2 - 1).to(logits.dtype) if single else None  # class 1: +logit, class 0: -logit
                 if self.method == "cam":
                     cam = self._cam(activation.detach().float(), index, sign, logits.shape[1])
@@ -226,7 +233,9 @@ class ClassActivationMap:
         if not torch.isfinite(maps).all():
             raise DataError(f"{self.method} map is not finite: the model produced NaN/inf for this input")
         logits = logits.detach()
-        if logits.shape[1] == 1:
+        if self.multilabel:
+            probabilities = torch.sigmoid(logits.float())
+        elif logits.shape[1] == 1:
             positive = torch.sigmoid(logits[:, 0].float())
             probabilities = torch.stack([1 - positive, positive], dim=1)
         else:
@@ -247,7 +256,7 @@ class ClassActivationMap:
             logits = self.model(images)
             _check_logits(logits, images.shape[0])
             index = self._class_index(logits, class_index)
-            maps, cells = occlusion_sensitivity(self.model, images, index, logits=logits)
+            maps, cells = occlusion_sensitivity(self.model, images, index, logits=logits, multilabel=self.multilabel)
         return self._result(maps, logits, index, cells)
 
     # ------------------------------------------------------------------ internals
@@ -267,9 +276,9 @@ class ClassActivationMap:
 
     def _class_index(self, logits: torch.Tensor, choice: ClassChoice) -> torch.Tensor:
         n, k = logits.shape
-        n_classes = 2 if k == 1 else k
+        n_classes = 2 if k == 1 and not self.multilabel else k
         if choice is None:
-            index = (logits[:, 0] >= 0).long() if k == 1 else logits.argmax(dim=1)
+            index = (logits[:, 0] >= 0).long() if n_classes != k else logits.argmax(dim=1)
         else:
             if callable(choice):
                 choice = choice(logits)
@@ -279,7 +288,8 @@ class ClassActivationMap:
             if index.numel() != n:
                 raise ValueError(f"class_index: expected one class or {n} (one per image); got {index.numel()}")
         if index.numel() and not (0 <= int(index.min()) and int(index.max()) < n_classes):
-            raise ConfigError(f"class_index: got {index.tolist()}; the model has {n_classes} classes (0-{n_classes - 1})")
+            what = "findings" if self.multilabel else "classes"
+            raise ConfigError(f"class_index: got {index.tolist()}; the model has {n_classes} {what} (0-{n_classes - 1})")
         return index.contiguous()
 
     def _cam(self, activation: torch.Tensor, index: torch.Tensor, sign: torch.Tensor | None, k: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ Groups, two classes (``p`` is the probability of the predicted class, the confid
 - top losses: highest cross-entropy ``-log p(true class)``.
 
 More than two classes: the most confident correct images of each class, and the top losses.
+A multi-label model (one decision per finding) has no such groups: :func:`write_gallery`
+refuses it with a ConfigError that points to ``medtransfer explain --finding``.
 
 Selection is a pure function (:func:`select_gallery`) of the prediction rows; images whose
 files no longer exist are left out before selecting, so a group still fills up.
@@ -173,7 +175,8 @@ def write_gallery(
     Args:
         run_dir: the run (or evaluation) directory.
         saved_model: :class:`~medtransfer.artifacts.SavedModel` that wrote the predictions;
-            its preprocessing, classes, positive class and threshold are used.
+            its preprocessing, classes, positive class and threshold are used (single-label
+            only: a multi-label model raises ConfigError).
         per_group: images per group.
         method: one of :data:`~medtransfer.explain.cam.METHODS` (training passes its ``cam_method``).
         split: which ``predictions_<split>.csv`` to read.
@@ -182,10 +185,17 @@ def write_gallery(
             mask's outline drawn in white, through the same crop as the image.
     """
     from medtransfer.explain.cam import METHODS
+    from medtransfer.explain.files import is_multilabel
     from medtransfer.explain.render import save_overlay
 
     if method not in METHODS:
         raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
+    if is_multilabel(saved_model):
+        raise ConfigError(
+            f"the report gallery groups images by one predicted class; this model is multi-label (findings "
+            f"{', '.join(saved_model.classes)}): draw heatmaps per finding with `medtransfer explain IMAGES --run "
+            f"{run_dir} --finding NAME`"
+        )
     run_dir = Path(run_dir)
     classes = list(saved_model.classes)
     positive = classes[saved_model.positive_index]

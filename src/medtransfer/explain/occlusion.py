@@ -30,19 +30,21 @@ _OCCLUSION_BATCH = 32  # occluded copies per forward pass
 
 
 def occlusion_sensitivity(
-    model: nn.Module, images: torch.Tensor, class_index: torch.Tensor, *, logits: torch.Tensor | None = None
+    model: nn.Module, images: torch.Tensor, class_index: torch.Tensor, *, logits: torch.Tensor | None = None,
+    multilabel: bool = False,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Unnormalised occlusion maps (N x H x W, >= 0) of ``class_index`` (N classes) and the patch grid (rows, cols).
 
     ``images`` are normalised N x C x H x W, so a patch of zeros is the normalisation mean.
     The model is run as it is (the caller chooses eval mode); ``logits`` of the unoccluded
     images may be passed when the caller has them already. A single-logit head scores class
-    1 by its logit and class 0 by its negation.
+    1 by its logit and class 0 by its negation. ``multilabel``: the outputs are independent
+    sigmoids, and output k is scored by its own log-probability, log sigmoid(logit_k).
     """
     with torch.no_grad():
         if logits is None:
             logits = model(images)
-        single = logits.shape[1] == 1
+        single = logits.shape[1] == 1 and not multilabel
         height, width = images.shape[-2:]
         patch_h, patch_w = max(1, round(height * _OCCLUSION_PATCH)), max(1, round(width * _OCCLUSION_PATCH))
         rows = _patch_starts(height, patch_h)
@@ -54,13 +56,13 @@ def occlusion_sensitivity(
         maps = torch.zeros(images.shape[0], height, width, device=images.device)
         for n in range(images.shape[0]):
             target = class_index[n : n + 1]
-            reference = _class_score(logits[n : n + 1], target, single)
+            reference = _class_score(logits[n : n + 1], target, single, multilabel)
             for start in range(0, len(boxes), _OCCLUSION_BATCH):
                 chunk = boxes[start : start + _OCCLUSION_BATCH]
                 occluded = images[n].expand(len(chunk), -1, -1, -1).clone()
                 for k, (y, x) in enumerate(chunk):
                     occluded[k, :, y : y + patch_h, x : x + patch_w] = 0.0  # the normalisation mean
-                drops = reference - _class_score(model(occluded), target.expand(len(chunk)), single)
+                drops = reference - _class_score(model(occluded), target.expand(len(chunk)), single, multilabel)
                 for k, (y, x) in enumerate(chunk):
                     maps[n, y : y + patch_h, x : x + patch_w] += drops[k]
     return (maps / cover).clamp(min=0), (len(rows), len(cols))
@@ -75,8 +77,11 @@ def _patch_starts(length: int, patch: int) -> list[int]:
     return starts
 
 
-def _class_score(logits: torch.Tensor, index: torch.Tensor, single: bool) -> torch.Tensor:
-    """Per-row evidence for the explained class: its log-probability (a single logit: signed logit)."""
+def _class_score(logits: torch.Tensor, index: torch.Tensor, single: bool, multilabel: bool = False) -> torch.Tensor:
+    """Per-row evidence for the explained class: its log-probability (a single logit: signed logit;
+    multi-label: the finding's log-sigmoid)."""
+    if multilabel:
+        return nn.functional.logsigmoid(logits.float().gather(1, index[:, None])[:, 0])
     if single:
         return logits[:, 0].float() * (index * 2 - 1).float()
     return torch.log_softmax(logits.float(), dim=1).gather(1, index[:, None])[:, 0]

@@ -5,6 +5,8 @@
 ((4, 4, 3), 'uint8')
 >>> prediction_caption(["NORMAL", "PNEUMONIA"], [0.07, 0.93], 1, positive_index=1, threshold=0.41)
 'PNEUMONIA p=0.93 (threshold 0.41)'
+>>> finding_caption("Mass", 0.12, 0.3)
+'Mass p=0.12 (below threshold 0.30)'
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 
 from medtransfer.safeio import atomic_path
 
-__all__ = ["gray_from_pixels", "mask_edge", "overlay", "overlay_picture", "prediction_caption", "save_overlay"]
+__all__ = [
+    "finding_caption", "gray_from_pixels", "mask_edge", "overlay", "overlay_picture", "prediction_caption", "save_overlay",
+]
 
 
 def overlay(image_gray: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
@@ -122,6 +126,14 @@ def prediction_caption(
         return f"{name} p={p:.2f} (threshold {threshold:.2f})"
     p_positive = float(probabilities[positive_index])
     return f"{name} p={p:.2f} ({classes[positive_index]} p={p_positive:.2f} < threshold {threshold:.2f})"
+
+
+def finding_caption(finding: str, probability: float, threshold: float) -> str:
+    """The caption of one finding of a multi-label model: ``Effusion p=0.93 (threshold 0.50)`` when
+    its calibrated probability reaches its threshold (present), ``Mass p=0.12 (below threshold 0.30)``
+    when it does not (drawn only on request)."""
+    p, t = float(probability), float(threshold)
+    return f"{finding} p={p:.2f} (threshold {t:.2f})" if p >= t else f"{finding} p={p:.2f} (below threshold {t:.2f})"
 
 
 def gray_from_pixels(pixels: torch.Tensor) -> np.ndarray:

@@ -1,7 +1,9 @@
 """`medtransfer serve`: a FastAPI app and one self-contained web page over a saved model.
 
 POST /predict takes an uploaded image and answers with the calibrated probabilities, the
-class at the saved threshold and, on request, a Grad-CAM overlay; the upload goes through
+class at the saved threshold (a multi-label model: every finding with its probability, its
+threshold and whether it is called, most probable first; :mod:`medtransfer.serving.replicas`)
+and, on request, a Grad-CAM overlay; the upload goes through
 the code path of `medtransfer predict` (SavedModel.decode, crop, normalise, then
 predict.Classifier: torch, or with ``onnx_path`` the exported model in onnxruntime, the
 same answers within 1e-4; Grad-CAM always runs in torch), decoded once per request.
@@ -113,9 +115,15 @@ def decode_upload(saved: SavedModel, payload: bytes, name: str) -> torch.Tensor:
 
 
 def model_card(saved: SavedModel, run_dir: str | Path | None, *, max_upload_mb: float, token: bool) -> dict:
-    """What /model shows: model.json's operating point, the run's figures with CIs, intended use."""
+    """What /model shows: model.json's operating point, the run's figures with CIs, intended use.
+    ``task``; a multi-label model adds ``findings``: [{finding, threshold, temperature}] in output order
+    (its positive_class, threshold and temperature are null)."""
     stored = saved.info.to_json()
     card: dict[str, Any] = {key: stored.get(key) for key in MODEL_KEYS}
+    card["task"] = saved.info.task
+    if saved.task.multilabel:
+        card["findings"] = [{"finding": f, "threshold": t, "temperature": temperature} for f, t, temperature
+                            in zip(saved.info.classes, saved.info.thresholds, saved.info.temperatures)]
     card["metrics"] = _run_figures(run_dir)
     card["intended_use"] = INTENDED_USE
     card["max_upload_mb"] = max_upload_mb

@@ -1,7 +1,9 @@
 """The one web page `medtransfer serve` shows at /: self-contained, nothing fetched from outside.
 
 It shows the model card (/model) and classifies one or several chosen images, one answer
-block per file. A token, when the server needs one, is typed into the page or given once
+block per file. A multi-label model's card lists each finding's threshold and temperature, and
+its answers list every finding, most probable first, with its probability and threshold; the
+findings called (probability >= threshold) are highlighted (class ``positive``). A token, when the server needs one, is typed into the page or given once
 as ``/?token=...``; it is kept in localStorage and sent as ``Authorization: Bearer``.
 """
 
@@ -18,6 +20,7 @@ h1{font-size:1.4rem} h2{font-size:1.1rem} h3{font-size:1rem;margin:.2rem 0} .mut
 table{border-collapse:collapse;margin:.6rem 0} td,th{border:1px solid #d7dce5;padding:.3rem .6rem;text-align:left}
 .answer{border-top:1px solid #d7dce5;padding:.6rem 0} .answer img{max-width:100%;margin-top:.4rem}
 .error{color:#a4262c} button{padding:.4rem 1rem} #auth{margin:.5rem 0}
+tr.positive td{background:#fde7e9;font-weight:600}
 </style></head><body>
 <h1>medtransfer</h1>
 <div id="auth"><label>Token (if the server needs one) <input id="token" type="password" autocomplete="off"></label></div>
@@ -48,12 +51,27 @@ async function loadCard() {
   const m = await response.json();
   if (!response.ok) { target.replaceChildren(el("p", m.detail, "error")); return; }
   card = m;
-  const parts = [el("h2", "Model card"),
-    el("p", `${m.backbone}: ${m.classes.join(" / ")}; positive class ${m.positive_class}, ` +
+  const multi = m.task === "multi-label";
+  const parts = [el("h2", "Model card"), multi
+    ? el("p", `${m.backbone}: ${m.classes.length} finding(s), any number per image; one threshold per finding`, "muted")
+    : el("p", `${m.backbone}: ${m.classes.join(" / ")}; positive class ${m.positive_class}, ` +
       `threshold ${m.threshold.toFixed(3)} (${m.threshold_policy})`, "muted")];
   parts[1].id = "model";
-  parts.push(el("p", `Threshold policy: ${m.threshold_policy || "not recorded"}; the threshold applies to the ` +
-    `calibrated probability of ${m.positive_class} and was chosen on the validation split.`));
+  if (multi) {
+    parts.push(el("p", `Threshold policy: ${m.threshold_policy || "not recorded"}; each finding is called when its ` +
+      `calibrated probability (its own temperature) reaches its own threshold, both chosen on the validation split.`));
+    const points = el("table"); points.id = "operating-points";
+    const head = points.insertRow();
+    for (const h of ["finding", "threshold", "temperature"]) head.append(el("th", h));
+    for (const f of m.findings) {
+      const row = points.insertRow(); row.insertCell().append(f.finding);
+      row.insertCell().append(fmt(f.threshold)); row.insertCell().append(fmt(f.temperature));
+    }
+    parts.push(points);
+  } else {
+    parts.push(el("p", `Threshold policy: ${m.threshold_policy || "not recorded"}; the threshold applies to the ` +
+      `calibrated probability of ${m.positive_class} and was chosen on the validation split.`));
+  }
   const splits = Object.entries(m.metrics || {});
   if (splits.length) {
     const table = el("table"); table.id = "metrics";
@@ -88,17 +106,32 @@ async function classify(file, cam, block) {
     block.append(el("p", `${file.name}: the upload failed (${error.message})`, "error")); return;
   }
   if (!response.ok) { block.append(el("p", answer.detail, "error")); return; }
-  block.append(el("h3", answer.predicted, "predicted"));
-  const table = el("table", undefined, "probabilities");
-  for (const [name, p] of Object.entries(answer.probabilities)) {
-    const row = table.insertRow(); row.insertCell().append(name); row.insertCell().append(p.toFixed(4));
+  if (answer.findings) {  // multi-label: every finding, most probable first; the called ones highlighted
+    block.append(el("h3", answer.predicted.length ? answer.predicted.join(", ") : "no finding above its threshold",
+      "predicted"));
+    const table = el("table", undefined, "findings");
+    const head = table.insertRow();
+    for (const h of ["finding", "probability", "threshold"]) head.append(el("th", h));
+    for (const f of answer.findings) {
+      const row = table.insertRow(); if (f.positive) row.className = "positive";
+      row.insertCell().append(f.finding); row.insertCell().append(f.probability.toFixed(4));
+      row.insertCell().append(f.threshold.toFixed(3));
+    }
+    block.append(table);
+  } else {
+    block.append(el("h3", answer.predicted, "predicted"));
+    const table = el("table", undefined, "probabilities");
+    for (const [name, p] of Object.entries(answer.probabilities)) {
+      const row = table.insertRow(); row.insertCell().append(name); row.insertCell().append(p.toFixed(4));
+    }
+    block.append(table);
   }
-  block.append(table);
   if (answer.ood) {
     block.prepend(el("p", `${answer.ood_message} (OOD score ${answer.ood_score.toFixed(3)} > ${answer.ood_threshold.toFixed(3)})`, "error ood"));
   }
   if (answer.gradcam_png) {
-    const img = el("img"); img.alt = `${METHOD_NAMES[answer.cam_method] || "Grad-CAM"} heatmap of ${file.name}`;
+    const img = el("img"); img.alt = `${METHOD_NAMES[answer.cam_method] || "Grad-CAM"} heatmap of ${file.name}` +
+      (answer.cam_finding ? ` (${answer.cam_finding})` : "");
     img.src = "data:image/png;base64," + answer.gradcam_png; block.append(img);
   }
 }

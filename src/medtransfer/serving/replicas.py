@@ -14,6 +14,11 @@ With ``runtime="onnxruntime"`` each slot also owns an onnxruntime session of the
 model (with its share of the cores) that answers the predictions; Grad-CAM needs gradients,
 which onnxruntime has not, so heatmaps still come from the slot's torch copy of the same
 weights (on the CPU), drawn for the class onnxruntime predicted.
+
+A multi-label model answers per finding: ``findings``, a list of ``{"finding", "probability",
+"threshold", "positive"}`` sorted by probability (most probable first), ``predicted`` the
+findings called (same order) and ``probabilities`` by finding; its heatmap is drawn for the most
+probable finding (``cam_finding``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 from medtransfer.artifacts import SavedModel
 from medtransfer.explain.cam import ClassActivationMap
 from medtransfer.explain.render import gray_from_pixels, overlay_picture, prediction_caption
-from medtransfer.predict import Classifier, decision_row
+from medtransfer.predict import Classifier, called_findings, decision_row
 from medtransfer.runtime import available_cores
 
 OOD_MESSAGE = "This image does not look like the training data: the prediction may be meaningless."
@@ -71,26 +76,35 @@ class Replicas:
         saved = self.saved
         cropped = saved.crop(decoded)
         image = saved.normalise(cropped)[None]
+        multilabel = saved.task.multilabel
         with self.checkout() as replica:
             decision, scores = replica.classify.scored(image)  # scores: None without an OOD detector
             row = decision_row(saved, filename, decision, 0, scores)
-            heat = self._heatmap(replica, image, int(decision.predicted[0])) if cam or cam_values else None
-        answer: dict[str, Any] = {
-            "filename": filename,
-            "predicted": row["pred"],
-            "probabilities": {c: row[f"prob_{c}"] for c in saved.classes},
-            "positive_class": saved.info.positive_class,
-            "threshold": saved.threshold,
-        }
+            # the class shown, or for multi-label the most probable finding
+            index = int(decision.probabilities[0].argmax() if multilabel else decision.predicted[0])
+            heat = self._heatmap(replica, image, index) if cam or cam_values else None
+        if multilabel:
+            answer: dict[str, Any] = {"filename": filename, "task": saved.info.task, **per_finding(saved, decision)}
+        else:
+            answer = {
+                "filename": filename,
+                "predicted": row["pred"],
+                "probabilities": {c: row[f"prob_{c}"] for c in saved.classes},
+                "positive_class": saved.info.positive_class,
+                "threshold": saved.threshold,
+            }
         if "ood_score" in row:  # absent for a model saved without an OOD detector
             answer.update(ood_score=row["ood_score"], ood=row["ood"] == "out", ood_threshold=saved.ood.threshold)
             if answer["ood"]:
                 answer["ood_message"] = OOD_MESSAGE
         if heat is not None:
             answer["cam_method"] = saved.cam_method  # the keys below keep their historical gradcam_ names
-            index = int(decision.predicted[0])
-            caption = prediction_caption(saved.classes, decision.probabilities[0], index,
-                                         positive_index=saved.positive_index, threshold=saved.threshold)
+            if multilabel:
+                answer["cam_finding"] = saved.classes[index]
+                caption = finding_caption(answer["findings"][0])
+            else:
+                caption = prediction_caption(saved.classes, decision.probabilities[0], index,
+                                             positive_index=saved.positive_index, threshold=saved.threshold)
             if cam:
                 buffer = io.BytesIO()
                 overlay_picture(gray_from_pixels(cropped), heat, caption).save(buffer, format="PNG")
@@ -108,3 +122,23 @@ class Replicas:
         with ClassActivationMap(replica.saved.model, method=replica.saved.cam_method) as explain:
             result = explain(x, class_index=index)
         return result.maps[0].cpu().numpy().astype(np.float32)
+
+
+def per_finding(saved: SavedModel, decision) -> dict[str, Any]:
+    """A multi-label answer for the first image of `decision`: findings (every one, most probable first,
+    with its threshold and whether it is called), predicted (the called ones) and probabilities by finding."""
+    probabilities, predicted = decision.probabilities[0], decision.predicted[0]
+    thresholds = saved.info.thresholds
+    order = sorted(range(len(saved.classes)), key=lambda k: -float(probabilities[k]))
+    return {
+        "findings": [{"finding": saved.classes[k], "probability": float(probabilities[k]),
+                      "threshold": float(thresholds[k]), "positive": bool(predicted[k])} for k in order],
+        "predicted": called_findings(saved.classes, probabilities, predicted),
+        "probabilities": {c: float(probabilities[k]) for k, c in enumerate(saved.classes)},
+    }
+
+
+def finding_caption(entry: dict[str, Any]) -> str:
+    """``Effusion p=0.81 (threshold 0.35)``, or ``Effusion p=0.20 < threshold 0.35`` when not called."""
+    name, p, t = entry["finding"], entry["probability"], entry["threshold"]
+    return f"{name} p={p:.2f} (threshold {t:.2f})" if entry["positive"] else f"{name} p={p:.2f} < threshold {t:.2f}"
