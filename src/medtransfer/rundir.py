@@ -261,9 +261,10 @@ class SplitRow:
     """One line of ``split.csv``; ``split`` is None where the file leaves it empty."""
 
     path: str
-    label: str
+    label: str  # multi-label: the findings present, '|'-joined
     patient_id: str
     split: str | None
+    masked: tuple[str, ...] = ()  # multi-label: findings with an unknown label
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,11 @@ class RunDir:
         if not path.is_file():
             return None
         _, rows = _read_csv(path, required=SPLIT_COLUMNS)
-        return [SplitRow(r["path"], r["label"], r["patient_id"], r["split"] or None) for _, r in rows]
+        return [
+            SplitRow(r["path"], r["label"], r["patient_id"], r["split"] or None,
+                     tuple(f for f in (r.get("masked") or "").split("|") if f))
+            for _, r in rows
+        ]
 
     def history(self) -> list[dict[str, float | None]]:
         """``history.csv`` rows, every cell a number (None where empty); [] when absent."""

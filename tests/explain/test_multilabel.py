@@ -37,9 +37,10 @@ def _save(folder, *, thresholds=(0.5, 0.5, 0.5), classes=FINDINGS, task="multi-l
     net, spec = create_backbone("resnet18", num_classes=len(classes), weights="none")
     model = TransferModel(net, spec)
     if task == "multi-label":
-        operating = dict(task=task, thresholds=list(thresholds), temperatures=TEMPERATURES, positive_class=None, threshold=None)
+        operating = {"task": task, "thresholds": list(thresholds), "temperatures": TEMPERATURES, "positive_class": None,
+                     "threshold": None}
     else:
-        operating = dict(positive_class=classes[1], threshold=0.5)
+        operating = {"positive_class": classes[1], "threshold": 0.5}
     save_model(model, model_info(model, classes=list(classes), image_size=64, decode_size=72, **operating), folder)
     return load_model(folder)
 
@@ -59,9 +60,11 @@ def _probabilities(saved, paths) -> np.ndarray:
     return 1 / (1 + np.exp(-logits / np.asarray(TEMPERATURES)))
 
 
-@pytest.fixture
-def known(tmp_path):
-    """(saved model, image paths, probabilities, the findings each image reaches the threshold of)."""
+@pytest.fixture(scope="module")
+def known(tmp_path_factory):
+    """(saved model, image paths, probabilities, the findings each image reaches the threshold of), under the
+    images' folder: the run folder is ``paths[0].parent / "run"``."""
+    tmp_path = tmp_path_factory.mktemp("multilabel")
     paths = _images(tmp_path)
     p = _probabilities(_save(tmp_path / "probe"), paths)
     assert abs(p[0, 2] - p[1, 2]) > 1e-6
@@ -108,7 +111,7 @@ def test_default_draws_exactly_the_findings_at_or_above_their_thresholds(tmp_pat
 
 
 def test_requested_findings_get_one_heatmap_each_whatever_their_probability(tmp_path, known):
-    saved, paths, p, _ = known
+    saved, paths, _, _ = known
 
     rows = explain_files(saved, paths, tmp_path / "out", method="cam", findings=["B", "c", "B"])
 
@@ -146,8 +149,8 @@ def test_an_image_with_no_finding_at_its_threshold_gets_no_heatmap(tmp_path, cap
 
 
 def test_cli_draws_the_requested_finding_and_refuses_unknown_ones(tmp_path, known, capsys):
-    saved, paths, _, _ = known
-    run = tmp_path / "run"
+    _, paths, _, _ = known
+    run = paths[0].parent / "run"
 
     code, out, err = _invoke(["explain", paths[0], "--run", run, "--out", tmp_path / "out", "--finding", "B"], capsys)
     assert code == 0, err
@@ -169,7 +172,7 @@ def test_a_single_label_model_refuses_finding(tmp_path, capsys):
                             "--finding", "PNEUMONIA"], capsys)
 
     assert code == 1 and "--finding is for multi-label models" in err and "NORMAL, PNEUMONIA" in err
-    code, out, err = _invoke(["explain", paths[0], "--run", tmp_path / "run", "--out", tmp_path / "out"], capsys)
+    code, _, err = _invoke(["explain", paths[0], "--run", tmp_path / "run", "--out", tmp_path / "out"], capsys)
     assert code == 0 and (tmp_path / "out" / "a_gradcam.png").is_file(), err  # the default is unchanged
 
 
@@ -214,7 +217,7 @@ def test_a_single_output_multilabel_map_targets_the_logit_itself():
 
 def test_gallery_refuses_and_border_check_measures_the_top_finding(tmp_path, known):
     saved, paths, p, _ = known
-    run = tmp_path / "run"
+    run = paths[0].parent / "run"
     header = "path,label," + ",".join(f"prob_{f}" for f in FINDINGS) + ",pred\n"
     lines = [f"{path},A,{','.join(str(v) for v in p[i])},A\n" for i, path in enumerate(paths)]
     (run / "predictions_test.csv").write_text(header + "".join(lines))

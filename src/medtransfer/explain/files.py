@@ -8,11 +8,10 @@ map per finding: those at or above their thresholds, or those named (``explain -
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import re
 
 import numpy as np
 import torch

@@ -31,6 +31,8 @@ from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, fit_operating_point, split_metrics, write_plots, write_predictions
+from medtransfer.evaluation.multilabel import fit_multilabel_point, multilabel_split_metrics, write_multilabel_predictions
+from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.ood import save_detector
@@ -41,7 +43,7 @@ from medtransfer.runtime import (
 
 __all__ = ["COMPATIBLE_FIELDS", "Member", "build_ensemble", "check_members"]
 
-COMPATIBLE_FIELDS = ("classes", "positive_class", "backbone", "head", "in_channels", "output_stride", "image_size",
+COMPATIBLE_FIELDS = ("task", "classes", "positive_class", "backbone", "head", "in_channels", "output_stride", "image_size",
                      "decode_size", "eval_crop_fraction", "mean", "std", "tta")
 POLICY_SETTINGS = ("threshold", "calibrate")  # config.yaml settings that choose the operating point
 _SAME = "an ensemble combines runs that differ only in their seed"
@@ -124,29 +126,45 @@ def build_ensemble(
                           accelerator=device, precision=precision)
     if "val" not in outputs:
         raise DataError(f"RUNS {first.run}: split.csv has no val images to choose the threshold on")
-    point = fit_operating_point(outputs["val"], positive_index=saved.positive_index, policy=config["threshold"],
-                                calibrate=config["calibrate"])
     resamples = config.get("bootstrap", 2000) if bootstrap is None else bootstrap
     seed = int(config.get("seed", 0))
-    scores = {name: split_metrics(o, point, saved.classes, bootstrap=resamples, seed=seed) for name, o in outputs.items()}
+    task = saved.task
+    if task.multilabel:  # a temperature and a threshold per finding, on the averaged logits
+        val = outputs["val"]
+        point = fit_multilabel_point(val.logits, val.labels, task, policy=config["threshold"], calibrate=config["calibrate"])
+        scores = {name: multilabel_split_metrics(o.logits, o.labels, o.patient_ids, point, bootstrap=resamples, seed=seed)
+                  for name, o in outputs.items()}
+        operating = dict(thresholds=tuple(point.thresholds), temperatures=tuple(point.temperatures))
+    else:
+        point = fit_operating_point(outputs["val"], positive_index=saved.positive_index, policy=config["threshold"],
+                                    calibrate=config["calibrate"])
+        scores = {name: split_metrics(o, point, saved.classes, bootstrap=resamples, seed=seed) for name, o in outputs.items()}
+        operating = dict(threshold=point.threshold, temperature=point.temperature)
     description = {"members": [{"run": str(m.run.resolve()), "seed": m.config.get("seed")} for m in members],
                    "averaged": "logits", "tta": saved.info.tta, "ood": "first member"}
-    info = dataclasses.replace(first.saved.info, threshold=point.threshold, temperature=point.temperature,
-                               threshold_policy=config["threshold"], provenance={"ensemble": description})
+    info = dataclasses.replace(first.saved.info, **operating, threshold_policy=config["threshold"],
+                               provenance={"ensemble": description})
     out.mkdir(parents=True, exist_ok=True)
     model_dir = save_model(first.saved.model, info, out, extra=saved.extra)
     if first.saved.ood is not None:
         save_detector(first.saved.ood, model_dir)
     for name in ("split.csv",) if held_run_folder else ("split.csv", CONFIG_FILE):
         shutil.copy2(first.run / name, out / name)
-    for name, split_outputs in outputs.items():
-        write_predictions(split_outputs, point, saved.classes, out / f"predictions_{name}.csv")
-        write_plots(split_outputs, point, saved.classes, scores[name], out / "plots", prefix=name,
+    for name, o in outputs.items():
+        if task.multilabel:
+            write_multilabel_predictions(o.paths, o.labels, o.patient_ids, o.logits, point, out / f"predictions_{name}.csv")
+            write_multilabel_plots(o.logits, o.labels, point, scores[name], out / "plots", prefix=name)
+            continue
+        write_predictions(o, point, saved.classes, out / f"predictions_{name}.csv")
+        write_plots(o, point, saved.classes, scores[name], out / "plots", prefix=name,
                     band_resamples=min(200, resamples), seed=seed)
     metrics = {**_metrics(members, info, scores, description), "precision": precision,
                "hardware": hardware_summary(accelerator=device, precision=precision)}  # what ran val and test
+    if task.multilabel:
+        metrics.update(task=task.kind, operating_point=point.to_dict())
     write_metrics(out, metrics)
-    write_gallery(out, load_model(out))
+    if not task.multilabel:  # heatmaps per finding: `medtransfer explain --finding`
+        write_gallery(out, load_model(out))
     write_report(out, console=console, title=f"Seed ensemble of {len(members)} runs")
     return metrics
 
@@ -163,7 +181,8 @@ def score_split(
     cache = ImageCache(cache_dir, CacheSettings(size=saved.info.decode_size))
     images = cache.build([r.path for r in rows], skip_bad=True, progress=False, workers=default_decode_workers())
     kept = [rows[i] for i in images.positions]
-    labels = [saved.classes.index(r.label) for r in kept]
+    targets = saved.task.targets([r.label for r in kept], [r.masked for r in kept])
+    labels = targets if saved.task.multilabel else targets.tolist()
     device = resolve_accelerator(accelerator)
     logits = predict_logits(saved.network, CachedImageDataset(images, labels, saved.transform()),
                             device=device_for(device), precision=resolve_precision(precision, device))

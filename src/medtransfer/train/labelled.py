@@ -20,7 +20,7 @@ from medtransfer.data.discover import Discovered, Record, discover_data
 from medtransfer.data.near_duplicates import ImageHashes, hash_images
 from medtransfer.data.patients import patient_grouping_warning, rules_summary
 from medtransfer.data.split import check_leakage, read_split_csv, resplit, split_summary, summary_lines, write_split_csv
-from medtransfer.errors import ConfigError, DataError
+from medtransfer.errors import ConfigError, DataError, MedtransferError
 from medtransfer.evaluation.evaluate import default_positive_class
 from medtransfer.task import MULTI_LABEL, SINGLE_LABEL, Task
 from medtransfer.train.validate import validate_multilabel_splits, validate_splits
@@ -120,14 +120,21 @@ def _summary(records: list[Record], task: Task) -> dict:
 
 
 def task_of_split_file(records: list[Record], config: TrainConfig) -> Task:
-    """The task of records read from a split.csv: the run's recorded one, else told by the file itself."""
-    multilabel = config.task == MULTI_LABEL or bool(config.findings) or any(r.masked for r in records)
-    if not multilabel:
+    """The task of records read from a split.csv: the run's recorded one (config.yaml holds the resolved
+    kind and findings), else the one the data source defines, else told by the records themselves."""
+    if config.task == MULTI_LABEL and config.findings:
+        return Task(MULTI_LABEL, tuple(config.findings))
+    if config.task == SINGLE_LABEL:
         return Task(SINGLE_LABEL, tuple(sorted({r.label for r in records})))
-    if not config.findings:
+    if config.data and Path(config.data).exists():
+        try:
+            return discover_task(config).task
+        except MedtransferError:
+            pass  # the source changed since the split was drawn: the records decide
+    if config.findings or any(r.masked for r in records) or any("|" in r.label for r in records):
         seen = sorted({f for r in records for f in (*r.label.split("|"), *r.masked) if f})
-        return Task(MULTI_LABEL, tuple(seen))
-    return Task(MULTI_LABEL, tuple(config.findings))
+        return Task(MULTI_LABEL, tuple(config.findings or seen))
+    return Task(SINGLE_LABEL, tuple(sorted({r.label for r in records})))
 
 
 def load_labelled_data(config: TrainConfig, run_dir: Path, console: Console, *, resume: bool) -> LabelledData:
