@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "export": 5,
     "train": 6,
     "serving": 6,
+    "adapt": 6,
     "demo": 7,
     "experiment": 7,
     "cli": 8,

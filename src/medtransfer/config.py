@@ -75,6 +75,7 @@ class TrainConfig:
     epochs: int = 30
     patience: int = 10
     batch_size: int = 32
+    accumulate: int = 1  # batches per optimizer step (Lightning's accumulate_grad_batches); effective batch = batch_size x accumulate
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
@@ -113,6 +114,10 @@ class TrainConfig:
     split_file: str | None = None  # a split.csv (from `medtransfer split`) used as is instead of drawing a split
     logger: str = "csv"  # csv, tensorboard or mlflow (train/tracking.py): settings and per-epoch metrics in RUN/logs/
     ensemble: int = 1  # > 1: that many members, seeds seed, seed+1, ..., saved as one model (train/seed_ensemble.py)
+    # cross-validation (train/cross_validation.py): K patient-grouped folds (0: one validation split), one fold ensemble
+    folds: int = 0
+    refit: bool = False  # with folds: also one model on all folds for the median best epoch (OUT/refit)
+    jobs: int = 1  # with folds: folds trained at once, each in its own process
     # explanations
     cam_method: str = "gradcam"  # heatmaps of the report's gallery and border check: cam, gradcam, gradcam++ or layercam
 
@@ -168,6 +173,7 @@ class TrainConfig:
             (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
             (self.patience >= 1, "patience", self.patience, "at least 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
+            (self.accumulate >= 1, "accumulate", self.accumulate, "1 (off) or the batches per optimizer step, e.g. 2"),
             (self.lr > 0, "lr", self.lr, "a positive number"),
             (self.image_size >= 16, "image_size", self.image_size, "at least 16"),
             (self.cache_size >= self.image_size, "cache_size", self.cache_size, f"at least image_size ({self.image_size})"),
@@ -206,12 +212,26 @@ class TrainConfig:
             (self.cutmix >= 0, "cutmix", self.cutmix, "0 (off) or a positive Beta alpha, e.g. 1.0"),
             (self.ensemble >= 1, "ensemble", self.ensemble, "1 (one model) or the number of seed-ensemble members, e.g. 3"),
             (self.task in ("auto", *TASK_KINDS), "task", self.task, "auto, single-label or multi-label"),
+            (self.folds == 0 or self.folds >= 2, "folds", self.folds, "0 (off: one validation split) or 2 or more folds, e.g. 5"),
+            (self.jobs >= 1, "jobs", self.jobs, "1 or more folds trained at once"),
             (self.uncertain in UNCERTAIN_POLICIES, "uncertain", self.uncertain, "ones, zeros or ignore"),
             (not self.views or set(self.views) <= {"frontal", "lateral"}, "views", self.views, "frontal, lateral or frontal,lateral"),
         ]
         for ok, name, value, expected in checks:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {expected}")
+        self._validate_folds()
+
+    def _validate_folds(self) -> None:
+        """Settings that only cross-validation reads, and what it cannot combine with."""
+        if self.folds and self.ensemble > 1:
+            raise ConfigError(f"--folds {self.folds} with --ensemble {self.ensemble}: cross-validation already saves its "
+                              "fold models as one ensemble; use one of the two")
+        if self.refit and not self.folds:
+            raise ConfigError("--refit: trains one model on all folds after cross-validation; add --folds K, e.g. --folds 5")
+        if self.jobs > 1 and not self.folds:
+            raise ConfigError(f"--jobs {self.jobs}: trains cross-validation folds side by side; add --folds K "
+                              "(a grid runs in parallel with `medtransfer experiment --jobs N`)")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -240,7 +260,8 @@ def parse_set_values(items: list[str] | None) -> dict[str, str]:
 
 
 # Settings a resumed run may change: they do not change what the run computes (augment_on: where, not what).
-RESUME_OVERRIDABLE = ("num_workers", "progress", "cache_dir", "augment_on")
+RESUME_OVERRIDABLE = ("num_workers", "progress", "cache_dir", "augment_on", "jobs")
+EFFECTIVE_BATCH = ("batch_size", "accumulate")  # may change on resume together, keeping batch_size x accumulate
 
 
 def resolve_train_config(
@@ -257,7 +278,7 @@ def resolve_train_config(
             raise ConfigError("--resume: takes the run's own config.yaml; leave out --config and --data")
         if out is not None and Path(out) != Path(resume):
             raise ConfigError(f"--resume {resume}: continues the run in its own folder; leave out --out {out}")
-        changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUME_OVERRIDABLE)
+        changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUME_OVERRIDABLE + EFFECTIVE_BATCH)
         if changed:
             listed = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ConfigError(
@@ -267,6 +288,14 @@ def resolve_train_config(
             )
         saved = Path(resume) / CONFIG_FILE
         config = TrainConfig.from_sources(saved if saved.is_file() else None, overrides)
+        run = TrainConfig.from_sources(saved if saved.is_file() else None)
+        if config.batch_size * config.accumulate != run.batch_size * run.accumulate:
+            k = next((d for d in range(2, run.batch_size + 1) if run.batch_size % d == 0), 1)  # smallest divisor
+            raise ConfigError(
+                f"--resume {resume}: --batch-size {config.batch_size} x --accumulate {config.accumulate} changes the run's "
+                f"effective batch of {run.batch_size * run.accumulate} ({run.batch_size} x {run.accumulate}); keep the "
+                f"product, e.g. --batch-size {run.batch_size // k} --accumulate {run.accumulate * k}"
+            )
         run_dir = Path(resume)
     else:
         if out is None:

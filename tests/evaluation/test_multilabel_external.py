@@ -131,3 +131,11 @@ def test_finding_names_match_exactly_first_then_normalised():
     assert match_findings(["Mass", "Pleural Thickening", "Hernia"], ["mass", "Mass", "Pleural_Thickening"]) == {
         "Mass": "Mass", "Pleural Thickening": "Pleural_Thickening", "Hernia": None}
     assert FINDINGS == ("Effusion", "Mass", "Nodule")
+
+
+def test_a_run_trained_on_a_labels_column_reads_a_set_with_one_column_per_finding(tmp_path):
+    run = saved_multilabel_run(tmp_path / "run", training={"labels_column": "Finding Labels"})
+    rows = image_set(tmp_path / "ext", patients=4, per_patient=1)
+    data = write_columns_csv(tmp_path / "ext" / "columns.csv", rows, {f: f for f in FINDINGS})
+    found = discover_multilabel_external(load_model(run), data, split="test", cache_dir=tmp_path / "cache")
+    assert found.missing == [] and found.targets(load_model(run)).tolist() == [[labels[f] for f in FINDINGS] for _, _, labels in rows]

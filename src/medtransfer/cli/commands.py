@@ -361,3 +361,27 @@ def demo(
     run_demo(out, epochs=epochs, cache_dir=cache_dir, console=console)
 
 
+
+
+@app.command()
+def adapt(
+    run: Path = typer.Option(..., help="Run folder (or model folder) written by `medtransfer train` (or recalibrate/adapt)."),
+    data: Path = typer.Option(..., help="Folder of the new site's images, searched recursively; labels and folder names are never read."),
+    out: Path = typer.Option(..., help="New folder for the adapted model (OUT/model) and adaptation.json."),
+    method: str = typer.Option("bn", help="bn (default, measured best: BatchNorm statistics from the new images), prior, prior+bn or tent."),
+    operating_point: str = typer.Option("keep", help="After a prior change: keep (the threshold policy's meaning) or bayes (the same probability threshold)."),
+    min_images: int = typer.Option(64, help="Fewest images BatchNorm re-estimation accepts."),
+    max_ood_share: float = typer.Option(0.25, help="Refuse when the OOD guard flags more than this share of the images."),
+    bootstrap: int = typer.Option(500, help="Patient-level bootstrap resamples of the prevalence estimate."),
+    permutations: int = typer.Option(500, help="Permutations of the MMD feature test."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed of the bootstrap, the permutations and the batch order."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
+    accelerator: str = typer.Option("auto", help="auto, cpu or gpu."),
+):
+    """Adapt a model to a new site from unlabelled images: shift tests, a verdict, and a new model folder."""
+    from medtransfer.adapt.core import adapt_model
+
+    adapt_model(run, data, out, method=method, operating_point=operating_point, cache_dir=cache_dir or default_cache_dir(),
+                min_images=min_images, max_ood_share=max_ood_share, bootstrap=bootstrap, permutations=permutations,
+                seed=seed, accelerator=accelerator, console=console)
+    console.print(f"Wrote {out / 'model'} and {out / 'adaptation.json'} (predict, evaluate, serve and export take --run {out})")

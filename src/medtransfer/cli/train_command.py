@@ -81,6 +81,9 @@ def train(
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
     logger: Optional[str] = typer.Option(None, help="Tracking under RUN/logs/, offline: csv (default), tensorboard or mlflow (local file store)."),
     ensemble: Optional[int] = typer.Option(None, help="Train N members (seeds SEED, SEED+1, ...) on one split and save them as one seed-ensemble model; members in OUT/members (default 1)."),
+    folds: Optional[int] = typer.Option(None, help="K-fold cross-validation by patient: K folds (OUT/folds/fold-k), out-of-fold figures, the K models saved as one (default 0: off). See README 'Cross-validation'."),
+    refit: Optional[bool] = typer.Option(None, "--refit", help="With --folds: also train one model on all folds for the median best epoch (OUT/refit)."),
+    jobs: Optional[int] = typer.Option(None, help="With --folds: folds trained at once, each in its own process (default 1)."),
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):
     """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
@@ -95,7 +98,7 @@ def train(
     result = train_run(settings, run_dir, resume=resume is not None, console=console)
     if result is None:  # a DDP process other than rank 0: rank 0 prints
         return
-    print_result({"val": result["val"], "test": result["test"]}, result["threshold"])
+    print_result({k: result.get(k) for k in ("val", "oof", "test") if k in result}, result["threshold"])
 
 
 def print_result(splits: dict[str, dict | None], threshold: float | None) -> None:

@@ -15,11 +15,16 @@ Read:
 - Grayscale: modality LUT, then the file's VOI window, MONOCHROME1 inverted.
 
 Decompression bombs: the header's Rows x Columns is checked against the pixel limit
-(:mod:`medtransfer.data.limits`) before any pixel is decoded. Deflated files are expanded
-in bounded steps, refused when they would grow beyond what the header declares. A
-compressed frame must not be larger than the header says: its codestream's own size (JPEG
-SOF, JPEG 2000 SIZ), by which decoders allocate, is read first, and RLE segments are
-measured before pydicom expands them.
+(:mod:`medtransfer.data.limits`) before any pixel is decoded, and Rows x Columns x frames
+x samples x bytes per sample (all the pixel data) against the byte cap derived from it.
+The transfer syntax comes from the file meta as pydicom's own reader parses it (never
+from a byte search), so a file pydicom will inflate is always seen as deflated. Deflated
+files are inflated in bounded steps (``zlib.decompressobj`` with ``max_length``) before
+pydicom inflates them, and refused when they grow beyond what the header declares or
+past the byte cap. A compressed frame must not be larger than the header says: its
+codestream's own size (JPEG SOF, JPEG 2000 SIZ), by which decoders allocate, is read
+first (a codestream whose size cannot be read is refused), and RLE segments are measured
+before pydicom expands them.
 
 pydicom's warnings about malformed values it works around are silenced: a file either
 decodes or fails with one :class:`~medtransfer.errors.DataError`.
@@ -31,6 +36,7 @@ ViewPosition), never the pixel data; a deflated file is inflated by at most one 
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import warnings
 import zlib
@@ -41,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medtransfer.data.limits import check_pixels
+from medtransfer.data.limits import check_expanded_bytes, check_pixels, expanded_past_cap, max_expanded_bytes
 from medtransfer.errors import DataError
 
 __all__ = ["DicomHeader", "dicom_to_image", "is_dicom", "read_dicom_header"]
@@ -52,7 +58,7 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS
 _STEP = 1 << 20  # bytes inflated at a time; the first step holds the header
 _HEADER_TAGS = (0x00100020, 0x00185101)  # PatientID, ViewPosition
-_HEAD = 8192  # bytes read to recognise a DICOM file and its transfer syntax
+_HEAD = 8192  # bytes read to recognise a DICOM file
 _PIXEL_TAGS = {  # (7FE0,0008/0009/0010) as little- and big-endian bytes: where a complete header ends
     *(struct.pack("<HH", 0x7FE0, e) for e in (8, 9, 0x10)), *(struct.pack(">HH", 0x7FE0, e) for e in (8, 9, 0x10))
 }
@@ -101,7 +107,9 @@ def read_dicom_header(path: str | Path) -> DicomHeader:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about every value it works around
         try:
-            dataset = _deflated_header(path) if _DEFLATED.encode() in head else _plain_header(path)
+            with open(path, "rb") as handle:
+                deflated = _file_meta(handle)[0] == _DEFLATED
+            dataset = _deflated_header(path) if deflated else _plain_header(path)
             values = [dataset.get(tag) for tag in _HEADER_TAGS]
             patient, view = (None if v is None else str(v.value).strip() or None for v in values)
         except _Truncated:
@@ -130,14 +138,12 @@ def _plain_header(path: Path):
 
 def _deflated_header(path: Path):
     """The header tags of a deflated file from its first inflated step (pydicom would inflate all)."""
-    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.filereader import read_dataset
 
     data = path.read_bytes()
-    stream = io.BytesIO(data)
-    read_preamble(stream, force=True)
-    read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag.group != 2)
+    start = _file_meta(io.BytesIO(data))[1]
     head = b""
-    for piece in _inflated(memoryview(data)[stream.tell() :]):
+    for piece in _inflated(memoryview(data)[start:]):
         head += piece
         if len(head) >= _STEP:
             break
@@ -147,6 +153,23 @@ def _deflated_header(path: Path):
     if stream.tell() >= len(head):  # ended inside the header tags: truncated
         raise _Truncated
     return dataset
+
+
+def _file_meta(stream) -> tuple[str | None, int]:
+    """``(transfer syntax UID or None, offset where the dataset starts)``, from the file meta as
+    ``dcmread(force=True)`` parses it: pydicom's own preamble and file-meta readers, so that what
+    is checked here is what pydicom then decodes (a padded meta cannot hide the syntax)."""
+    from pydicom import filereader
+
+    filereader.read_preamble(stream, True)
+    read_meta = getattr(filereader, "_read_file_meta_info", None)  # pydicom 3.0: private, used by dcmread
+    if read_meta is not None:
+        meta = read_meta(stream)
+    else:  # pragma: no cover - a pydicom without it: the meta group read as older pydicom read it
+        meta = filereader.read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                                       stop_when=lambda tag, *_: tag.group != 2)
+    syntax = meta.get("TransferSyntaxUID")
+    return (None if syntax is None else str(syntax)), stream.tell()
 
 
 def is_dicom(data: bytes) -> bool:
@@ -168,8 +191,9 @@ def dicom_to_image(data: bytes, *, max_pixels: int) -> tuple[Image.Image, int]:
 
     Raises:
         DataError: no pixel data, compressed data without a transfer syntax, a compressed
-            frame larger than the header, or a header over ``max_pixels``
-            (:class:`~medtransfer.data.limits.ImageTooLargeError`).
+            frame larger than the header or of a size that cannot be read, deflated data that
+            inflates beyond its header, or a header over ``max_pixels`` or pixel data past
+            the byte cap (:class:`~medtransfer.data.limits.ImageTooLargeError`).
         Exception: pydicom's or a plugin's own error for a corrupt file (the caller words it).
     """
     try:
@@ -183,6 +207,7 @@ def dicom_to_image(data: bytes, *, max_pixels: int) -> tuple[Image.Image, int]:
             raise DataError("DICOM pixel data without Rows and Columns (a corrupt or partial file)")
         frames = max(int(dataset.get("NumberOfFrames") or 1), 1)
         check_pixels(int(dataset.Columns), int(dataset.Rows), limit=max_pixels)
+        _check_pixel_bytes(dataset, frames, max_pixels)
         _check_encoded_frame(dataset, frames)
         dataset.pixel_array_options(index=0, as_rgb=True)  # decode the first frame only
         return _to_image(dataset.pixel_array, dataset), frames
@@ -193,8 +218,9 @@ def _read(data: bytes, max_pixels: int):
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    if _DEFLATED.encode() in data[:8192]:
-        _check_deflated(data, max_pixels)
+    syntax, start = _file_meta(io.BytesIO(data))
+    if syntax == _DEFLATED:  # the same test as pydicom's before it inflates the whole dataset
+        _check_deflated(data, start, max_pixels)
     dataset = dcmread(io.BytesIO(data), force=True)
     keyword = next((k for k in _PIXEL_KEYWORDS if k in dataset), None)
     if keyword is None:
@@ -212,17 +238,17 @@ def _read(data: bytes, max_pixels: int):
     return dataset
 
 
-def _check_deflated(data: bytes, max_pixels: int) -> None:
-    """Refuse a deflated dataset whose header or whose expanded size exceeds the limits.
+def _check_deflated(data: bytes, start: int, max_pixels: int) -> None:
+    """Refuse a deflated dataset (from ``start``) whose header or whose expanded size exceeds the limits.
 
-    pydicom inflates the whole dataset in one call; a few hundred KB can expand to GB.
+    pydicom inflates the whole dataset in one call; a few hundred KB can expand to GB. Here
+    it is inflated in steps of at most ``_STEP`` bytes, counted and dropped, and refused as
+    soon as it passes what the header declares (plus slack for the other elements) or the
+    byte cap, whichever is smaller: pydicom's own inflation is then bounded by that.
     """
-    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.filereader import read_dataset
 
-    stream = io.BytesIO(data)
-    read_preamble(stream, force=True)
-    read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag.group != 2)
-    chunks = _inflated(memoryview(data)[stream.tell() :])
+    chunks = _inflated(memoryview(data)[start:])
     head = b""
     for piece in chunks:  # the first step's worth of the dataset holds its header
         head += piece
@@ -233,16 +259,31 @@ def _check_deflated(data: bytes, max_pixels: int) -> None:
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     frames = max(int(header.get("NumberOfFrames") or 1), 1)
     check_pixels(columns, rows, limit=max_pixels, frames=frames)  # all frames are inflated
-    bits = int(header.get("BitsAllocated") or 8)
-    declared = rows * columns * frames * int(header.get("SamplesPerPixel") or 1) * bits // 8
-    total = len(head)
-    for chunk in chunks:
+    declared = _check_pixel_bytes(header, frames, max_pixels)
+    budget = min(declared + 2 * _STEP, max_expanded_bytes(max_pixels))  # header and trailing elements fit the slack
+    total = 0
+    for chunk in itertools.chain((head,), chunks):
         total += len(chunk)
-        if total > declared + 2 * _STEP:  # header and trailing elements fit in the slack
-            raise DataError(
-                f"deflated DICOM expands beyond what its header declares ({columns} x {rows} pixels, "
-                f"{frames} frame(s)); refused before decoding"
-            )
+        if total <= budget:
+            continue
+        if budget < declared + 2 * _STEP:
+            raise expanded_past_cap("deflated DICOM inflates", limit=max_pixels)
+        raise DataError(
+            f"deflated DICOM expands beyond what its header declares ({columns} x {rows} pixels, "
+            f"{frames} frame(s)); refused before decoding"
+        )
+
+
+def _check_pixel_bytes(header, frames: int, max_pixels: int) -> int:
+    """Bytes all of the pixel data takes expanded (Rows x Columns x frames x samples x bytes), from
+    the header; refused past the byte cap (:func:`~medtransfer.data.limits.check_expanded_bytes`)."""
+    rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+    samples, bits = max(int(header.get("SamplesPerPixel") or 1), 1), max(int(header.get("BitsAllocated") or 8), 1)
+    declared = (rows * columns * frames * samples * bits + 7) // 8
+    what = (f"DICOM pixel data of {frames} frame(s) of {columns} x {rows} pixels, {samples} sample(s) of "
+            f"{bits} bits")
+    check_expanded_bytes(declared, limit=max_pixels, what=what)
+    return declared
 
 
 def _inflated(body: memoryview) -> Iterator[bytes]:
@@ -274,16 +315,30 @@ def _check_encoded_frame(dataset, frames: int) -> None:
     if dataset.file_meta.TransferSyntaxUID == RLELossless:
         _check_rle(frame, rows * columns)
         return
-    width, height = _codestream_size(frame) or (0, 0)
+    size = _codestream_size(frame)
+    if size is None or 0 in size:
+        found = "no JPEG frame header (SOF) or JPEG 2000 size marker (SIZ)" if size is None else (
+            f"a codestream of {size[0]} x {size[1]} pixels")
+        raise DataError(
+            f"compressed frame whose size cannot be established ({found} in {len(frame)} bytes of "
+            f"{dataset.file_meta.TransferSyntaxUID.name} data); refused before decoding"
+        )
+    width, height, components = size
+    samples = max(int(dataset.get("SamplesPerPixel") or 1), 1)
     if width * height > rows * columns:
         raise DataError(
             f"compressed frame larger than its header ({width} x {height} pixels, the header says "
             f"{columns} x {rows}); refused before decoding"
         )
+    if components > samples:
+        raise DataError(
+            f"compressed frame with more components than its header ({components}, the header says "
+            f"{samples} sample(s) per pixel); refused before decoding"
+        )
 
 
-def _codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG / JPEG-LS frame header or a JPEG 2000 SIZ marker; None if absent."""
+def _codestream_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG / JPEG-LS frame header or a JPEG 2000 SIZ marker; None if absent."""
     if frame[:2] == b"\xff\xd8":
         pos = 2
         while pos + 9 <= len(frame) and frame[pos] == 0xFF:
@@ -292,15 +347,18 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
                 pos += 1
                 continue
             if marker in _SOF_MARKERS:
-                height, width = struct.unpack(">HH", frame[pos + 5 : pos + 9])
-                return width, height
+                if pos + 10 > len(frame):
+                    return None
+                height, width, components = struct.unpack(">HHB", frame[pos + 5 : pos + 10])
+                return width, height, components
             pos += 2 + int.from_bytes(frame[pos + 2 : pos + 4], "big")
         return None
     siz = frame.find(b"\xff\x4f\xff\x51", 0, 1 << 16)  # SOC then SIZ, bare or inside a JP2 box
-    if siz < 0 or len(frame) < siz + 24:
+    if siz < 0 or len(frame) < siz + 42:
         return None
     x, y, x0, y0 = struct.unpack(">4I", frame[siz + 8 : siz + 24])
-    return x - x0, y - y0
+    (components,) = struct.unpack(">H", frame[siz + 40 : siz + 42])
+    return max(x - x0, 0), max(y - y0, 0), components
 
 
 def _check_rle(frame: bytes, plane: int) -> None:

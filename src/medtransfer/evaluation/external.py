@@ -97,8 +97,7 @@ def evaluate_saved_model(
     if external is not None:
         metrics = _multilabel_metrics(saved, external, kept, logits, scores, run=run, data=data, split=split, out=out,
                                       bootstrap=bootstrap, seed=seed)
-        return _finish(out, {**metrics, "hardware": hardware}, saved, scores, console, run=run, data=data,
-                       lines=multilabel_shift_lines(metrics["shift"]))
+        return _finish(out, {**metrics, "hardware": hardware}, saved, scores, console, run=run, data=data)
     outputs = SplitOutputs([str(r.path) for r in kept], np.asarray(labels), [r.patient_id for r in kept], logits)
     point = OperatingPoint.from_info(info)
     result = split_metrics(outputs, point, saved.classes, bootstrap=bootstrap, seed=seed)
@@ -120,11 +119,13 @@ def evaluate_saved_model(
     }
     if scores is not None:
         metrics["ood"] = ood_summary(saved, outputs, scores, point, bootstrap=bootstrap, seed=seed)
-    return _finish(out, metrics, saved, scores, console, run=run, data=data, lines=None)
+    metrics["label_free_shift"] = label_free_shift(saved, run, outputs, scores, cache_dir=cache_dir, accelerator=accelerator,
+                                                   seed=seed, console=console)
+    return _finish(out, metrics, saved, scores, console, run=run, data=data)
 
 
 def _finish(out: Path, metrics: dict[str, Any], saved: SavedModel, scores: np.ndarray | None, console: Console, *,
-            run: Path, data: Path, lines: list[str] | None) -> dict[str, Any]:
+            run: Path, data: Path) -> dict[str, Any]:
     """The OOD and shift lines on the console, metrics.json, then report.html."""
     if scores is None:
         console.print("This model was saved without an OOD detector: no foreign-input check (train again to get one).")
@@ -132,7 +133,7 @@ def _finish(out: Path, metrics: dict[str, Any], saved: SavedModel, scores: np.nd
         metrics["shift"]["ood_flagged_fraction"] = metrics["ood"]["flagged_fraction"]
         console.print(f"OOD guard ({saved.ood.method}): {metrics['ood']['flagged']} of {len(scores)} images "
                       f"({metrics['ood']['flagged_fraction']:.1%}) do not look like the training data")
-    for line in shift_lines(metrics["shift"]) if lines is None else lines:
+    for line in (multilabel_shift_lines if saved.task.multilabel else shift_lines)(metrics["shift"]):
         console.print(line, markup=False, highlight=False)
     write_metrics(out, metrics)
     from medtransfer.evaluation.report import write_report
@@ -237,3 +238,15 @@ def shift_against_run(run: Path, outputs: SplitOutputs, point: OperatingPoint) -
     positive = predictions.classes[point.positive_index]
     ref_y = np.asarray([label == positive for label in predictions.labels], dtype=int)
     return shift_summary(labels, probs, reference_y=ref_y, reference_prob=predictions.probability(positive), reference=name)
+
+
+def label_free_shift(saved: SavedModel, run: Path, outputs: SplitOutputs, scores: np.ndarray | None, *, cache_dir: Path,
+                     accelerator: str, seed: int, console: Console) -> dict[str, Any]:
+    """`adapt`'s shift tests and verdict (evaluation.site_shift) on these images, their labels not passed."""
+    from medtransfer.evaluation.site_shift import detection_lines, site_shift_summary
+
+    summary = site_shift_summary(saved, run, outputs.paths, cache_dir=cache_dir, accelerator=accelerator, seed=seed,
+                                 logits=outputs.logits, ood_scores=scores, patient_ids=outputs.patient_ids)
+    for line in [f"Label-free shift tests skipped: {summary['skipped']}"] if "skipped" in summary else detection_lines(summary):
+        console.print(line, markup=False, highlight=False)
+    return summary

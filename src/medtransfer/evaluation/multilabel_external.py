@@ -1,8 +1,8 @@
 """A multi-label model on another labelled set: findings matched by name, scored with the saved operating points.
 
 `evaluate` and `recalibrate` call these for a model whose model.json says ``task:
-multi-label``. The external set is discovered with the run's rules (labels column, uncertain
-policy, patient regex; the findings are read from the set itself) and its findings are matched
+multi-label``. The external set is discovered with the run's rules (its labels column where the set has
+it, uncertain policy, patient regex; the findings are read from the set itself) and its findings are matched
 to the model's by name (:func:`medtransfer.evaluation.multilabel_io.match_findings`: exact, else
 without case and with ``_`` as a space). A model finding the set does not label is unknown
 (masked) on every image and reported under ``findings_match.missing``; a set that labels none of
@@ -22,6 +22,7 @@ import numpy as np
 
 from medtransfer.artifacts import SavedModel
 from medtransfer.data.discover import Record, discover_data
+from medtransfer.data.manifest import read_rows
 from medtransfer.errors import DataError
 from medtransfer.evaluation.multilabel import MultiLabelPoint, multilabel_split_metrics
 from medtransfer.evaluation.multilabel_io import match_findings, reference_predictions
@@ -64,7 +65,7 @@ def discover_multilabel_external(saved: SavedModel, data: Path, *, split: str, c
     found = discover_data(
         data, patient_regex=None if is_npz else training.get("patient_regex"),
         class_names=training.get("class_names") if is_npz else None, extract_dir=Path(cache_dir) / "npz",
-        labels_column=None if is_npz else training.get("labels_column"),
+        labels_column=_labels_column(Path(data), training.get("labels_column")),
         findings=(training.get("findings") or list(saved.classes)) if is_npz else None,
         uncertain=training.get("uncertain") or "ignore", salt_dir=cache_dir,
     )
@@ -105,6 +106,14 @@ def discover_multilabel_external(saved: SavedModel, data: Path, *, split: str, c
         for r in records
     ]
     return ExternalFindings(relabelled, matched, missing, extra, left_out)
+
+
+def _labels_column(data: Path, column: str | None) -> str | None:
+    """The run's --labels-column when the external CSV has it; else None (the layout is read from the file)."""
+    if column is None or not (data.is_file() and data.suffix.lower() == ".csv"):
+        return None
+    header, _ = read_rows(data)
+    return column if column.strip().lower() in {name.strip().lower() for name in header} else None
 
 
 def multilabel_shift(run: Path, targets: np.ndarray, probs: np.ndarray, saved: SavedModel, missing: list[str]) -> dict[str, Any]:

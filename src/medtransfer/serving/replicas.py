@@ -119,7 +119,8 @@ class Replicas:
         """The run's heatmap (Grad-CAM unless trained with another --cam-method) of the class shown to the
         user, on this request's own model copy."""
         x = image.to(replica.classify.device)
-        with ClassActivationMap(replica.saved.model, method=replica.saved.cam_method) as explain:
+        with ClassActivationMap(replica.saved.model, method=replica.saved.cam_method,
+                                multilabel=replica.saved.task.multilabel) as explain:
             result = explain(x, class_index=index)
         return result.maps[0].cpu().numpy().astype(np.float32)
 

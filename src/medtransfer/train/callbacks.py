@@ -1,4 +1,12 @@
-"""Lightning callbacks: history.csv, the best weights, gradual unfreezing and weight averaging."""
+"""Lightning callbacks: history.csv, the best weights, gradual unfreezing and weight averaging.
+
+history.csv and ``checkpoints/best.safetensors`` are :class:`EpochFiles`: projections of the
+state that ``checkpoints/last.ckpt`` commits. Each epoch's record (its history row, the best
+score and epoch) is part of the checkpoint; the files are written from it only after the
+checkpoint's atomic rename (:class:`~medtransfer.train.checkpointing.ResumeCheckpoint`), and
+rewritten from it on resume (:func:`~medtransfer.train.checkpointing.restore_epoch_files`),
+so a kill anywhere leaves either the previous epoch's or the new epoch's state, whole.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, EMAWeightAveraging, StochasticWeightAveraging
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medtransfer.safeio import atomic_path, write_csv_atomic
@@ -27,11 +36,31 @@ def _metric(trainer: L.Trainer, *names: str) -> float:
     return math.nan
 
 
-class HistoryWriter(L.Callback):
-    """Appends one row per finished epoch to history.csv (validation runs before this hook)."""
+class EpochFiles(L.Callback):
+    """A callback whose files are projections of the epoch's committed state.
+
+    Alone, it writes them at the end of each epoch. With :class:`ResumeCheckpoint` in the
+    trainer (``deferred`` set by it), they are written by that callback right after
+    ``last.ckpt`` is renamed into place, so they never run ahead of the checkpoint.
+    """
+
+    deferred = False
+
+    def write_files(self) -> None:
+        raise NotImplementedError
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not self.deferred and not trainer.sanity_checking and trainer.is_global_zero:
+            self.write_files()
+
+
+class HistoryWriter(EpochFiles):
+    """One row per finished epoch (validation runs before this hook), kept in the checkpoint and
+    written to history.csv whole: a resumed run's history is the checkpoint's, later rows dropped."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.rows: list[dict] = []
         self._started = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -51,10 +80,22 @@ class HistoryWriter(L.Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - self._started, 2),
         }
-        if not trainer.is_global_zero:
-            return
-        rows = [r for r in read_history(self.path) if int(r["epoch"]) < row["epoch"]]  # a resumed epoch replaces its row
-        write_history(rows + [row], self.path)
+        self.rows = [r for r in self.rows if int(r["epoch"]) < row["epoch"]] + [row]  # a repeated epoch replaces its row
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def write_files(self) -> None:
+        write_history(self.rows, self.path)
+
+    def state_dict(self):
+        return {"rows": [{k: row[k] for k in HISTORY_COLUMNS} for row in self.rows]}
+
+    def load_state_dict(self, state_dict):
+        self.rows = [dict(row) for row in state_dict.get("rows", [])]
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.ckpt_path and not self.rows and trainer.current_epoch > 0:
+            # a checkpoint from before the rows were kept in it: history.csv up to its epoch
+            self.rows = [r for r in read_history(self.path) if r["epoch"] <= trainer.current_epoch]
 
 
 def write_history(rows: list[dict], path: Path) -> None:
@@ -68,8 +109,30 @@ def read_history(path: Path) -> list[dict]:
         return [{k: float(v) if k != "epoch" else int(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
-class BestWeights(L.Callback):
-    """Keeps the weights with the lowest validation loss as safetensors (no pickle to reload)."""
+BEST_EPOCH_KEY = "medtransfer_epoch"  # safetensors metadata of best.safetensors: the epoch of its weights
+
+
+def save_best(state: dict[str, torch.Tensor], path: Path, epoch: int) -> None:
+    """The best weights, written atomically and labelled with their epoch (checked on resume)."""
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata={BEST_EPOCH_KEY: str(int(epoch))})
+
+
+def best_file_epoch(path: Path) -> int | None:
+    """The epoch recorded in a best-weights file; None when absent, unlabelled (older runs) or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return int((handle.metadata() or {})[BEST_EPOCH_KEY])
+    except Exception:  # missing, unreadable, or written before the label existed: nothing to compare
+        return None
+
+
+class BestWeights(EpochFiles):
+    """Keeps the weights with the lowest validation loss as safetensors (no pickle to reload).
+
+    The best score and epoch are checkpointed; the weights of a new best wait in memory until the
+    epoch is committed, then go to ``path`` labelled with their epoch.
+    """
 
     def __init__(self, path: Path, monitor: str = "val/loss", averaging: EMAWeightAveraging | None = None):
         self.path = path
@@ -77,6 +140,7 @@ class BestWeights(L.Callback):
         self.averaging = averaging  # with EMA, validation scores the averaged weights, so those are kept
         self.best_score = math.inf
         self.best_epoch = 0
+        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
@@ -91,9 +155,14 @@ class BestWeights(L.Callback):
         source = pl_module
         if self.averaging is not None and self.averaging._average_model is not None:  # swapped back after validation
             source = self.averaging._average_model.module
-        state = {k: v.detach().cpu().contiguous() for k, v in source.model.net.state_dict().items()}
-        with atomic_path(self.path) as temporary:
-            save_file(state, str(temporary))
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in source.model.net.state_dict().items()}
+        self._pending = (self.best_epoch, state)
+
+    def write_files(self) -> None:
+        if self._pending is not None:
+            epoch, state = self._pending
+            save_best(state, self.path, epoch)
+            self._pending = None
 
     def load_best(self, model: torch.nn.Module) -> None:
         model.load_state_dict(load_file(str(self.path)), strict=True)
@@ -158,5 +227,21 @@ def weight_averaging_callback(name: str, *, lr: float, ema_decay: float) -> L.Ca
     if name == "ema":
         return EMAWeightAveraging(decay=ema_decay, use_buffers=True)
     if name == "swa":
-        return StochasticWeightAveraging(swa_lrs=lr / 10, swa_epoch_start=0.8, annealing_epochs=1)
+        return ResumableSWA(swa_lrs=lr / 10, swa_epoch_start=0.8, annealing_epochs=1)
     return None
+
+
+class ResumableSWA(StochasticWeightAveraging):
+    """Lightning's SWA, resumed exactly from a checkpoint written at an epoch's end.
+
+    Lightning steps epoch-interval schedulers (SWA's SWALR) after the epoch-end hooks, so
+    after the checkpoint was written; a resumed run rebuilds SWALR from the checkpointed
+    (pre-step) state and would train its next epoch one annealing step behind. The step the
+    uninterrupted run took is taken here once, right after SWA rebuilds its scheduler.
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        restored = self._scheduler_state is not None and not self._initialized
+        super().on_train_epoch_start(trainer, pl_module)
+        if restored and self._swa_scheduler is not None:
+            self._swa_scheduler.step()

@@ -9,6 +9,10 @@
 The strategy's callbacks join the Lightning fit here: gradual unfreezing and weight
 averaging (EMA: the averaged weights are validated and kept; SWA: the final averaged
 weights are kept, early stopping is off since SWA averages up to the last epoch).
+
+Running out of GPU memory during the fit is one line (ConfigError) naming a smaller
+``--batch-size`` with ``--accumulate`` keeping the effective batch, and the ``--resume``
+command that continues with them (:func:`out_of_memory_error`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from rich.console import Console
 
 from medtransfer.config import TrainConfig
 from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
-from medtransfer.errors import DataError, TrainingInterrupted
+from medtransfer.errors import ConfigError, DataError, TrainingInterrupted
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import TransferModel
 from medtransfer.runtime import is_global_zero
@@ -67,6 +71,7 @@ def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str
         strategy=config.distributed,
         use_distributed_sampler=False,  # TransferDataModule shards itself (weighted draws, unpadded validation)
         precision=precision,
+        accumulate_grad_batches=config.accumulate,  # effective batch = batch_size x accumulate
         callbacks=callbacks,
         logger=make_logger(config, out) if is_global_zero() else False,  # --logger: RUN/logs/, rank 0 writes
         enable_progress_bar=config.progress,
@@ -101,9 +106,14 @@ def fit_with_lightning(
     best = BestWeights(checkpoints / "best.safetensors", averaging=None if swa else averaging)
     # SWA averages up to the last epoch: stopping early would skip the averaging.
     patience = config.epochs + 1 if swa else config.patience
-    early_stopping = L.pytorch.callbacks.EarlyStopping(monitor="val/loss", mode="min", patience=patience)
-    # The latest epoch for --resume, saved last (after the states it records); the best weights are
-    # kept by BestWeights as safetensors. EpochSeeding makes the randomness of an epoch resumable.
+    # Decides at validation end, so that the epoch's checkpoint holds its decision and counters (at the train epoch's
+    # end, Lightning's default here, it would run after ResumeCheckpoint, and a resumed run would stop an epoch late).
+    early_stopping = L.pytorch.callbacks.EarlyStopping(
+        monitor="val/loss", mode="min", patience=patience, check_on_train_epoch_end=False
+    )
+    # The latest epoch for --resume, saved last (after the states it records), then the files derived from it:
+    # the best weights, then history.csv, in this order (checkpointing.py). EpochSeeding makes an epoch's randomness
+    # resumable.
     callbacks = [EpochSeeding(config.seed), EpochAUC(), early_stopping, best, HistoryWriter(out / "history.csv")]
     if config.strategy == "gradual":
         callbacks.insert(1, GradualUnfreezing(config.unfreeze_every, config.lr_decay))
@@ -128,6 +138,10 @@ def fit_with_lightning(
         if trainer.interrupted:
             raise TrainingInterrupted(out) from None
         raise
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory_error(config, out, accelerator) from None
     if trainer.interrupted:
         raise TrainingInterrupted(out)
     setup = {"devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "distributed": _distributed_name(trainer)}
@@ -144,6 +158,29 @@ def fit_with_lightning(
         best_epoch = int(min(finite, key=lambda r: r["val_loss"])["epoch"]) if finite else 0
         return Fit(best_epoch, len(history) < config.epochs, **setup)
     return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0), **setup)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or a RuntimeError that says the device (CUDA, MPS, CPU allocator) ran out."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def out_of_memory_error(config: TrainConfig, out: Path, accelerator: str) -> ConfigError:
+    """One line: what ran out, and the smaller batch (with accumulation keeping the effective batch) to resume with."""
+    where = "GPU memory" if accelerator == "gpu" else "memory"
+    effective = config.batch_size * config.accumulate
+    if config.batch_size < 2:
+        return ConfigError(
+            f"out of {where} while training with --batch-size 1: use a smaller --image-size or backbone, or "
+            f"--precision bf16-mixed, in a new run (--out NEW_FOLDER)"
+        )
+    k = next(d for d in range(2, config.batch_size + 1) if config.batch_size % d == 0)  # keeps the product whole
+    return ConfigError(
+        f"out of {where} while training with --batch-size {config.batch_size}: continue with a smaller batch and gradient "
+        f"accumulation keeping the effective batch of {effective}: medtransfer train --resume {out} "
+        f"--batch-size {config.batch_size // k} --accumulate {config.accumulate * k}"
+    )
 
 
 def _distributed_name(trainer: L.Trainer) -> str:

@@ -77,7 +77,8 @@ def write_outputs(
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
     saved = load_model(out)
-    if evaluation.multilabel:  # heatmaps per finding: `medtransfer explain --finding`
+    if evaluation.multilabel:  # no gallery (heatmaps per finding: `medtransfer explain --finding`); the border check
+        record_border_evidence(out, saved, metrics, method=config.cam_method)  # measures each image's top finding
         write_report(out, console=console)
         return
     # heatmaps of the most confident hits and misses, for the report, and the shortcut check (at most border.LIMIT test images)

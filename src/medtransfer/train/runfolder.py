@@ -3,7 +3,8 @@ what a resume needs before it starts.
 
 - :func:`hold_run_folder`: one writer per run folder (:class:`~medtransfer.rundir.FolderLock`),
   then :func:`check_run_dir`; a new folder that a failed check leaves empty is removed again.
-- :func:`check_resumable`: the checkpoint a resume continues from, checked before any work.
+- :func:`check_resumable`: the checkpoint a resume continues from, checked before any work, and
+  the run folder's history and best weights made to agree with it.
 - :func:`with_absolute_paths`: the paths a run records (data, cache, weights file) made
   absolute, so that ``--resume`` works from any working directory.
 """
@@ -21,7 +22,7 @@ from rich.console import Console
 from medtransfer.config import TrainConfig
 from medtransfer.errors import ConfigError
 from medtransfer.rundir import CONFIG_FILE, FolderLock, RunDir
-from medtransfer.train.checkpointing import checkpoint_to_resume
+from medtransfer.train.checkpointing import restore_epoch_files
 from medtransfer.train.validate import uses_feature_probe
 
 __all__ = ["LOCK_FILES", "check_resumable", "check_run_dir", "hold_run_folder", "with_absolute_paths"]
@@ -77,15 +78,19 @@ def check_run_dir(out: Path, *, resume: bool) -> None:
 
 
 def check_resumable(out: Path, config: TrainConfig, console: Console) -> None:
-    """Fail (one line) when the run cannot continue where it stopped; say where it continues."""
+    """Fail (one line) when the run cannot continue where it stopped; make history.csv and the best
+    weights agree with the checkpoint (:func:`restore_epoch_files`); say where it continues."""
     if uses_feature_probe(config):  # trained on features computed once: nothing to continue, it reruns
         console.print(f"Resuming {out}: the linear probe on cached features trains again from the start (seconds)")
         return
-    epochs_done = len(RunDir(out).history())
-    if checkpoint_to_resume(out, epochs_done) is None:
-        console.print(f"Resuming {out}: no epoch had finished; training starts at epoch 1")
-    else:
-        console.print(f"Resuming {out} from its last checkpoint ({epochs_done} of {config.epochs} epochs in history.csv)")
+    console.print(f"Resuming {out}: {restore_epoch_files(out)} of {config.epochs}")
+    saved = TrainConfig.from_sources(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else config
+    if (saved.batch_size, saved.accumulate) != (config.batch_size, config.accumulate):
+        console.print(
+            f"Batches of {config.batch_size} x {config.accumulate} accumulated (the run took {saved.batch_size} x "
+            f"{saved.accumulate}): the same images per optimizer step and the same schedule, but BatchNorm statistics "
+            "over smaller batches and another summation order, so the numbers differ from an uninterrupted run"
+        )
 
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:

@@ -29,6 +29,7 @@ from rich.console import Console
 from medtransfer.config import TrainConfig
 from medtransfer.errors import ConfigError
 from medtransfer.rundir import CONFIG_FILE, RunDir
+from medtransfer.train.cross_validation import train_cross_validation
 from medtransfer.train.ensemble import build_ensemble
 from medtransfer.train.pipeline import run_training
 from medtransfer.train.runfolder import hold_run_folder, with_absolute_paths
@@ -40,8 +41,11 @@ MEMBERS = "members"
 
 
 def train_run(config: TrainConfig, out: Path, *, resume: bool, console: Console) -> dict[str, Any] | None:
-    """`medtransfer train`: one run, or a seed ensemble when ``config.ensemble`` > 1. Returns the val and
-    test metrics and the threshold (None on a DDP process other than rank 0, which prints nothing)."""
+    """`medtransfer train`: one run, a seed ensemble when ``config.ensemble`` > 1, or K-fold cross-validation
+    when ``config.folds`` > 1 (then "oof", the pooled out-of-fold figures, instead of "val"). Returns the val
+    and test metrics and the threshold (None on a DDP process other than rank 0, which prints nothing)."""
+    if config.folds > 1:
+        return train_cross_validation(config, out, resume=resume, console=console)
     if config.ensemble > 1:
         return train_seed_ensemble(config, out, resume=resume, console=console)
     result = run_training(config, out, resume=resume, console=console)

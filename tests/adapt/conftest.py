@@ -1,0 +1,91 @@
+"""A tiny trained run and a new "site" of unlabelled images for the adapt tests.
+
+`adapt_run` trains a 48 px random-init ResNet-18 for two epochs on generated phantoms (seconds);
+`site_images` writes 72 more phantoms (another seed) as a folder whose class-folder names the
+adapt command must ignore. `random_run(folder)` saves an untrained ResNet-18 with a split.csv of
+validation images, for mechanics that need no trained weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_demo_data, write_image
+
+FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "48", "--set", "cache_size=56",
+        "--batch-size", "8", "--bootstrap", "0", "--num-workers", "0", "--no-progress"]
+
+
+def invoke(args: list) -> int:
+    """The console script's entry point, in-process; its exit code."""
+    from medtransfer.cli import main
+
+    saved_argv = sys.argv
+    sys.argv = ["medtransfer", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as exit_:
+        return exit_.code or 0
+    finally:
+        sys.argv = saved_argv
+
+
+@pytest.fixture(scope="session")
+def adapt_run(tmp_path_factory) -> tuple[Path, Path]:
+    data = write_demo_data(tmp_path_factory.mktemp("adapt-data") / "chest_xray", patients_per_class=15)
+    run, cache = tmp_path_factory.mktemp("adapt-runs") / "run", tmp_path_factory.mktemp("adapt-cache")
+    assert invoke(["train", "--data", data, "--out", run, "--cache-dir", cache, "--epochs", "2", *FAST]) == 0
+    return run, cache
+
+
+@pytest.fixture(scope="session")
+def site_images(tmp_path_factory) -> Path:
+    root = write_demo_data(tmp_path_factory.mktemp("site") / "site", patients_per_class=1, val_patients_per_class=1,
+                           test_patients_per_class=36, seed=1)
+    return root / "test"
+
+
+def random_run(folder: Path, *, val_images: int = 12, detector: bool = False) -> Path:
+    """An untrained ResNet-18 run folder (32 px) whose split.csv lists `val_images` validation images of both classes."""
+    import torch
+
+    from medtransfer.artifacts import model_info, save_model
+    from medtransfer.models.backbones import create_backbone
+    from medtransfer.models.strategies import Strategy, build_transfer_model
+
+    torch.manual_seed(0)
+    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
+    model = build_transfer_model(net, spec, Strategy("finetune", 0))
+    info = model_info(model, classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5, temperature=1.0,
+                      image_size=32, decode_size=40, threshold_policy="youden",
+                      training_config={"calibrate": "temperature", "threshold": "youden", "labels": "folder"})
+    save_model(model, info, folder)
+    rows = []
+    for i in range(val_images):
+        label = ("NORMAL", "PNEUMONIA")[i % 2]
+        path = write_image(folder / "val-images" / f"v{i:03d}.png", "L", size=(40, 40))
+        rows.append({"path": str(path), "label": label, "patient_id": f"v{i}", "split": "val"})
+    with (folder / "split.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "patient_id", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if detector:
+        from medtransfer.ood import fit_detector, save_detector
+
+        features = torch.randn(40, 512)
+        fitted = fit_detector(features, torch.zeros(40).long().numpy(), torch.randn(20, 512), method="knn")
+        fitted.thresholds = {name: -1.0 for name in fitted.thresholds}  # every image flagged
+        save_detector(fitted, folder / "model")
+    return folder
+
+
+def unlabelled_folder(folder: Path, count: int) -> Path:
+    """`count` noise images under misleading class-folder names."""
+    for i in range(count):
+        write_image(folder / ("PNEUMONIA" if i % 3 else "NORMAL") / f"img{i:03d}.png", "L", size=(40, 40))
+    return folder
