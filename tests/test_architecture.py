@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "adapt": 6,
     "demo": 7,
     "experiment": 7,
+    "api": 7,
     "cli": 8,
 }
 MAX_MODULE_LINES = 460

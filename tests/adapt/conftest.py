@@ -84,6 +84,54 @@ def random_run(folder: Path, *, val_images: int = 12, detector: bool = False) ->
     return folder
 
 
+def brightness_image(path: Path, bright: bool, seed: int, *, contrast: float = 1.0, offset: float = 0.0) -> Path:
+    """A 40 px noise image, bright (PNEUMONIA in the brightness runs) or dark (NORMAL); `contrast` and `offset`
+    change its appearance (another scanner) as pixel * contrast + offset."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    low = 150 if bright else 0
+    pixels = rng.integers(low, low + 106, size=(40, 40)).astype(np.float64) * contrast + offset
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def brightness_run(folder: Path, *, val_images: int = 60) -> Path:
+    """An untrained ResNet-18 whose classifier is set to call bright images PNEUMONIA: calibrated, informative
+    posteriors without training. Validation images: half bright (PNEUMONIA), half dark (NORMAL), prior 0.5."""
+    import torch
+
+    from medtransfer.artifacts import load_model, save_model
+    from medtransfer.ood import PENULTIMATE, capture
+
+    random_run(folder, val_images=0)
+    rows = []
+    for i in range(val_images):
+        bright = i % 2 == 1
+        path = brightness_image(folder / "val-images" / f"b{i:03d}.png", bright, seed=i)
+        rows.append({"path": str(path), "label": "PNEUMONIA" if bright else "NORMAL", "patient_id": f"b{i}", "split": "val"})
+    with (folder / "split.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "patient_id", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    saved = load_model(folder)
+    images = torch.stack([saved.preprocess(str(folder / "val-images" / f"b{i:03d}.png")) for i in range(2)])
+    with torch.no_grad(), capture(saved.model, []) as captured:
+        saved.model(images)
+    dark, bright = captured[PENULTIMATE]
+    direction = (bright - dark) / (bright - dark).norm() ** 2 * 8.0  # logit difference +-4 at the two images
+    fc = saved.model.head
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.weight[1] = direction
+        fc.bias.zero_()
+        fc.bias[1] = -float(direction @ (bright + dark) / 2)
+    save_model(saved.model, saved.info, folder)
+    return folder
+
+
 def unlabelled_folder(folder: Path, count: int) -> Path:
     """`count` noise images under misleading class-folder names."""
     for i in range(count):

@@ -9,7 +9,6 @@ import struct
 import time
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,10 +33,12 @@ from tests.data.test_dicom import SIZE, colour, image_dataset, needs_encoder, sa
 PAD = 9000  # file-meta padding: the transfer syntax UID lands past the first 8 KiB
 
 
-def padded_deflated(rows: int, columns: int, pixel_bytes: int, *, pad: int = PAD, fill: int = 0) -> bytes:
+def padded_deflated(rows: int, columns: int, pixel_bytes: int, *, pad: int = PAD, fill: int = 0,
+                    between: bytes = b"") -> bytes:
     """A deflated 16-bit DICOM (PatientID "P7", ViewPosition "PA") whose header says rows x columns,
     whose pixel data holds ``pixel_bytes`` bytes of ``fill`` (deflated as a stream, never held whole),
-    and whose file meta is padded by ``pad`` bytes before the transfer syntax."""
+    and whose file meta is padded by ``pad`` bytes before the transfer syntax; ``between`` goes
+    between the file meta and the deflated dataset."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SecondaryCaptureImageStorage, generate_uid(), "CR"
     ds.PatientID, ds.ViewPosition = "P7", "PA"
@@ -59,7 +60,7 @@ def padded_deflated(rows: int, columns: int, pixel_bytes: int, *, pad: int = PAD
     head = DicomBytesIO()
     head.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(head, meta, enforce_standard=True)
-    return head.getvalue() + b"".join(parts)
+    return head.getvalue() + between + b"".join(parts)
 
 
 def measured(call):
@@ -173,3 +174,20 @@ def test_a_codestream_with_more_components_than_the_header_is_refused(tmp_path, 
     path = save(ds, tmp_path / "components.dcm")
     with pytest.raises(DataError, match=r"compressed frame with more components than its header \(3, the header says 1"):
         decode_image(path, size=SIZE)
+
+
+def test_a_deflate_bomb_behind_a_decoy_command_element_is_refused(tmp_path):
+    """Bytes that are both a group-0000 element (which pydicom skips before it inflates) and a
+    tiny complete deflate stream: the check must inflate from where pydicom does, not before."""
+    # tag (0000,FF01), implicit VR length 510 = a stored deflate block of 256 bytes, then a final empty one
+    decoy = bytearray(8 + 510)
+    decoy[0:8] = b"\x00\x00\x01\xff\xfe\x01\x00\x00"
+    decoy[261:266] = b"\x01\x00\x00\xff\xff"
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    assert len(inflater.decompress(bytes(decoy))) == 256 and inflater.eof  # a complete, harmless stream
+    path = tmp_path / "decoy.dcm"
+    path.write_bytes(padded_deflated(64, 64, 64 << 20, between=bytes(decoy)))
+    error, elapsed, peak = measured(lambda: decode_image(path, size=SIZE))
+    assert isinstance(error, DataError), "the bomb was inflated and decoded"
+    assert "deflated DICOM expands beyond what its header declares (64 x 64 pixels" in str(error)
+    assert elapsed < 1.0 and peak < 20 * 2**20

@@ -152,3 +152,58 @@ def test_multilabel_npz_class_names_must_match_the_columns(tmp_path):
     np.savez(tmp_path / "m.npz", **arrays)
     with pytest.raises(DataError, match="give 3 distinct names, one per label column"):
         discover(tmp_path / "m.npz", extract_dir=tmp_path / "x", class_names=["a", "b"])
+
+
+# ----------------------------------------------------------------- split by split (memory)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_npz_extraction_writes_exactly_the_pngs_of_its_arrays(tmp_path):
+    source = write_npz(tmp_path / "x.npz", sizes={"train": 5, "val": 2, "test": 3}, shape=(9, 7, 3))
+    records = discover(source, extract_dir=tmp_path / "cache")
+    with np.load(source) as arrays:
+        expected = [(split, i) for split in ("train", "val", "test") for i in range(len(arrays[f"{split}_labels"]))]
+        assert [(r.split, int(r.path.stem.split("-")[1])) for r in records] == expected
+        for r in records:
+            assert r.path.name == f"{r.split}-{int(r.path.stem.split('-')[1]):05d}.png"
+            assert r.path.read_bytes() == png_bytes(arrays[f"{r.split}_images"][int(r.path.stem.split("-")[1])])
+    folder = records[0].path.parent.parent
+    assert sorted(p.name for p in folder.iterdir()) == [".complete", "test", "train", "val"]
+
+
+def test_npz_extraction_holds_one_split_of_images_at_a_time(tmp_path):
+    """Three splits of 3 MiB each: the peak stays near one split, not the three (about 9 MiB)."""
+    import tracemalloc
+
+    source = tmp_path / "big.npz"
+    split_images = np.tile(np.arange(256, dtype=np.uint8), (48, 256, 1))  # 48 x 256 x 256 = 3 MiB, compresses well
+    np.savez_compressed(source, **{f"{s}_{kind}": a for s in ("train", "val", "test") for kind, a in (
+        ("images", split_images), ("labels", (np.arange(48) % 2).reshape(48, 1).astype(np.uint8)))})
+    tracemalloc.start()
+    records = discover(source, extract_dir=tmp_path / "cache")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(records) == 144
+    assert peak < 2 * split_images.nbytes, f"peak {peak / 2**20:.1f} MiB"  # all at once: about 10 MiB
+
+
+def test_npz_with_a_corrupt_member_is_refused_and_leaves_no_folder(tmp_path):
+    import zipfile
+
+    source = write_npz(tmp_path / "x.npz", sizes={"train": 40, "test": 40}, shape=(32, 32))
+    with zipfile.ZipFile(source) as archive:
+        info = archive.getinfo("test_images.npy")
+    data = bytearray(source.read_bytes())
+    middle = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
+    data[middle : middle + 16] = bytes(16)
+    source.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"not a readable \.npz file \(.*\); pass a file the medmnist package wrote"):
+        discover(source, extract_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # no partial extraction

@@ -1,13 +1,14 @@
-"""Test helpers shared by the serving and page tests: a small saved model and a live uvicorn server."""
+"""Test helpers shared by the serving and page tests: a small saved model, a live uvicorn server and a raw socket client."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -55,3 +56,40 @@ def live_server(run: Path, **options) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def raw_post(url: str, body: Iterable[bytes], *, length: int | None = None, headers: dict[str, str] | None = None,
+             pause: float = 0.0, timeout: float = 60.0) -> tuple[str, float, bool]:
+    """POST /predict over a plain socket, as a client that writes before it reads: the head (Content-Length
+    ``length``, or chunked when None), then each piece of ``body``, ``pause`` seconds apart, stopping early only
+    when an answer is already waiting. Returns (the status line, or '' when the connection was reset or closed
+    without one; seconds from the first byte to the answer; whether every byte was sent without an error:
+    False when the server reset the connection while the client was still writing)."""
+    host, port = url.removeprefix("http://").split(":")
+    fields = {"Host": f"{host}:{port}", "Content-Type": "multipart/form-data; boundary=x", **(headers or {})}
+    fields["Content-Length" if length is not None else "Transfer-Encoding"] = str(length) if length is not None else "chunked"
+    head = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    started, complete = time.monotonic(), False
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        try:
+            sock.sendall(f"POST /predict HTTP/1.1\r\n{head}\r\n".encode())
+            for piece in body:
+                if pause and select.select([sock], [], [], pause)[0]:
+                    break  # the server answered while we were still sending
+                sock.sendall(piece if length is not None else b"%x\r\n%s\r\n" % (len(piece), piece))
+            else:
+                if length is None:
+                    sock.sendall(b"0\r\n\r\n")
+                complete = True
+        except OSError:
+            pass  # the server stopped reading: its answer, if any, is already in our receive buffer
+        answer = b""
+        try:
+            while b"\r\n" not in answer:
+                piece = sock.recv(4096)
+                if not piece:
+                    break
+                answer += piece
+        except OSError:
+            pass
+    return answer.split(b"\r\n")[0].decode("latin-1"), time.monotonic() - started, complete

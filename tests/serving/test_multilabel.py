@@ -19,7 +19,12 @@ from medtransfer.ood import fit_detector, save_detector
 from medtransfer.predict import predict_files
 from medtransfer.serving.app import create_app
 from medtransfer.serving.page import PAGE
-from tests.saved_multilabel import FINDINGS, TEMPERATURES, THRESHOLDS, save_multilabel_model
+from tests.saved_multilabel import (
+    FINDINGS,
+    TEMPERATURES,
+    THRESHOLDS,
+    save_multilabel_model,
+)
 from tests.serving.live import save_random_model
 
 

@@ -60,9 +60,10 @@ def adapt_model(
     run: Path, data: Path, out: Path, *, method: str = DEFAULT_METHOD, operating_point: str = "keep", cache_dir: Path,
     min_images: int = batchnorm.MIN_IMAGES, max_ood_share: float = site_shift.OOD_LIMIT, max_prior_ci: float = MAX_PRIOR_CI,
     bootstrap: int = 500, permutations: int = 500, seed: int = 0, tent_epochs: int = 1, tent_lr: float = 1e-3,
-    accelerator: str = "auto", progress: bool = True, console: Console | None = None,
+    accelerator: str = "auto", progress: bool = True, console: Console | None = None, reference: Sample | None = None,
 ) -> dict[str, Any]:
-    """Adapt the model in `run` to the images under `data` (no labels) and write NEW/model; returns adaptation.json."""
+    """Adapt the model in `run` to the images under `data` (no labels) and write NEW/model; returns adaptation.json.
+    `reference`: the run's validation images already scored by this model (site_shift.reference_sample), to reuse."""
     console = console or Console()
     if method not in METHODS:
         raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
@@ -82,7 +83,8 @@ def adapt_model(
                         "Add images or use --method prior")
     options = dict(cache_dir=cache_dir, accelerator=accelerator)
     console.print(f"Scoring {len(images.paths)} new images and the run's validation images", style="dim")
-    reference = site_shift.reference_sample(saved, run, seed=seed, progress=progress, **options)
+    if reference is None:
+        reference = site_shift.reference_sample(saved, run, seed=seed, progress=progress, **options)
     target = _score(saved, images, progress=progress, **options)
     before = site_shift.detect_shift(saved, reference, target, permutations=permutations, bootstrap=bootstrap, seed=seed)
     ood = before.get("ood")
@@ -96,13 +98,17 @@ def adapt_model(
         adapted, changes = _adapt_batchnorm(saved, images, method, seed=seed, min_images=min_images,
                                             tent_epochs=tent_epochs, tent_lr=tent_lr, **options)
         target_bn = _score(adapted, images, progress=False, **options)
-    prior = None
-    if "prior" in method:
-        prior = site_shift.estimate_prior(adapted, reference, target_bn, bootstrap=bootstrap, seed=seed)
+    estimated = before["prior"] if not uses_bn else site_shift.estimate_prior(
+        adapted, reference, target_bn, bootstrap=bootstrap, seed=seed)
+    # what remains detectable: the BatchNorm-adapted outputs and features against validation, before any prior fold
+    # (a prior alone changes no feature: the tests before adaptation stand)
+    after = before if not uses_bn else site_shift.detect_shift(
+        adapted, reference, target_bn, prior=estimated, prior_adapted="prior" in method, permutations=permutations, seed=seed)
+    if uses_bn:
+        _check_batchnorm(before, after, data)
+    prior = estimated if "prior" in method else None
+    if prior is not None:
         _check_prior(prior, max_prior_ci, data)
-    # what remains detectable: the (BatchNorm-adapted) outputs and features against validation, before any prior fold
-    after = site_shift.detect_shift(adapted, reference, target_bn, prior=prior, prior_adapted="prior" in method,
-                                    permutations=permutations, bootstrap=bootstrap, seed=seed)
     threshold, threshold_reason, target_final = saved.threshold, "unchanged (no prior adjustment)", target_bn
     if prior is not None:
         source = np.array([1 - prior["source_prior"], prior["source_prior"]])
@@ -125,6 +131,7 @@ def adapt_model(
         "changes": changes, "threshold": {"before": saved.threshold, "after": float(threshold), "rule": threshold_reason},
         "temperature": saved.temperature, "prior": prior, "ranking": _ranking(saved, adapted, target, target_final),
         "shift_before": before, "shift_after": after, "verdict": _verdict(before, after, method),
+        "checks": _checks(before, after, prior, len(images.paths), min_images, max_ood_share, max_prior_ci, uses_bn),
         "settings": {"min_images": min_images, "max_ood_share": max_ood_share, "max_prior_ci": max_prior_ci,
                      "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
                      **({"tent_epochs": tent_epochs, "tent_lr": tent_lr} if method == "tent" else {})},
@@ -180,16 +187,38 @@ def _adapt_batchnorm(
         else:
             new = batchnorm.reestimate_batchnorm(member, batches, images=len(cached), minimum=min_images)
         members.append(new)
-        changed = batchnorm.changed_tensors(member, new)
-        layers = len(batchnorm.batchnorm_layers(new))
-        kinds = sorted({name.rsplit(".", 1)[-1] for name in changed})
-        changes.append(f"BatchNorm: {', '.join(kinds)} of {layers} layers re-estimated on {len(cached)} images "
-                       f"({len(changed)} tensors; convolution and classifier weights unchanged)")
-    return SavedModel(members[0], saved.info, saved.ood, tuple(members[1:])), changes[: 2 if method == "tent" else 1]
+    changed = batchnorm.changed_tensors(saved.model, members[0])
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in changed})
+    what = ("affine weight and bias trained by entropy minimisation, then running statistics" if method == "tent"
+            else "running statistics")
+    changes.append(f"BatchNorm: {what} re-estimated on {len(cached)} images in {len(batchnorm.batchnorm_layers(members[0]))} "
+                   f"layers{f' of each of {len(members)} members' if len(members) > 1 else ''} ({len(changed)} tensors: "
+                   f"{', '.join(kinds)}); convolution and classifier weights unchanged")
+    return SavedModel(members[0], saved.info, saved.ood, tuple(members[1:])), changes
 
 
 def _shift_logits(sample: Sample, offsets: list[float]) -> Sample:
     return dataclasses.replace(sample, logits=sample.logits + np.asarray(offsets)[None, :])
+
+
+def _check_batchnorm(before: dict[str, Any], after: dict[str, Any], data: Path) -> None:
+    """Refuse BatchNorm statistics that cannot help or that moved the images away from validation (nothing written).
+
+    AdaBN normalises with the new site's statistics, which mix its class shares into every layer: under a
+    pure prevalence shift it changes what the model calls. And its purpose is to make the new images look
+    like the validation images to the later layers: if the feature distance to validation (MMD z, against
+    validation matched to the estimated prevalence) grows, the adaptation made things worse."""
+    if before["kind"] == PREVALENCE:
+        raise DataError(f"--data {data}: the images differ from validation only as a change of prevalence would make them "
+                        "differ; BatchNorm statistics of this site would fold its class shares into the normalisation and "
+                        "change what the model calls; nothing written. Use --method prior")
+    z_before = before["matched_reference"]["features_mmd"].get("z")
+    z_after = after["matched_reference"]["features_mmd"].get("z")
+    if z_before is not None and z_after is not None and z_after > max(z_before, 3.0):
+        raise DataError(f"--data {data}: after BatchNorm re-estimation the images are further from the validation images "
+                        f"(feature MMD z {z_before:.1f} -> {z_after:.1f}, validation matched to the estimated prevalence); "
+                        "the adaptation would make the model worse; nothing written. Use --method prior, or label images "
+                        "and run recalibrate")
 
 
 def _check_prior(prior: dict[str, Any], max_ci: float, data: Path) -> None:
@@ -205,6 +234,25 @@ def _check_prior(prior: dict[str, Any], max_ci: float, data: Path) -> None:
     if problems:
         raise DataError(f"--data {data}: the new site's prevalence cannot be estimated reliably ({'; '.join(problems)}); "
                         "nothing written. Use more images, --method bn, or label images and run recalibrate")
+
+
+def _checks(before: dict[str, Any], after: dict[str, Any], prior: dict[str, Any] | None, images: int, min_images: int,
+            max_ood_share: float, max_prior_ci: float, uses_bn: bool) -> list[str]:
+    """The safety checks this adaptation passed, in words (adaptation.json "checks")."""
+    ood = before.get("ood")
+    checks = [f"OOD guard: {ood['flagged_fraction']:.1%} of the images flagged (limit {max_ood_share:.0%})" if ood else
+              "no OOD guard in this model: foreign images were not looked for"]
+    if uses_bn:
+        z0, z1 = (d["matched_reference"]["features_mmd"].get("z") for d in (before, after))
+        checks.append(f"BatchNorm: {images} images (minimum {min_images}); feature MMD z to validation at the estimated "
+                      f"prevalence {'n/a' if z0 is None else f'{z0:.1f}'} -> {'n/a' if z1 is None else f'{z1:.1f}'} "
+                      "(refused if it grows beyond 3)")
+    if prior:
+        ci = prior.get("em_ci")
+        checks.append(f"prevalence {prior['em']:.3f}" + (f", 95% CI {ci[0]:.3f}-{ci[1]:.3f} (width limit {max_prior_ci})" if ci
+                      else "") + f", within [{PRIOR_EDGE}, {1 - PRIOR_EDGE}]; EM converged; BBSE "
+                      + ("n/a" if prior.get("bbse") is None else f"{prior['bbse']:.3f}"))
+    return checks
 
 
 def _ranking(saved: SavedModel, adapted: SavedModel, before: Sample, after: Sample) -> dict[str, Any]:
@@ -228,8 +276,8 @@ def _verdict(before: dict[str, Any], after: dict[str, Any], method: str) -> dict
     sentence = before["verdict"]
     if before["kind"] == PREVALENCE and "prior" in method:
         sentence = "prevalence shift, adapted"
-    return {"verdict": sentence, "kind": before["kind"], "after": after["verdict"], "after_kind": after["kind"],
-            "method": method}
+    residual = after["verdict"] if after is not before else "the same (a prior moves outputs, not the images' features)"
+    return {"verdict": sentence, "kind": before["kind"], "after": residual, "after_kind": after["kind"], "method": method}
 
 
 def _write(saved: SavedModel, adapted: SavedModel, record: dict[str, Any], run: Path, out: Path) -> None:

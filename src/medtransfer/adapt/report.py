@@ -25,6 +25,8 @@ def adaptation_lines(record: dict[str, Any]) -> list[str]:
                      "and after): the AUC on this site may differ and cannot be measured without labels")
     lines.append(f"Decisions changed on {ranking['decisions_changed']} images ({ranking['decisions_changed_fraction']:.1%}); "
                  f"positive calls {ranking['positive_calls_before']:.1%} -> {ranking['positive_calls_after']:.1%}")
+    lines.append("Checks passed:")
+    lines += [f"  {check}" for check in record.get("checks", [])]
     lines.append(f"Verdict: {verdict['verdict']}")
     lines.append(f"After adaptation the tests find: {verdict['after']}")
     return lines

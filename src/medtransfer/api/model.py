@@ -11,19 +11,20 @@ maps of :mod:`medtransfer.explain` with the captions of :mod:`medtransfer.explai
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medtransfer.api.display import model_rows, text_table
+from medtransfer.api.display import model_rows, recalibration_rows, text_table
 from medtransfer.api.inputs import data_path, image_items, to_source
-from medtransfer.api.results import Evaluation, Explanation, Recalibration
+from medtransfer.api.results import Evaluation, Explanation
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from medtransfer.artifacts import SavedModel
 
-__all__ = ["Model", "load"]
+__all__ = ["Model", "Recalibration", "load"]
 
 
 def load(run: Any) -> Model:
@@ -302,8 +303,7 @@ class Model:
         return "<div><strong>medtransfer model</strong>" + table(None, self._rows()) + "</div>"
 
     def __repr__(self) -> str:
-        rows = self._rows()
-        return "Model\n" + text_table(["field", "value"], rows).split("\n", 1)[1]
+        return "Model\n" + text_table(["field", "value"], self._rows())
 
 
 def _columns(saved: SavedModel) -> list[str]:
@@ -342,3 +342,46 @@ def _predict_in_memory(saved: SavedModel, items: list[Any], *, batch_size: int, 
         decision, scores = classifier.scored(torch.stack(tensors))
         rows += [decision_row(saved, name, decision, i, scores) for i, name in enumerate(names)]
     return rows
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """A model whose temperature and threshold were refitted on part of a local labelled set.
+
+    The weights are unchanged; the figures before and after are measured on the patients the
+    refit never saw (``medtransfer recalibrate``; :mod:`medtransfer.evaluation.recalibrate`).
+
+    Attributes:
+        out: The new model folder (model/, metrics.json, predictions_test.csv, report.html).
+        metrics: Its metrics.json; ``metrics["recalibration"]`` holds ``before`` and ``after``.
+
+    Example:
+        >>> recalibrated = model.recalibrate("local_site/", "runs/local")  # doctest: +SKIP
+        >>> recalibrated.model.predict("xray.png")  # doctest: +SKIP
+    """
+
+    out: Path
+    metrics: dict[str, Any]
+
+    @property
+    def report(self) -> Path:
+        """The recalibration's report.html."""
+        return self.out / "report.html"
+
+    @property
+    def model(self) -> Model:
+        """The recalibrated model (:func:`medtransfer.load` on :attr:`out`)."""
+        return load(self.out)
+
+    def _repr_html_(self) -> str:
+        from medtransfer.evaluation.html import escape, table
+
+        r = self.metrics["recalibration"]
+        caption = (f"Fitted on {r['fit_images']} images ({r['fit_patients']} patients), reported on "
+                   f"{r['report_images']} images ({r['report_patients']} patients) the fit never saw")
+        return (f"<div><strong>Recalibration {escape(self.out)}</strong>"
+                + table(["", "Before (as trained)", "After (recalibrated)"], recalibration_rows(self.metrics))
+                + f"<p>{escape(caption)}</p><p>Report: {escape(self.report)}</p></div>")
+
+    def __repr__(self) -> str:
+        return f"Recalibration({str(self.out)!r})\n" + text_table(["", "before", "after"], recalibration_rows(self.metrics))

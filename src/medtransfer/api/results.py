@@ -1,4 +1,5 @@
-"""The typed results of :class:`~medtransfer.api.Model`'s methods; each shows itself in Jupyter."""
+"""The typed results of :meth:`Model.evaluate <medtransfer.api.Model.evaluate>` and
+:meth:`Model.explain <medtransfer.api.Model.explain>`; each shows itself in Jupyter."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medtransfer.api.display import metrics_rows, metrics_table, recalibration_rows, text_table
+from medtransfer.api.display import metrics_rows, metrics_table, text_table
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
     from PIL import Image
 
-    from medtransfer.api.model import Model
-
-__all__ = ["Evaluation", "Explanation", "Recalibration"]
+__all__ = ["Evaluation", "Explanation"]
 
 
 @dataclass(frozen=True)
@@ -64,51 +63,6 @@ class Evaluation:
     def __repr__(self) -> str:
         header, rows = metrics_rows({"external": self.metrics.get("test")})
         return f"Evaluation({str(self.out)!r})\n" + text_table(header, rows) + "\n" + "\n".join(self._notes())
-
-
-@dataclass(frozen=True)
-class Recalibration:
-    """A model whose temperature and threshold were refitted on part of a local labelled set.
-
-    The weights are unchanged; the figures before and after are measured on the patients the
-    refit never saw (``medtransfer recalibrate``; :mod:`medtransfer.evaluation.recalibrate`).
-
-    Attributes:
-        out: The new model folder (model/, metrics.json, predictions_test.csv, report.html).
-        metrics: Its metrics.json; ``metrics["recalibration"]`` holds ``before`` and ``after``.
-
-    Example:
-        >>> recalibrated = model.recalibrate("local_site/", "runs/local")  # doctest: +SKIP
-        >>> recalibrated.model.predict("xray.png")  # doctest: +SKIP
-    """
-
-    out: Path
-    metrics: dict[str, Any]
-
-    @property
-    def report(self) -> Path:
-        """The recalibration's report.html."""
-        return self.out / "report.html"
-
-    @property
-    def model(self) -> Model:
-        """The recalibrated model (:func:`medtransfer.load` on :attr:`out`)."""
-        from medtransfer.api.model import load
-
-        return load(self.out)
-
-    def _repr_html_(self) -> str:
-        from medtransfer.evaluation.html import escape, table
-
-        r = self.metrics["recalibration"]
-        caption = (f"Fitted on {r['fit_images']} images ({r['fit_patients']} patients), reported on "
-                   f"{r['report_images']} images ({r['report_patients']} patients) the fit never saw")
-        return (f"<div><strong>Recalibration {escape(self.out)}</strong>"
-                + table(["", "Before (as trained)", "After (recalibrated)"], recalibration_rows(self.metrics))
-                + f"<p>{escape(caption)}</p><p>Report: {escape(self.report)}</p></div>")
-
-    def __repr__(self) -> str:
-        return f"Recalibration({str(self.out)!r})\n" + text_table(["", "before", "after"], recalibration_rows(self.metrics))
 
 
 @dataclass(frozen=True, eq=False)

@@ -314,6 +314,10 @@ def serve(
     insecure: bool = typer.Option(False, help="Allow a host beyond localhost without a token."),
     runtime: str = typer.Option("torch", help="torch, or onnxruntime (CPU; Grad-CAM still runs in torch)."),
     onnx: Optional[Path] = typer.Option(None, help="With --runtime onnxruntime: the ONNX file (default RUN/model/model.onnx)."),
+    body_timeout: float = typer.Option(60.0, help="Seconds a client has to send its whole upload; later: 408."),
+    min_upload_rate: float = typer.Option(16.0, help="KB/s an upload must average after its first 5 s, else 408 (0: no minimum)."),
+    allow_host: List[str] = typer.Option([], help="Without --token: another name the server is reached by (Host header); "
+                                                  "repeatable. --host, localhost and IP addresses are always accepted."),
 ):
     """Serve the model: a web page at / and POST /predict (probabilities, class, optional Grad-CAM)."""
     import uvicorn
@@ -326,7 +330,8 @@ def serve(
     check_bind(host, token=token, insecure=insecure)
     onnx_path = onnx_file(runtime, run, onnx)
     app_ = create_app(load_model(run), accelerator=accelerator, run_dir=run, max_concurrent=max_concurrent,
-                      queue=queue, max_upload_mb=max_upload_mb, token=token, onnx_path=onnx_path)
+                      queue=queue, max_upload_mb=max_upload_mb, token=token, onnx_path=onnx_path, host=host,
+                      allow_hosts=allow_host, body_timeout=body_timeout, min_upload_rate=min_upload_rate)
     log_requests_to_stderr()
     console.print(f"Serving {run} on http://{host}:{port}/ ({runtime})")
     uvicorn.run(app_, host=host, port=port, log_level="warning")

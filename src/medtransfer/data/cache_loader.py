@@ -134,7 +134,7 @@ def _in_order(executor: ProcessPoolExecutor, paths: list[str], window: int, slot
 def _died_message(culprits: list[str], in_flight: list[str]) -> str:
     """One line: the image whose decoding killed a worker (or the images in flight when that is unknown)."""
     fix = (f"set {MAX_PIXELS_ENV} lower so that such an image is refused before it is decoded, "
-           "or leave the file out")
+           "use fewer decoding workers, or leave the file out")
     cause = "killed by the system, most likely out of memory"
     if len(culprits) == 1:
         return f"{culprits[0]}: the worker process decoding this image died ({cause}); {fix}"

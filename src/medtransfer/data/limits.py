@@ -108,7 +108,9 @@ def check_expanded_bytes(nbytes: int, *, limit: int, what: str) -> None:
     if nbytes <= cap:
         return
     needed = -(-int(nbytes) // EXPANDED_BYTES_PER_PIXEL)
-    raise ImageTooLargeError(f"{what} = {format_bytes(nbytes)}, past the {format_bytes(cap)} {_cap_text(limit, needed)}")
+    raise ImageTooLargeError(
+        f"{what} = {format_bytes(nbytes)}, past the {format_bytes(cap)} {_cap_text(limit, needed)}"
+    )
 
 
 def expanded_past_cap(what: str, *, limit: int) -> ImageTooLargeError:

@@ -7,6 +7,11 @@ under `extract_dir` (a folder named after the file's content, so a changed file 
 folder and an unchanged one is reused), because every later step - the decode cache,
 split.csv, evaluate, explain - works on image files. MedMNIST records no patients: each
 image is its own patient.
+
+Memory: a compressed npz cannot be memory-mapped, so the file is read one array at a time.
+All labels are read and checked first (small), the images only by their .npy headers
+(dtype and shape); then each split's images are loaded, written out and dropped before
+the next split is loaded: the peak is one split's images, not the whole file.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import hashlib
 import os
 import shutil
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,22 +42,58 @@ def _digest(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def _load_arrays(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (images, labels)} for the splits the file holds, shapes checked."""
+@contextmanager
+def _opened(path: Path) -> Iterator[np.lib.npyio.NpzFile]:
+    """The npz, open; its arrays are read one at a time (:func:`_array`, :func:`_header`)."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
+        npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"--data {path}: not a readable .npz file ({exc}); pass a file the medmnist package wrote") from None
-    found = ", ".join(sorted(arrays)) or "no arrays"
+        raise _unreadable(path, exc) from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise _unreadable(path, ValueError("a single .npy array, not an .npz archive"))
+    with npz:
+        yield npz
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"--data {path}: not a readable .npz file ({exc}); pass a file the medmnist package wrote")
+
+
+def _array(path: Path, npz, key: str) -> np.ndarray:
+    """One array, read now (and only this one)."""
+    try:
+        return npz[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _header(path: Path, npz, key: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape of one array from its .npy header, without reading its data."""
+    try:
+        with npz.zip.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member)  # 3.0 differs from 2.0 only in utf-8 field names
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _unreadable(path, exc) from None
+    if dtype.hasobject:  # what reading it says: pickled objects are refused
+        _array(path, npz, key)
+    return dtype, shape
+
+
+def _read_splits(path: Path, npz) -> dict[str, tuple[int, np.ndarray]]:
+    """{split: (image count, labels)} for the splits the file holds; labels read and checked, images by header."""
+    keys = set(npz.files)
+    found = ", ".join(sorted(keys)) or "no arrays"
     out = {}
     for split in NPZ_SPLITS:
-        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
-        if images is None and labels is None:
+        images, labels = f"{split}_images", f"{split}_labels"
+        if images not in keys and labels not in keys:
             continue
-        if images is None or labels is None:
+        if images not in keys or labels not in keys:
             raise DataError(f"--data {path}: {split}_images and {split}_labels must come together; found {found}")
-        out[split] = (_check_images(path, split, images), _check_labels(path, split, labels, len(images)))
+        n = _check_images(path, split, *_header(path, npz, images))
+        out[split] = (n, _check_labels(path, split, _array(path, npz, labels), n))
     if not out:
         raise DataError(
             f"--data {path}: no MedMNIST arrays (train_images, train_labels, val_..., test_...); found {found}"
@@ -58,15 +101,16 @@ def _load_arrays(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
-    grayscale = images.ndim == 3
-    colour = images.ndim == 4 and images.shape[-1] == 3
-    if images.dtype != np.uint8 or not (grayscale or colour):
+def _check_images(path: Path, split: str, dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """The image count of a ``{split}_images`` array of this dtype and shape, if MedMNIST 2D images."""
+    grayscale = len(shape) == 3
+    colour = len(shape) == 4 and shape[-1] == 3
+    if dtype != np.uint8 or not (grayscale or colour):
         raise DataError(
-            f"--data {path}: {split}_images has dtype {images.dtype} and shape {images.shape}; expected uint8 "
+            f"--data {path}: {split}_images has dtype {dtype} and shape {shape}; expected uint8 "
             "(N, H, W) or (N, H, W, 3) as MedMNIST 2D datasets store them (3D volumes are not supported)"
         )
-    return images
+    return shape[0]
 
 
 def _check_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndarray:
@@ -120,14 +164,17 @@ def npz_class_names(labels: Sequence[np.ndarray], class_names: Sequence[str] | N
     return names
 
 
-def _write_pngs(arrays: dict[str, tuple[np.ndarray, np.ndarray]], folder: Path) -> None:
-    """Every image as folder/{split}/{split}-{index}.png, then the completion mark."""
+def _write_pngs(path: Path, npz, splits: Sequence[str], folder: Path) -> None:
+    """Every image as folder/{split}/{split}-{index}.png, then the completion mark; one split's
+    images are read at a time and dropped before the next split's."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for split, (images, _) in arrays.items():
-        (tmp / split).mkdir(parents=True)
-        for i, image in enumerate(images):
-            Image.fromarray(image).save(tmp / split / f"{split}-{i:05d}.png")
+    try:
+        for split in splits:
+            _write_split(_array(path, npz, f"{split}_images"), tmp / split)  # nothing of it outlives the call
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / _COMPLETE).write_text("")
     try:
         tmp.rename(folder)
@@ -137,30 +184,38 @@ def _write_pngs(arrays: dict[str, tuple[np.ndarray, np.ndarray]], folder: Path) 
             raise
 
 
+def _write_split(images: np.ndarray, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{folder.name}-{i:05d}.png")
+
+
 def extract_npz(
     path: Path, extract_dir: Path, *, class_names: Sequence[str] | None = None
 ) -> tuple[list[tuple[Path, str, str]], list[str] | None]:
     """(png path, class name, split) for every image of a MedMNIST `.npz`, writing the PNGs once, and
     the findings of a multi-label file (its labels are then the findings present, '|'-joined), else None."""
-    arrays = _load_arrays(path)
-    names = npz_class_names([labels for _, labels in arrays.values()], class_names, path)
-    folder = Path(extract_dir) / f"{path.stem}-{_digest(path)}"
-    if not (folder / _COMPLETE).is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            _write_pngs(arrays, folder)
-        except OSError as exc:
-            raise DataError(
-                f"--data {path}: cannot write its images under {extract_dir} ({exc.strerror or exc}); "
-                "choose a writable --cache-dir"
-            ) from None
+    with _opened(path) as npz:
+        splits = _read_splits(path, npz)
+        labels_of = [labels for _, labels in splits.values()]
+        names = npz_class_names(labels_of, class_names, path)
+        folder = Path(extract_dir) / f"{path.stem}-{_digest(path)}"
+        if not (folder / _COMPLETE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                _write_pngs(path, npz, list(splits), folder)
+            except OSError as exc:
+                raise DataError(
+                    f"--data {path}: cannot write its images under {extract_dir} ({exc.strerror or exc}); "
+                    "choose a writable --cache-dir"
+                ) from None
     rows = [
         (folder / split / f"{split}-{i:05d}.png", _label_text(label, names), split)
-        for split, (_, labels) in arrays.items()
+        for split, (_, labels) in splits.items()
         for i, label in enumerate(labels)
     ]
-    return rows, names if is_multilabel_npz([labels for _, labels in arrays.values()]) else None
+    return rows, names if is_multilabel_npz(labels_of) else None
 
 
 def _label_text(label: np.ndarray, names: list[str]) -> str:

@@ -31,7 +31,7 @@ MULTI_LABEL = "multi-label"
 
 # In reading order; "training" and "configuration" are the single-label report's own sections.
 MULTILABEL_SECTION_IDS = (
-    "summary", "shift", "data", "findings", "foreign-inputs", "curves", "calibration", "training", "configuration",
+    "summary", "cross-validation", "shift", "data", "findings", "foreign-inputs", "curves", "calibration", "training", "configuration",
 )
 
 

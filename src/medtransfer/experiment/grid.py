@@ -30,6 +30,7 @@ from typing import Any
 
 from medtransfer.config import TrainConfig, default_cache_dir, read_yaml
 from medtransfer.errors import ConfigError, MedtransferError
+from medtransfer.train.cross_validation import check_cross_validation
 from medtransfer.train.validate import validate_config
 
 GRID_KEY = "grid"
@@ -38,7 +39,8 @@ VARIANT = "variant"  # the cell value naming its variant
 # The split is drawn once from these (into EXP/split.csv); every cell then reads that file.
 SPLIT_DRAWING = ("val_fraction", "test_fraction", "keep_official_val")
 # Settings every cell shares: the data, its split and its cache.
-FIXED = ("data", "split_file", "cache_dir", "labels", "patient_regex", "class_map", "class_names", *SPLIT_DRAWING)
+# With folds: K, every cell is a cross-validation on the experiment's one set of folds.
+FIXED = ("data", "split_file", "cache_dir", "labels", "patient_regex", "class_map", "class_names", "folds", *SPLIT_DRAWING)
 SEED = "seed"
 
 
@@ -93,6 +95,8 @@ def read_experiment(path: Path, *, data: str | None = None, cache_dir: str | Non
                                            source=where)  # a variant's `setting: null` restores the default
             try:
                 validate_config(config)
+                if config.folds:
+                    check_cross_validation(config)
             except MedtransferError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
             without_seed = {k: v for k, v in chosen.items() if k != SEED}

@@ -1,7 +1,8 @@
 """`medtransfer experiment`: a grid of runs on one patient-level split and one warm cache.
 
-EXP/split.csv is drawn once (as `medtransfer split` draws it) and every cell reads it
-(``split_file``); every cell shares the cache folder. Each cell is an ordinary run folder,
+EXP/split.csv is drawn once (as `medtransfer split` draws it; with ``folds: K``, with the K folds
+as `train --folds K` draws them) and every cell reads it (``split_file``): with folds, every cell
+is a cross-validation on the same folds. Every cell shares the cache folder. Each cell is an ordinary run folder,
 EXP/cells/NAME: a finished one (metrics.json and report.html) is skipped, an interrupted
 one resumes (``train --resume``), a failing one is reported and the grid goes on. Each
 cell is then evaluated on every external set (``medtransfer evaluate``) into
@@ -28,6 +29,7 @@ from medtransfer.evaluation.external import evaluate_saved_model
 from medtransfer.experiment.grid import Cell, ExperimentPlan, read_experiment, with_split
 from medtransfer.experiment.summary import CellOutcome, write_summary
 from medtransfer.rundir import CONFIG_FILE, RunDir
+from medtransfer.train.cross_validation import write_fold_split
 from medtransfer.train.pipeline import write_split
 from medtransfer.train.seed_ensemble import train_run
 
@@ -65,6 +67,8 @@ def run_experiment(
     split_file = out / SPLIT_FILE
     if split_file.is_file():
         console.print(f"Using the experiment's split {split_file}")
+    elif plan.base.folds:  # one set of folds for every cell: paired out-of-fold comparisons
+        write_fold_split(plan.base, split_file, console)
     else:
         write_split(plan.base, split_file, console)
     console.print(f"{len(plan.cells)} cells, {len(plan.configurations)} configurations, cache {plan.base.cache_dir}")

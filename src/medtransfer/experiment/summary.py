@@ -13,6 +13,12 @@ block's ``auc`` is its macro AUC (the mean of the findings' AUCs) with ``auc_ci`
 sensitivity and specificity are the macro averages, ECE the mean over findings, and the paired
 tests compare macro AUC (``compare_runs`` on multi-label folders). The summary says "macro AUC"
 wherever it would say "AUC" (``headline`` in summary.json).
+
+With ``folds: K`` every cell is a cross-validation on the experiment's one set of folds: the set
+"oof" (each cell's pooled out-of-fold block) replaces "val", and pairs are also tested on it
+(:func:`~medtransfer.evaluation.out_of_fold.paired_oof_test`: the same images, patients and folds).
+``selection`` names the configuration with the best mean out-of-fold AUC and says that it was chosen
+by looking at those results, so its out-of-fold figures are optimistic; test and external are not.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from scipy import stats
 from medtransfer.errors import MedtransferError
 from medtransfer.evaluation import html as h
 from medtransfer.evaluation.compare import compare_runs
+from medtransfer.evaluation.out_of_fold import paired_oof_test
 from medtransfer.experiment.grid import ExperimentPlan
 from medtransfer.experiment.plot import plot_auc
 from medtransfer.rundir import RunDir, SplitMetrics, write_text_atomic
@@ -40,6 +47,7 @@ CELLS = "cells"
 EXTERNAL = "external"
 METRICS = ("auc", "sensitivity", "specificity", "ece")
 PLOT = "summary_auc.png"
+OOF_LABEL = "oof (pooled out-of-fold predictions; each cell's threshold was chosen on them)"
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,8 @@ def write_summary(
 ) -> tuple[dict[str, Any], list[Path]]:
     """Read every finished cell, aggregate, test, plot, and write summary.md, .html and .json into `out`."""
     results = {name: cell_results(out / CELLS / name, sets) for name, o in outcomes.items() if o.status != "failed"}
-    eval_sets = ["val", "test", *sets]
+    folds = plan.base.folds  # every cell a cross-validation on the same folds: "oof" instead of "val"
+    eval_sets = ["oof" if folds else "val", "test", *sets]
     multilabel = any(r.get("task") == MULTI_LABEL for r in results.values())
     summary = {
         "task": MULTI_LABEL if multilabel else SINGLE_LABEL,
@@ -69,8 +78,12 @@ def write_summary(
             for c in plan.cells
         ],
         "configurations": aggregate(plan, results, eval_sets),
-        "comparisons": compare_configurations(plan, out, results, ["test", *sets], bootstrap=bootstrap),
+        "comparisons": compare_configurations(plan, out, results, [*(["oof"] if folds else []), "test", *sets],
+                                              bootstrap=bootstrap),
     }
+    if folds:
+        summary["folds"] = folds
+        summary["selection"] = oof_selection(summary["configurations"], summary["headline"])
     points = {
         s: {conf: [(c.seed, results[c.name]["sets"][s]["auc"], results[c.name]["sets"][s]["auc_ci"])
                    for c in plan.cells if c.configuration == conf and s in results.get(c.name, {}).get("sets", {})]
@@ -93,7 +106,8 @@ def cell_results(run_dir: Path, sets: list[str]) -> dict[str, Any]:
     """A finished cell's training time and, per evaluation set, its AUC (with CI), sensitivity, specificity, ECE.
     Multi-label: macro AUC and macro sensitivity / specificity, ECE averaged over the findings."""
     metrics = RunDir(run_dir).metrics()
-    blocks: dict[str, SplitMetrics | None] = {"val": metrics.val, "test": metrics.test}
+    oof = "cross_validation" in metrics.extra  # val is the pooled out-of-fold block
+    blocks: dict[str, SplitMetrics | None] = {"oof" if oof else "val": metrics.val, "test": metrics.test}
     for name in sets:
         blocks[name] = RunDir(run_dir / EXTERNAL / name).metrics().test
     return {
@@ -157,13 +171,31 @@ def compare_configurations(
 
 
 def _paired(out: Path, cell_a: str, cell_b: str, eval_set: str, seed: int, bootstrap: int) -> dict[str, Any]:
-    folders = [out / CELLS / cell if eval_set == "test" else out / CELLS / cell / EXTERNAL / eval_set for cell in (cell_a, cell_b)]
+    own = eval_set in ("test", "oof")
+    folders = [out / CELLS / cell if own else out / CELLS / cell / EXTERNAL / eval_set for cell in (cell_a, cell_b)]
     try:
-        test = compare_runs(folders, n_resamples=bootstrap, seed=0).tests[0]
+        if eval_set == "oof":  # the same images, patients and folds in both cells
+            test = paired_oof_test(folders[0], folders[1], n_resamples=bootstrap, seed=0)
+        else:
+            test = compare_runs(folders, n_resamples=bootstrap, seed=0).tests[0]
     except MedtransferError as exc:
         return {"seed": seed, "error": str(exc).splitlines()[0]}
     keys = ("auc_a", "auc_b", "auc_diff", "ci", "p_bootstrap", "p_delong", "n_patients", "bootstrap_unit", "n_resamples")
     return {"seed": seed, **{k: test[k] for k in keys}}
+
+
+def oof_selection(configurations: dict[str, Any], headline: str) -> dict[str, Any] | None:
+    """The configuration with the best mean pooled out-of-fold AUC, labelled as chosen by looking at those results."""
+    means = {conf: c["sets"]["oof"]["auc"]["mean"] for conf, c in configurations.items()
+             if c["sets"].get("oof", {}).get("auc", {}).get("mean") is not None}
+    if not means:
+        return None
+    best = max(means, key=means.get)
+    return {
+        "configuration": best, "by": f"mean pooled out-of-fold {headline} over seeds", "chosen_on": "out-of-fold",
+        "note": (f"chosen by looking at the out-of-fold results: {best}'s out-of-fold figures are optimistic (the best of "
+                 f"{len(means)} configurations on the same folds); its test and external figures are the honest ones"),
+    }
 
 
 def _paired_t(a: list[float], b: list[float]) -> float | None:
@@ -205,7 +237,8 @@ def tables(summary: dict[str, Any], eval_sets: list[str]) -> list[tuple[str, lis
               "ECE (mean over findings)" if macro else "ECE"]
     for s in eval_sets:
         rows = [[name, str(c["runs"]), *(_stat(c["sets"][s][m]) for m in METRICS)] for name, c in confs.items()]
-        out.append((f"{s}: mean ± sd [min, max] over seeds", header, rows))
+        label = OOF_LABEL if s == "oof" else s
+        out.append((f"{label}: mean ± sd [min, max] over seeds", header, rows))
     rows = [[name, str(c["runs"]), _stat(c["train_seconds"], digits=1)] for name, c in confs.items()]
     out.append(("Training time (s)", ["configuration", "runs", "seconds"], rows))
     rows = []
@@ -223,8 +256,13 @@ def tables(summary: dict[str, Any], eval_sets: list[str]) -> list[tuple[str, lis
     return out
 
 
+def _selection_line(summary: dict[str, Any]) -> str:
+    chosen = summary.get("selection")
+    return f" Best by out-of-fold results: {chosen['configuration']} ({chosen['note']})." if chosen else ""
+
+
 def to_markdown(summary: dict[str, Any], eval_sets: list[str]) -> str:
-    parts = ["# Experiment summary", "", f"{_design(summary)}; one split: {summary['split_file']}."]
+    parts = ["# Experiment summary", "", f"{_design(summary)}; one split: {summary['split_file']}.{_selection_line(summary)}"]
     for title, header, rows in tables(summary, eval_sets):
         parts += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         parts += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -233,7 +271,7 @@ def to_markdown(summary: dict[str, Any], eval_sets: list[str]) -> str:
 
 
 def to_html(summary: dict[str, Any], eval_sets: list[str], plot: Path) -> str:
-    body = [h.note(f"{_design(summary)}; every cell used the one split {summary['split_file']}.")]
+    body = [h.note(f"{_design(summary)}; every cell used the one split {summary['split_file']}.{_selection_line(summary)}")]
     for i, (title, header, rows) in enumerate(tables(summary, eval_sets)):
         body.append(h.section(f"t{i}", title, h.table(header, rows)))
     auc = summary.get("headline", "AUC")
@@ -246,4 +284,5 @@ def _design(summary: dict[str, Any]) -> str:
     """What the cells vary: the grid and the variants, as the YAML gave them."""
     parts = [f"Grid: {json.dumps(summary['grid'])}"] if summary["grid"] else []
     parts += [f"variants: {json.dumps(summary['variants'])}"] if summary.get("variants") else []
+    parts += [f"{summary['folds']}-fold cross-validation per cell, the same folds for every cell"] if summary.get("folds") else []
     return "; ".join(parts) or "Grid: {}"

@@ -8,7 +8,8 @@ the code path of `medtransfer predict` (SavedModel.decode, crop, normalise, then
 predict.Classifier: torch, or with ``onnx_path`` the exported model in onnxruntime, the
 same answers within 1e-4; Grad-CAM always runs in torch), decoded once per request.
 Requests are guarded before they reach FastAPI (:mod:`medtransfer.serving.limits`:
-token, body size, admission) and run on their own model copy
+token or, without one, Host/Origin; the body received whole within its size cap, deadline and minimum
+rate before the request may take a slot; admission) and run on their own model copy
 (:mod:`medtransfer.serving.replicas`). Bad uploads get a 4xx whose detail
 is the decoder's own message: 413 for an image over the pixel limit, 415 for a format
 other than JPEG/PNG/BMP/TIFF/DICOM, 400 for unreadable data. The page at / uses nothing
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,13 @@ from medtransfer.data.decode import ACCEPTED_FORMATS
 from medtransfer.data.limits import ImageTooLargeError
 from medtransfer.errors import ConfigError, DataError, MedtransferError
 from medtransfer.rundir import RunDir
-from medtransfer.serving.limits import DEFAULT_MAX_UPLOAD_MB, guard
+from medtransfer.serving.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_MIN_RATE_KB,
+    BodyRules,
+    guard,
+)
 from medtransfer.serving.page import PAGE
 from medtransfer.serving.replicas import Replicas
 
@@ -55,14 +63,28 @@ def create_app(
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     token: str | None = None,
     onnx_path: Path | None = None,
+    host: str | None = None,
+    allow_hosts: Sequence[str] = (),
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    min_upload_rate: float = DEFAULT_MIN_RATE_KB,
 ) -> Any:
     """The ASGI app: FastAPI routes behind the guards. ``run_dir``: the run folder, for the model card.
-    ``onnx_path``: answer predictions with onnxruntime on the CPU (Grad-CAM still runs in torch)."""
+    ``onnx_path``: answer predictions with onnxruntime on the CPU (Grad-CAM still runs in torch).
+
+    Without a ``token``, a request whose Origin is another web origin gets 403, and with ``host`` (the
+    address the server listens on) so does one whose Host is not ``host``, one of ``allow_hosts``, localhost
+    or an IP address (DNS rebinding); ``host=None`` (an app not bound to an address, e.g. under TestClient)
+    checks the Origin only. ``body_timeout``: seconds for a whole body; ``min_upload_rate``: KB/s a body must
+    average after the grace period (0: no minimum); both answered with 408."""
     for name, value, least in (("--max-concurrent", max_concurrent, 1), ("--queue", queue, 0)):
         if value < least:
             raise ConfigError(f"{name}: got {value}; use {least} or more")
-    if max_upload_mb <= 0:
-        raise ConfigError(f"--max-upload-mb: got {max_upload_mb}; use a positive number of megabytes")
+    for name, value, unit in (("--max-upload-mb", max_upload_mb, "megabytes"), ("--body-timeout", body_timeout, "seconds")):
+        if not value > 0:
+            raise ConfigError(f"{name}: got {value}; use a positive number of {unit}")
+    if not min_upload_rate >= 0:
+        raise ConfigError(f"--min-upload-rate: got {min_upload_rate}; use 0 (no minimum) or a positive number of KB/s")
+    body = BodyRules(max_bytes=int(max_upload_mb * 2**20), deadline=body_timeout, min_rate=min_upload_rate * 1024)
     api = FastAPI(title="medtransfer", description=f"{saved.info.backbone} classifier: {', '.join(saved.classes)}")
     if onnx_path is not None and accelerator not in ("cpu", "auto"):
         raise ConfigError(f"--accelerator {accelerator}: --runtime onnxruntime runs on the CPU; use --accelerator cpu")
@@ -99,7 +121,8 @@ def create_app(
         except MedtransferError as exc:
             raise HTTPException(400, f"{name}: {exc}") from None
 
-    return guard(api, max_upload_bytes=int(max_upload_mb * 2**20), max_concurrent=max_concurrent, queue=queue, token=token)
+    hosts = None if host is None else [host, *allow_hosts]
+    return guard(api, body=body, max_concurrent=max_concurrent, queue=queue, token=token, hosts=hosts)
 
 
 def decode_upload(saved: SavedModel, payload: bytes, name: str) -> torch.Tensor:

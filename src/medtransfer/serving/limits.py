@@ -1,23 +1,36 @@
 """Pure ASGI middleware that guards the server before a request reaches FastAPI.
 
-Order, outermost first (see :func:`guard`): the access log (one JSON line per request),
-the token check, the body limit (``Content-Length`` first, then the bytes as they arrive;
-413 before the body fills memory or disk; 408 for an upload that stalls), and the admission limit (at most
-``max_concurrent`` requests run and ``queue`` wait; one more gets 503 with ``Retry-After``). They are
-plain ASGI, not Starlette's BaseHTTPMiddleware, so the body streams through untouched.
+Order, outermost first (see :func:`guard`): the access log (one JSON line per request); the token check,
+or without a token the Host/Origin check (:class:`SameOrigin`: 403 for a foreign Host, DNS rebinding, or a
+foreign Origin, a web page elsewhere posting here); the body, received whole before the request may take a
+slot (:class:`~medtransfer.serving.body.BodySpool`: 413 over the size cap, 408 past the body deadline or
+under the minimum rate, spooled to memory or a temporary file); and the admission limit (at most
+``max_concurrent`` requests run and ``queue`` wait; one more gets 503 with ``Retry-After``). They are plain
+ASGI, not Starlette's BaseHTTPMiddleware, so the body streams through untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
 
-from starlette.exceptions import HTTPException
+from medtransfer.serving.body import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MIN_RATE_KB,
+    MIN_RECEIVING,
+    RETRY_AFTER_SECONDS,
+    BodyRules,
+    BodySpool,
+    reply,
+)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -27,22 +40,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOGGER = logging.getLogger("medtransfer.serve")
 DEFAULT_MAX_UPLOAD_MB = 50
-READ_TIMEOUT_SECONDS = 30.0  # a client that sends nothing for this long loses its slot (408)
-RETRY_AFTER_SECONDS = 2
 OPEN_PATHS = ("/", "/health")  # the page must load before the user has typed the token
-
-
-class BodyTooLarge(HTTPException):
-    """Raised from inside receive() (413, or 408 for a stalled upload): FastAPI passes HTTPExceptions from
-    body parsing through unchanged, so the client gets this status and message."""
-
-
-async def _reply(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
-    await send({"type": "http.response.body", "body": body})
+LOCAL_NAMES = ("localhost",)  # with *.localhost: names that only ever mean this machine
+DEFAULT_PORTS = {"http": 80, "https": 443}
+UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_MIN_RATE_KB", "AccessLog", "Admission",
+           "BodyRules", "SameOrigin", "TokenCheck", "guard", "log_requests_to_stderr"]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -52,49 +55,74 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-class BodyLimit:
-    """413 for a body over ``max_bytes``: by Content-Length before reading, else by counting chunks."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout: float = READ_TIMEOUT_SECONDS) -> None:
-        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
+def split_host(value: str, scheme: str = "http") -> tuple[str, int | None]:
+    """``(name, port)`` of a Host header or an Origin's authority: lower case, IPv6 brackets and a trailing dot
+    removed, the scheme's default port when none is given; port None when it is not a number."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, _, port_text = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    port = int(port_text) if port_text.isdigit() else (DEFAULT_PORTS.get(scheme) if not port_text else None)
+    return name.rstrip("."), port
 
-    def _message(self, got: str) -> str:
-        return (f"upload too large ({got}); the limit is {self.max_bytes / 2**20:g} MB "
-                "(the server's --max-upload-mb)")
+
+def is_local_name(name: str, hosts: Iterable[str]) -> bool:
+    """A Host that no outside web page can take over: one of ``hosts`` (the bound host, --allow-host), localhost
+    and ``*.localhost``, or an IP address (DNS rebinding needs a name the attacker's DNS answers for)."""
+    if name in hosts or name in LOCAL_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class SameOrigin:
+    """For a server without a token: 403 unless the request is for this server, from this server's page.
+
+    - ``Host`` (when ``hosts`` is given; None for an app not bound to an address, e.g. under TestClient)
+      must be one of ``hosts``, localhost, ``*.localhost`` or an IP address: a page on ``evil.example`` whose
+      DNS answer is switched to 127.0.0.1 (DNS rebinding) sends ``Host: evil.example``.
+    - ``Origin``, when sent, must be this server's own (scheme, host and port of the request); ``null``
+      (sandboxed frames, files) is foreign. Without an Origin, a ``POST`` marked
+      ``Sec-Fetch-Site: cross-site`` by the browser is refused too. Clients that are not browsers send neither.
+    """
+
+    def __init__(self, app: ASGIApp, *, hosts: Iterable[str] | None) -> None:
+        self.app = app
+        self.hosts = None if hosts is None else {split_host(h)[0] for h in hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _reply(send, 413, self._message(f"{int(declared) / 2**20:.1f} MB declared"), {"Connection": "close"})
-        seen = 0
-        started = False
+        problem = self.problem(scope)
+        if problem:
+            return await reply(send, 403, problem, {"Vary": "Origin, Host"})
+        await self.app(scope, receive, send)
 
-        async def counted() -> Message:
-            nonlocal seen
-            try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
-            except asyncio.TimeoutError:
-                raise BodyTooLarge(408, f"upload stalled: nothing received for {self.read_timeout:g} s",
-                                   {"Connection": "close"}) from None
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                # Connection: close makes uvicorn drop the connection instead of reading the rest.
-                raise BodyTooLarge(413, self._message(f"more than {self.max_bytes} bytes received"), {"Connection": "close"})
-            return message
+    def problem(self, scope: Scope) -> str | None:
+        """Why the request is refused, or None."""
+        scheme = scope.get("scheme", "http")
+        host = _header(scope, b"host")
+        if host is not None and self.hosts is not None and not is_local_name(split_host(host, scheme)[0], self.hosts):
+            names = ", ".join(sorted({*self.hosts, *LOCAL_NAMES}))
+            return (f"Host {host!r} is not a name of this server ({names} or an IP address): refused against DNS "
+                    "rebinding; open the server by one of those, start it with --allow-host NAME, or set --token")
+        origin = _header(scope, b"origin")
+        if origin is not None:
+            parts = urlsplit(origin.strip())
+            own = host is not None and parts.scheme == scheme and split_host(parts.netloc, parts.scheme) == split_host(host, scheme)
+            if not own:
+                return (f"request from another web origin ({origin}) refused: without --token this server answers "
+                        "only its own page and clients that send no Origin")
+        elif scope["method"] in UNSAFE_METHODS and (_header(scope, b"sec-fetch-site") or "") == "cross-site":
+            return "cross-site request refused: without --token this server answers only its own page"
+        return None
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except BodyTooLarge as exc:
-            if started:
-                raise
-            await _reply(send, exc.status_code, exc.detail, {"Connection": "close"})
 
 
 class Admission:
@@ -109,7 +137,7 @@ class Admission:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.admitted >= self.capacity:
-            return await _reply(send, 503, f"server busy: {self.capacity} requests running or queued; retry shortly",
+            return await reply(send, 503, f"server busy: {self.capacity} requests running or queued; retry shortly",
                                 {"Retry-After": str(RETRY_AFTER_SECONDS)})
         self.admitted += 1  # one event loop: no lock needed between the check and the increment
         try:
@@ -133,13 +161,14 @@ class TokenCheck:
         if bearer.lower().startswith("bearer "):
             given = bearer[7:].strip()
         if not hmac.compare_digest(given.encode(), self.token):
-            return await _reply(send, 401, "missing or wrong token: enter the server's token on the page "
+            return await reply(send, 401, "missing or wrong token: enter the server's token on the page "
                                 "(or send it as 'Authorization: Bearer TOKEN')", {"WWW-Authenticate": "Bearer"})
         await self.app(scope, receive, send)
 
 
 class AccessLog:
-    """One JSON line per request on the ``medtransfer.serve`` logger: time, path, size, status, latency."""
+    """One JSON line per request on the ``medtransfer.serve`` logger: time, path, size, status, latency.
+    Status 499: the client went away before any answer."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -147,12 +176,13 @@ class AccessLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, size, status = time.perf_counter(), 0, 500
+        start, size, status, gone = time.perf_counter(), 0, None, False
 
         async def counted() -> Message:
-            nonlocal size
+            nonlocal size, gone
             message = await receive()
             size += len(message.get("body", b""))
+            gone = gone or message["type"] == "http.disconnect"
             return message
 
         async def noted(message: Message) -> None:
@@ -166,7 +196,7 @@ class AccessLog:
         finally:
             LOGGER.info(json.dumps({
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": scope["method"], "path": scope["path"],
-                "size": size, "status": status, "latency_ms": round((time.perf_counter() - start) * 1000, 1),
+                "size": size, "status": status or (499 if gone else 500), "latency_ms": round((time.perf_counter() - start) * 1000, 1),
             }))
 
 
@@ -180,9 +210,12 @@ def log_requests_to_stderr() -> None:
     LOGGER.propagate = False
 
 
-def guard(app: ASGIApp, *, max_upload_bytes: int, max_concurrent: int, queue: int, token: str | None) -> ASGIApp:
-    """``app`` behind the body limit, the admission limit, the token check and the access log."""
-    wrapped: ASGIApp = BodyLimit(Admission(app, max_concurrent=max_concurrent, queue=queue), max_bytes=max_upload_bytes)
-    if token:
-        wrapped = TokenCheck(wrapped, token=token)
+def guard(app: ASGIApp, *, body: BodyRules, max_concurrent: int, queue: int, token: str | None,
+          hosts: Iterable[str] | None = None) -> ASGIApp:
+    """``app`` behind the admission limit, the body rules, the token check (or without a token the Host/Origin
+    check; ``hosts``: the names the server is reached by, None to skip the Host part) and the access log.
+    At most max(MIN_RECEIVING, max_concurrent + queue) bodies are received at once."""
+    wrapped: ASGIApp = BodySpool(Admission(app, max_concurrent=max_concurrent, queue=queue), rules=body,
+                                 max_receiving=max(MIN_RECEIVING, max_concurrent + queue))
+    wrapped = TokenCheck(wrapped, token=token) if token else SameOrigin(wrapped, hosts=hosts)
     return AccessLog(wrapped)

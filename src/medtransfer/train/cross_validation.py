@@ -125,6 +125,7 @@ def train_cross_validation(config: TrainConfig, out: Path, *, resume: bool, cons
                                          findings=list(plan.task.classes) if plan.task.multilabel else None)
             config.write_yaml(out / CONFIG_FILE)  # the run's marker: --resume reads it
             write_fold_split_csv(plan.records, plan.numbers, out / "split.csv")
+        (out / FOLDS).mkdir(exist_ok=True)
         for k in range(1, plan.folds + 1):
             write_split_csv(fold_records(plan.records, plan.numbers, k), fold_split_file(out, k))
         runs = train_folds(config, out, plan.folds, console)

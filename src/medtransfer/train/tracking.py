@@ -5,6 +5,11 @@ writes an event file to RUN/logs/tensorboard/; ``mlflow`` a local file store at
 RUN/logs/mlruns (tracking URI file:...), so nothing leaves the machine. Each gets the
 run's settings as hyperparameters and, per epoch, train/val loss and accuracy and the
 validation AUC (:class:`EpochAUC`). history.csv is written as before, whatever the logger.
+
+The loggers' own files are written by Lightning, TensorBoard and MLflow, not atomically: they
+are an append-only record of what ran (an epoch killed and run again on resume appears twice),
+never what a resume continues from; that is ``checkpoints/last.ckpt``. The MLflow run ID, read
+back on resume, is written atomically.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from medtransfer.config import TrainConfig
 from medtransfer.errors import ConfigError
 from medtransfer.evaluation.metrics import binary_metrics, multiclass_metrics
+from medtransfer.safeio import write_text_atomic
 
 LOGGERS = {"csv": None, "tensorboard": "tensorboard", "mlflow": "mlflow"}  # name -> the package it needs
 LOG_DIR = "logs"
@@ -53,7 +59,7 @@ def make_logger(config: TrainConfig, out: Path) -> Logger:
             run_id=id_file.read_text().strip() if id_file.is_file() else None,
         )
         logs.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(logger.run_id)
+        write_text_atomic(id_file, logger.run_id)  # read back on resume: whole or absent
     else:
         logger = CSVLogger(save_dir=str(out), name=LOG_DIR, version="csv")
         existing = Path(logger.log_dir) / "metrics.csv"

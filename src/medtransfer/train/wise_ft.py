@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medtransfer.runtime import predict_logits
+from medtransfer.safeio import atomic_path
 from medtransfer.task import Task
 
 GRID = tuple(round(0.1 * i, 1) for i in range(11))
@@ -34,12 +35,16 @@ def net_state(net: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_or_save_start(net: nn.Module, path: Path) -> dict[str, torch.Tensor]:
-    """theta0: read from `path` when a resumed run saved it, else taken from `net` now and saved."""
+    """theta0: read from `path` when a resumed run saved it, else taken from `net` now and saved.
+
+    Written atomically before epoch 1: a resume reads it back, so it is whole or absent (then
+    taken again from the same seeded start)."""
     if path.is_file():
         return load_file(str(path))
     state = net_state(net)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary))
     return state
 
 
