@@ -20,7 +20,9 @@ from typing import Any
 
 from medtransfer.errors import ConfigError, DataError
 
-__all__ = ["IMAGE_COLUMNS", "MANIFESTS_DIR", "data_path", "image_items", "is_dataframe", "to_source", "write_manifest"]
+__all__ = [
+    "IMAGE_COLUMNS", "MANIFESTS_DIR", "data_path", "image_items", "is_dataframe", "require_pandas", "to_source", "write_manifest",
+]
 
 MANIFESTS_DIR = "manifests"  # under the cache folder, as an .npz source's images are
 IMAGE_COLUMNS = ("path", "Path", "Image Index")  # the image columns CSV discovery reads
@@ -28,6 +30,15 @@ _ACCEPTED_DATA = (
     "a folder, a CSV manifest or an .npz file, or a pandas DataFrame with columns path, label[, patient_id][, split] "
     "(multi-label: path, labels[, patient_id][, split])"
 )
+
+
+def require_pandas(what: str) -> Any:
+    """The pandas module, or an ImportError that says what needs it and how to install it."""
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError(f"{what} returns a pandas DataFrame; install pandas: pip install pandas") from None
+    return pandas
 
 
 def is_dataframe(value: Any) -> bool:

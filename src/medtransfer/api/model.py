@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medtransfer.api.display import model_rows, recalibration_rows, text_table
-from medtransfer.api.inputs import data_path, image_items, to_source
+from medtransfer.api.inputs import data_path, image_items, require_pandas, to_source
 from medtransfer.api.results import Evaluation, Explanation
 
 if TYPE_CHECKING:
@@ -114,9 +114,9 @@ class Model:
         Example:
             >>> model.predict(["xray1.png", "xray2.png"])[["path", "prob_PNEUMONIA", "pred"]]  # doctest: +SKIP
         """
-        import pandas as pd
-
         from medtransfer.predict import predict_files
+
+        pd = require_pandas("Model.predict")
 
         saved = self.saved.with_tta(tta)
         items, all_files = image_items(images)

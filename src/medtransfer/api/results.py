@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medtransfer.api.display import metrics_rows, metrics_table, text_table
+from medtransfer.api.inputs import require_pandas
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,9 +46,7 @@ class Evaluation:
     @property
     def predictions(self) -> pd.DataFrame:
         """predictions.csv as a DataFrame: one row per image (path, label, probabilities, prediction)."""
-        import pandas as pd
-
-        return pd.read_csv(self.out / "predictions.csv")
+        return require_pandas("Evaluation.predictions").read_csv(self.out / "predictions.csv")
 
     def _notes(self) -> list[str]:
         notes = [f"{self.metrics.get('data')} ({self.metrics.get('split')} split) with the model of {self.metrics.get('run')}"]

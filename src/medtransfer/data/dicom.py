@@ -156,19 +156,22 @@ def _deflated_header(path: Path):
 
 
 def _file_meta(stream) -> tuple[str | None, int]:
-    """``(transfer syntax UID or None, offset where the dataset starts)``, from the file meta as
-    ``dcmread(force=True)`` parses it: pydicom's own preamble and file-meta readers, so that what
-    is checked here is what pydicom then decodes (a padded meta cannot hide the syntax)."""
+    """``(transfer syntax UID or None, offset where the dataset starts)``, read as ``dcmread(force=True)``
+    reads them (pydicom's ``read_partial``): its own preamble, file-meta and command-set readers, so
+    that what is checked here is what pydicom then decodes: a padded meta cannot hide the syntax,
+    and a deflated dataset is inflated here from the byte pydicom inflates it from (command-set
+    elements, group 0000, are read before it; bytes there could also pass for a short deflate stream).
+    """
     from pydicom import filereader
 
     filereader.read_preamble(stream, True)
-    read_meta = getattr(filereader, "_read_file_meta_info", None)  # pydicom 3.0: private, used by dcmread
-    if read_meta is not None:
-        meta = read_meta(stream)
-    else:  # pragma: no cover - a pydicom without it: the meta group read as older pydicom read it
-        meta = filereader.read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
-                                       stop_when=lambda tag, *_: tag.group != 2)
-    syntax = meta.get("TransferSyntaxUID")
+    # pydicom >= 3.0: private, but what dcmread calls; else the same reads with public functions
+    read_meta = getattr(filereader, "_read_file_meta_info", None) or (lambda fp: filereader.read_dataset(
+        fp, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, *_: tag.group != 2))
+    read_commands = getattr(filereader, "_read_command_set_elements", None) or (lambda fp: filereader.read_dataset(
+        fp, is_implicit_VR=True, is_little_endian=True, stop_when=lambda tag, *_: tag.group != 0))
+    syntax = read_meta(stream).get("TransferSyntaxUID")
+    read_commands(stream)
     return (None if syntax is None else str(syntax)), stream.tell()
 
 
