@@ -1,13 +1,14 @@
 """Label-free adaptation (`medtransfer adapt`) on a labelled shifted set whose labels only score.
 
     python benchmarks/adapt.py --run RUN --data ../shared/data/kermany-224-test-dev \
-        [--methods none,prior,bn,prior+bn,tent] [--prevalences 0.3,0.85] [--bootstrap 1000] [--cache-dir D]
+        [--methods none,prior,prior@bayes,bn,prior+bn,tent] [--prevalences 0.3,0.85] [--bootstrap 1000] [--cache-dir D]
 
 For each set - the whole of --data (its --split), and patient-level resamples of it drawn to
 other prevalences (synthetic prior shifts: every patient of the class that runs short, a seeded
-sample of the other's patients) - and each method, `adapt` runs on a folder that holds only
-links to the images (no labels, no class folders), writes its model folder, and that model is
-then scored with the labels: AUC, accuracy, sensitivity, specificity and ECE at its own
+sample of the other's patients) - and each method, `adapt`'s steps (adapt.core.adapt_images, what
+`medtransfer adapt` writes; the tests check that the written folder scores alike) run on a folder
+that holds only links to the images (no labels, no class folders), and the adapted model is then
+scored with the labels: AUC, accuracy, sensitivity, specificity and ECE at its own
 operating point, 95% patient-bootstrap CIs, and paired differences against the unadapted model
 ("none") on the same patient resamples (AUC: resampling.paired_bootstrap_auc_test). A refused
 adaptation is reported with its reason. Also: the estimated prevalence against the true one and
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from medtransfer.adapt.core import adapt_model
+from medtransfer.adapt.core import adapt_images
+from medtransfer.adapt.images import list_unlabelled
 from medtransfer.artifacts import SavedModel, load_model
 from medtransfer.config import default_cache_dir
 from medtransfer.data.discover import Record
@@ -37,7 +39,7 @@ from medtransfer.evaluation.calibration import expected_calibration_error
 from medtransfer.evaluation.evaluate import SplitOutputs, split_metrics
 from medtransfer.evaluation.external import discover_external
 from medtransfer.evaluation.resampling import paired_bootstrap_auc_test
-from medtransfer.evaluation.site_shift import reference_sample, score_images
+from medtransfer.evaluation.site_shift import Sample, reference_sample, score_images
 from medtransfer.evaluation.thresholds import OperatingPoint
 
 KEYS = ("auc", "accuracy", "sensitivity", "specificity")
@@ -83,11 +85,28 @@ def link_folder(records: list[Record], folder: Path) -> Path:
     return folder
 
 
-def scored(saved: SavedModel, records: list[Record], cache_dir: Path) -> SplitOutputs:
-    """The model's logits on the labelled images (TTA and members as saved); labels attached for scoring only."""
+def scored(saved: SavedModel, records: list[Record], cache_dir: Path) -> Sample:
+    """The model's outputs on the labelled images (TTA and members as saved); the labels ride along for scoring only."""
     labels = [saved.classes.index(r.label) for r in records]
     sample = score_images(saved, [r.path for r in records], cache_dir=cache_dir, labels=labels)
-    return SplitOutputs(sample.paths, sample.labels, [r.patient_id for r in records], sample.logits)
+    sample.patient_ids = [r.patient_id for r in records]
+    return sample
+
+
+def rows_of(sample: Sample, paths: list[Path]) -> Sample:
+    """The rows of `sample` (scored on the real files) for `paths` (links to them), in that order, without labels."""
+    index = {str(Path(p).resolve()): i for i, p in enumerate(sample.paths)}
+    chosen = sample.subset(np.asarray([index[str(Path(p).resolve())] for p in paths]))
+    chosen.labels, chosen.paths = None, [str(p) for p in paths]
+    return chosen
+
+
+def labelled(sample: Sample, truth: Sample) -> SplitOutputs:
+    """A label-free sample's outputs with the labels of the same images (matched by file), for scoring."""
+    index = {str(Path(p).resolve()): i for i, p in enumerate(truth.paths)}
+    rows = [index[str(Path(p).resolve())] for p in sample.paths]
+    return SplitOutputs([truth.paths[i] for i in rows], truth.labels[rows], [truth.patient_ids[i] for i in rows],
+                        sample.logits)
 
 
 def figures(saved: SavedModel, outputs: SplitOutputs, bootstrap: int, seed: int) -> dict[str, Any]:
@@ -153,7 +172,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="Labelled shifted set (labels only score)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--methods", default="none,prior,bn,prior+bn,tent")
+    parser.add_argument("--methods", default="none,prior,prior@bayes,bn,prior+bn,tent",
+                        help="none (the model as trained), adapt's methods; METHOD@bayes: the bayes operating-point rule")
     parser.add_argument("--prevalences", default="0.3,0.85", help="Synthetic prior shifts drawn from --data ('' for none)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -167,16 +187,20 @@ def main() -> None:
     sets = {"all": records}
     for share in (float(s) for s in args.prevalences.split(",") if s.strip()):
         sets[f"prevalence_{share:g}"] = prevalence_subset(records, positive, share, args.seed)
-    log(f"scoring the run's validation images ({args.run})")
+    log(f"scoring the run's validation images ({args.run}) and the {len(records)} images of {args.data}")
     reference = reference_sample(saved, args.run, cache_dir=cache, seed=args.seed)
+    everything = scored(saved, records, cache)
+    quiet = Console(stderr=True, quiet=True)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, chosen in sets.items():
-            folder = link_folder(chosen, Path(tmp) / name / "images")
+            images = list_unlabelled(link_folder(chosen, Path(tmp) / name), patient_regex=None)
+            target = rows_of(everything, images.paths)
+            target.patient_ids = list(images.patient_ids)
             truth = float(np.mean([r.label == positive for r in chosen]))
             block: dict[str, Any] = {"images": len(chosen), "patients": len({r.patient_id for r in chosen}),
                                      "prevalence": round(truth, 4), "methods": {}}
-            base = (saved, scored(saved, chosen, cache))
+            base = (saved, labelled(target, everything))
             shift = None
             for method in args.methods.split(","):
                 log(f"{name}: {method}")
@@ -184,29 +208,31 @@ def main() -> None:
                 if method == "none":
                     block["methods"]["none"] = figures(saved, base[1], args.bootstrap, args.seed)
                     continue
-                out = Path(tmp) / name / method
+                name_, _, rule = method.partition("@")  # prior@bayes: the bayes operating-point rule
                 try:
-                    record = adapt_model(args.run, folder, out, method=method, cache_dir=cache, seed=args.seed,
-                                         progress=False, console=Console(stderr=True, quiet=True), reference=reference)
+                    adaptation = adapt_images(saved, args.run, images, method=name_, operating_point=rule or "keep",
+                                              cache_dir=cache, seed=args.seed, console=quiet, reference=reference,
+                                              target=target)
                 except MedtransferError as refusal:
-                    block["methods"][method] = {"refused": str(refusal)}
+                    block["methods"][method] = {"refused": str(refusal), "seconds": round(time.perf_counter() - t0, 1)}
                     continue
+                record = adaptation.record
                 if shift is None:
                     before = record["shift_before"]
                     shift = {"kind": before["kind"], "verdict": before["verdict"], "scores_ks_p": before["scores_ks"]["p_value"],
-                             "features_mmd_p": before["features_mmd"]["p_value"], "features_mmd_z": before["features_mmd"]["z"],
+                             "scores_ks_d": before["scores_ks"]["statistic"], "features_mmd_p": before["features_mmd"]["p_value"],
+                             "features_mmd_z": before["features_mmd"]["z"],
                              "ood_flagged_fraction": (before.get("ood") or {}).get("flagged_fraction"),
                              "estimated_prevalence": round(before["prior"]["em"], 4), "prevalence_ci": before["prior"].get("em_ci"),
                              "bbse": before["prior"].get("bbse")}
-                adapted = load_model(out)
-                outputs = scored(adapted, chosen, cache)
+                adapted, outputs = adaptation.model, labelled(adaptation.outputs, everything)
                 prior = record["prior"] or record["shift_after"]["prior"]
                 block["methods"][method] = {
                     **figures(adapted, outputs, args.bootstrap, args.seed),
                     "paired_vs_none": paired(base, (adapted, outputs), resamples=args.bootstrap, seed=args.seed),
                     "estimated_prevalence": round(prior["em"], 4), "prevalence_ci": prior.get("em_ci"),
-                    "bbse": prior.get("bbse"), "verdict": record["verdict"]["verdict"],
-                    "after": record["verdict"]["after"], "ranking": record["ranking"], "seconds": round(time.perf_counter() - t0, 1),
+                    "bbse": prior.get("bbse"), "verdict": record["verdict"]["verdict"], "after": record["verdict"]["after"],
+                    "checks": record["checks"], "ranking": record["ranking"], "seconds": round(time.perf_counter() - t0, 1),
                 }
             block["label_free_shift"] = shift  # the tests before adaptation (labels not used)
             results[name] = block

@@ -19,15 +19,15 @@ import pytest
 import yaml
 from PIL import Image
 
+import medtransfer
+from medtransfer.api import Evaluation, Explanation, Model, TrainedRun
+from medtransfer.errors import ConfigError, DataError
+from tests.e2e.test_train_predict import invoke
+
 pd = pytest.importorskip("pandas")
 
-import medtransfer  # noqa: E402
-from medtransfer.api import Evaluation, Explanation, Model, TrainedRun  # noqa: E402
-from medtransfer.errors import ConfigError, DataError  # noqa: E402
-from tests.e2e.test_train_predict import invoke  # noqa: E402
-
-TINY = dict(backbone="resnet18", weights="none", image_size=48, cache_size=56, epochs=1, batch_size=8, bootstrap=50,
-            num_workers=0, progress=False)
+TINY = {"backbone": "resnet18", "weights": "none", "image_size": 48, "cache_size": 56, "epochs": 1, "batch_size": 8,
+        "bootstrap": 50, "num_workers": 0, "progress": False}
 
 
 def folder_frame(root: Path) -> pd.DataFrame:
@@ -65,7 +65,7 @@ def test_import_medtransfer_loads_no_torch_lightning_or_pandas():
 
 
 def test_medtransfer_train_is_the_api_function_and_still_the_training_package():
-    import medtransfer.train.pipeline as pipeline
+    import medtransfer.train.pipeline as pipeline  # noqa: PLR0402 - the attribute chain medtransfer.train.pipeline is the point
     from medtransfer.train import seed_ensemble
 
     assert medtransfer.train.pipeline is pipeline and medtransfer.train.seed_ensemble is seed_ensemble
@@ -86,13 +86,33 @@ def test_data_of_another_type_is_refused_with_what_is_accepted(tmp_path):
         medtransfer.train({"path": []}, tmp_path / "run", cache_dir=tmp_path)
 
 
+def test_a_dataframe_is_written_once_as_a_manifest_with_absolute_paths_and_joined_findings(tmp_path, monkeypatch):
+    from medtransfer.api.inputs import write_manifest
+
+    monkeypatch.chdir(tmp_path)
+    frame = pd.DataFrame({"path": ["images/a.png", Path("images/b.png")], "labels": [["Mass", "Nodule"], []],
+                          "patient_id": ["p1", "p2"]})
+    path = write_manifest(frame, tmp_path / "manifests")
+    assert write_manifest(frame.copy(), tmp_path / "manifests") == path  # named by content
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["path"], r["labels"], r["patient_id"]) for r in rows] == [
+        (str(tmp_path / "images" / "a.png"), "Mass|Nodule", "p1"), (str(tmp_path / "images" / "b.png"), "", "p2")]
+    assert list(frame.path) == ["images/a.png", Path("images/b.png")]  # the caller's frame is left as it was
+    with pytest.raises(DataError, match="no image column"):
+        write_manifest(pd.DataFrame({"file": ["a.png"]}), tmp_path)
+
+
 def test_training_from_a_dataframe_records_its_manifest_and_split(trained, frame):
     result, cache = trained
     config = yaml.safe_load((result.run / "config.yaml").read_text())
     assert Path(config["data"]) == Path(result.data) and Path(result.data).parent == cache / "manifests"
     with (result.run / "split.csv").open(newline="") as handle:
-        split = {(Path(r["path"]).name, r["label"], r["split"]) for r in csv.DictReader(handle)}
-    assert split == {(Path(p).name, label, s) for p, label, s in zip(frame.path, frame.label, frame.split)}
+        rows = list(csv.DictReader(handle))
+    assert {(Path(r["path"]), r["label"], r["patient_id"]) for r in rows} == set(
+        zip(map(Path, frame.path), frame.label, frame.patient_id))
+    # the DataFrame's test split is kept as it is; train and val are pooled and re-split by patient, as for a folder
+    assert {Path(r["path"]) for r in rows if r["split"] == "test"} == set(map(Path, frame.path[frame.split == "test"]))
 
 
 def test_the_result_is_metrics_json_and_jupyter_shows_its_aucs(trained):
@@ -140,6 +160,8 @@ def test_predict_refuses_a_missing_file_and_an_unknown_item(model, tmp_path):
         model.predict([tmp_path / "missing.png"])
     with pytest.raises(ConfigError, match="item of type int"):
         model.predict([np.zeros((8, 8), np.uint8), 3])
+    with pytest.raises(ConfigError, match=r"array of shape \(5,\)"):
+        model.predict(np.zeros(5))
 
 
 def test_evaluate_on_a_dataframe_is_the_evaluate_commands_folder(trained, model, frame, tmp_path):

@@ -263,7 +263,14 @@ def test_config_imports_only_the_lowest_modules():
     # Choices owned by other modules are checked by medtransfer.train.validate, not here.
     code = "import sys, medtransfer.config; print(sorted(m for m in sys.modules if m.startswith('medtransfer.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert set(eval(loaded)) <= {"medtransfer.config", "medtransfer.errors", "medtransfer.rundir", "medtransfer.safeio"}
+    allowed = {"medtransfer.config", "medtransfer.errors", "medtransfer.rundir", "medtransfer.safeio", "medtransfer.task"}
+    assert set(eval(loaded)) <= allowed
+
+
+def test_config_does_not_import_torch():
+    # The task kinds it validates come from medtransfer.task, which imports torch only to train.
+    code = "import sys, medtransfer.config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_choices_of_other_modules_are_not_checked_here():

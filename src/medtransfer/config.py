@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,8 @@ from medtransfer.rundir import CONFIG_FILE, write_yaml_atomic
 from medtransfer.task import TASK_KINDS, UNCERTAIN_POLICIES
 
 DISTRIBUTED = ("auto", "ddp", "ddp_spawn")  # Lightning strategies `train --distributed` passes on
+MAX_IMAGE_SIZE = 4096  # largest image_size and cache_size (decode size), here and in a saved model.json
+MAX_YAML_BYTES, MAX_YAML_NODES = 1 << 20, 100_000  # a settings file: its size, and its values with aliases expanded
 
 
 @dataclass
@@ -120,6 +123,8 @@ class TrainConfig:
     jobs: int = 1  # with folds: folds trained at once, each in its own process
     # explanations
     cam_method: str = "gradcam"  # heatmaps of the report's gallery and border check: cam, gradcam, gradcam++ or layercam
+    # shareable outputs (report, metrics.json, model folder, gallery, logs): paths relative, patient IDs hashed unless true
+    keep_identifiers: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool):  # TrainConfig(augment=False) as before the policies existed
@@ -154,9 +159,9 @@ class TrainConfig:
         known = cls.field_names()
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+                close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1) if len(str(key)) <= 80 else []
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(known)}"
-                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+                raise ConfigError(f"{source}: unknown setting {shown(key)}{hint}")
         return {
             key: _SPECIAL.get(key, _coerce)(key, value, getattr(defaults, key), source) for key, value in values.items()
         }
@@ -164,27 +169,21 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number between 0 and 1"),
-            (
-                self.test_fraction is None or 0 <= self.test_fraction < 1,
-                "test_fraction",
-                self.test_fraction,
-                "a number in [0, 1) (0: no test split drawn)",
-            ),
+            (self.test_fraction is None or 0 <= self.test_fraction < 1, "test_fraction", self.test_fraction,
+             "a number in [0, 1) (0: no test split drawn)"),
             (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
             (self.patience >= 1, "patience", self.patience, "at least 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
             (self.accumulate >= 1, "accumulate", self.accumulate, "1 (off) or the batches per optimizer step, e.g. 2"),
             (self.lr > 0, "lr", self.lr, "a positive number"),
-            (self.image_size >= 16, "image_size", self.image_size, "at least 16"),
-            (self.cache_size >= self.image_size, "cache_size", self.cache_size, f"at least image_size ({self.image_size})"),
-            (0 < self.eval_crop_fraction <= 1, "eval_crop_fraction", self.eval_crop_fraction, "in (0, 1]"),
+            (16 <= self.image_size <= MAX_IMAGE_SIZE, "image_size", self.image_size, f"16 to {MAX_IMAGE_SIZE} pixels"),
+            (self.image_size <= self.cache_size <= MAX_IMAGE_SIZE, "cache_size", self.cache_size,
+             f"at least image_size ({self.image_size}) and at most {MAX_IMAGE_SIZE} pixels"),
+            (0 < self.eval_crop_fraction <= 1 and self.image_size / self.eval_crop_fraction <= 2 * MAX_IMAGE_SIZE,
+             "eval_crop_fraction", self.eval_crop_fraction, f"in (0, 1], with image_size / it at most {2 * MAX_IMAGE_SIZE}"),
             (0 <= self.border_crop <= 0.4, "border_crop", self.border_crop, "a fraction in [0, 0.4] cut off each side, e.g. 0.1"),
-            (
-                len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
-                "crop_scale",
-                self.crop_scale,
-                "two numbers MIN,MAX with 0 < MIN <= MAX <= 1, e.g. 0.6,1.0",
-            ),
+            (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", self.crop_scale,
+             "two numbers MIN,MAX with 0 < MIN <= MAX <= 1, e.g. 0.6,1.0"),
             (self.rotation_degrees >= 0, "rotation_degrees", self.rotation_degrees, "0 (off) or a positive angle"),
             (self.brightness >= 0, "brightness", self.brightness, "0 (off) or a positive number"),
             (self.contrast >= 0, "contrast", self.contrast, "0 (off) or a positive number"),
@@ -219,7 +218,7 @@ class TrainConfig:
         ]
         for ok, name, value, expected in checks:
             if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {expected}")
+                raise ConfigError(f"--{name.replace('_', '-')}: got {shown(value)}; expected {expected}")
         self._validate_folds()
 
     def _validate_folds(self) -> None:
@@ -260,7 +259,7 @@ def parse_set_values(items: list[str] | None) -> dict[str, str]:
 
 
 # Settings a resumed run may change: they do not change what the run computes (augment_on: where, not what).
-RESUME_OVERRIDABLE = ("num_workers", "progress", "cache_dir", "augment_on", "jobs")
+RESUME_OVERRIDABLE = ("num_workers", "progress", "cache_dir", "augment_on", "jobs", "keep_identifiers")
 EFFECTIVE_BATCH = ("batch_size", "accumulate")  # may change on resume together, keeping batch_size x accumulate
 
 
@@ -310,17 +309,55 @@ def resolve_train_config(
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A settings file: YAML's safe subset, at most MAX_YAML_BYTES, whose values with every alias (*name)
+    expanded number at most MAX_YAML_NODES, so that a few hundred bytes of nested aliases (a "billion
+    laughs" file) are refused before anything repeats them."""
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file; pass a YAML file such as configs/chest_xray_pneumonia.yaml")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"--config {path}: {path.stat().st_size:,} bytes; a settings file holds at most {MAX_YAML_BYTES:,}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=_BoundedLoader) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: not a settings file ({type(exc).__name__}: nested too deeply, or not UTF-8)") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of setting: value, got {type(values).__name__}")
     return values
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts a document's values with every alias expanded (memoised; a cycle is refused)."""
+
+    def compose_document(self):
+        node, sizes = super().compose_document(), {}
+
+        def size(item: yaml.Node, active: frozenset = frozenset()) -> int:
+            if id(item) in active:
+                raise yaml.YAMLError("an alias refers to the value that contains it")
+            if id(item) not in sizes:
+                children = item.value if isinstance(item, yaml.SequenceNode) else (
+                    [n for pair in item.value for n in pair] if isinstance(item, yaml.MappingNode) else [])
+                sizes[id(item)] = 1 + sum(size(child, active | {id(item)}) for child in children)
+                if sizes[id(item)] > MAX_YAML_NODES:
+                    raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} values; write them out")
+            return sizes[id(item)]
+
+        return node if node is None or size(node) else node
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 80, 80, 8, 8
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """repr(value) for an error message, cut to `limit` characters without building the whole repr first."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
 _EXPECTED = {
     bool: "true or false",
     int: "a whole number",
@@ -340,15 +377,10 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
                 raise ValueError
             return str(value)
         if isinstance(default, bool):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str):
-                if value.strip().lower() in ("true", "yes", "1", "on"):
-                    return True
-                if value.strip().lower() in ("false", "no", "0", "off"):
-                    return False
-            if isinstance(value, int) and value in (0, 1):
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
                 return bool(value)
+            if isinstance(value, str) and value.strip().lower() in _WORDS:
+                return _WORDS[value.strip().lower()]
             raise ValueError
         if isinstance(value, bool):  # YAML turns yes/no/on/off into booleans; never read them as 1/0
             raise ValueError
@@ -372,7 +404,7 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         if isinstance(default, tuple):
             expected = f"a list of {len(default)} numbers, e.g. {','.join(str(v) for v in default)}"
         raise ConfigError(
-            f"{source}: setting {key!r} got {value!r}; expected {expected}"
+            f"{source}: setting {key!r} got {shown(value)}; expected {expected}"
         ) from None
     return value
 
@@ -389,7 +421,7 @@ def _class_map(key: str, value: Any, default: Any, source: str) -> dict[str, str
     if isinstance(value, str):
         value = [item for item in value.split(",") if item.strip()]
     if not isinstance(value, (dict, list, tuple)) and value is not None:
-        raise ConfigError(f"{source}: setting {key!r} got {value!r}; expected a mapping OLD: NEW or OLD=NEW items")
+        raise ConfigError(f"{source}: setting {key!r} got {shown(value)}; expected a mapping OLD: NEW or OLD=NEW items")
     return parse_class_map(value)
 
 
@@ -399,10 +431,10 @@ def _class_names(key: str, value: Any, default: Any, source: str) -> list[str] |
         return None
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
-        raise ConfigError(f"{source}: setting {key!r} got {value!r}; expected class names, e.g. normal,pneumonia")
+        raise ConfigError(f"{source}: setting {key!r} got {shown(value)}; expected class names, e.g. normal,pneumonia")
     names = [str(v).strip() for v in items]
     if not all(names):
-        raise ConfigError(f"{source}: setting {key!r} got {value!r}; a class name is empty")
+        raise ConfigError(f"{source}: setting {key!r} got {shown(value)}; a class name is empty")
     return names
 
 

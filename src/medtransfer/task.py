@@ -25,11 +25,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
 from medtransfer.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed: config reads the task kinds without it
+    import torch
 
 SINGLE_LABEL = "single-label"
 MULTI_LABEL = "multi-label"
@@ -147,6 +150,9 @@ class Task:
         Multi-label ``weight`` is each finding's positive weight (negatives / positives under
         ``--class-weights balanced``); unknown targets (NaN) add nothing and count for nothing.
         """
+        import torch
+        from torch import nn
+
         logits = logits.float()
         if not self.multilabel:
             return _single_label_loss(logits, targets, weight, focal_gamma, label_smoothing)
@@ -166,6 +172,8 @@ class Task:
 
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(correct decisions, decisions) at argmax, or at 0.5 per known finding for multi-label."""
+        import torch
+
         if not self.multilabel:
             return (logits.argmax(dim=1) == targets).sum(), targets.new_tensor(len(targets))
         known = ~torch.isnan(targets.float())
@@ -185,6 +193,9 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def _single_label_loss(
     logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, focal_gamma: float, label_smoothing: float
 ) -> torch.Tensor:
+    import torch
+    from torch import nn
+
     if focal_gamma > 0:
         # Focal loss (Lin et al. 2017): down-weights easy examples; class weights act as alpha.
         log_p = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)

@@ -1,9 +1,11 @@
-"""A tiny trained run and a new "site" of unlabelled images for the adapt tests.
+"""Runs and new "sites" of unlabelled images for the adapt tests, built in seconds without training.
 
-`adapt_run` trains a 48 px random-init ResNet-18 for two epochs on generated phantoms (seconds);
-`site_images` writes 72 more phantoms (another seed) as a folder whose class-folder names the
-adapt command must ignore. `random_run(folder)` saves an untrained ResNet-18 with a split.csv of
-validation images, for mechanics that need no trained weights.
+`random_run(folder)` saves an untrained ResNet-18 (32 px) with a split.csv of validation images;
+`brightness_run(folder)` the same network with its classifier set to call bright images PNEUMONIA:
+informative, calibrated posteriors without training, so that prior estimates and BatchNorm
+re-estimation can be checked against a known truth. `brightness_image` writes one such image, with
+an optional change of appearance (another scanner); `unlabelled_folder` noise images under
+misleading class-folder names.
 """
 
 from __future__ import annotations
@@ -12,12 +14,8 @@ import csv
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import write_demo_data, write_image
-
-FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "48", "--set", "cache_size=56",
-        "--batch-size", "8", "--bootstrap", "0", "--num-workers", "0", "--no-progress"]
+from medtransfer.ood import save_detector
+from tests.conftest import write_image
 
 
 def invoke(args: list) -> int:
@@ -33,21 +31,6 @@ def invoke(args: list) -> int:
         return exit_.code or 0
     finally:
         sys.argv = saved_argv
-
-
-@pytest.fixture(scope="session")
-def adapt_run(tmp_path_factory) -> tuple[Path, Path]:
-    data = write_demo_data(tmp_path_factory.mktemp("adapt-data") / "chest_xray", patients_per_class=15)
-    run, cache = tmp_path_factory.mktemp("adapt-runs") / "run", tmp_path_factory.mktemp("adapt-cache")
-    assert invoke(["train", "--data", data, "--out", run, "--cache-dir", cache, "--epochs", "2", *FAST]) == 0
-    return run, cache
-
-
-@pytest.fixture(scope="session")
-def site_images(tmp_path_factory) -> Path:
-    root = write_demo_data(tmp_path_factory.mktemp("site") / "site", patients_per_class=1, val_patients_per_class=1,
-                           test_patients_per_class=36, seed=1)
-    return root / "test"
 
 
 def random_run(folder: Path, *, val_images: int = 12, detector: bool = False) -> Path:
@@ -75,12 +58,7 @@ def random_run(folder: Path, *, val_images: int = 12, detector: bool = False) ->
         writer.writeheader()
         writer.writerows(rows)
     if detector:
-        from medtransfer.ood import fit_detector, save_detector
-
-        features = torch.randn(40, 512)
-        fitted = fit_detector(features, torch.zeros(40).long().numpy(), torch.randn(20, 512), method="knn")
-        fitted.thresholds = {name: -1.0 for name in fitted.thresholds}  # every image flagged
-        save_detector(fitted, folder / "model")
+        save_detector(random_detector(threshold=-1.0), folder / "model")  # every image flagged
     return folder
 
 
@@ -98,7 +76,7 @@ def brightness_image(path: Path, bright: bool, seed: int, *, contrast: float = 1
     return path
 
 
-def brightness_run(folder: Path, *, val_images: int = 60) -> Path:
+def brightness_run(folder: Path, *, val_images: int = 60, detector: bool = False) -> Path:
     """An untrained ResNet-18 whose classifier is set to call bright images PNEUMONIA: calibrated, informative
     posteriors without training. Validation images: half bright (PNEUMONIA), half dark (NORMAL), prior 0.5."""
     import torch
@@ -129,7 +107,20 @@ def brightness_run(folder: Path, *, val_images: int = 60) -> Path:
         fc.bias.zero_()
         fc.bias[1] = -float(direction @ (bright + dark) / 2)
     save_model(saved.model, saved.info, folder)
+    if detector:
+        save_detector(random_detector(threshold=1e9), folder / "model")  # an OOD guard that flags nothing
     return folder
+
+
+def random_detector(*, threshold: float):
+    """A kNN OOD guard on random 512-wide features (ResNet-18's penultimate width) with the given threshold."""
+    import torch
+
+    from medtransfer.ood import fit_detector
+
+    fitted = fit_detector(torch.randn(40, 512), torch.zeros(40).long().numpy(), torch.randn(20, 512), method="knn")
+    fitted.thresholds = {name: threshold for name in fitted.thresholds}
+    return fitted
 
 
 def unlabelled_folder(folder: Path, count: int) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -23,29 +22,6 @@ def adapt(run, data, out, cache, **options):
     return adapt_model(run, data, out, cache_dir=cache, **options)
 
 
-def test_the_cli_writes_a_model_that_predict_evaluate_and_export_accept(adapt_run, site_images, tmp_path, capsys):
-    run, cache = adapt_run
-    out = tmp_path / "adapted"
-    assert invoke(["adapt", "--run", run, "--data", site_images, "--out", out, "--cache-dir", cache, "--bootstrap", "100",
-                   "--permutations", "100", "--accelerator", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert "Verdict:" in printed and "Label-free shift" in printed and "BatchNorm" in printed
-    info = json.loads((out / "model" / "model.json").read_text())
-    adapted = info["provenance"]["adapted"]
-    assert adapted["method"] == DEFAULT_METHOD and adapted["data"]["images"] == 72 and len(adapted["data"]["sha256"]) == 64
-    assert adapted["shift"]["verdict"] and info["provenance"]["trained"]["run"]
-    assert (out / "model" / "ood.json").is_file()
-    record = json.loads((out / "adaptation.json").read_text())
-    assert record["ranking"]["spearman"] is not None and record["shift_before"]["features_mmd"]["p_value"] is not None
-    image = next(site_images.rglob("*.png"))
-    assert invoke(["predict", image, "--run", out, "--csv", tmp_path / "p.csv"]) == 0
-    assert invoke(["export", "--run", out]) == 0 and (out / "model" / "model.onnx").is_file()
-    assert invoke(["evaluate", "--run", out, "--data", site_images.parent, "--out", tmp_path / "eval", "--cache-dir", cache,
-                   "--bootstrap", "20"]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["label_free_shift"]["verdict"]  # the run's validation images found through the provenance
-
-
 def bright_site(folder, count: int = 80, share: float = 0.25, **appearance):
     """`count` images, `share` of them bright (PNEUMONIA to brightness_run), filed under misleading folder names."""
     for i in range(count):
@@ -56,6 +32,40 @@ def bright_site(folder, count: int = 80, share: float = 0.25, **appearance):
 
 
 ANOTHER_SCANNER = {"share": 0.5, "contrast": 0.6, "offset": 60.0}  # the same classes, other grey levels
+
+
+def test_the_cli_writes_a_model_that_predict_serve_export_and_evaluate_accept(tmp_path, capsys):
+    run = brightness_run(tmp_path / "run", detector=True)
+    site, cache, out = bright_site(tmp_path / "site", **ANOTHER_SCANNER), tmp_path / "cache", tmp_path / "adapted"
+    assert invoke(["adapt", "--run", run, "--data", site, "--out", out, "--cache-dir", cache, "--bootstrap", "100",
+                   "--permutations", "100", "--accelerator", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "Verdict: appearance shift" in printed and "Label-free shift" in printed and "BatchNorm" in printed
+    info = json.loads((out / "model" / "model.json").read_text())
+    adapted = info["provenance"]["adapted"]
+    assert adapted["method"] == DEFAULT_METHOD and adapted["data"]["images"] == 80 and len(adapted["data"]["sha256"]) == 64
+    assert adapted["shift"]["verdict"].startswith("appearance shift") and info["provenance"]["trained"]["run"]
+    assert (out / "model" / "ood.json").is_file() and load_model(out).ood is not None
+    record = json.loads((out / "adaptation.json").read_text())
+    assert record["ranking"]["spearman"] is not None and record["shift_before"]["features_mmd"]["p_value"] < 0.05
+    image = next(site.rglob("*.png"))
+    assert invoke(["predict", image, "--run", out, "--csv", tmp_path / "p.csv"]) == 0
+    assert invoke(["export", "--run", out]) == 0 and (out / "model" / "model.onnx").is_file()
+    from fastapi.testclient import TestClient
+
+    from medtransfer.serving.app import create_app
+
+    answer = TestClient(create_app(load_model(out), run_dir=out)).post(
+        "/predict", files={"file": (image.name, image.read_bytes(), "image/png")})
+    assert answer.status_code == 200 and answer.json()["threshold"] == pytest.approx(load_model(out).threshold)
+    labelled = tmp_path / "labelled" / "test"
+    for i in range(40):
+        brightness_image(labelled / ("PNEUMONIA" if i % 2 else "NORMAL") / f"l{i}.png", i % 2 == 1, seed=3000 + i,
+                         contrast=0.6, offset=60.0)
+    assert invoke(["evaluate", "--run", out, "--data", labelled.parent, "--out", tmp_path / "eval", "--cache-dir", cache,
+                   "--bootstrap", "20"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["label_free_shift"]["verdict"]  # the run's validation images found through the provenance
 
 
 def test_a_prior_only_adaptation_recovers_the_prior_changes_the_bias_and_keeps_the_ranking(tmp_path):
@@ -116,6 +126,23 @@ def test_bn_and_tent_undo_an_appearance_shift_and_say_the_ranking_changed(tmp_pa
         z = [d["matched_reference"]["features_mmd"]["z"] for d in (record["shift_before"], record["shift_after"])]
         assert z[1] < z[0]  # the new images' features moved towards the validation images
         assert any(check.startswith("BatchNorm: 80 images") for check in record["checks"])
+
+
+@pytest.mark.parametrize("method,share", [("prior", 0.25), ("bn", 0.5)])
+def test_the_written_model_scores_the_new_images_as_the_adaptation_did(tmp_path, method, share):
+    from medtransfer.adapt.core import adapt_images
+    from medtransfer.adapt.images import list_unlabelled
+    from medtransfer.evaluation.site_shift import score_images
+
+    run = brightness_run(tmp_path / "run")
+    site, cache = bright_site(tmp_path / "site", **{**ANOTHER_SCANNER, "share": share}), tmp_path / "cache"
+    in_memory = adapt_images(load_model(run), run, list_unlabelled(site), method=method, cache_dir=cache,
+                             bootstrap=100, permutations=100, accelerator="cpu", max_prior_ci=1.0)
+    adapt(run, site, tmp_path / "out", cache, method=method, max_prior_ci=1.0)
+    written = load_model(tmp_path / "out")
+    logits = score_images(written, in_memory.outputs.paths, cache_dir=cache, accelerator="cpu").logits
+    np.testing.assert_allclose(logits, in_memory.outputs.logits, atol=0.03)  # bfloat16 inference on the CPU
+    assert written.threshold == pytest.approx(in_memory.model.threshold)
 
 
 def test_bn_on_a_pure_prevalence_shift_is_refused(tmp_path):

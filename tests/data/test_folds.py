@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from medtransfer.data.discover import Record
-from medtransfer.data.folds import assign_folds, draw_folds, fold_records, k_way_group_split, read_folds, write_fold_split_csv
+from medtransfer.data.folds import (
+    assign_folds,
+    draw_folds,
+    fold_records,
+    k_way_group_split,
+    read_folds,
+    write_fold_split_csv,
+)
 from medtransfer.data.split import read_split_csv
 from medtransfer.data.stratify import GroupCounts
 from medtransfer.errors import ConfigError, DataError

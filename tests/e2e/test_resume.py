@@ -70,3 +70,39 @@ def test_a_killed_and_resumed_run_reproduces_the_uninterrupted_validation_losses
     expected = val_losses(whole)
     assert len(expected) == 3
     assert val_losses(broken) == pytest.approx(expected, abs=1e-6)
+
+
+# --- killed inside an epoch, at the points of benchmarks/reliability.py -------------------------------------------
+
+from benchmarks.reliability import KILL_ENV, KILLED_SCRIPT  # noqa: E402
+
+TWO_EPOCHS = [*ARGS[: ARGS.index("--epochs") + 1], "2", *ARGS[ARGS.index("--epochs") + 2 :]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_data, tmp_path_factory):
+    """(data, cache, val losses) of one uninterrupted two-epoch run, shared by the kill points below."""
+    data, work = demo_data(**DATA), tmp_path_factory.mktemp("uninterrupted")
+    done = cli("train", "--data", data, "--out", work / "run", "--cache-dir", work / "cache", *TWO_EPOCHS)
+    assert done.returncode == 0, done.stderr
+    return data, work / "cache", val_losses(work / "run")
+
+
+@pytest.mark.parametrize("point, epoch", [
+    ("before-checkpoint", 1),  # epoch 1's row computed, no checkpoint yet (history.csv was written here: the issue)
+    ("validation", 2),
+    ("checkpoint-write", 2),  # half of epoch 2's checkpoint on disk under its temporary name
+])
+def test_a_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_validation_losses(uninterrupted, tmp_path, point,
+                                                                                      epoch):
+    data, cache, expected = uninterrupted
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]), KILL_ENV: f"{point}:{epoch}:0"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_SCRIPT, "train", "--data", str(data), "--out", str(run),
+                             "--cache-dir", str(cache), *TWO_EPOCHS], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(val_losses(run) if (run / "history.csv").is_file() else []) == epoch - 1  # only committed epochs
+    resumed = cli("train", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(expected) == 2 and val_losses(run) == pytest.approx(expected, abs=1e-6)
+    assert not list((run / "checkpoints").glob(".*.tmp*"))  # the interrupted write's temporary file is gone

@@ -136,3 +136,26 @@ def test_serve_refuses_a_public_host_without_a_token_in_one_line(run, capsys, mo
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_.value.code == 1 and len(lines) == 1
     assert lines[0].startswith("error: --host 0.0.0.0: ") and "--insecure" in lines[0]
+
+
+@pytest.mark.parametrize(("flags", "evil_status"), [([], 403), (["--allow-host", "evil.example"], 200)])
+def test_serve_guards_the_host_it_listens_on(run, monkeypatch, flags, evil_status):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from medtransfer.cli import app as cli
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
+    result = CliRunner().invoke(cli, ["serve", "--run", str(run), "--body-timeout", "5", "--min-upload-rate", "0", *flags])
+    assert result.exit_code == 0, result.output
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8000)
+    assert TestClient(served["app"], base_url="http://127.0.0.1:8000").get("/health").status_code == 200
+    assert TestClient(served["app"], base_url="http://evil.example").get("/health").status_code == evil_status
+
+
+def test_serve_refuses_bad_body_rules(run):
+    with pytest.raises(ConfigError, match="--body-timeout: got 0"):
+        create_app(load_model(run), body_timeout=0)
+    with pytest.raises(ConfigError, match="--min-upload-rate: got -1"):
+        create_app(load_model(run), min_upload_rate=-1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 import shutil
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,29 @@ from medtransfer.ood import OOD_JSON, OOD_WEIGHTS
 from medtransfer.rundir import write_text_atomic
 from medtransfer.runtime import default_decode_workers
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "ADAPTATION_FILE", "adapt_model"]
+__all__ = ["ADAPTATION_FILE", "Adaptation", "DEFAULT_METHOD", "METHODS", "adapt_images", "adapt_model"]
 
 METHODS = ("prior", "bn", "prior+bn", "tent")
 DEFAULT_METHOD = "bn"  # measured: README "Adapting to a new site without labels" (benchmarks/adapt.py)
 ADAPTATION_FILE = "adaptation.json"
 MAX_PRIOR_CI = 0.4  # widest acceptable 95% CI of the estimated prevalence
 PRIOR_EDGE = 0.02  # an estimate this close to 0 or 1 is implausible for a site that sends images of both kinds
+
+
+@dataclass
+class Adaptation:
+    """An adaptation in memory: adaptation.json's record, the adapted model, and the new images as it scores them."""
+
+    record: dict[str, Any]
+    model: SavedModel
+    outputs: Sample
+
+
+def _check_choices(method: str, operating_point: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
+    if operating_point not in operating.RULES:
+        raise ConfigError(f"--operating-point: got {operating_point!r}; choose one of {', '.join(operating.RULES)}")
 
 
 def adapt_model(
@@ -65,17 +82,36 @@ def adapt_model(
     """Adapt the model in `run` to the images under `data` (no labels) and write NEW/model; returns adaptation.json.
     `reference`: the run's validation images already scored by this model (site_shift.reference_sample), to reuse."""
     console = console or Console()
-    if method not in METHODS:
-        raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
-    if operating_point not in operating.RULES:
-        raise ConfigError(f"--operating-point: got {operating_point!r}; choose one of {', '.join(operating.RULES)}")
+    _check_choices(method, operating_point)
     saved = load_model(run)
+    _check_out(out, run)
+    images = list_unlabelled(data, patient_regex=(saved.info.training_config or {}).get("patient_regex"))
+    adaptation = adapt_images(
+        saved, run, images, method=method, operating_point=operating_point, cache_dir=cache_dir, min_images=min_images,
+        max_ood_share=max_ood_share, max_prior_ci=max_prior_ci, bootstrap=bootstrap, permutations=permutations, seed=seed,
+        tent_epochs=tent_epochs, tent_lr=tent_lr, accelerator=accelerator, progress=progress, console=console,
+        reference=reference)
+    _write(saved, adaptation.model, adaptation.record, run, out)
+    for line in adaptation_lines(adaptation.record):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return adaptation.record
+
+
+def adapt_images(
+    saved: SavedModel, run: Path, images: UnlabelledImages, *, method: str = DEFAULT_METHOD, operating_point: str = "keep",
+    cache_dir: Path, min_images: int = batchnorm.MIN_IMAGES, max_ood_share: float = site_shift.OOD_LIMIT,
+    max_prior_ci: float = MAX_PRIOR_CI, bootstrap: int = 500, permutations: int = 500, seed: int = 0, tent_epochs: int = 1,
+    tent_lr: float = 1e-3, accelerator: str = "auto", progress: bool = False, console: Console | None = None,
+    reference: Sample | None = None, target: Sample | None = None,
+) -> Adaptation:
+    """Steps 1-5 in memory (nothing written; DataError for a refusal). `reference` / `target`: the run's validation
+    images and `images` already scored by `saved` (site_shift.score_images), to reuse across methods."""
+    console = console or Console(quiet=True)
+    _check_choices(method, operating_point)
     if saved.task.multilabel or len(saved.classes) != 2:
         raise ConfigError(f"--run {run}: adapt supports two-class single-label models; this one has classes "
                           f"{', '.join(saved.classes)} ({saved.info.task})")
-    _check_out(out, run)
-    training = saved.info.training_config or {}
-    images = list_unlabelled(data, patient_regex=training.get("patient_regex"))
+    data = images.root
     uses_bn = method != "prior"
     if uses_bn and len(images.paths) < min_images:
         raise DataError(f"--data {data}: {len(images.paths)} images; --method {method} re-estimates BatchNorm statistics, "
@@ -85,7 +121,8 @@ def adapt_model(
     console.print(f"Scoring {len(images.paths)} new images and the run's validation images", style="dim")
     if reference is None:
         reference = site_shift.reference_sample(saved, run, seed=seed, progress=progress, **options)
-    target = _score(saved, images, progress=progress, **options)
+    if target is None:
+        target = _score(saved, images, progress=progress, **options)
     before = site_shift.detect_shift(saved, reference, target, permutations=permutations, bootstrap=bootstrap, seed=seed)
     ood = before.get("ood")
     if ood and ood["flagged_fraction"] > max_ood_share:
@@ -136,10 +173,7 @@ def adapt_model(
                      "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
                      **({"tent_epochs": tent_epochs, "tent_lr": tent_lr} if method == "tent" else {})},
     }
-    _write(saved, adapted, record, run, out)
-    for line in adaptation_lines(record):
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-    return record
+    return Adaptation(record, adapted, target_final)
 
 
 def _check_out(out: Path, run: Path) -> None:

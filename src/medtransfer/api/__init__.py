@@ -16,12 +16,17 @@ produce and read the same run folders. Importing this package is cheap: torch, L
 pandas load when a function runs.
 
 Example:
+    Demo radiographs (generated, offline), a tiny run, then the model (about a minute on a CPU;
+    the examples of the functions below continue from this one):
+
     >>> import medtransfer
-    >>> result = medtransfer.train("chest_xray", "runs/first", epochs=5)  # doctest: +SKIP
+    >>> from medtransfer.data.synthetic import generate_demo_dataset
+    >>> _ = generate_demo_dataset("demo_data", patients_per_class=8, image_size=64)  # doctest: +SKIP
+    >>> result = medtransfer.train("demo_data", "runs/demo", weights="none", image_size=48, epochs=2)  # doctest: +SKIP
     >>> model = result.load()  # doctest: +SKIP
-    >>> model.predict("chest_xray/test/PNEUMONIA").head()  # doctest: +SKIP
-    >>> model.evaluate("other_hospital/", out="runs/first-external")  # doctest: +SKIP
-    >>> heatmap, overlay = model.explain("chest_xray/test/PNEUMONIA/person1_virus_6.jpeg")  # doctest: +SKIP
+    >>> model.predict("demo_data/test/PNEUMONIA").head()  # doctest: +SKIP
+    >>> model.evaluate("demo_data", out="runs/demo-evaluation")  # doctest: +SKIP
+    >>> heatmap, overlay = model.explain(model.predict("demo_data/test/PNEUMONIA").path[0])  # doctest: +SKIP
 """
 
 from medtransfer.api.model import Model, Recalibration, load

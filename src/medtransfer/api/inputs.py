@@ -73,11 +73,7 @@ def write_manifest(frame: Any, folder: Path) -> Path:
     >>> write_manifest(frame, Path(tempfile.mkdtemp())).name.startswith("dataframe-")
     True
     """
-    column = next((c for c in IMAGE_COLUMNS if c in frame.columns), None)
-    if column is None:
-        raise DataError(
-            f"DataFrame: no image column (one of {', '.join(IMAGE_COLUMNS)}); found {', '.join(map(str, frame.columns))}"
-        )
+    column = _image_column(frame)
     if frame.empty:
         raise DataError("DataFrame: no rows; pass one row per image")
     table = frame.copy()
@@ -94,6 +90,15 @@ def write_manifest(frame: Any, folder: Path) -> Path:
     return path
 
 
+def _image_column(frame: Any) -> str:
+    column = next((c for c in IMAGE_COLUMNS if c in frame.columns), None)
+    if column is None:
+        raise DataError(
+            f"DataFrame: no image column (one of {', '.join(IMAGE_COLUMNS)}); found {', '.join(map(str, frame.columns))}"
+        )
+    return column
+
+
 def _joined(value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         return "|".join(str(v) for v in value)
@@ -108,15 +113,12 @@ def image_items(images: Any) -> tuple[list[Any], bool]:
     images; a DataFrame its ``path`` column; any other sequence its items.
     """
     if is_dataframe(images):
-        column = next((c for c in IMAGE_COLUMNS if c in images.columns), None)
-        if column is None:
-            raise DataError(f"DataFrame: no image column (one of {', '.join(IMAGE_COLUMNS)}); "
-                            f"found {', '.join(map(str, images.columns))}")
-        items: list[Any] = [Path(p) for p in images[column]]
+        items: list[Any] = [Path(p) for p in images[_image_column(images)]]
     elif _is_single(images):
         items = [images]
-    elif _is_array(images) and images.ndim == 4:
-        items = list(images)
+    elif _is_array(images) and images.ndim != 4:
+        raise ConfigError(f"images: got an array of shape {images.shape}; pass one image (H x W or H x W x 3) "
+                          "or a batch (N x H x W x C)")
     elif isinstance(images, Sequence) or hasattr(images, "__iter__"):
         items = list(images)
     else:

@@ -45,9 +45,12 @@ def load(run: Any) -> Model:
         WeightsError: No saved model in the folder, or a model.json that does not check.
 
     Example:
+        The run of :func:`medtransfer.train`'s example:
+
         >>> import medtransfer
-        >>> model = medtransfer.load("runs/first")  # doctest: +SKIP
-        >>> model.predict("new_xrays/")  # a DataFrame: path, prob_NORMAL, prob_PNEUMONIA, pred, ...  # doctest: +SKIP
+        >>> model = medtransfer.load("runs/demo")  # doctest: +SKIP
+        >>> model.classes  # doctest: +SKIP
+        ['NORMAL', 'PNEUMONIA']
     """
     from medtransfer.artifacts import load_model
 
@@ -63,10 +66,9 @@ class Model:
         run: The folder it was loaded from.
 
     Example:
-        >>> model = medtransfer.load("runs/first")  # doctest: +SKIP
-        >>> model  # in Jupyter: backbone, task, classes, threshold, TTA, members, OOD guard  # doctest: +SKIP
-        >>> table = model.predict(["a.png", "b.png"])  # doctest: +SKIP
-        >>> heatmap, overlay = model.explain("a.png")  # doctest: +SKIP
+        >>> import medtransfer
+        >>> model = medtransfer.load("runs/demo")  # doctest: +SKIP
+        >>> model  # in Jupyter a table: backbone, task, classes, threshold, TTA, members, OOD guard  # doctest: +SKIP
     """
 
     def __init__(self, saved: SavedModel, run: str | Path):
@@ -112,7 +114,12 @@ class Model:
             DataError: A missing or unreadable image (unless ``skip_bad_images``).
 
         Example:
-            >>> model.predict(["xray1.png", "xray2.png"])[["path", "prob_PNEUMONIA", "pred"]]  # doctest: +SKIP
+            >>> from PIL import Image
+            >>> model = medtransfer.load("runs/demo")  # doctest: +SKIP
+            >>> table = model.predict("demo_data/test")  # every image of the folder  # doctest: +SKIP
+            >>> table[["path", "prob_PNEUMONIA", "pred"]].head()  # doctest: +SKIP
+            >>> bool(model.predict(Image.open(table.path[0])).prob_PNEUMONIA[0] == table.prob_PNEUMONIA[0])  # doctest: +SKIP
+            True
         """
         from medtransfer.predict import predict_files
 
@@ -156,7 +163,9 @@ class Model:
             An :class:`~medtransfer.api.Evaluation` (``.metrics``, ``.out``, ``.report``, ``.predictions``).
 
         Example:
-            >>> model.evaluate("other_hospital/", out="runs/first-external")  # doctest: +SKIP
+            >>> model = medtransfer.load("runs/demo")  # doctest: +SKIP
+            >>> evaluation = model.evaluate("demo_data", out="runs/demo-evaluation", bootstrap=200)  # doctest: +SKIP
+            >>> evaluation.metrics["test"]["auc"], evaluation.report  # doctest: +SKIP
         """
         from rich.console import Console
 
@@ -201,7 +210,10 @@ class Model:
             A :class:`~medtransfer.api.Recalibration` (before/after table; ``.model`` loads the new model).
 
         Example:
-            >>> model.recalibrate("local_site/", "runs/first-local").model  # doctest: +SKIP
+            >>> model = medtransfer.load("runs/demo")  # doctest: +SKIP
+            >>> recalibrated = model.recalibrate("demo_data", "runs/demo-local", bootstrap=200)  # doctest: +SKIP
+            >>> recalibrated  # before/after table  # doctest: +SKIP
+            >>> recalibrated.model.predict("demo_data/test/NORMAL")  # doctest: +SKIP
         """
         from rich.console import Console
 
@@ -244,9 +256,13 @@ class Model:
             ConfigError: An unknown method or finding, or ``finding`` for a single-label model.
 
         Example:
-            >>> heatmap, overlay = model.explain("xray.png", method="layercam")  # doctest: +SKIP
-            >>> heatmap.shape, overlay.size  # doctest: +SKIP
-            ((224, 224), (224, 238))
+            >>> from pathlib import Path
+            >>> model = medtransfer.load("runs/demo")  # doctest: +SKIP
+            >>> image = sorted(Path("demo_data/test/PNEUMONIA").glob("*.png"))[0]
+            >>> heatmap, overlay = model.explain(image, method="layercam")  # doctest: +SKIP
+            >>> heatmap.shape  # the model's input size  # doctest: +SKIP
+            (48, 48)
+            >>> overlay.save("heatmap.png")  # doctest: +SKIP
         """
         import numpy as np
         import torch
@@ -356,8 +372,8 @@ class Recalibration:
         metrics: Its metrics.json; ``metrics["recalibration"]`` holds ``before`` and ``after``.
 
     Example:
-        >>> recalibrated = model.recalibrate("local_site/", "runs/local")  # doctest: +SKIP
-        >>> recalibrated.model.predict("xray.png")  # doctest: +SKIP
+        >>> recalibrated = medtransfer.load("runs/demo").recalibrate("demo_data", "runs/demo-recalibrated")  # doctest: +SKIP
+        >>> after = recalibrated.metrics["recalibration"]["after"]  # doctest: +SKIP
     """
 
     out: Path

@@ -31,8 +31,9 @@ class Evaluation:
             split, ``metrics["ood"]`` (with an OOD guard) the share of images flagged as foreign.
 
     Example:
-        >>> evaluation = model.evaluate("other_hospital/")  # doctest: +SKIP
+        >>> evaluation = medtransfer.load("runs/demo").evaluate("demo_data")  # doctest: +SKIP
         >>> evaluation.metrics["test"]["sensitivity"], evaluation.report  # doctest: +SKIP
+        >>> evaluation.predictions.head()  # doctest: +SKIP
     """
 
     out: Path
@@ -81,6 +82,11 @@ class Explanation:
         method: ``cam``, ``gradcam``, ``gradcam++``, ``layercam`` or ``occlusion``.
         target_layer: The layer the map was read from (``input`` for occlusion).
         probabilities: ``{class or finding: probability}`` for the image.
+
+    Example:
+        >>> explanation = medtransfer.load("runs/demo").explain("demo_data/test/NORMAL/IM-0104-0001.png")  # doctest: +SKIP
+        >>> explanation.caption  # doctest: +SKIP
+        'PNEUMONIA p=0.61 (threshold 0.57)'
     """
 
     heatmap: np.ndarray

@@ -41,9 +41,10 @@ class TrainedRun:
             for a DataFrame.
 
     Example:
-        >>> result = medtransfer.train("chest_xray", "runs/first", epochs=5)  # doctest: +SKIP
+        The run of :func:`train`'s example, read again later:
+
+        >>> result = TrainedRun.read("runs/demo")  # doctest: +SKIP
         >>> result.metrics["test"]["auc"], result.report  # doctest: +SKIP
-        (0.951..., PosixPath('runs/first/report.html'))
     """
 
     run: Path
@@ -148,9 +149,10 @@ def train(data: Any, out: str | Path, *, quiet: bool = False, **settings: Any) -
         >>> import medtransfer
         >>> from medtransfer.data.synthetic import generate_demo_dataset
         >>> _ = generate_demo_dataset("demo_data", patients_per_class=8, image_size=64)  # doctest: +SKIP
-        >>> result = medtransfer.train("demo_data", "runs/demo", backbone="resnet18", weights="none",
-        ...                            image_size=48, epochs=2, bootstrap=200)  # doctest: +SKIP
+        >>> result = medtransfer.train("demo_data", "runs/demo", weights="none", image_size=48, epochs=2)  # doctest: +SKIP
         >>> result  # a table of val/test AUC with CIs, accuracy, sensitivity, specificity  # doctest: +SKIP
+        >>> result.metrics["test"]["auc"] == result.test["auc"]  # doctest: +SKIP
+        True
     """
     from rich.console import Console
 

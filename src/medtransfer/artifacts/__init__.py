@@ -46,6 +46,7 @@ MODEL_DIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_JSON = "model.json"
 FORMAT_VERSION = 1
+MAX_JSON_BYTES = 4 << 20  # model.json is a few KB; a larger file is not one medtransfer wrote
 _FIX = "Correct the field, or train the model again with `medtransfer train`."
 
 ImageSource = str | Path | bytes | np.ndarray
@@ -402,14 +403,22 @@ def find_model_dir(path: str | Path) -> Path:
 
 def read_model_info(model_dir: Path) -> ModelInfo:
     json_path = model_dir / MODEL_JSON
+    if json_path.stat().st_size > MAX_JSON_BYTES:
+        raise WeightsError(f"{json_path}: {json_path.stat().st_size:,} bytes, more than a model.json holds "
+                           f"({MAX_JSON_BYTES:,}); restore the model folder from a backup or train again")
     try:
         data = json.loads(json_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"{json_path}: not valid JSON ({exc.msg}, line {exc.lineno}). {_FIX}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = f"{exc.msg}, line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise WeightsError(f"{json_path}: not valid JSON ({reason}). {_FIX}") from None
     return ModelInfo.from_json(data, source=json_path)
 
 
 def load_model(path: str | Path) -> SavedModel:
+    """The saved model of a run (or model) folder. Every file is checked before the network is built:
+    model.json's values are bounded (fields.py), each weight file's header must hold the tensors of the
+    declared architecture (shapes compared on the meta device), and a truncated or corrupt file is a
+    WeightsError naming it and what to do."""
     model_dir = find_model_dir(path)
     info = read_model_info(model_dir)
     members = []
@@ -423,4 +432,11 @@ def load_model(path: str | Path) -> SavedModel:
             raise
         except MedtransferError as exc:
             raise WeightsError(f"{model_dir / MODEL_JSON}: field 'backbone' {info.backbone!r}: {exc}") from None
-    return SavedModel(model=members[0], info=info, ood=load_detector(model_dir), extra=tuple(members[1:]))
+    ood = load_detector(model_dir)
+    for layer in ood.layers if ood is not None else ():
+        try:
+            members[0].net.get_submodule(layer)
+        except AttributeError:
+            raise WeightsError(f"{model_dir}/ood.json: layer {layer[:80]!r} is not a layer of {info.backbone}; restore the "
+                               "model folder from a backup, or delete ood.json and ood.safetensors") from None
+    return SavedModel(model=members[0], info=info, ood=ood, extra=tuple(members[1:]))

@@ -33,7 +33,11 @@ from pathlib import Path
 from medtransfer.data.discover import Record
 from medtransfer.data.near_duplicates import ImageHashes
 from medtransfer.data.split import (
-    DEFAULT_TEST_FRACTION, SPLIT_CSV_COLUMNS, SPLIT_CSV_EXTRA_COLUMNS, duplicate_patient_groups, grouped_stratified_split,
+    DEFAULT_TEST_FRACTION,
+    SPLIT_CSV_COLUMNS,
+    SPLIT_CSV_EXTRA_COLUMNS,
+    duplicate_patient_groups,
+    grouped_stratified_split,
 )
 from medtransfer.data.stratify import GroupCounts, group_counts
 from medtransfer.errors import ConfigError, DataError

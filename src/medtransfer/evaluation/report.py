@@ -27,14 +27,14 @@ from medtransfer.evaluation.published import published_section
 from medtransfer.evaluation.report_findings import (
     border_evidence_html, foreign_inputs_html, gallery_intro_html, leakage_html, shift_html,
 )
-from medtransfer.evaluation.report_folds import cross_validation_section
+from medtransfer.evaluation.report_folds import CROSS_VALIDATION, cross_validation_section
 from medtransfer.evaluation.report_multilabel import MULTILABEL_SECTION_IDS, is_multilabel, multilabel_sections
 from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["SECTION_IDS", "write_report"]
 
 # In reading order: the verdict first, then what it rests on, the settings last.
-SECTION_IDS = ("summary", "cross-validation", "shift", "data", "metrics", "foreign-inputs", "curves", "calibration", "training", "explanations",
+SECTION_IDS = ("summary", "shift", "data", "metrics", "foreign-inputs", "curves", "calibration", "training", "explanations",
                "shortcut-check", "published", "configuration")
 
 
@@ -55,6 +55,8 @@ def write_report(run_dir: Path, *, console: Any = None, title: str | None = None
     builders, order = (_SECTIONS, SECTION_IDS)  # multi-label: per-finding sections, none of those for one positive class
     if run.multilabel:
         builders, order = {**_SECTIONS, **multilabel_sections(_run_facts)}, MULTILABEL_SECTION_IDS
+    if "cross_validation" in run.metrics.extra:  # `train --folds K`: its fold table right after the summary
+        builders, order = {**builders, CROSS_VALIDATION: cross_validation_section}, (order[0], CROSS_VALIDATION, *order[1:])
     sections = {name: builders[name](run) for name in order}  # in page order: each plot is shown once
     sections["other-figures"] = _other_figures(run)
     present = [name for name, content in sections.items() if content]
@@ -450,7 +452,7 @@ def _foreign_inputs(run: _Run) -> str:
 
 
 _SECTIONS = {
-    "summary": _summary, "cross-validation": cross_validation_section, "shift": _shift, "data": _data, "metrics": _metrics, "foreign-inputs": _foreign_inputs,
+    "summary": _summary, "shift": _shift, "data": _data, "metrics": _metrics, "foreign-inputs": _foreign_inputs,
     "curves": _curves, "calibration": _calibration,
     "training": _training, "explanations": _explanations, "published": _published, "configuration": _configuration,
     "shortcut-check": lambda run: border_evidence_html(run.metrics.border_evidence, run.root),

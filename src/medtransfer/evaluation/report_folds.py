@@ -21,9 +21,10 @@ from medtransfer.evaluation import resampling
 from medtransfer.evaluation.metrics import RankedScores, roc_curve_points
 from medtransfer.safeio import atomic_path
 
-__all__ = ["FOLD_PLOTS", "cross_validation_section", "write_fold_plots"]
+__all__ = ["CROSS_VALIDATION", "FOLD_PLOTS", "cross_validation_section", "write_fold_plots"]
 
 FOLD_PLOTS = ("folds_roc.png", "folds_history.png")
+CROSS_VALIDATION = "cross-validation"  # the section's id, after the summary; metrics.json's block is "cross_validation"
 DPI = 120
 
 
@@ -180,4 +181,4 @@ def cross_validation_section(run: Any) -> str:
         (run.plot("val_roc.png"), "Pooled out-of-fold ROC with its 95% patient-bootstrap band and the chosen operating point"),
         (run.plot(FOLD_PLOTS[1]), "Loss per epoch of every fold; * marks the epoch whose weights each fold kept"),
     ])
-    return h.section("cross-validation", "Cross-validation", "\n".join(parts) + (figures or ""))
+    return h.section(CROSS_VALIDATION, "Cross-validation", "\n".join(parts) + (figures or ""))

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medtransfer.evaluation import html as h
-from medtransfer.evaluation.report_findings import foreign_inputs_html, leakage_html, shift_html
+from medtransfer.evaluation.published import chestxray14_section
+from medtransfer.evaluation.report_findings import (
+    foreign_inputs_html,
+    leakage_html,
+    shift_html,
+)
 from medtransfer.rundir import METRIC_KEYS, RunMetrics, SplitMetrics
 
 __all__ = ["MULTILABEL_SECTION_IDS", "ReportRun", "is_multilabel", "multilabel_sections"]
@@ -31,7 +36,8 @@ MULTI_LABEL = "multi-label"
 
 # In reading order; "training" and "configuration" are the single-label report's own sections.
 MULTILABEL_SECTION_IDS = (
-    "summary", "cross-validation", "shift", "data", "findings", "foreign-inputs", "curves", "calibration", "training", "configuration",
+    "summary", "shift", "data", "findings", "published", "foreign-inputs", "curves", "calibration", "training",
+    "configuration",
 )
 
 
@@ -60,6 +66,8 @@ def multilabel_sections(run_facts: Section) -> dict[str, Section]:
         "shift": lambda run: shift_html(run.metrics.extra.get("shift")),
         "data": _data,
         "findings": _findings,
+        # CheXNet's per-finding table beside the test split's AUCs, where the findings carry ChestX-ray14 names
+        "published": lambda run: chestxray14_section(run.metrics.test.extra) if run.metrics.test is not None else "",
         "foreign-inputs": lambda run: foreign_inputs_html(run.metrics.extra.get("ood"), run.metrics.test),
         "curves": _curves,
         "calibration": _calibration,

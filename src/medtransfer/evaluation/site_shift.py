@@ -13,7 +13,7 @@ images alone - the new site's labels, when there are any, are never read here:
 - the verdict (:func:`~medtransfer.evaluation.shift_tests.shift_verdict`).
 
 The reference is RUN/split.csv's validation rows (their labels are the source's, which is
-allowed: the threshold was chosen on them), at most ``reference_limit`` of them (seeded).
+allowed: the threshold was chosen on them), at most 1,000 of them for `adapt` and 500 for `evaluate` (seeded).
 
     >>> reference = reference_sample(saved, run, cache_dir=cache)                    # doctest: +SKIP
     >>> target = score_images(saved, paths, cache_dir=cache)                          # doctest: +SKIP
@@ -168,7 +168,7 @@ def estimate_prior(
     positive = saved.positive_index
     val_y = reference.labels
     source = np.bincount(val_y, minlength=len(saved.classes)) / len(val_y)
-    val_probs, target_probs = reference.probabilities(saved), target.probabilities(saved)
+    target_probs = target.probabilities(saved)
 
     def em(t_rows: np.ndarray, v_rows: np.ndarray) -> float:
         shares = np.bincount(val_y[v_rows], minlength=len(saved.classes)) / len(v_rows)
@@ -243,12 +243,14 @@ def detection_lines(summary: dict[str, Any]) -> list[str]:
 def site_shift_summary(
     saved: SavedModel, run: Path, paths: list[str], *, cache_dir: Path, accelerator: str = "auto", seed: int = 0,
     logits: np.ndarray | None = None, ood_scores: np.ndarray | None = None, patient_ids: list[str] | None = None,
+    reference_limit: int = 500,
 ) -> dict[str, Any]:
     """evaluate's hook: the label-free summary of images `paths` (their labels are not passed, so not read).
     With `logits` (and `ood_scores`) from evaluate's own pass only the features are computed (one view).
     {"skipped": reason} when the run has no validation images to compare with."""
     try:
-        reference = reference_sample(saved, run, cache_dir=cache_dir, seed=seed, accelerator=accelerator)
+        reference = reference_sample(saved, run, cache_dir=cache_dir, seed=seed, accelerator=accelerator,
+                                     limit=reference_limit)
         target = score_images(saved, paths, cache_dir=cache_dir, accelerator=accelerator, outputs=logits is None)
         if logits is not None:
             target.logits, target.ood_scores = np.asarray(logits, dtype=np.float64), ood_scores

@@ -25,19 +25,24 @@ member runs first, so a hook on :attr:`AveragedNetwork.head` (the OOD guard's
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from medtransfer.errors import ConfigError, WeightsError
+from medtransfer.errors import ConfigError, MedtransferError, WeightsError
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.heads import apply_head
 from medtransfer.models.strategies import TransferModel
 
-__all__ = ["TTA_MODES", "AveragedNetwork", "check_tta", "inference_network", "load_member", "override_warning", "tta_views"]
+__all__ = [
+    "TTA_MODES", "AveragedNetwork", "check_tta", "expected_shapes", "inference_network", "load_member", "override_warning",
+    "tta_views", "weights_header",
+]
 
 TTA_MODES = ("none", "crops", "flip")
 CROP_SIDE = 0.9  # side of the shifted crops, as a fraction of the input side
@@ -103,18 +108,69 @@ def inference_network(members: list[nn.Module], tta: str) -> nn.Module:
     return AveragedNetwork(members, tta)
 
 
+RESTORE = "restore the model folder from a backup, or train the model again with `medtransfer train`"
+
+
+def weights_header(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors file's header; no tensor is read.
+
+    safetensors checks that the header is whole and that its tensors cover the file exactly, so a
+    truncated or garbage file fails here. Raises WeightsError naming the file and what to do."""
+    if not weights.is_file():
+        raise WeightsError(f"{weights}: missing; the model folder is incomplete: {RESTORE}")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{weights}: truncated or corrupt, not a readable safetensors file "
+                           f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}): {RESTORE}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def expected_shapes(backbone: str, num_classes: int, in_channels: int, output_stride: int, head: str) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of the network `load_member` builds, computed on the meta device: no memory
+    is allocated, so a model.json naming a huge backbone costs nothing until its weights are shown to fit."""
+    try:
+        with torch.device("meta"):
+            net, spec = create_backbone(backbone, num_classes=num_classes, weights="none", in_channels=in_channels,
+                                        output_stride=output_stride)
+            apply_head(net, spec, head)
+    except MedtransferError:
+        raise
+    except Exception as exc:  # a timm architecture that cannot be built this way (its own assertion or shape error)
+        raise ConfigError(f"cannot be built ({type(exc).__name__}: {str(exc)[:100]})") from None
+    return {name: tuple(tensor.shape) for name, tensor in net.state_dict().items()}
+
+
+def check_fits(weights: Path, expected: dict[str, tuple[int, ...]], *, backbone: str, source: str) -> None:
+    """WeightsError unless the file's header holds exactly the `expected` tensor names and shapes."""
+    given = weights_header(weights)
+    wrong = sorted(f"{k} {given[k]} vs {expected[k]}" for k in set(given) & set(expected) if given[k] != expected[k])
+    problems = [f"{len(items)} {title} (e.g. {', '.join(items[:2])})" for title, items in (
+        ("wrong shapes", wrong), ("missing tensors", sorted(set(expected) - set(given))),
+        ("unexpected tensors", sorted(set(given) - set(expected)))) if items]
+    if problems:
+        raise WeightsError(f"--run {source}: {weights.name} does not fit backbone {backbone} as model.json describes it: "
+                           f"{'; '.join(problems)[:300]}. The weights and model.json come from different models: {RESTORE}")
+
+
 def load_member(
     weights: Path, *, backbone: str, num_classes: int, in_channels: int, output_stride: int, head: str, source: str
 ) -> TransferModel:
-    """A TransferModel (eval mode) rebuilt from its architecture and a safetensors file; WeightsError names `source`."""
+    """A TransferModel (eval mode) rebuilt from its architecture and a safetensors file; WeightsError names `source`.
+
+    The file's header is checked against the architecture's shapes (on the meta device) before anything
+    is built, so a truncated, foreign or mismatched file is refused without allocating the network."""
+    check_fits(weights, expected_shapes(backbone, num_classes, in_channels, output_stride, head), backbone=backbone,
+               source=source)
     net, spec = create_backbone(
         backbone, num_classes=num_classes, weights="none", in_channels=in_channels, output_stride=output_stride
     )
     apply_head(net, spec, head)
-    if not weights.is_file():
-        raise WeightsError(f"--run {source}: {weights} is missing; the model folder is incomplete, write it again")
     try:
         net.load_state_dict(load_file(str(weights)), strict=True)
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{weights}: truncated or corrupt ({str(exc)[:120]}): {RESTORE}") from None
     except RuntimeError as exc:
-        raise WeightsError(f"--run {source}: weights do not fit {backbone}: {str(exc).splitlines()[0]}") from None
+        raise WeightsError(f"--run {source}: weights do not fit {backbone}: {str(exc).splitlines()[0][:200]}") from None
     return TransferModel(net, spec).eval()

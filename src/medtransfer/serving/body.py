@@ -88,7 +88,8 @@ class ClientGone(Exception):
     """The client disconnected before its body was complete: nobody to answer."""
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower-case bytes), or None."""
     for key, value in scope.get("headers", []):
         if key == name:
             return value.decode("latin-1")
@@ -172,9 +173,9 @@ class BodySpool:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         length = int(declared) if declared is not None and declared.strip().isdigit() else None
-        if length == 0 or (length is None and _header(scope, b"transfer-encoding") is None):
+        if length == 0 or (length is None and header(scope, b"transfer-encoding") is None):
             return await self.app(scope, receive, send)  # no body: nothing to wait for
         started = time.monotonic()
         if length is not None and length > self.rules.max_bytes:
@@ -202,7 +203,7 @@ class BodySpool:
         body = json.dumps({"detail": refusal.detail}).encode()
         await send(_start(refusal.status, body, {"Connection": "close"}))
         await send({"type": "http.response.body", "body": body, "more_body": True})
-        expects = (_header(scope, b"expect") or "").lower() == "100-continue"
+        expects = (header(scope, b"expect") or "").lower() == "100-continue"
         if refusal.drain > 0 and not expects:  # that client waits for 100 Continue: it has sent no body
             await discard(receive, refusal.drain, started + self.rules.deadline)
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -29,6 +29,7 @@ from medtransfer.serving.body import (
     RETRY_AFTER_SECONDS,
     BodyRules,
     BodySpool,
+    header,
     reply,
 )
 
@@ -46,14 +47,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 __all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_MIN_RATE_KB", "AccessLog", "Admission",
            "BodyRules", "SameOrigin", "TokenCheck", "guard", "log_requests_to_stderr"]
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
 
 
 def split_host(value: str, scheme: str = "http") -> tuple[str, int | None]:
@@ -88,8 +81,9 @@ class SameOrigin:
       must be one of ``hosts``, localhost, ``*.localhost`` or an IP address: a page on ``evil.example`` whose
       DNS answer is switched to 127.0.0.1 (DNS rebinding) sends ``Host: evil.example``.
     - ``Origin``, when sent, must be this server's own (scheme, host and port of the request); ``null``
-      (sandboxed frames, files) is foreign. Without an Origin, a ``POST`` marked
-      ``Sec-Fetch-Site: cross-site`` by the browser is refused too. Clients that are not browsers send neither.
+      (sandboxed frames, files) is foreign. Without an Origin, a ``POST`` (or another unsafe method)
+      marked ``Sec-Fetch-Site: cross-site`` by the browser is refused too; a GET so marked (a link followed from
+      another site) is not. Clients that are not browsers send neither.
     """
 
     def __init__(self, app: ASGIApp, *, hosts: Iterable[str] | None) -> None:
@@ -107,22 +101,22 @@ class SameOrigin:
     def problem(self, scope: Scope) -> str | None:
         """Why the request is refused, or None."""
         scheme = scope.get("scheme", "http")
-        host = _header(scope, b"host")
+        host = header(scope, b"host")
         if host is not None and self.hosts is not None and not is_local_name(split_host(host, scheme)[0], self.hosts):
             names = ", ".join(sorted({*self.hosts, *LOCAL_NAMES}))
             return (f"Host {host!r} is not a name of this server ({names} or an IP address): refused against DNS "
                     "rebinding; open the server by one of those, start it with --allow-host NAME, or set --token")
-        origin = _header(scope, b"origin")
+        origin = header(scope, b"origin")
         if origin is not None:
             parts = urlsplit(origin.strip())
-            own = host is not None and parts.scheme == scheme and split_host(parts.netloc, parts.scheme) == split_host(host, scheme)
+            own = (host is not None and parts.scheme == scheme
+                   and split_host(parts.netloc, parts.scheme) == split_host(host, scheme))
             if not own:
                 return (f"request from another web origin ({origin}) refused: without --token this server answers "
                         "only its own page and clients that send no Origin")
-        elif scope["method"] in UNSAFE_METHODS and (_header(scope, b"sec-fetch-site") or "") == "cross-site":
+        elif scope["method"] in UNSAFE_METHODS and (header(scope, b"sec-fetch-site") or "") == "cross-site":
             return "cross-site request refused: without --token this server answers only its own page"
         return None
-
 
 
 class Admission:
@@ -156,8 +150,8 @@ class TokenCheck:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        given = _header(scope, b"x-token") or ""
-        bearer = _header(scope, b"authorization") or ""
+        given = header(scope, b"x-token") or ""
+        bearer = header(scope, b"authorization") or ""
         if bearer.lower().startswith("bearer "):
             given = bearer[7:].strip()
         if not hmac.compare_digest(given.encode(), self.token):

@@ -227,21 +227,6 @@ def weight_averaging_callback(name: str, *, lr: float, ema_decay: float) -> L.Ca
     if name == "ema":
         return EMAWeightAveraging(decay=ema_decay, use_buffers=True)
     if name == "swa":
-        return ResumableSWA(swa_lrs=lr / 10, swa_epoch_start=0.8, annealing_epochs=1)
+        return StochasticWeightAveraging(swa_lrs=lr / 10, swa_epoch_start=0.8, annealing_epochs=1)
     return None
 
-
-class ResumableSWA(StochasticWeightAveraging):
-    """Lightning's SWA, resumed exactly from a checkpoint written at an epoch's end.
-
-    Lightning steps epoch-interval schedulers (SWA's SWALR) after the epoch-end hooks, so
-    after the checkpoint was written; a resumed run rebuilds SWALR from the checkpointed
-    (pre-step) state and would train its next epoch one annealing step behind. The step the
-    uninterrupted run took is taken here once, right after SWA rebuilds its scheduler.
-    """
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        restored = self._scheduler_state is not None and not self._initialized
-        super().on_train_epoch_start(trainer, pl_module)
-        if restored and self._swa_scheduler is not None:
-            self._swa_scheduler.step()

@@ -35,7 +35,13 @@ from rich.markup import escape
 
 from medtransfer.config import TrainConfig
 from medtransfer.data.discover import Record
-from medtransfer.data.folds import assign_folds, draw_folds, fold_records, read_folds, write_fold_split_csv
+from medtransfer.data.folds import (
+    assign_folds,
+    draw_folds,
+    fold_records,
+    read_folds,
+    write_fold_split_csv,
+)
 from medtransfer.data.near_duplicates import hash_images
 from medtransfer.data.split import read_split_csv, split_summary, write_split_csv
 from medtransfer.errors import ConfigError, DataError

@@ -31,11 +31,26 @@ from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import Record
 from medtransfer.errors import ConfigError, DataError
-from medtransfer.evaluation.evaluate import SplitOutputs, fit_operating_point, split_metrics, write_plots, write_predictions
-from medtransfer.evaluation.multilabel import (
-    MultiLabelPoint, fit_multilabel_point, multilabel_split_metrics, write_multilabel_predictions,
+from medtransfer.evaluation.evaluate import (
+    SplitOutputs,
+    fit_operating_point,
+    split_metrics,
+    write_plots,
+    write_predictions,
 )
-from medtransfer.evaluation.out_of_fold import OOF_PREDICTIONS, add_fold_column, fold_row, fold_spread, multiclass_intervals
+from medtransfer.evaluation.multilabel import (
+    MultiLabelPoint,
+    fit_multilabel_point,
+    multilabel_split_metrics,
+    write_multilabel_predictions,
+)
+from medtransfer.evaluation.out_of_fold import (
+    OOF_PREDICTIONS,
+    add_fold_column,
+    fold_row,
+    fold_spread,
+    multiclass_intervals,
+)
 from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
 from medtransfer.evaluation.report_folds import write_fold_plots
@@ -44,7 +59,12 @@ from medtransfer.explain.gallery import write_gallery
 from medtransfer.ood import save_detector
 from medtransfer.rundir import RunDir, SplitRow, write_metrics
 from medtransfer.runtime import (
-    default_decode_workers, device_for, hardware_summary, predict_logits, resolve_accelerator, resolve_precision,
+    default_decode_workers,
+    device_for,
+    hardware_summary,
+    predict_logits,
+    resolve_accelerator,
+    resolve_precision,
 )
 from medtransfer.task import Task
 from medtransfer.train.ensemble import COMPATIBLE_FIELDS

@@ -26,10 +26,15 @@ import torch
 from rich.console import Console
 
 from medtransfer.config import TrainConfig
+from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.discover import Record
 from medtransfer.data.split import write_split_csv
 from medtransfer.errors import DataError
-from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class, split_metrics
+from medtransfer.evaluation.evaluate import (
+    SplitOutputs,
+    default_positive_class,
+    split_metrics,
+)
 from medtransfer.evaluation.multilabel import MultiLabelPoint, multilabel_split_metrics
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.models.inference import inference_network
@@ -39,10 +44,14 @@ from medtransfer.task import Task
 from medtransfer.train.callbacks import read_history
 from medtransfer.train.labelled import task_of_split_file
 from medtransfer.train.outputs import Evaluation, write_outputs
-from medtransfer.train.pipeline import build_model, decode_images, resolve_hardware, train_model
+from medtransfer.train.pipeline import (
+    build_model,
+    decode_images,
+    resolve_hardware,
+    train_model,
+)
 from medtransfer.train.runfolder import check_resumable, hold_run_folder
 from medtransfer.train.scoring import SplitData, eval_datasets, fit_ood
-from medtransfer.data.cache import CacheSettings, ImageCache
 
 __all__ = ["REFIT", "refit_epochs", "train_refit"]
 
