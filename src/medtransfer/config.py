@@ -27,6 +27,7 @@ from medtransfer.task import TASK_KINDS, UNCERTAIN_POLICIES
 DISTRIBUTED = ("auto", "ddp", "ddp_spawn")  # Lightning strategies `train --distributed` passes on
 MAX_IMAGE_SIZE = 4096  # largest image_size and cache_size (decode size), here and in a saved model.json
 MAX_YAML_BYTES, MAX_YAML_NODES = 1 << 20, 100_000  # a settings file: its size, and its values with aliases expanded
+MAX_NAMES, MAX_NAME = 1000, 200  # class or finding names in a setting (as in a saved model.json), and their length
 
 
 @dataclass
@@ -123,8 +124,7 @@ class TrainConfig:
     jobs: int = 1  # with folds: folds trained at once, each in its own process
     # explanations
     cam_method: str = "gradcam"  # heatmaps of the report's gallery and border check: cam, gradcam, gradcam++ or layercam
-    # shareable outputs (report, metrics.json, model folder, gallery, logs): paths relative, patient IDs hashed unless true
-    keep_identifiers: bool = False
+    keep_identifiers: bool = False  # true: shareable outputs (report, metrics.json, model/, gallery, logs) keep paths and IDs
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool):  # TrainConfig(augment=False) as before the policies existed
@@ -243,8 +243,7 @@ def default_cache_dir() -> Path:
     """The decoded-image cache shared by all runs: $MEDTRANSFER_CACHE, else ~/.cache/medtransfer."""
     if os.environ.get("MEDTRANSFER_CACHE"):
         return Path(os.environ["MEDTRANSFER_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "medtransfer"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medtransfer"
 
 
 def parse_set_values(items: list[str] | None) -> dict[str, str]:
@@ -253,7 +252,7 @@ def parse_set_values(items: list[str] | None) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set label_smoothing=0.1")
+            raise ConfigError(f"--set {shown(item)}: expected KEY=VALUE, e.g. --set label_smoothing=0.1")
         values[key.strip().replace("-", "_")] = value
     return values
 
@@ -280,21 +279,17 @@ def resolve_train_config(
         changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUME_OVERRIDABLE + EFFECTIVE_BATCH)
         if changed:
             listed = ", ".join("--" + k.replace("_", "-") for k in changed)
-            raise ConfigError(
-                f"--resume {resume}: continues with the run's own settings, so {listed} cannot change; leave "
-                f"{'it' if len(changed) == 1 else 'them'} out (only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE)} "
-                "may), or start a new run with --out"
-            )
+            raise ConfigError(f"--resume {resume}: continues with the run's own settings, so {listed} cannot change; leave "
+                              f"{'it' if len(changed) == 1 else 'them'} out (only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE)} "
+                              "may), or start a new run with --out")
         saved = Path(resume) / CONFIG_FILE
         config = TrainConfig.from_sources(saved if saved.is_file() else None, overrides)
         run = TrainConfig.from_sources(saved if saved.is_file() else None)
         if config.batch_size * config.accumulate != run.batch_size * run.accumulate:
             k = next((d for d in range(2, run.batch_size + 1) if run.batch_size % d == 0), 1)  # smallest divisor
-            raise ConfigError(
-                f"--resume {resume}: --batch-size {config.batch_size} x --accumulate {config.accumulate} changes the run's "
-                f"effective batch of {run.batch_size * run.accumulate} ({run.batch_size} x {run.accumulate}); keep the "
-                f"product, e.g. --batch-size {run.batch_size // k} --accumulate {run.accumulate * k}"
-            )
+            raise ConfigError(f"--resume {resume}: --batch-size {config.batch_size} x --accumulate {config.accumulate} changes the "
+                              f"run's effective batch of {run.batch_size * run.accumulate} ({run.batch_size} x {run.accumulate}); "
+                              f"keep the product, e.g. --batch-size {run.batch_size // k} --accumulate {run.accumulate * k}")
         run_dir = Path(resume)
     else:
         if out is None:
@@ -309,19 +304,17 @@ def resolve_train_config(
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """A settings file: YAML's safe subset, at most MAX_YAML_BYTES, whose values with every alias (*name)
-    expanded number at most MAX_YAML_NODES, so that a few hundred bytes of nested aliases (a "billion
-    laughs" file) are refused before anything repeats them."""
+    """A settings file: safe YAML of at most MAX_YAML_BYTES whose values, every alias (*name) expanded, number at
+    most MAX_YAML_NODES: a few hundred bytes of nested aliases ("billion laughs") are refused before use."""
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file; pass a YAML file such as configs/chest_xray_pneumonia.yaml")
     if path.stat().st_size > MAX_YAML_BYTES:
         raise ConfigError(f"--config {path}: {path.stat().st_size:,} bytes; a settings file holds at most {MAX_YAML_BYTES:,}")
     try:
         values = yaml.load(path.read_text(), Loader=_BoundedLoader) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
-    except (RecursionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not a settings file ({type(exc).__name__}: nested too deeply, or not UTF-8)") from None
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0][:200] if isinstance(exc, yaml.YAMLError) else f"{type(exc).__name__}: too deep or not UTF-8"
+        raise ConfigError(f"--config {path}: not valid YAML ({reason})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of setting: value, got {type(values).__name__}")
     return values
@@ -329,7 +322,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 class _BoundedLoader(yaml.SafeLoader):
     """SafeLoader that counts a document's values with every alias expanded (memoised; a cycle is refused)."""
-
     def compose_document(self):
         node, sizes = super().compose_document(), {}
 
@@ -343,12 +335,12 @@ class _BoundedLoader(yaml.SafeLoader):
                 if sizes[id(item)] > MAX_YAML_NODES:
                     raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} values; write them out")
             return sizes[id(item)]
-
         return node if node is None or size(node) else node
 
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 80, 80, 8, 8
+_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
 
 
 def shown(value: Any, limit: int = 200) -> str:
@@ -357,25 +349,16 @@ def shown(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
-_EXPECTED = {
-    bool: "true or false",
-    int: "a whole number",
-    float: "a number",
-    str: "a text value",
-    tuple: "a list of numbers",
-}
+_EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "a text value", tuple: "a list of numbers"}
 
 
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     """Convert YAML/CLI values to the type of the default, with a clear error."""
     try:
         if default is None:  # optional text settings
-            if value is None:
-                return None
             if isinstance(value, (list, tuple, dict)):
                 raise ValueError
-            return str(value)
+            return None if value is None else str(value)
         if isinstance(default, bool):
             if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
                 return bool(value)
@@ -403,17 +386,14 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
         expected = _EXPECTED.get(type(default), type(default).__name__)
         if isinstance(default, tuple):
             expected = f"a list of {len(default)} numbers, e.g. {','.join(str(v) for v in default)}"
-        raise ConfigError(
-            f"{source}: setting {key!r} got {shown(value)}; expected {expected}"
-        ) from None
+        raise ConfigError(f"{source}: setting {key!r} got {shown(value)}; expected {expected}") from None
     return value
 
 
 def _optional_fraction(key: str, value: Any, default: Any, source: str) -> float | None:
     """None (also "none" or "") keeps the default rule; anything else must be a number."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-        return None
-    return _coerce(key, value, 0.0, source)
+    blank = value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
+    return None if blank else _coerce(key, value, 0.0, source)
 
 
 def _class_map(key: str, value: Any, default: Any, source: str) -> dict[str, str]:
@@ -430,8 +410,10 @@ def _class_names(key: str, value: Any, default: Any, source: str) -> list[str] |
     if value is None:
         return None
     items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
-        raise ConfigError(f"{source}: setting {key!r} got {shown(value)}; expected class names, e.g. normal,pneumonia")
+    if (not isinstance(items, (list, tuple)) or len(items) > MAX_NAMES
+            or not all(isinstance(v, (str, int)) and len(str(v)) <= MAX_NAME for v in items)):
+        raise ConfigError(f"{source}: setting {key!r} got {shown(value)}; expected class names, e.g. normal,pneumonia "
+                          f"(at most {MAX_NAMES}, of at most {MAX_NAME} characters each)")
     names = [str(v).strip() for v in items]
     if not all(names):
         raise ConfigError(f"{source}: setting {key!r} got {shown(value)}; a class name is empty")
@@ -465,13 +447,14 @@ def parse_class_map(values: Iterable[str] | Mapping[str, str] | None) -> dict[st
         for value in [values] if isinstance(values, str) else values:
             old, sep, new = str(value).partition("=")
             if not sep:
-                raise ConfigError(f"--class-map {value!r}: expected OLD=NEW, e.g. --class-map BACTERIA=PNEUMONIA")
+                raise ConfigError(f"--class-map {shown(value)}: expected OLD=NEW, e.g. --class-map BACTERIA=PNEUMONIA")
             pairs.append((old, new))
     mapping: dict[str, str] = {}
     for old, new in ((o.strip(), n.strip()) for o, n in pairs):
         if not old or not new:
-            raise ConfigError(f"--class-map '{old}={new}': both the old and the new class name are needed")
+            raise ConfigError(f"--class-map {shown(f'{old}={new}')}: both the old and the new class name are needed")
         if mapping.get(old, new) != new:
-            raise ConfigError(f"--class-map maps {old!r} twice ({old}={mapping[old]}, {old}={new}); keep one")
+            raise ConfigError(f"--class-map maps {shown(old)} twice ({shown(old)[1:-1]}={shown(mapping[old])[1:-1]}, "
+                              f"{shown(old)[1:-1]}={shown(new)[1:-1]}); keep one")
         mapping[old] = new
     return mapping

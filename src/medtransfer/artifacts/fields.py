@@ -100,7 +100,7 @@ PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "tta": (checked(text, lambda t: t in TTA_MODES), f"must be one of {', '.join(TTA_MODES)}"),
     "members": (checked(texts, lambda m: 1 <= len(m) <= MAX_MEMBERS and all(n.endswith(".safetensors") and "/" not in n
                                                               for n in m) and len(set(m)) == len(m)),
-                f"must be a list of 1 to {MAX_MEMBERS} distinct .safetensors file names in the model folder"),
+                f"must be a list of distinct .safetensors file names in the model folder (1 to {MAX_MEMBERS})"),
     "border_crop": (checked(real, lambda f: 0.0 <= f < 0.5), "must be a fraction in [0, 0.5)"),
 }
 

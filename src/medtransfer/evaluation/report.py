@@ -29,6 +29,7 @@ from medtransfer.evaluation.report_findings import (
 )
 from medtransfer.evaluation.report_folds import CROSS_VALIDATION, cross_validation_section
 from medtransfer.evaluation.report_multilabel import MULTILABEL_SECTION_IDS, is_multilabel, multilabel_sections
+from medtransfer.privacy import visible_settings
 from medtransfer.rundir import RunDir, RunMetrics, SplitMetrics, write_text_atomic
 
 __all__ = ["SECTION_IDS", "write_report"]
@@ -90,9 +91,9 @@ class _Run:
         metrics = folder.metrics()
         model = folder.model_json()
         model = model if isinstance(model, dict) else {}
-        config, source = folder.config(), "config.yaml"
+        config, source = visible_settings(folder.config()), "config.yaml"  # shareable unless keep_identifiers (privacy.py)
         if config is None and isinstance(model.get("training_config"), dict):
-            config, source = model["training_config"], "model/model.json (training_config)"
+            config, source = visible_settings(model["training_config"]), "model/model.json (training_config)"
         return cls(folder, metrics, config, source, folder.history(), _classes(folder, metrics, model))
 
     @property
@@ -224,7 +225,7 @@ def _run_facts(run: _Run) -> str:
         ("Best epoch (lowest val loss)", m.best_epoch),
         ("Stopped early", m.stopped_early),
         ("Training time", h.format_duration(m.train_seconds) if m.train_seconds is not None else None),
-        ("Evaluated", f"{m.data} ({m.split} split) with the model of {m.run}" if m.data else None),
+        ("Evaluated", f"{Path(m.data).name} ({m.split} split) with the model of {Path(m.run or '').name}" if m.data else None),
     ]
     rows += [(label, h.format_number(value)) for label, value in facts if value is not None]
     return "<h3>Run</h3>" + h.table(None, rows) if rows else ""
@@ -273,7 +274,7 @@ def _data(run: _Run) -> str:
     else:
         rows = [(_split_label(n), *(h.format_number(v) for v in (s.n, s.n_positive, s.patients))) for n, s in m.splits.items()]
         parts.append(h.table(["Split", "Images", "Positive", "Patients"], rows) if rows else h.note("No data summary in metrics.json."))
-    parts.append(leakage_html(m.leakage))
+    parts.append(leakage_html(m.leakage, run.root))
     return h.section("data", "Data", "\n".join(parts))
 
 

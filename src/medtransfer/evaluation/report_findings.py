@@ -2,14 +2,14 @@
 side), for `evaluate` on an external set the shift summary (evaluation.shift), and the
 explanation gallery's introduction.
 
-Thumbnails are decoded from the image files named in metrics.json, as training decodes them
-(DICOM included), and embedded, so the page stays self-contained.
+Near-duplicate thumbnails are decoded once, when the run is written, from the run's own images (as
+training decodes them, DICOM included) into ``plots/leakage/pair-NN-a.png`` (:func:`write_pair_thumbnails`);
+the report embeds only those files, from inside the run folder, never a path that metrics.json names.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,19 @@ from medtransfer.data.decode import decode_image
 from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
 from medtransfer.rundir import SplitMetrics
+from medtransfer.safeio import atomic_path
 
-__all__ = ["border_evidence_html", "foreign_inputs_html", "gallery_intro_html", "leakage_html", "shift_html"]
+__all__ = [
+    "LEAKAGE_DIR", "border_evidence_html", "foreign_inputs_html", "gallery_intro_html", "leakage_html", "shift_html",
+    "write_pair_thumbnails",
+]
+
+LEAKAGE_DIR = Path("plots") / "leakage"
 
 
-def leakage_html(leakage: dict[str, Any] | None) -> str:
-    """What the leakage check compared and found; near-duplicate pairs side by side."""
+def leakage_html(leakage: dict[str, Any] | None, root: Path | None = None) -> str:
+    """What the leakage check compared and found; near-duplicate pairs side by side (their thumbnails from
+    ``root``, the run folder; without it, or without thumbnails there, the pairs are listed)."""
     if leakage is None:
         return h.note("No leakage check recorded in metrics.json.")
     text = leakage.get("summary") or (
@@ -38,7 +45,7 @@ def leakage_html(leakage: dict[str, Any] | None) -> str:
     parts = [h.note(text, css="warn") + (f"<ul>{examples}</ul>" if examples else "")]
     pairs = [p for p in leakage.get("near_duplicate_pairs") or [] if isinstance(p, dict)][:_PAIRS_SHOWN]
     if pairs:
-        tiles = "".join(_pair_tile(p) for p in pairs)
+        tiles = "".join(_pair_tile(p, root) for p in pairs)
         total = leakage.get("near_duplicates") or len(pairs)
         parts.append(f"<h3>Near-duplicate pairs in two splits ({h.format_number(len(pairs))} of {h.format_number(total)} shown)</h3>")
         parts.append(f'<div class="figures gallery">{tiles}</div>')
@@ -49,24 +56,49 @@ _PAIRS_SHOWN = 12
 _THUMB_PX = 128
 
 
-def _thumbnail(path: str) -> str:
-    """An <img> of the image file (decoded as training decodes it), or a note when it cannot be read."""
+def write_pair_thumbnails(run_dir: Path, leakage: dict[str, Any] | None, *, readable: set[str] | None = None) -> None:
+    """Decode the first near-duplicate pairs' images (paths as the leakage check found them) into
+    ``run_dir/plots/leakage/pair-NN-{a,b}.png`` and name those files in each pair's "thumbnails" (None where an
+    image cannot be read, or is not in `readable` when given). Earlier thumbnails are removed first."""
+    pairs = [p for p in (leakage or {}).get("near_duplicate_pairs") or [] if isinstance(p, dict)][:_PAIRS_SHOWN]
+    folder = Path(run_dir) / LEAKAGE_DIR
+    for stale in folder.glob("pair-*.png") if folder.is_dir() else ():
+        stale.unlink()
+    for number, pair in enumerate(pairs, start=1):
+        pair["thumbnails"] = [_write_thumbnail(Path(run_dir), str(pair.get(f"path_{side}")), f"pair-{number:02d}-{side}.png",
+                                               readable) for side in ("a", "b")]
+
+
+def _write_thumbnail(run_dir: Path, source: str, name: str, readable: set[str] | None) -> str | None:
+    if readable is not None and source not in readable:
+        return None
     try:
-        pixels = decode_image(Path(path), size=_THUMB_PX)
+        pixels = decode_image(Path(source), size=_THUMB_PX)
     except (DataError, OSError):
-        return h.note(f"{Path(path).name}: not readable")
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img src="{uri}" alt="{h.escape(Path(path).name)}" style="width:49%">'
+        return None
+    (run_dir / LEAKAGE_DIR).mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / LEAKAGE_DIR / name) as temporary:
+        Image.fromarray(pixels).save(temporary, format="PNG")
+    return (LEAKAGE_DIR / name).as_posix()
 
 
-def _pair_tile(pair: dict[str, Any]) -> str:
+def _thumbnail(relative: Any, root: Path | None, shown: str) -> str:
+    """An <img> of a thumbnail file inside the run folder `root`, or a note when there is none."""
+    path = (root / str(relative)).resolve() if root is not None and isinstance(relative, str) and relative else None
+    if path is None or not path.is_relative_to(root.resolve()) or not path.is_file():
+        return h.note(f"{shown}: no thumbnail in the run folder")
+    uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="{uri}" alt="{h.escape(shown)}" style="width:49%">'
+
+
+def _pair_tile(pair: dict[str, Any], root: Path | None) -> str:
+    names = [Path(str(pair.get(f"path_{side}"))).name for side in ("a", "b")]
     caption = (
-        f"{Path(str(pair.get('path_a'))).name} ({pair.get('split_a')}) ~ {Path(str(pair.get('path_b'))).name} "
+        f"{names[0]} ({pair.get('split_a')}) ~ {names[1]} "
         f"({pair.get('split_b')}): {pair.get('distance')} bits, correlation {h.format_number(pair.get('correlation'), 4)}"
     )
-    images = _thumbnail(str(pair.get("path_a"))) + " " + _thumbnail(str(pair.get("path_b")))
+    thumbnails = pair.get("thumbnails") if isinstance(pair.get("thumbnails"), list) else [None, None]
+    images = " ".join(_thumbnail(t, root, n) for t, n in zip([*thumbnails, None, None][:2], names))
     return f"<figure>{images}<figcaption>{h.escape(caption)}</figcaption></figure>"
 
 

@@ -3,8 +3,10 @@
 :func:`write_gallery` reads ``RUN/predictions_<split>.csv`` (``path,label,prob_<class>...,
 pred,patient_id``), picks per group the ``per_group`` most telling images and writes
 
-- ``RUN/plots/gallery/<group>_<rank>_<stem>.png``: the class activation map of the
-  *predicted* class over the image as the model saw it (the centre crop), with a caption;
+- ``RUN/plots/gallery/<group>_<rank>_<method>.png``: the class activation map of the
+  *predicted* class over the image as the model saw it (the centre crop), with a caption that names
+  the labels and probabilities, never the file (the image's stem joins the file name only with
+  ``keep_names``, as ``train --keep-identifiers`` asks: a stem often carries the patient ID);
 - ``RUN/gallery.json``: ``{"sections": [{"title": str, "items": [{"image": "plots/gallery/...png",
   "caption": str}]}]}``, which :func:`medtransfer.evaluation.report.write_report` renders.
 
@@ -164,7 +166,7 @@ def caption(row: PredictionRow, classes: Sequence[str], *, positive_class: str, 
 
 def write_gallery(
     run_dir: Path, saved_model: Any, *, per_group: int = 4, method: str = "gradcam", split: str = "test",
-    data_root: str | Path | None = None,
+    data_root: str | Path | None = None, keep_names: bool = False,
 ) -> Path | None:
     """Write the CAM gallery of ``run_dir`` for one split; return the ``gallery.json`` path.
 
@@ -183,6 +185,7 @@ def write_gallery(
         data_root: the dataset folder; an image with a lesion mask at
             ``data_root/masks/<split>/<CLASS>/<stem>.png`` (as the synthetic data has) gets the
             mask's outline drawn in white, through the same crop as the image.
+        keep_names: put each image's file stem into its PNG's name (default: group, rank and method only).
     """
     from medtransfer.explain.cam import METHODS
     from medtransfer.explain.files import is_multilabel
@@ -220,7 +223,8 @@ def write_gallery(
         items = []
         for rank, row in enumerate(group.rows, start=1):
             text = caption(row, classes, positive_class=positive, threshold=threshold, loss=group.key == "loss")
-            name = f"{_safe(group.key)}_{rank:02d}_{_safe(row.path.stem)}_{method}.png"
+            stem = f"_{_safe(row.path.stem)}" if keep_names else ""
+            name = f"{_safe(group.key)}_{rank:02d}{stem}_{method}.png"
             shown, heat = rendered[row]
             outline = lesion_outline(saved_model, row.path, data_root) if data_root else None
             save_overlay(out_dir / name, shown, heat, text, outline=outline)

@@ -117,7 +117,7 @@ def weights_header(weights: Path) -> dict[str, tuple[int, ...]]:
     safetensors checks that the header is whole and that its tensors cover the file exactly, so a
     truncated or garbage file fails here. Raises WeightsError naming the file and what to do."""
     if not weights.is_file():
-        raise WeightsError(f"{weights}: missing; the model folder is incomplete: {RESTORE}")
+        raise WeightsError(f"{weights} is missing; the model folder is incomplete: {RESTORE}")
     try:
         with safe_open(str(weights), framework="pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from medtransfer.ood.scores import centred_mahalanobis, fit_gaussian, knn_bank, knn_distance, mahalanobis
+from medtransfer.ood.scores import KNN_GROUP, centred_mahalanobis, fit_gaussian, knn_bank, knn_distance, mahalanobis
 
 __all__ = [
     "ACCEPT_FRACTION", "DEFAULT_METHOD", "KNN_BANK_MAX", "KNN_K", "METHODS", "OODDetector", "PENULTIMATE",
@@ -37,8 +37,8 @@ METHODS = (*PENULTIMATE_METHODS, "multilayer")
 DEFAULT_METHOD = "multilayer"
 PENULTIMATE = "penultimate"  # the head's input, next to the layer names in what a forward pass captures
 ACCEPT_FRACTION = 0.95  # of in-distribution validation images accepted by the threshold
-KNN_K = 10
-KNN_BANK_MAX = 5000  # training features kept for kNN
+KNN_K = 10  # the k-th nearest training image; with bank rows of KNN_GROUP images each, the round(k / KNN_GROUP)-th row
+KNN_BANK_MAX = 1000  # bank rows (means of KNN_GROUP training features each), so at most 8,000 images grouped
 
 
 def _layer_key(name: str, part: str) -> str:
@@ -139,7 +139,8 @@ def fit_detector(
         gaussian = fit_gaussian(train[name].numpy())
         for part in ("whitening", "centres"):
             tensors[_layer_key(name, part)] = gaussian[part]
-    detector = OODDetector(method or DEFAULT_METHOD, {}, tensors, k=min(k, len(bank)), layers=tuple(layers))
+    rows = max(1, min(round(k / KNN_GROUP), len(bank)))
+    detector = OODDetector(method or DEFAULT_METHOD, {}, tensors, k=rows, layers=tuple(layers))
     if layers:
         components = detector.components(val).double()
         tensors["multilayer.centre"] = components.mean(dim=0).float()
@@ -148,6 +149,8 @@ def fit_detector(
         detector.thresholds[name] = float(np.quantile(detector.score(val, name).numpy(), ACCEPT_FRACTION))
     detector.info = {"train_images": int(len(x)), "val_images": int(len(val[PENULTIMATE])), "feature_dim": int(x.shape[1]),
                      "layer_dims": {name: int(train[name].shape[1]) for name in layers},
-                     "accept_fraction": ACCEPT_FRACTION, "knn_bank": int(len(bank))}
+                     "accept_fraction": ACCEPT_FRACTION, "knn_bank": int(len(bank)), "knn_group": KNN_GROUP,
+                     "knn_note": f"each kNN row is the normalised mean of {KNN_GROUP} nearby training images' features; "
+                                 "no single image's features are stored"}
     chosen = method or (DEFAULT_METHOD if layers else "knn")
     return detector.using(chosen)

@@ -4,7 +4,8 @@
   to a class mean under one shared covariance, shrunk towards its diagonal scale so that d > n
   still inverts, divided by sqrt(d) so that values are of order 1;
 - :func:`knn_bank` / :func:`knn_distance` (Sun et al. 2022): the Euclidean distance of the
-  L2-normalised feature to its k-th nearest L2-normalised training feature;
+  L2-normalised feature to its k-th nearest row of the bank, where each row is the normalised mean
+  of KNN_GROUP nearby training features (a coreset: no single training image's features are stored);
 - :func:`channel_statistics` (Lee et al. 2018's feature ensemble; the per-channel mean and
   standard deviation of a feature map, as in Gram-matrix / style statistics): what an early
   layer says about intensity, contrast and texture, which the class-discriminative penultimate
@@ -16,9 +17,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["SHRINKAGE", "centred_mahalanobis", "channel_statistics", "fit_gaussian", "knn_bank", "knn_distance", "mahalanobis"]
+__all__ = [
+    "KNN_GROUP", "SHRINKAGE", "centred_mahalanobis", "channel_statistics", "fit_gaussian", "knn_bank", "knn_distance",
+    "mahalanobis",
+]
 
 SHRINKAGE = 0.1  # covariance shrinkage towards (trace / d) * I
+KNN_GROUP = 8  # training images averaged into each kNN bank row
 
 
 def fit_gaussian(x: np.ndarray, labels: np.ndarray | None = None, shrinkage: float = SHRINKAGE) -> dict[str, torch.Tensor]:
@@ -58,13 +63,43 @@ def centred_mahalanobis(features: torch.Tensor, whitening: torch.Tensor, centres
     return torch.sqrt(squared.min(dim=1).values / features.shape[1])
 
 
-def knn_bank(x: np.ndarray, limit: int, seed: int) -> torch.Tensor:
-    """L2-normalised training features, a seeded subsample of `limit` rows beyond it (Sun et al. show it suffices)."""
-    x = np.asarray(x, dtype=np.float64)
-    normalised = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    if len(normalised) > limit:
-        normalised = normalised[np.sort(np.random.default_rng(seed).choice(len(normalised), limit, replace=False))]
-    return torch.from_numpy(normalised).float().contiguous()
+def knn_bank(x: np.ndarray, limit: int, seed: int, group: int = KNN_GROUP) -> torch.Tensor:
+    """What kNN compares with, without keeping any one image's features: at most `limit` rows, each the
+    L2-normalised mean of `group` mutually near L2-normalised training features (fewer only when the
+    training set itself has fewer), from a seeded subsample of at most `limit` x `group` images.
+
+    Greedy grouping: a seeded random image that is still free takes its `group` - 1 nearest free
+    neighbours; the last few images (fewer than `group`) join the nearest group. On the checks in
+    tests/ood/test_knn_coreset.py it costs kNN and the multilayer score no measurable AUROC.
+    """
+    z = np.asarray(x, dtype=np.float64)
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    rng = np.random.default_rng(seed)
+    if len(z) > limit * group:
+        z = z[np.sort(rng.choice(len(z), limit * group, replace=False))]
+    single = z.astype(np.float32)  # grouping only; the means are taken in float64
+    free = np.ones(len(z), dtype=bool)
+    groups: list[np.ndarray] = []
+    order = rng.permutation(len(z))
+    for chunk in np.array_split(order, max(1, len(order) // 256)):  # similarities to 256 seeds at a time (one GEMM)
+        chunk = chunk[free[chunk]]
+        columns = single @ single[chunk].T if len(chunk) else None  # unit vectors: nearest = most similar
+        for j, start in enumerate(chunk):
+            if free.sum() < group:
+                break
+            if free[start]:
+                members = np.argpartition(-np.where(free, columns[:, j], -np.inf), group - 1)[:group]
+                free[members] = False
+                groups.append(members)
+    if not groups:  # fewer images than one group: their one mean
+        groups, free = [np.arange(len(z))], np.zeros(len(z), dtype=bool)
+    if free.any():  # the rest joins the nearest group
+        means = np.stack([z[m].mean(axis=0) for m in groups])
+        nearest = (z[free] @ means.T).argmax(axis=1)
+        groups = [np.concatenate([m, np.flatnonzero(free)[nearest == i]]) for i, m in enumerate(groups)]
+    means = np.stack([z[m].mean(axis=0) for m in groups])
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(means).float().contiguous()
 
 
 def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:

@@ -130,6 +130,7 @@ def train_cross_validation(config: TrainConfig, out: Path, *, resume: bool, cons
             config = dataclasses.replace(config, task=plan.task.kind,
                                          findings=list(plan.task.classes) if plan.task.multilabel else None)
             config.write_yaml(out / CONFIG_FILE)  # the run's marker: --resume reads it
+        if not (out / "split.csv").is_file():  # (a resumed run killed before it was written draws the same folds)
             write_fold_split_csv(plan.records, plan.numbers, out / "split.csv")
         (out / FOLDS).mkdir(exist_ok=True)
         for k in range(1, plan.folds + 1):

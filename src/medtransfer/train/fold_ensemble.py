@@ -232,6 +232,8 @@ def write_fold_ensemble(
     write_fold_plots(out / "plots", [RunDir(run).history() for run in oof.runs], oof.outputs, oof.folds, oof.point,
                      oof.classes, multilabel=oof.task.multilabel)
     metrics = _metrics(config, oof, splits, table, description, leakage, data_summary, refit)
+    pool = sum(1 for r in records if r.split != "test")  # bad images left out (--skip-bad-images) have no prediction
+    metrics["cross_validation"]["pool_images_without_prediction"] = pool - len(oof.outputs.paths)
     write_metrics(out, metrics)
     if "test" in splits and not oof.task.multilabel:
         write_gallery(out, load_model(out), method=config.cam_method)
@@ -248,7 +250,7 @@ def _metrics(config: TrainConfig, oof: OutOfFold, splits: dict[str, Any], table:
     seconds = sum(RunDir(run).metrics().train_seconds or 0.0 for run in oof.runs) + ((refit or {}).get("train_seconds") or 0)
     pool = len(oof.outputs.paths)
     return {
-        "backbone": first.backbone, "strategy": first.strategy, "weights": first.weights, "params": first.params,
+        "backbone": first.backbone, "strategy": first.strategy, "weights": first.weights,
         "train_seconds": round(seconds, 1),
         "positive_class": first.positive_class if single else None,
         "threshold": oof.point.threshold if single else None,

@@ -2,7 +2,9 @@
 
 Predictions and plots per split, the saved model, metrics.json, the training curves, the
 CAM gallery and the report, in that order (the gallery reads the saved model, the report
-reads all the rest).
+reads all the rest). Unless ``keep_identifiers``, what users share holds no absolute path and no patient
+ID in clear (privacy.py): model.json's training_config, metrics.json (leakage examples, near-duplicate
+pairs, border captions), the gallery's file names; near-duplicate thumbnails are copied into the run.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, write_
 from medtransfer.evaluation.multilabel import MultiLabelPoint, write_multilabel_predictions
 from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
+from medtransfer.evaluation.report_findings import write_pair_thumbnails
 from medtransfer.explain.border import record_border_evidence
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.models.strategies import TransferModel
 from medtransfer.ood import OODDetector, save_detector
+from medtransfer.privacy import Identities, deidentify_metrics, run_identities, shareable_settings
 from medtransfer.rundir import write_metrics
 from medtransfer.task import Task
 
@@ -73,18 +77,31 @@ def write_outputs(
     model_dir = save_model(model, saved_model_info(model, config, evaluation, wise_ft=metrics.get("wise_ft")), out)
     if ood is not None:
         save_detector(ood, model_dir)
+    write_pair_thumbnails(out, metrics.get("leakage"))  # from the data's images, into the run, before their paths go
+    ids = None if config.keep_identifiers else run_identities(out, cache_dir=config.cache_dir)
+    _shareable(metrics, ids)
     write_metrics(out, metrics)
     if history:
         plots.plot_history(history, out / "plots" / "history.png")
     saved = load_model(out)
     if evaluation.multilabel:  # no gallery (heatmaps per finding: `medtransfer explain --finding`); the border check
         record_border_evidence(out, saved, metrics, method=config.cam_method)  # measures each image's top finding
+        _shareable(metrics, ids, out)
         write_report(out, console=console)
         return
     # heatmaps of the most confident hits and misses, for the report, and the shortcut check (at most border.LIMIT test images)
-    write_gallery(out, saved, data_root=config.data, method=config.cam_method)
+    write_gallery(out, saved, data_root=config.data, method=config.cam_method, keep_names=config.keep_identifiers)
     record_border_evidence(out, saved, metrics, method=config.cam_method)
+    _shareable(metrics, ids, out)  # the border check's captions name its images
     write_report(out, console=console)
+
+
+def _shareable(metrics: dict[str, Any], ids: Identities | None, out: Path | None = None) -> None:
+    """`metrics` de-identified in place (the run's result is the file's content), rewritten into `out` if given."""
+    if ids is not None:
+        metrics.update(deidentify_metrics(metrics, ids))
+        if out is not None:
+            write_metrics(out, metrics)
 
 
 def saved_model_info(
@@ -110,7 +127,7 @@ def saved_model_info(
         strategy=config.strategy,
         head=config.head,
         frozen=model.frozen,
-        training_config=config.to_dict(),
+        training_config=config.to_dict() if config.keep_identifiers else shareable_settings(config.to_dict()),
         wise_ft=wise_ft,
         tta=config.tta,
         border_crop=config.border_crop,

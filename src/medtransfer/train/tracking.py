@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from medtransfer.config import TrainConfig
 from medtransfer.errors import ConfigError
 from medtransfer.evaluation.metrics import binary_metrics, multiclass_metrics
+from medtransfer.privacy import shareable_settings
 from medtransfer.safeio import write_text_atomic
 
 LOGGERS = {"csv": None, "tensorboard": "tensorboard", "mlflow": "mlflow"}  # name -> the package it needs
@@ -67,7 +68,8 @@ def make_logger(config: TrainConfig, out: Path) -> Logger:
             with existing.open(newline="") as handle, warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")  # it appends, in fact
                 logger.experiment.metrics_keys = sorted(next(csv.reader(handle), []))
-    logger.log_hyperparams(config.to_dict())
+    settings = config.to_dict()  # no cache folder or absolute data path unless --keep-identifiers (privacy.py)
+    logger.log_hyperparams(settings if config.keep_identifiers else shareable_settings(settings))
     return logger
 
 
