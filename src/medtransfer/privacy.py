@@ -86,9 +86,11 @@ class Identities:
         folders = [os.path.dirname(path) for path, _ in rows if os.path.isabs(path)]
         self.root = Path(os.path.commonpath(folders)) if folders else None
         self._patient_of = {path: patient for path, patient in rows}
+        self._patients = {p: salted_patient_id(p, salt) for _, p in rows if p and not p.startswith("pid-")}
+        self._longest = max((len(text) for row in rows for text in row), default=0)
         self._paths: dict[str, str] = {}
         names: dict[str, set[str]] = {}
-        for path, patient in rows:
+        for path, _ in rows:
             shared = self.image(path)
             self._paths[path] = shared
             if self.root is not None and os.path.isabs(path):
@@ -98,8 +100,6 @@ class Identities:
             self._paths.setdefault(name, shared.pop() if len(shared) == 1 else f"img-{self._hash(name)}")
         if self.root is not None:
             self._paths.setdefault(str(self.root), self.root.name)
-        self._patients = {p: salted_patient_id(p, salt) for _, p in rows if p and not p.startswith("pid-")}
-        self._longest = max((len(k) for k in (*self._paths, *self._patients)), default=0)
 
     def _hash(self, text: str) -> str:
         return hashlib.sha256(self.salt + text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
@@ -109,16 +109,18 @@ class Identities:
         return patient_id if patient_id.startswith("pid-") else salted_patient_id(patient_id, self.salt)
 
     def image(self, path: str) -> str:
-        """An image path -> its path relative to the data folder (or, outside it, its file name) with its
-        patient ID hashed; an image this data set does not hold gets every known patient ID hashed."""
+        """An image path -> its path relative to the data folder (outside it: its file name), its patient ID
+        hashed. A path this data set does not hold, or a relative one, gets every known identifier replaced
+        (so a name already made shareable stays as it is)."""
         path = str(path)
         if path in self._paths:
             return self._paths[path]
-        inside = self.root is not None and os.path.isabs(path) and _under(path, self.root)
-        shown = os.path.relpath(path, self.root) if inside else PurePath(path).name
-        if path not in self._patient_of:
+        if not os.path.isabs(path):
+            return self.text(path, patients=True)
+        shown = os.path.relpath(path, self.root) if self.root is not None and _under(path, self.root) else PurePath(path).name
+        patient = self._patient_of.get(path)
+        if patient is None:
             return self.text(shown, patients=True)
-        patient = self._patient_of[path]
         if not patient or patient.startswith("pid-"):
             return shown
         return _replace_bounded(shown, {patient: self.patient(patient)}, len(patient))

@@ -390,3 +390,17 @@ def adapt(
                 min_images=min_images, max_ood_share=max_ood_share, bootstrap=bootstrap, permutations=permutations,
                 seed=seed, accelerator=accelerator, console=console)
     console.print(f"Wrote {out / 'model'} and {out / 'adaptation.json'} (predict, evaluate, serve and export take --run {out})")
+
+
+@app.command()
+def redact(
+    run: Path = typer.Argument(..., help="Run (or evaluation) folder to clean in place; runs inside it (members, folds) too."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Folder of the patient salt (default: the run's cache folder)."),
+):
+    """Remove absolute paths, user names and patient IDs from a run's shareable outputs (report, metrics.json, model.json, gallery, logs)."""
+    from medtransfer.train.redact import redact_run
+
+    for done in redact_run(run, cache_dir=cache_dir):
+        what = ", ".join(done.changed) if done.changed else "nothing to change"
+        console.print(f"Redacted {done.run}: {what}", markup=False, highlight=False, soft_wrap=True)
+    console.print("split.csv and predictions_*.csv keep paths and patient IDs: they are working files, not for sharing.")

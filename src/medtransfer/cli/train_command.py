@@ -84,6 +84,7 @@ def train(
     folds: Optional[int] = typer.Option(None, help="K-fold cross-validation by patient: K folds (OUT/folds/fold-k), out-of-fold figures, the K models saved as one (default 0: off). See README 'Cross-validation'."),
     refit: Optional[bool] = typer.Option(None, "--refit", help="With --folds: also train one model on all folds for the median best epoch (OUT/refit)."),
     jobs: Optional[int] = typer.Option(None, help="With --folds: folds trained at once, each in its own process (default 1)."),
+    keep_identifiers: Optional[bool] = typer.Option(None, "--keep-identifiers", help="Keep absolute paths and patient IDs in the report, metrics.json, model.json, gallery and logs (default: relative paths, hashed IDs; see README 'What each output contains')."),
     set_values: Optional[List[str]] = typer.Option(None, "--set", help="Any other setting as KEY=VALUE (repeatable)."),
 ):
     """Train a classifier with a patient-level validation split and evaluate the best-on-validation model."""
