@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser clean
+.PHONY: demo test install browser lint dist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medtransfer demo --out demo-run
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q
+
+# ruff (the rules in pyproject.toml) on everything, mypy on src/.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
+
+# A wheel and an sdist, checked by twine, installed into a fresh venv that then runs the demo
+# (the torch pin is this machine's local path; a user's pip resolves torch as usual).
+dist: $(STAMP)
+	rm -rf dist /tmp/medtransfer-dist-venv
+	$(BIN)/python -m build --no-isolation --sdist --wheel --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+	$(PYTHON) -m venv /tmp/medtransfer-dist-venv
+	/tmp/medtransfer-dist-venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	/tmp/medtransfer-dist-venv/bin/pip install --quiet dist/*.whl
+	cd /tmp && /tmp/medtransfer-dist-venv/bin/medtransfer demo --out /tmp/medtransfer-dist-demo --epochs 1
 
 # A test opens report.html in headless Chromium: install Debian's package when it is missing.
 browser:
@@ -36,4 +52,4 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache
+	rm -rf $(VENV) demo-run .pytest_cache dist site

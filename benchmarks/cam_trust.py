@@ -270,8 +270,6 @@ def cluster_bootstrap_ci(hits: list[bool], groups: list[str], *, resamples: int 
 
 def _cases(run_dir: Path, data_root: Path, saved: Any) -> tuple[list[torch.Tensor], list[np.ndarray], list[str], int]:
     """Model inputs, aligned masks and patient ids of the positive-class test images that have a mask."""
-    from medtransfer.data.decode import decode_image
-    from medtransfer.data.datamodule import image_tensor
     from medtransfer.data.synthetic import lesion_mask_path
 
     positive = saved.info.positive_class

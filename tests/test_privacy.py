@@ -101,3 +101,12 @@ def test_pair_thumbnails_are_written_into_the_run_and_the_report_reads_nothing_e
     page = leakage_html(crafted, run)
     assert "data:image/png;base64," not in page and page.count("no thumbnail in the run folder") == 4
     assert "data:image/png;base64," not in leakage_html(leakage)  # no run folder given: nothing is read
+
+
+def test_without_a_data_folder_below_the_home_folder_images_are_named_by_file_name(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/ana")
+    spread = Identities([("/srv/a/IM-0001-0001.png", "IM-0001"), ("/mnt/b/x.png", "p2")], salt=SALT)  # common: "/"
+    assert spread.root is None and spread.image("/srv/a/IM-0001-0001.png") == f"{salted_patient_id('IM-0001', SALT)}-0001.png"
+    users = Identities([("/home/ana/a/1.png", "p1"), ("/home/bob/b/2.png", "p2")], salt=SALT)  # common: /home
+    assert users.root is None and users.image("/home/bob/b/2.png") == "2.png"
+    assert users.text("/home/ana/notes") == "notes" and users.text("see /home/ana/x y") == "see ~/x y"

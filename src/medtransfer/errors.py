@@ -28,3 +28,16 @@ class TrainingInterrupted(MedtransferError):
     def __init__(self, run_dir):
         super().__init__(f"training interrupted; continue it with: medtransfer train --resume {run_dir}")
         self.run_dir = run_dir
+
+
+class MissingExtraError(ConfigError):
+    """A command needs an optional part of the package (an extra) that is not installed."""
+
+
+def missing_extra(what: str, extra: str) -> MissingExtraError:
+    """The one message for a missing extra: what needs it and the install line that adds it.
+
+    >>> str(missing_extra("medtransfer serve", "serve"))
+    "medtransfer serve needs the [serve] extra: pip install 'medtransfer[serve]'"
+    """
+    return MissingExtraError(f"{what} needs the [{extra}] extra: pip install 'medtransfer[{extra}]'")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from medtransfer.artifacts import SavedModel, find_model_dir, load_model
-from medtransfer.errors import ConfigError, WeightsError
+from medtransfer.errors import ConfigError, WeightsError, missing_extra
 from medtransfer.ood import ScoredModel
 
 PREPROCESSING_KEYS = (
@@ -80,7 +80,7 @@ def export_onnx(run: str | Path, out: Path | None = None, *, opset: int = 17, to
         import onnx
         import onnxruntime
     except ImportError:
-        raise ConfigError("export needs onnx and onnxruntime: pip install onnx onnxruntime") from None
+        raise missing_extra("medtransfer export", "onnx") from None
     saved = load_model(run)
     out = out or find_model_dir(run) / "model.onnx"
     if out.suffix != ".onnx":

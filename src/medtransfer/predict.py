@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.artifacts import Decision, SavedModel, find_model_dir
 from medtransfer.data.discover import IMAGE_SUFFIXES
-from medtransfer.errors import ConfigError, DataError
+from medtransfer.errors import ConfigError, DataError, missing_extra
 from medtransfer.models.inference import override_warning
 from medtransfer.ood import ScoredModel
 from medtransfer.runtime import (
@@ -281,7 +281,7 @@ def _onnx_session(path: Path, threads: int = 0):
     try:
         import onnxruntime
     except ImportError:
-        raise ConfigError("--runtime onnxruntime needs onnxruntime: pip install onnxruntime") from None
+        raise missing_extra("--runtime onnxruntime", "onnx") from None
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     try:

@@ -84,11 +84,14 @@ class Identities:
         rows = [(str(path), str(patient or "")) for path, patient in rows]
         self.salt = salt
         folders = [os.path.dirname(path) for path, _ in rows if os.path.isabs(path)]
-        self.root = Path(os.path.commonpath(folders)) if folders else None
+        common = Path(os.path.commonpath(folders)) if folders and len({Path(f).anchor for f in folders}) == 1 else None
+        above_home = common is not None and Path.home().is_relative_to(common) and Path.home() != common
+        self.root = None if common is None or len(common.parts) <= 1 or above_home else common  # else: file names only
         self._patient_of = {path: patient for path, patient in rows}
         self._patients = {p: salted_patient_id(p, salt) for _, p in rows if p and not p.startswith("pid-")}
         self._longest = max((len(text) for row in rows for text in row), default=0)
         self._paths: dict[str, str] = {}
+        self._everything = dict(self._patients)
         names: dict[str, set[str]] = {}
         for path, _ in rows:
             shared = self.image(path)
@@ -98,8 +101,9 @@ class Identities:
             names.setdefault(PurePath(path).name, set()).add(PurePath(shared).name)
         for name, shared in names.items():  # a file name two images share, under different patients, gets a hash
             self._paths.setdefault(name, shared.pop() if len(shared) == 1 else f"img-{self._hash(name)}")
-        if self.root is not None:
+        if self.root is not None and not Path.home().is_relative_to(self.root):  # else text() writes it as ~
             self._paths.setdefault(str(self.root), self.root.name)
+        self._everything = {**self._paths, **self._patients}
 
     def _hash(self, text: str) -> str:
         return hashlib.sha256(self.salt + text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
@@ -128,7 +132,7 @@ class Identities:
     def text(self, text: str, *, patients: bool = False) -> str:
         """`text` with every known path, and with `patients` every known patient ID, in its shareable form;
         absolute paths left over (not images of this data set) are cut to their last part."""
-        table = {**self._paths, **self._patients} if patients else self._paths
+        table = self._everything if patients else self._paths
         text = _replace_bounded(text, table, self._longest)
         home = str(Path.home())
         if len(home) > 1 and home in text:

@@ -389,19 +389,18 @@ def save_model(model: TransferModel, info: ModelInfo, run_dir: Path, *, extra: t
     return model_dir
 
 
-def replace_training_config(model_dir: Path, training_config: dict[str, Any] | None) -> bool:
-    """Rewrite model.json with another "training_config" (None: left out), every other key as it was; checked as
-    load_model checks it, written atomically. False when it already held that value (nothing written)."""
+def replace_fields(model_dir: Path, **fields: Any) -> bool:
+    """Rewrite model.json with other values of descriptive `fields` (training_config, provenance; None: left out),
+    every other key as it was; checked as load_model checks it, written atomically. False when nothing changed."""
     json_path = model_dir / MODEL_JSON
     read_model_info(model_dir)  # the checks (size, JSON, fields) before anything is written
     payload = json.loads(json_path.read_text())
-    if payload.get("training_config") == training_config:
+    changed = {**payload, **fields}
+    changed = {k: v for k, v in changed.items() if v is not None or k not in fields}
+    if changed == payload:
         return False
-    payload = {k: v for k, v in payload.items() if k != "training_config" or training_config is not None}
-    if training_config is not None:
-        payload["training_config"] = training_config
-    ModelInfo.from_json(payload, source=json_path)
-    write_text_atomic(json_path, json.dumps(payload, indent=2))
+    ModelInfo.from_json(changed, source=json_path)
+    write_text_atomic(json_path, json.dumps(changed, indent=2))
     return True
 
 

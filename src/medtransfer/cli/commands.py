@@ -18,7 +18,7 @@ from medtransfer.cli.app import (
 )
 from medtransfer.cli.train_command import print_result as _print_result
 from medtransfer.config import TrainConfig, default_cache_dir
-from medtransfer.errors import DataError
+from medtransfer.errors import DataError, missing_extra
 
 
 @app.command()
@@ -320,7 +320,11 @@ def serve(
                                                   "repeatable. --host, localhost and IP addresses are always accepted."),
 ):
     """Serve the model: a web page at / and POST /predict (probabilities, class, optional Grad-CAM)."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise missing_extra("medtransfer serve", "serve") from None
 
     from medtransfer.artifacts import load_model
     from medtransfer.predict import onnx_file

@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 from medtransfer.data.limits import check_expanded_bytes, check_pixels, expanded_past_cap, max_expanded_bytes
-from medtransfer.errors import DataError
+from medtransfer.errors import DataError, missing_extra
 
 __all__ = ["DicomHeader", "dicom_to_image", "is_dicom", "read_dicom_header"]
 
@@ -92,7 +92,7 @@ def read_dicom_header(path: str | Path) -> DicomHeader:
     try:
         import pydicom  # noqa: F401  (a clear message when missing)
     except ImportError:
-        raise DataError("DICOM headers need pydicom: pip install pydicom") from None
+        raise missing_extra("reading DICOM headers", "dicom") from None
     try:
         with open(path, "rb") as handle:
             head = handle.read(_HEAD)
@@ -202,7 +202,7 @@ def dicom_to_image(data: bytes, *, max_pixels: int) -> tuple[Image.Image, int]:
     try:
         import pydicom  # noqa: F401  (a clear message when missing)
     except ImportError:
-        raise DataError("DICOM images need pydicom: pip install pydicom") from None
+        raise missing_extra("reading DICOM images", "dicom") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about every value it works around
         dataset = _read(data, max_pixels)

@@ -8,7 +8,6 @@ The test split never influences any choice.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from medtransfer.artifacts import MODEL_DIR, MODEL_JSON, read_model_info, replace_training_config
+from medtransfer.artifacts import MODEL_DIR, MODEL_JSON, read_model_info, replace_fields
 from medtransfer.errors import DataError
 from medtransfer.evaluation.report import write_report
 from medtransfer.evaluation.report_findings import write_pair_thumbnails
@@ -80,8 +80,10 @@ def _redact(run_dir: Path, cache_dir: str | Path | None) -> list[str]:
         changed.append(METRICS_FILE)
     model_dir = run_dir / MODEL_DIR
     if (model_dir / MODEL_JSON).is_file():
-        settings = read_model_info(model_dir).training_config
-        if settings is not None and replace_training_config(model_dir, _not_kept(shareable_settings(settings))):
+        info = read_model_info(model_dir)  # settings without local folders; provenance (ensembles, recalibrate) names runs
+        fields = {"training_config": _not_kept(shareable_settings(info.training_config)) if info.training_config else None,
+                  "provenance": _shareable(info.provenance, ids) if info.provenance else None}
+        if replace_fields(model_dir, **{k: v for k, v in fields.items() if v is not None}):
             changed.append(f"{MODEL_DIR}/{MODEL_JSON}")
     config = folder.config()
     if config and config.get("keep_identifiers"):
@@ -92,6 +94,15 @@ def _redact(run_dir: Path, cache_dir: str | Path | None) -> list[str]:
     title = re.search(r"<title>(.*?)</title>", report.read_text(encoding="utf-8", errors="replace")) if report.is_file() else None
     write_report(run_dir, title=html.unescape(title[1]) if title else None)  # the page's own title (ensemble, folds)
     return [*changed, "report.html"]
+
+
+def _shareable(value, ids: Identities):
+    """Every text in a JSON value with paths replaced (privacy.Identities.text)."""
+    if isinstance(value, str):
+        return ids.text(value)
+    if isinstance(value, list):
+        return [_shareable(v, ids) for v in value]
+    return {k: _shareable(v, ids) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def _not_kept(settings: dict) -> dict:

@@ -1,0 +1,346 @@
+"""`medtransfer adapt`: a trained model moved to a new site that has images but no labels.
+
+    medtransfer adapt --run RUN --data UNLABELLED --out NEW [--method prior|bn|prior+bn|tent]
+
+1. The new images (a folder, searched recursively; labels never read: :mod:`~medtransfer.adapt.images`)
+   and the run's validation images (RUN/split.csv) are scored by the saved model.
+2. Shift detection (:mod:`medtransfer.evaluation.site_shift`): KS on the scores, MMD on the features,
+   the OOD guard's flagged share, the estimated prevalence, the verdict.
+3. Refusals, before anything is written: more OOD-flagged images than ``max_ood_share``; fewer images
+   than BatchNorm re-estimation needs; a prior estimate that is implausible (EM did not converge, its
+   bootstrap CI wider than ``max_prior_ci``, or at the edge of [0, 1]).
+4. The method: ``prior`` (EM prior, folded into the head's bias; threshold by ``operating_point``:
+   :mod:`~medtransfer.adapt.operating`), ``bn`` (AdaBN), ``prior+bn`` (AdaBN, then the prior estimated
+   on the adapted outputs) or ``tent`` (:mod:`~medtransfer.adapt.batchnorm`).
+5. What changed, named: the tensors, the threshold, and the ranking of the new images (identical for a
+   prior alone; for BatchNorm methods the rank correlation and the share of decisions that changed: the
+   AUC on this site cannot be known without labels). The shift tests again after adaptation.
+6. NEW/model (weights, model.json with ``provenance.adapted``: method, estimates, the data's digest; the
+   OOD guard carried over) and NEW/adaptation.json. Every command takes ``--run NEW``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from scipy.stats import spearmanr
+from torch.utils.data import DataLoader
+
+from medtransfer.adapt import batchnorm, operating
+from medtransfer.adapt.images import UnlabelledImages, list_unlabelled
+from medtransfer.adapt.report import adaptation_lines
+from medtransfer.artifacts import SavedModel, find_model_dir, load_model, save_model
+from medtransfer.data.cache import CacheSettings, ImageCache
+from medtransfer.data.datamodule import CachedImageDataset
+from medtransfer.errors import ConfigError, DataError
+from medtransfer.evaluation import site_shift
+from medtransfer.evaluation.site_shift import Sample
+from medtransfer.evaluation.shift_tests import PREVALENCE
+from medtransfer.ood import OOD_JSON, OOD_WEIGHTS
+from medtransfer.rundir import write_text_atomic
+from medtransfer.runtime import default_decode_workers
+
+__all__ = ["ADAPTATION_FILE", "Adaptation", "DEFAULT_METHOD", "METHODS", "adapt_images", "adapt_model"]
+
+METHODS = ("prior", "bn", "prior+bn", "tent")
+DEFAULT_METHOD = "bn"  # measured: README "Adapting to a new site without labels" (benchmarks/adapt.py)
+ADAPTATION_FILE = "adaptation.json"
+MAX_PRIOR_CI = 0.4  # widest acceptable 95% CI of the estimated prevalence
+PRIOR_EDGE = 0.02  # an estimate this close to 0 or 1 is implausible for a site that sends images of both kinds
+
+
+@dataclass
+class Adaptation:
+    """An adaptation in memory: adaptation.json's record, the adapted model, and the new images as it scores them."""
+
+    record: dict[str, Any]
+    model: SavedModel
+    outputs: Sample
+
+
+def _check_choices(method: str, operating_point: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"--method: got {method!r}; choose one of {', '.join(METHODS)}")
+    if operating_point not in operating.RULES:
+        raise ConfigError(f"--operating-point: got {operating_point!r}; choose one of {', '.join(operating.RULES)}")
+
+
+def adapt_model(
+    run: Path, data: Path, out: Path, *, method: str = DEFAULT_METHOD, operating_point: str = "keep", cache_dir: Path,
+    min_images: int = batchnorm.MIN_IMAGES, max_ood_share: float = site_shift.OOD_LIMIT, max_prior_ci: float = MAX_PRIOR_CI,
+    bootstrap: int = 500, permutations: int = 500, seed: int = 0, tent_epochs: int = 1, tent_lr: float = 1e-3,
+    accelerator: str = "auto", progress: bool = True, console: Console | None = None, reference: Sample | None = None,
+) -> dict[str, Any]:
+    """Adapt the model in `run` to the images under `data` (no labels) and write NEW/model; returns adaptation.json.
+    `reference`: the run's validation images already scored by this model (site_shift.reference_sample), to reuse."""
+    console = console or Console()
+    _check_choices(method, operating_point)
+    saved = load_model(run)
+    _check_out(out, run)
+    images = list_unlabelled(data, patient_regex=(saved.info.training_config or {}).get("patient_regex"))
+    adaptation = adapt_images(
+        saved, run, images, method=method, operating_point=operating_point, cache_dir=cache_dir, min_images=min_images,
+        max_ood_share=max_ood_share, max_prior_ci=max_prior_ci, bootstrap=bootstrap, permutations=permutations, seed=seed,
+        tent_epochs=tent_epochs, tent_lr=tent_lr, accelerator=accelerator, progress=progress, console=console,
+        reference=reference)
+    _write(saved, adaptation.model, adaptation.record, run, out)
+    for line in adaptation_lines(adaptation.record):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return adaptation.record
+
+
+def adapt_images(
+    saved: SavedModel, run: Path, images: UnlabelledImages, *, method: str = DEFAULT_METHOD, operating_point: str = "keep",
+    cache_dir: Path, min_images: int = batchnorm.MIN_IMAGES, max_ood_share: float = site_shift.OOD_LIMIT,
+    max_prior_ci: float = MAX_PRIOR_CI, bootstrap: int = 500, permutations: int = 500, seed: int = 0, tent_epochs: int = 1,
+    tent_lr: float = 1e-3, accelerator: str = "auto", progress: bool = False, console: Console | None = None,
+    reference: Sample | None = None, target: Sample | None = None,
+) -> Adaptation:
+    """Steps 1-5 in memory (nothing written; DataError for a refusal). `reference` / `target`: the run's validation
+    images and `images` already scored by `saved` (site_shift.score_images), to reuse across methods."""
+    console = console or Console(quiet=True)
+    _check_choices(method, operating_point)
+    if saved.task.multilabel or len(saved.classes) != 2:
+        raise ConfigError(f"--run {run}: adapt supports two-class single-label models; this one has classes "
+                          f"{', '.join(saved.classes)} ({saved.info.task})")
+    data = images.root
+    uses_bn = method != "prior"
+    if uses_bn and len(images.paths) < min_images:
+        raise DataError(f"--data {data}: {len(images.paths)} images; --method {method} re-estimates BatchNorm statistics, "
+                        f"which needs at least {min_images} (fewer give noisy variances that can make the model worse). "
+                        "Add images or use --method prior")
+    options = dict(cache_dir=cache_dir, accelerator=accelerator)
+    console.print(f"Scoring {len(images.paths)} new images and the run's validation images", style="dim")
+    if reference is None:
+        reference = site_shift.reference_sample(saved, run, seed=seed, progress=progress, **options)
+    if target is None:
+        target = _score(saved, images, progress=progress, **options)
+    before = site_shift.detect_shift(saved, reference, target, permutations=permutations, bootstrap=bootstrap, seed=seed)
+    ood = before.get("ood")
+    if ood and ood["flagged_fraction"] > max_ood_share:
+        raise DataError(
+            f"--data {data}: the OOD guard flags {ood['flagged_fraction']:.1%} of the images (limit {max_ood_share:.0%}): "
+            "they do not look like the training data, and no label-free adaptation makes the model valid for them; "
+            f"nothing written. Label {before['images_to_label']} images and run recalibrate, or check the data")
+    adapted, changes, target_bn = saved, [], target
+    if uses_bn:
+        adapted, changes = _adapt_batchnorm(saved, images, method, seed=seed, min_images=min_images,
+                                            tent_epochs=tent_epochs, tent_lr=tent_lr, **options)
+        target_bn = _score(adapted, images, progress=False, **options)
+    estimated = before["prior"] if not uses_bn else site_shift.estimate_prior(
+        adapted, reference, target_bn, bootstrap=bootstrap, seed=seed)
+    # what remains detectable: the BatchNorm-adapted outputs and features against validation, before any prior fold
+    # (a prior alone changes no feature: the tests before adaptation stand)
+    after = before if not uses_bn else site_shift.detect_shift(
+        adapted, reference, target_bn, prior=estimated, prior_adapted="prior" in method, permutations=permutations, seed=seed)
+    if uses_bn:
+        _check_batchnorm(before, after, data)
+    prior = estimated if "prior" in method else None
+    if prior is not None:
+        _check_prior(prior, max_prior_ci, data)
+    threshold, threshold_reason, target_final = saved.threshold, "unchanged (no prior adjustment)", target_bn
+    if prior is not None:
+        source = np.array([1 - prior["source_prior"], prior["source_prior"]])
+        estimate = np.array([1 - prior["em"], prior["em"]])
+        if saved.positive_index == 0:
+            source, estimate = source[::-1], estimate[::-1]
+        adapted = _copy(adapted)
+        offsets = [operating.fold_prior(m, saved.temperature, source, estimate) for m in (adapted.model, *adapted.extra)]
+        changes.append(f"classifier bias: + temperature x log(prior ratio) = {[round(v, 4) for v in offsets[0]]} "
+                       f"per class (prevalence {prior['source_prior']:.3f} -> {prior['em']:.3f})")
+        threshold, threshold_reason = operating.adapted_threshold(
+            saved.threshold, saved.info.threshold_policy, operating_point, prior["source_prior"], prior["em"],
+            val_positive_probs=reference.positive(saved), val_is_positive=(reference.labels == saved.positive_index))
+        target_final = _shift_logits(target_bn, offsets[0])
+    if threshold != saved.threshold:
+        changes.append(f"threshold {saved.threshold:.4f} -> {threshold:.4f} ({threshold_reason})")
+    adapted = SavedModel(adapted.model, dataclasses.replace(saved.info, threshold=float(threshold)), saved.ood, adapted.extra)
+    record = {
+        "method": method, "operating_point": operating_point, "run": str(run), "data": images.to_dict(),
+        "changes": changes, "threshold": {"before": saved.threshold, "after": float(threshold), "rule": threshold_reason},
+        "temperature": saved.temperature, "prior": prior, "ranking": _ranking(saved, adapted, target, target_final),
+        "shift_before": before, "shift_after": after, "verdict": _verdict(before, after, method),
+        "checks": _checks(before, after, prior, len(images.paths), min_images, max_ood_share, max_prior_ci, uses_bn),
+        "settings": {"min_images": min_images, "max_ood_share": max_ood_share, "max_prior_ci": max_prior_ci,
+                     "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
+                     **({"tent_epochs": tent_epochs, "tent_lr": tent_lr} if method == "tent" else {})},
+    }
+    return Adaptation(record, adapted, target_final)
+
+
+def _check_out(out: Path, run: Path) -> None:
+    if Path(out).resolve() in (Path(run).resolve(), find_model_dir(run).resolve()):
+        raise ConfigError(f"--out {out}: must differ from the run folder; adapt writes a new model folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out}: exists and is not an empty folder; choose a new folder (the run is never written to)")
+
+
+def _score(saved: SavedModel, images: UnlabelledImages, *, progress: bool, **options) -> Sample:
+    sample = site_shift.score_images(saved, images.paths, progress=progress, **options)
+    if len(sample.paths) != len(images.paths):  # pragma: no cover - build raises on a bad image unless skip_bad
+        raise DataError("some images could not be decoded")
+    sample.patient_ids = list(images.patient_ids)
+    return sample
+
+
+def _copy(saved: SavedModel) -> SavedModel:
+    """A deep copy of the members (the loaded model stays as it was)."""
+    import copy
+
+    return SavedModel(copy.deepcopy(saved.model), saved.info, saved.ood, tuple(copy.deepcopy(m) for m in saved.extra))
+
+
+def _adapt_batchnorm(
+    saved: SavedModel, images: UnlabelledImages, method: str, *, seed: int, min_images: int, tent_epochs: int,
+    tent_lr: float, cache_dir: Path, accelerator: str,
+) -> tuple[SavedModel, list[str]]:
+    """AdaBN (or TENT) on every member, on the CPU in float32 (statistics want full precision)."""
+    cache = ImageCache(cache_dir, CacheSettings(size=saved.info.decode_size))
+    cached = cache.build(images.paths, skip_bad=False, progress=False, workers=default_decode_workers())
+    dataset = CachedImageDataset(cached, [0] * len(cached), saved.transform())
+
+    def batches():
+        loader = DataLoader(dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        return (batch[0] for batch in loader)
+
+    members, changes = [], []
+    for member in (saved.model, *saved.extra):
+        member = member.to("cpu").float()
+        if method == "tent":
+            new, entropy = batchnorm.tent(member, batches, images=len(cached), epochs=tent_epochs, lr=tent_lr,
+                                          minimum=min_images)
+            changes.append(f"TENT: mean prediction entropy per epoch {[round(e, 4) for e in entropy]}")
+        else:
+            new = batchnorm.reestimate_batchnorm(member, batches, images=len(cached), minimum=min_images)
+        members.append(new)
+    changed = batchnorm.changed_tensors(saved.model, members[0])
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in changed})
+    what = ("affine weight and bias trained by entropy minimisation, then running statistics" if method == "tent"
+            else "running statistics")
+    changes.append(f"BatchNorm: {what} re-estimated on {len(cached)} images in {len(batchnorm.batchnorm_layers(members[0]))} "
+                   f"layers{f' of each of {len(members)} members' if len(members) > 1 else ''} ({len(changed)} tensors: "
+                   f"{', '.join(kinds)}); convolution and classifier weights unchanged")
+    return SavedModel(members[0], saved.info, saved.ood, tuple(members[1:])), changes
+
+
+def _shift_logits(sample: Sample, offsets: list[float]) -> Sample:
+    return dataclasses.replace(sample, logits=sample.logits + np.asarray(offsets)[None, :])
+
+
+def _check_batchnorm(before: dict[str, Any], after: dict[str, Any], data: Path) -> None:
+    """Refuse BatchNorm statistics that cannot help or that moved the images away from validation (nothing written).
+
+    AdaBN normalises with the new site's statistics, which mix its class shares into every layer: under a
+    pure prevalence shift it changes what the model calls. And its purpose is to make the new images look
+    like the validation images to the later layers: if the feature distance to validation (MMD z, against
+    validation matched to the estimated prevalence) grows, the adaptation made things worse."""
+    if before["kind"] == PREVALENCE:
+        raise DataError(f"--data {data}: the images differ from validation only as a change of prevalence would make them "
+                        "differ; BatchNorm statistics of this site would fold its class shares into the normalisation and "
+                        "change what the model calls; nothing written. Use --method prior")
+    z_before = before["matched_reference"]["features_mmd"].get("z")
+    z_after = after["matched_reference"]["features_mmd"].get("z")
+    if z_before is not None and z_after is not None and z_after > max(z_before, 3.0):
+        raise DataError(f"--data {data}: after BatchNorm re-estimation the images are further from the validation images "
+                        f"(feature MMD z {z_before:.1f} -> {z_after:.1f}, validation matched to the estimated prevalence); "
+                        "the adaptation would make the model worse; nothing written. Use --method prior, or label images "
+                        "and run recalibrate")
+
+
+def _check_prior(prior: dict[str, Any], max_ci: float, data: Path) -> None:
+    """Refuse an implausible prior estimate (nothing is written)."""
+    ci, estimate = prior.get("em_ci"), prior["em"]
+    problems = []
+    if not prior["em_converged"]:
+        problems.append("EM did not converge")
+    if not PRIOR_EDGE <= estimate <= 1 - PRIOR_EDGE:
+        problems.append(f"the estimate {estimate:.3f} is at the edge of [0, 1]")
+    if ci and ci[1] - ci[0] > max_ci:
+        problems.append(f"its 95% CI {ci[0]:.3f}-{ci[1]:.3f} is wider than {max_ci}")
+    if problems:
+        raise DataError(f"--data {data}: the new site's prevalence cannot be estimated reliably ({'; '.join(problems)}); "
+                        "nothing written. Use more images, --method bn, or label images and run recalibrate")
+
+
+def _checks(before: dict[str, Any], after: dict[str, Any], prior: dict[str, Any] | None, images: int, min_images: int,
+            max_ood_share: float, max_prior_ci: float, uses_bn: bool) -> list[str]:
+    """The safety checks this adaptation passed, in words (adaptation.json "checks")."""
+    ood = before.get("ood")
+    checks = [f"OOD guard: {ood['flagged_fraction']:.1%} of the images flagged (limit {max_ood_share:.0%})" if ood else
+              "no OOD guard in this model: foreign images were not looked for"]
+    if uses_bn:
+        z0, z1 = (d["matched_reference"]["features_mmd"].get("z") for d in (before, after))
+        checks.append(f"BatchNorm: {images} images (minimum {min_images}); feature MMD z to validation at the estimated "
+                      f"prevalence {'n/a' if z0 is None else f'{z0:.1f}'} -> {'n/a' if z1 is None else f'{z1:.1f}'} "
+                      "(refused if it grows beyond 3)")
+    if prior:
+        ci = prior.get("em_ci")
+        checks.append(f"prevalence {prior['em']:.3f}" + (f", 95% CI {ci[0]:.3f}-{ci[1]:.3f} (width limit {max_prior_ci})" if ci
+                      else "") + f", within [{PRIOR_EDGE}, {1 - PRIOR_EDGE}]; EM converged; BBSE "
+                      + ("n/a" if prior.get("bbse") is None else f"{prior['bbse']:.3f}"))
+    return checks
+
+
+def _ranking(saved: SavedModel, adapted: SavedModel, before: Sample, after: Sample) -> dict[str, Any]:
+    """How the adaptation moved the new images' order and decisions (the AUC itself needs labels)."""
+    p0, p1 = before.positive(saved), after.positive(adapted)
+    d0, d1 = before.decisions(saved), after.decisions(adapted)
+    rho = float(spearmanr(p0, p1).statistic) if len(p0) > 2 and np.ptp(p0) > 0 and np.ptp(p1) > 0 else None
+    same = bool(np.array_equal(np.argsort(p0, kind="stable"), np.argsort(p1, kind="stable")) or (rho is not None and rho > 1 - 1e-12))
+    return {
+        "order_unchanged": same, "spearman": rho,
+        "auc_change": "none: the same order of the images, the same AUC" if same else
+        "unknown without labels: the weights changed the order of the images (see spearman)",
+        "decisions_changed": int((d0 != d1).sum()), "decisions_changed_fraction": float((d0 != d1).mean()),
+        "positive_calls_before": float((d0 == saved.positive_index).mean()),
+        "positive_calls_after": float((d1 == saved.positive_index).mean()),
+    }
+
+
+def _verdict(before: dict[str, Any], after: dict[str, Any], method: str) -> dict[str, Any]:
+    """The verdict on the shift found before adaptation, and what the tests still detect after it."""
+    sentence = before["verdict"]
+    if before["kind"] == PREVALENCE and "prior" in method:
+        sentence = "prevalence shift, adapted"
+    residual = after["verdict"] if after is not before else "the same (a prior moves outputs, not the images' features)"
+    return {"verdict": sentence, "kind": before["kind"], "after": residual, "after_kind": after["kind"], "method": method}
+
+
+def _write(saved: SavedModel, adapted: SavedModel, record: dict[str, Any], run: Path, out: Path) -> None:
+    """NEW/model (weights, model.json with provenance, the OOD guard) and NEW/adaptation.json."""
+    trained = (saved.info.provenance or {}).get("trained") or {"run": str(Path(run).resolve())}
+    provenance = {**(saved.info.provenance or {}), "trained": trained, "adapted": _provenance(record)}
+    info = dataclasses.replace(adapted.info, provenance=provenance, members=None, versions=None)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / ADAPTATION_FILE, json.dumps(record, indent=2))
+    source = find_model_dir(run)
+    for name in (OOD_WEIGHTS, OOD_JSON):  # the guard reads the stages and the head's input, which a prior leaves alone
+        if (source / name).is_file():
+            (out / "model").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, out / "model" / name)
+    save_model(adapted.model, info, out, extra=adapted.extra)  # model.json last: the folder is whole once it exists
+
+
+def _provenance(record: dict[str, Any]) -> dict[str, Any]:
+    """The model.json summary of adaptation.json."""
+    prior = record["prior"] or {}
+    before = record["shift_before"]
+    return {
+        "method": record["method"], "operating_point": record["operating_point"], "run": record["run"],
+        "data": record["data"], "changes": record["changes"], "threshold_before": record["threshold"]["before"],
+        "ranking": {k: record["ranking"][k] for k in ("order_unchanged", "spearman", "decisions_changed_fraction")},
+        **({"prevalence": {"source": prior["source_prior"], "estimate": prior["em"], "ci": prior.get("em_ci"),
+                           "bbse": prior.get("bbse")}} if prior else {}),
+        "shift": {"verdict": before["verdict"], "scores_ks_p": before["scores_ks"]["p_value"],
+                  "features_mmd_p": before["features_mmd"]["p_value"],
+                  "ood_flagged_fraction": (before.get("ood") or {}).get("flagged_fraction")},
+        "verdict_after": record["verdict"]["after"], "record": ADAPTATION_FILE,
+    }

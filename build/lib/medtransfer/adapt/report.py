@@ -1,0 +1,32 @@
+"""What `adapt` prints: the shift found, the verdict, what changed and how the new images' ranking moved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medtransfer.evaluation.site_shift import detection_lines
+
+__all__ = ["adaptation_lines"]
+
+
+def adaptation_lines(record: dict[str, Any]) -> list[str]:
+    """Console lines of an adaptation record (adaptation.json)."""
+    data, ranking, verdict = record["data"], record["ranking"], record["verdict"]
+    lines = [f"Adapted with --method {record['method']} to {data['images']} images ({data['patients']} patients by file "
+             f"name) of {data['data']} (sha256 {data['sha256'][:12]}...; labels not read)"]
+    lines += detection_lines(record["shift_before"])
+    lines.append("Changed:")
+    lines += [f"  {change}" for change in record["changes"]] or ["  nothing"]
+    if ranking["order_unchanged"]:
+        lines.append("Ranking of the new images unchanged: the AUC is the same (a prior moves probabilities, not the order)")
+    else:
+        rho = ranking["spearman"]
+        lines.append(f"Ranking of the new images CHANGED (Spearman {'n/a' if rho is None else f'{rho:.3f}'} between before "
+                     "and after): the AUC on this site may differ and cannot be measured without labels")
+    lines.append(f"Decisions changed on {ranking['decisions_changed']} images ({ranking['decisions_changed_fraction']:.1%}); "
+                 f"positive calls {ranking['positive_calls_before']:.1%} -> {ranking['positive_calls_after']:.1%}")
+    lines.append("Checks passed:")
+    lines += [f"  {check}" for check in record.get("checks", [])]
+    lines.append(f"Verdict: {verdict['verdict']}")
+    lines.append(f"After adaptation the tests find: {verdict['after']}")
+    return lines

@@ -1,0 +1,5 @@
+"""`python -m medtransfer.cli`."""
+
+from medtransfer.cli import main
+
+main()

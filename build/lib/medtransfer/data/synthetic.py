@@ -1,0 +1,277 @@
+"""Synthetic chest-radiograph phantoms: the offline demo dataset.
+
+The real Kermany/Kaggle pneumonia data cannot ship with the package, so the demo,
+the tests and the tutorials use phantoms generated here with numpy and Pillow only.
+The output mimics the Kaggle folder layout and file naming closely enough that the
+same loaders, patient-level splitting and explanation checks work on both:
+
+* ``out_dir/{train,val,test}/{NORMAL,PNEUMONIA}/*.png`` - 8-bit grayscale images;
+* ``out_dir/masks/{split}/{CLASS}/<stem>.png`` - binary lesion masks (0/255) for the
+  PNEUMONIA images only, kept in a parallel tree so that a scanner listing ``*.png``
+  in the class folders never mistakes a mask for an image.
+
+Each image is one film of a synthetic patient rendered by :mod:`medtransfer.data.phantom`;
+this module plans the patients (split, class, number of films, file names) and writes
+the files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medtransfer.data.phantom import random_anatomy, render_phantom
+from medtransfer.errors import ConfigError, DataError
+
+__all__ = [
+    "CLASSES",
+    "SPLITS",
+    "DemoSummary",
+    "generate_demo_dataset",
+    "lesion_mask_path",
+]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+CLASSES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+MASKS_DIR = "masks"
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """What :func:`generate_demo_dataset` wrote.
+
+    ``images[split][cls]`` and ``patients[split][cls]`` hold the counts for every split
+    in :data:`SPLITS` and class in :data:`CLASSES` (zero where nothing was written).
+    """
+
+    out_dir: Path
+    images: dict[str, dict[str, int]] = field(default_factory=dict)
+    patients: dict[str, dict[str, int]] = field(default_factory=dict)
+    masks: int = 0
+
+    @property
+    def total_images(self) -> int:
+        """Number of image files over all splits and classes."""
+        return sum(n for per_cls in self.images.values() for n in per_cls.values())
+
+    @property
+    def total_patients(self) -> int:
+        """Number of distinct synthetic patients over all splits and classes."""
+        return sum(n for per_cls in self.patients.values() for n in per_cls.values())
+
+
+@dataclass(frozen=True)
+class _Patient:
+    split: str
+    cls: str
+    number: int
+    n_images: int
+    virus: bool
+    seed: np.random.SeedSequence
+
+
+def _validate(
+    patients_per_class: int,
+    images_per_patient: tuple[int, int],
+    val_patients_per_class: int,
+    test_patients_per_class: int,
+    image_size: int,
+) -> None:
+    if not isinstance(patients_per_class, int) or patients_per_class < 1:
+        raise ConfigError(f"patients_per_class must be an integer >= 1, got {patients_per_class!r}")
+    for name, value in (
+        ("val_patients_per_class", val_patients_per_class),
+        ("test_patients_per_class", test_patients_per_class),
+    ):
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+    try:
+        lo, hi = (int(v) for v in images_per_patient)
+    except (TypeError, ValueError):
+        raise ConfigError(f"images_per_patient must be a (min, max) pair of integers, got {images_per_patient!r}") from None
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"images_per_patient must satisfy 1 <= min <= max, got {images_per_patient!r}")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise ConfigError(f"image_size must be an integer >= 32 pixels, got {image_size!r}")
+
+
+def _plan(seed: int, per_split: dict[str, int], images_per_patient: tuple[int, int]) -> list[_Patient]:
+    """Every patient of the dataset in writing order, each with its own random stream."""
+    plan_seq, patients_seq = np.random.SeedSequence(seed).spawn(2)
+    rng = np.random.default_rng(plan_seq)
+    total = 2 * sum(per_split.values())
+    # One independent stream per patient: a patient's images do not depend on how many
+    # images other patients got.
+    seeds = patients_seq.spawn(total)
+    # Unique, shuffled patient numbers across the whole dataset so the number itself
+    # leaks nothing about split or class; Kermany NORMAL ids are 4-digit when possible.
+    numbers = rng.permutation(np.arange(1, total + 1)) + (100 if total < 9000 else 0)
+    patients = []
+    i = 0
+    for split in SPLITS:
+        for cls in CLASSES:
+            for _ in range(per_split[split]):
+                # The real val split is tiny with one image per patient; mirror that.
+                n_img = 1 if split == "val" else int(rng.integers(images_per_patient[0], images_per_patient[1] + 1))
+                virus = bool(rng.random() < 0.4) if cls == "PNEUMONIA" else False
+                patients.append(_Patient(split, cls, int(numbers[i]), n_img, virus, seeds[i]))
+                i += 1
+    return patients
+
+
+_README = """\
+Synthetic demo data generated by medtransfer (medtransfer.data.synthetic).
+
+These are NOT real radiographs: they are procedurally generated chest-X-ray-like
+phantoms for demos and tests. Generated with seed={seed}, image_size={size}.
+
+Layout (same as the Kaggle "Chest X-Ray Images (Pneumonia)" dataset):
+  train/{{NORMAL,PNEUMONIA}}/*.png   8-bit grayscale PNG images
+  val/{{NORMAL,PNEUMONIA}}/*.png     deliberately tiny (one image per patient)
+  test/{{NORMAL,PNEUMONIA}}/*.png
+
+File names follow the Kermany convention:
+  NORMAL:     IM-<patient:04d>-<k:04d>.png          (patient id "IM-<patient:04d>")
+  PNEUMONIA:  person<patient>_bacteria_<image>.png  (patient id "person<patient>")
+              person<patient>_virus_<image>.png
+Each patient has one or more images and appears in exactly one split; patient
+numbers are unique across the whole dataset.
+
+Lesion masks (PNEUMONIA images only) live in a parallel tree so that folder scanners
+never pick them up as images:
+  masks/<split>/<CLASS>/<image stem>.png    binary 0/255, same size as the image,
+                                            255 where the synthetic opacity exceeds
+                                            half of its peak.
+
+Counts (images / patients):
+{counts}
+"""
+
+
+def generate_demo_dataset(
+    out_dir: str | Path,
+    *,
+    patients_per_class: int = 60,
+    images_per_patient: tuple[int, int] = (1, 3),
+    val_patients_per_class: int = 4,
+    test_patients_per_class: int = 20,
+    image_size: int = 224,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> DemoSummary:
+    """Write a synthetic pneumonia/normal chest-X-ray dataset in the Kaggle layout.
+
+    Args:
+        out_dir: Target folder; created if missing.
+        patients_per_class: Training patients per class.
+        images_per_patient: Inclusive ``(min, max)`` images per train/test patient.
+        val_patients_per_class: Validation patients per class (one image each, like the
+            tiny Kaggle val split).
+        test_patients_per_class: Test patients per class.
+        image_size: Side length of the square images in pixels.
+        seed: Seed; the same seed always yields byte-identical files.
+        overwrite: Replace an existing generated dataset in ``out_dir`` (only the
+            ``train``, ``val``, ``test`` and ``masks`` folders and ``README.txt`` are
+            removed). Without it an existing dataset is an error, so stale files are
+            never mixed with new ones.
+
+    Returns:
+        A :class:`DemoSummary` with image and patient counts per split and class.
+
+    Raises:
+        ConfigError: An invalid setting.
+        DataError: ``out_dir`` already holds a dataset and ``overwrite`` is false, or
+            is not a folder.
+    """
+    _validate(patients_per_class, images_per_patient, val_patients_per_class, test_patients_per_class, image_size)
+    root = Path(out_dir)
+    _clear_out_dir(root, overwrite)
+    per_split = {"train": patients_per_class, "val": val_patients_per_class, "test": test_patients_per_class}
+    patients = _plan(seed, per_split, images_per_patient)
+
+    images = {s: {c: 0 for c in CLASSES} for s in SPLITS}
+    counts_p = {s: {c: 0 for c in CLASSES} for s in SPLITS}
+    n_masks = 0
+    image_counter = 0  # Kermany's pneumonia image numbers increase globally
+    for s in SPLITS:
+        for c in CLASSES:
+            (root / s / c).mkdir(parents=True, exist_ok=True)
+    for pat in patients:
+        image_counter, pat_masks = _write_patient(root, pat, image_size, image_counter)
+        counts_p[pat.split][pat.cls] += 1
+        images[pat.split][pat.cls] += pat.n_images
+        n_masks += pat_masks
+    _write_readme(root, seed, image_size, images, counts_p)
+    return DemoSummary(out_dir=root, images=images, patients=counts_p, masks=n_masks)
+
+
+def _clear_out_dir(root: Path, overwrite: bool) -> None:
+    """Refuse (or, with ``overwrite``, remove) a dataset already generated in ``root``."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"out_dir {root} exists and is not a folder; pass a folder path")
+    generated = [root / name for name in (*SPLITS, MASKS_DIR, "README.txt")]
+    existing = [p for p in generated if p.exists()]
+    if existing and not overwrite:
+        raise DataError(
+            f"out_dir {root} already contains a dataset ({existing[0].name}); "
+            "pass overwrite=True or choose an empty folder"
+        )
+    for p in existing:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _write_patient(root: Path, pat: _Patient, image_size: int, image_counter: int) -> tuple[int, int]:
+    """Render and save every film of one patient (and its lesion masks).
+
+    ``image_counter`` is the last pneumonia image number used; returns it updated, and
+    the number of masks written.
+    """
+    rng = np.random.default_rng(pat.seed)
+    anatomy = random_anatomy(rng, pneumonia=pat.cls == "PNEUMONIA", virus=pat.virus)
+    n_masks = 0
+    for k in range(1, pat.n_images + 1):
+        film = render_phantom(rng, anatomy, image_size)
+        if pat.cls == "NORMAL":
+            stem = f"IM-{pat.number:04d}-{k:04d}"
+        else:
+            image_counter += 1
+            kind = "virus" if pat.virus else "bacteria"
+            stem = f"person{pat.number}_{kind}_{image_counter}"
+        Image.fromarray(film.pixels).save(root / pat.split / pat.cls / f"{stem}.png")
+        if film.lesion_mask is not None:
+            mask_dir = root / MASKS_DIR / pat.split / pat.cls
+            mask_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((film.lesion_mask.astype(np.uint8) * 255)).save(mask_dir / f"{stem}.png")
+            n_masks += 1
+    return image_counter, n_masks
+
+
+def _write_readme(
+    root: Path, seed: int, image_size: int, images: dict[str, dict[str, int]], patients: dict[str, dict[str, int]]
+) -> None:
+    counts = "\n".join(
+        f"  {s:5s} {c:9s} {images[s][c]:5d} / {patients[s][c]:4d}" for s in SPLITS for c in CLASSES
+    )
+    (root / "README.txt").write_text(_README.format(seed=seed, size=image_size, counts=counts), encoding="utf-8")
+
+
+def lesion_mask_path(image_path: Path, data_root: Path) -> Path | None:
+    """Return the lesion-mask file for a generated image, or None if it has none.
+
+    ``data_root/<split>/<CLASS>/<stem>.<ext>`` maps to
+    ``data_root/masks/<split>/<CLASS>/<stem>.png``. Images outside ``data_root``,
+    NORMAL images and images without a mask on disk give None.
+    """
+    image_path, data_root = Path(image_path), Path(data_root)
+    try:
+        rel = image_path.resolve().relative_to(data_root.resolve())
+    except ValueError:
+        return None
+    if len(rel.parts) != 3 or rel.parts[0] == MASKS_DIR:
+        return None
+    candidate = data_root / MASKS_DIR / rel.parts[0] / rel.parts[1] / f"{rel.stem}.png"
+    return candidate if candidate.is_file() else None

@@ -1,0 +1,1 @@
+"""`medtransfer experiment`: a grid of training runs on one split, evaluated and compared (see runner.py)."""
