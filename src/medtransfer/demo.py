@@ -8,7 +8,9 @@ download), and prints the two runs side by side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -19,7 +21,7 @@ from medtransfer.evaluation.html import format_number, split_value
 from medtransfer.rundir import CONFIG_FILE, RunDir, RunMetrics
 from medtransfer.train.pipeline import run_training
 
-SCENARIOS = {
+SCENARIOS: dict[str, dict[str, Any]] = {
     "finetune": {"strategy": "finetune"},
     "freeze-4": {"strategy": "freeze", "freeze_children": 4},
 }
@@ -78,14 +80,24 @@ def comparison_table(results: dict[str, RunMetrics]) -> Table:
     table.add_column("metric")
     for name in results:
         table.add_column(name, justify="right")
-    rows = [
-        ("trainable / total params", lambda m: f"{format_number(m.params['trainable'])} / {format_number(m.params['total'])}"),
+    rows: list[tuple[str, Callable[[RunMetrics], str]]] = [
+        ("trainable / total params", _params),
         ("epochs (best)", lambda m: f"{m.epochs_run} ({m.best_epoch})"),
         ("train seconds", lambda m: f"{m.train_seconds:.0f}"),
         ("threshold", lambda m: f"{m.threshold:.3f}"),
     ]
     for key in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
-        rows.append((key, lambda m, k=key: split_value(m.test, k)))
+        rows.append((key, _test_metric(key)))
     for label, get in rows:
         table.add_row(label, *[get(m) for m in results.values()])
     return table
+
+
+def _params(m: RunMetrics) -> str:
+    params = m.params or {}  # a dash for a count the run did not record
+    return f"{format_number(params.get('trainable'))} / {format_number(params.get('total'))}"
+
+
+def _test_metric(key: str) -> Callable[[RunMetrics], str]:
+    """One test metric with its interval (a dash without a test split)."""
+    return lambda m: format_number(None) if m.test is None else split_value(m.test, key)

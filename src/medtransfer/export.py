@@ -44,6 +44,8 @@ class CalibratedClassifier(nn.Module):
     """logits and softmax(logits / temperature), as `predict` computes them; with ``multilabel``,
     sigmoid(logits / temperature) where ``temperature`` holds one value per finding."""
 
+    temperature: torch.Tensor  # a buffer (exported with the graph)
+
     def __init__(self, model: nn.Module, temperature: float | tuple[float, ...], *, multilabel: bool = False):
         super().__init__()
         self.model = model
@@ -54,7 +56,7 @@ class CalibratedClassifier(nn.Module):
         scaled = logits / self.temperature  # multi-label: (findings,) broadcast over the batch
         return torch.sigmoid(scaled) if self.multilabel else torch.softmax(scaled, dim=1)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (logits, probabilities)
         logits = self.model(image)
         return logits, self.calibrated(logits)
 
@@ -70,6 +72,7 @@ class ScoredCalibratedClassifier(CalibratedClassifier):
 def calibration_of(saved: SavedModel) -> dict:
     """CalibratedClassifier's settings for `saved`: its one temperature, or one per finding (multi-label)."""
     if saved.task.multilabel:
+        assert saved.info.temperatures is not None, "a saved multi-label model has temperatures (checked on load)"
         return {"temperature": tuple(saved.info.temperatures), "multilabel": True}
     return {"temperature": float(saved.temperature)}
 

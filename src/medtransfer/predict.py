@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import csv
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from medtransfer.runtime import (
 from medtransfer.task import join_findings
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given; folders expanded to the images inside them (sorted, hidden files skipped)."""
     paths: list[Path] = []
     for item in map(Path, inputs):
@@ -99,14 +100,15 @@ def with_tta_override(saved: SavedModel, tta: str | None, console: Console) -> S
     """`saved` with another test-time augmentation (None: as saved), warning that the operating point differs."""
     changed = saved.with_tta(tta)
     if changed is not saved:
-        console.print(override_warning(saved.info.tta, tta), markup=False, highlight=False)
+        console.print(override_warning(saved.info.tta, changed.info.tta), markup=False, highlight=False)
     return changed
 
 
-def decision_row(saved: SavedModel, path: str, decision: Decision, i: int, scores: np.ndarray | None = None) -> dict:
+def decision_row(saved: SavedModel, path: str | None, decision: Decision, i: int,
+                 scores: np.ndarray | None = None) -> dict[str, Any]:
     """path, prob_<class> per class, pred (and ood_score, ood = in/out with a detector): one image's row.
     Multi-label: path, prob_<finding>..., pred_<finding>... (0/1), findings (called, most probable first)."""
-    row = {"path": path}
+    row: dict[str, Any] = {"path": path}
     row.update({f"prob_{c}": float(decision.probabilities[i, k]) for k, c in enumerate(saved.classes)})
     if saved.task.multilabel:
         row.update({f"pred_{c}": int(decision.predicted[i, k]) for k, c in enumerate(saved.classes)})
@@ -114,6 +116,7 @@ def decision_row(saved: SavedModel, path: str, decision: Decision, i: int, score
     else:
         row["pred"] = saved.classes[int(decision.predicted[i])]
     if scores is not None:
+        assert saved.ood is not None, "ood scores come only from a model with a detector"
         row["ood_score"] = float(scores[i])
         row["ood"] = "out" if saved.ood.flags(scores[i]) else "in"
     return row
@@ -254,6 +257,7 @@ def operating_point_text(saved: SavedModel) -> str:
     """One line naming the saved operating point (printed under the table)."""
     info = saved.info
     if saved.task.multilabel:
+        assert info.thresholds is not None, "a saved multi-label model has thresholds (checked on save and load)"
         pairs = ", ".join(f"{f} {t:.3f}" for f, t in zip(info.classes, info.thresholds))
         return f"thresholds per finding on p(finding): {pairs}"
     return f"threshold {info.threshold:.3f} on p({info.positive_class})"

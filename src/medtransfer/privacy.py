@@ -41,19 +41,18 @@ __all__ = [
 ]
 
 DROPPED_SETTINGS = ("cache_dir",)  # a local folder, usually under the home folder: says who and where, not how
-PATH_SETTINGS = ("data", "split_file", "weights")  # shown by their last part when they are paths
 IDENTIFIER_NOTE = ("image paths relative to the data folder and patient IDs as salted hashes (pid-...); "
                    "split.csv and predictions_*.csv hold them in clear")
 
 
 def shareable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings without ``cache_dir``, and with ``data``, ``split_file`` and every other absolute path cut
-    to its last part (``/home/ana/data/chest_xray`` -> ``chest_xray``); other values as they are."""
+    """The settings without ``cache_dir``, and with every absolute path (``data``, ``split_file``, ``weights``...)
+    cut to its last part (``/home/ana/data/chest_xray`` -> ``chest_xray``); other values as they are."""
     out = {}
     for key, value in settings.items():
         if key in DROPPED_SETTINGS:
             continue
-        if isinstance(value, str) and (_is_path(value) or (key in PATH_SETTINGS and ("/" in value or os.sep in value))):
+        if isinstance(value, str) and _is_path(value):  # a relative path says nothing about the machine
             value = PurePath(value).name or value
         out[key] = value
     return out
@@ -99,8 +98,8 @@ class Identities:
             if self.root is not None and os.path.isabs(path):
                 self._paths.setdefault(os.path.relpath(path, self.root), shared)
             names.setdefault(PurePath(path).name, set()).add(PurePath(shared).name)
-        for name, shared in names.items():  # a file name two images share, under different patients, gets a hash
-            self._paths.setdefault(name, shared.pop() if len(shared) == 1 else f"img-{self._hash(name)}")
+        for name, forms in names.items():  # a file name two images share, under different patients, gets a hash
+            self._paths.setdefault(name, next(iter(forms)) if len(forms) == 1 else f"img-{self._hash(name)}")
         if self.root is not None and not Path.home().is_relative_to(self.root):  # else text() writes it as ~
             self._paths.setdefault(str(self.root), self.root.name)
         self._everything = {**self._paths, **self._patients}

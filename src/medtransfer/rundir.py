@@ -186,8 +186,10 @@ class SplitMetrics:
 
     def cell(self, row: int, column: int) -> int | None:
         """``confusion_matrix[row][column]`` (0: negative, 1: positive; row = truth), or None."""
+        if self.confusion_matrix is None:
+            return None
         try:
-            return self.confusion_matrix[row][column]  # type: ignore[index]
+            return self.confusion_matrix[row][column]
         except (TypeError, IndexError):
             return None
 
@@ -411,7 +413,7 @@ def _csv_number(text: str | None, path: Path, line: int, column: str, *, allow_e
     if allow_empty and (text is None or text == ""):
         return None
     try:
-        value = float(text)  # type: ignore[arg-type]
+        value = float("" if text is None else text)  # None (a short row) fails as "" does
     except (TypeError, ValueError):
         raise DataError(f"{path}, line {line}: {column} must be a number; got {text!r}") from None
     if not allow_empty and not math.isfinite(value):
@@ -432,9 +434,12 @@ def _read_predictions(path: Path) -> Predictions:
         seen.add(row["path"])
         probabilities[i] = [_csv_number(row[f"prob_{c}"], path, line, f"prob_{c}") for c in classes]
 
+    def required(name: str) -> list[str]:  # a column _read_csv checked
+        return [row[name] for _, row in rows]
+
     def column(name: str) -> list[str] | None:
-        return [row[name] for _, row in rows] if name in columns else None
+        return required(name) if name in columns else None
 
     return Predictions(
-        path, tuple(columns), classes, column("path"), column("label"), probabilities, column("pred"), column("patient_id")
+        path, tuple(columns), classes, required("path"), required("label"), probabilities, column("pred"), column("patient_id")
     )

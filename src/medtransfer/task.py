@@ -97,11 +97,11 @@ class Task:
         masked = masked if masked is not None else [()] * len(labels)
         out = np.zeros((len(labels), self.num_outputs), dtype=np.float32)
         column = {c: i for i, c in enumerate(self.classes)}
-        for row, (label, unknown) in enumerate(zip(labels, masked)):
+        for row, (label, masked_here) in enumerate(zip(labels, masked)):
             for finding in split_findings(label):
                 if finding in column:
                     out[row, column[finding]] = 1.0
-            for finding in unknown:
+            for finding in masked_here:
                 if finding in column:
                     out[row, column[finding]] = np.nan
         return out

@@ -7,7 +7,7 @@ report.html does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["metrics_rows", "metrics_table", "model_rows", "recalibration_rows", "text_table"]
@@ -46,7 +46,7 @@ def metrics_rows(splits: Mapping[str, Mapping[str, Any] | None]) -> tuple[list[s
     return SPLIT_HEADER, rows
 
 
-def metrics_table(splits: Mapping[str, Mapping[str, Any] | None], *, title: str, notes: list[str] = ()) -> str:
+def metrics_table(splits: Mapping[str, Mapping[str, Any] | None], *, title: str, notes: Sequence[str] = ()) -> str:
     """An HTML fragment: a title, :func:`metrics_rows` as a table, then one line per note."""
     from medtransfer.evaluation.html import escape, table
 

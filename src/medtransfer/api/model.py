@@ -296,6 +296,7 @@ class Model:
                 raise ConfigError(f"Model.explain(finding={finding!r}): finding is for multi-label models; this model is "
                                   f"single-label (classes {', '.join(classes)}) and explains its predicted class")
             k = int(decision.predicted[0])
+            assert saved.threshold is not None, "a saved single-label model has a threshold (checked on load)"
             caption = prediction_caption(classes, probabilities, k, positive_index=saved.positive_index,
                                          threshold=saved.threshold)
         with ClassActivationMap(saved.model, target_layer=target_layer, method=method, multilabel=multilabel) as cam:

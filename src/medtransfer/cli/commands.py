@@ -74,6 +74,7 @@ def predict(
             table.add_row(row["path"], *[f"{row[f'prob_{c}']:.4f}" for c in saved.classes], called, *ood)
         console.print(table)
     if saved.info.task == "multi-label":
+        assert saved.info.thresholds is not None, "a saved multi-label model has thresholds (checked on load)"
         console.print("thresholds " + ", ".join(f"{c} {t:.3f}" for c, t in zip(saved.classes, saved.info.thresholds)))
     else:
         console.print(f"threshold {saved.threshold:.3f} on p({saved.info.positive_class})")

@@ -31,6 +31,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, help=f"Maximum epochs (default {DEFAULTS.epochs})."),
     patience: Optional[int] = typer.Option(None, help=f"Early stopping patience on validation loss (default {DEFAULTS.patience})."),
     batch_size: Optional[int] = typer.Option(None, help=f"Batch size (default {DEFAULTS.batch_size})."),
+    accumulate: Optional[int] = typer.Option(None, help="Gradient accumulation: batches per optimiser step (default 1); --resume may trade --batch-size for it at the same effective batch."),
     lr: Optional[float] = typer.Option(None, help=f"Peak learning rate for AdamW (default {DEFAULTS.lr:g})."),
     image_size: Optional[int] = typer.Option(None, help=f"Model input size in pixels (default {DEFAULTS.image_size})."),
     output_stride: Optional[int] = typer.Option(

@@ -448,10 +448,17 @@ def _bad_images_message(bad: list[tuple[Path, str]]) -> str:
 def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n=1)``: a rich progress bar, or nothing when disabled."""
     if not enabled:
-        yield lambda n=1: None
+        def skip(n: int = 1) -> None:
+            return None
+
+        yield skip
         return
     from rich.progress import Progress
 
     with Progress(transient=False) as bar:
         task = bar.add_task("Caching images", total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task, n)
+
+        yield advance

@@ -169,7 +169,8 @@ class EntryChecker:
     def __init__(self, data_file: Path, entries: dict[str, Entry]) -> None:
         size = data_file.stat().st_size
         self._mm = np.memmap(data_file, dtype=np.uint8, mode="r") if size else None
-        self._entries, self._seen = entries, set()
+        self._entries = entries
+        self._seen: set[str] = set()
         self.failed = 0
         self.recorded: dict[str, bytes] = {}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import lightning as L
 import numpy as np
@@ -17,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medtransfer.data.cache import CachedImages
 from medtransfer.errors import DataError
+
+if TYPE_CHECKING:
+    from medtransfer.data.transforms import TrainTransform
 
 
 def image_tensor(array: np.ndarray) -> torch.Tensor:
@@ -27,8 +31,20 @@ def image_tensor(array: np.ndarray) -> torch.Tensor:
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
+class LabelledDataset(Protocol):
+    """What the data module reads of a dataset: its length, its items and one label per item."""
+
+    @property
+    def labels(self) -> Sequence[int]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
 class CachedImageDataset(Dataset):
-    def __init__(self, images: CachedImages, labels: Sequence[int], transform: Callable):
+    def __init__(self, images: CachedImages, labels: Sequence[int] | np.ndarray, transform: Callable):
+        """`labels`: class indices, or (n, findings) 1 / 0 / NaN targets (multi-label)."""
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
@@ -98,7 +114,7 @@ class SeededItems(Dataset):
     """``dataset[index]`` computed under the torch seed that :class:`EpochSampler` gave the item;
     the caller's random state is left as it was."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: LabelledDataset):
         self.dataset = dataset
         self.labels = dataset.labels
 
@@ -136,7 +152,7 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def split_fingerprint(*datasets: Dataset) -> str:
+def split_fingerprint(*datasets: LabelledDataset) -> str:
     """A digest of the images and labels of `datasets` (the split each rank sees)."""
     digest = hashlib.sha256()
     for dataset in datasets:
@@ -179,7 +195,7 @@ class TransferDataModule(L.LightningDataModule):
             if len(self.val_set) < world:
                 raise DataError(f"{len(self.val_set)} validation images for {world} processes; use fewer --devices")
 
-    def _sampler(self, dataset: Dataset, *, train: bool) -> Sampler | None:
+    def _sampler(self, dataset: LabelledDataset, *, train: bool) -> Sampler | None:
         """The sampler for one rank: Lightning's sampler replacement is off (use_distributed_sampler=False).
 
         Training: :class:`EpochSampler` (weighted for --sampler balanced), sharded over the ranks.
@@ -191,12 +207,12 @@ class TransferDataModule(L.LightningDataModule):
             return EpochSampler(len(dataset), seed=self.seed, weights=weights, num_replicas=world, rank=rank)
         return None if world == 1 else ShardSampler(len(dataset), num_replicas=world, rank=rank)
 
-    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+    def _loader(self, dataset: CachedImageDataset, *, train: bool) -> DataLoader:
         sampler = self._sampler(dataset, train=train)
-        if train:  # an order and augmentation that depend on (seed, epoch) only, so --resume repeats them
-            dataset = SeededItems(dataset)
+        # training: an order and augmentation that depend on (seed, epoch) only, so --resume repeats them
+        items: Dataset = SeededItems(dataset) if train else dataset
         return DataLoader(
-            dataset,
+            items,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=train and len(dataset) > self.batch_size,
@@ -209,8 +225,8 @@ class TransferDataModule(L.LightningDataModule):
         """Training batches of uint8 images and parameter rows (TrainTransform(on_device=True)) are
         augmented and normalised here, on the device, with each image's own parameters."""
         images, labels = batch
-        if isinstance(images, (list, tuple)):
-            images = self.train_set.transform.finish(*images)
+        if isinstance(images, (list, tuple)):  # only TrainTransform(on_device=True) yields (images, params)
+            images = cast("TrainTransform", self.train_set.transform).finish(*images)
         return images, labels
 
     def train_dataloader(self) -> DataLoader:

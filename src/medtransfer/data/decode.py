@@ -219,7 +219,7 @@ def _open_unchecked(data: bytes) -> Image.Image:
     for fmt in _PIL_FORMATS:
         factory, accept = Image.OPEN[fmt]
         if accept is None or accept(data[:16]):
-            return factory(io.BytesIO(data), None)
+            return factory(io.BytesIO(data), "")  # no file name, as Image.open passes for a stream
     raise DataError(f"not a readable image ({_unaccepted(data)})")
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import struct
 import warnings
 import zlib
@@ -80,7 +81,7 @@ class DicomHeader:
     view_position: str | None
 
 
-def read_dicom_header(path: str | Path) -> DicomHeader:
+def read_dicom_header(path: str | os.PathLike[str]) -> DicomHeader:
     """PatientID and ViewPosition of a DICOM file, read without its pixel data.
 
     Raises:

@@ -203,7 +203,8 @@ def discover_csv(
                 f"--data {manifest}: CSV manifest lacks column(s) {', '.join(sorted(missing))}; "
                 f"found {', '.join(sorted(columns)) or 'no header'}. Required: path,label[,patient_id][,split]"
             )
-        records, first_seen = [], {}
+        records: list[Record] = []
+        first_seen: dict[str, tuple[int, str]] = {}  # normalised path -> (line, label) of its first row
         for line_number, row in enumerate(reader, start=2):
             raw_path = (row.get("path") or "").strip()
             label = (row.get("label") or "").strip()
@@ -332,15 +333,15 @@ def discover_data(
 
 
 def _keep_views(records: list[Record], wanted: tuple[str, ...], root: Path) -> list[Record]:
-    known = [r for r in records if r.view is not None]
-    if not known:
+    views = {r.view for r in records if r.view is not None}
+    if not views:
         raise DataError(
             f"--views {','.join(wanted)}: {root} says nothing about views (no view column, no view1_frontal-style "
             "file names, no DICOM ViewPosition); leave --views out"
         )
     kept = [r for r in records if r.view in wanted]
     if not kept:
-        found = ", ".join(sorted({r.view for r in known}))
+        found = ", ".join(sorted(views))
         raise DataError(f"--views {','.join(wanted)}: no image of that view in {root}; views found: {found}")
     return kept
 
@@ -378,6 +379,7 @@ class PatientNamer:
             self.views[path] = normalise_view(header.view_position)
             if self.regex is None and header.patient_id is not None:
                 if self._salt is None:
+                    assert self.salt_dir is not None  # _reads_dicom: only with a salt folder
                     self._salt = local_salt(Path(self.salt_dir))
                 self.rules["dicom"] += 1
                 return salted_patient_id(header.patient_id, self._salt)  # never the clear ID

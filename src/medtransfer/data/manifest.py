@@ -54,7 +54,7 @@ def read_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
             rows, start = [], reader.line_num + 1
             for row in reader:
                 if any(v.strip() for v in row):
-                    rows.append({**dict(zip(keys, (value.strip() for value in row))), _LINE: start})
+                    rows.append({**dict(zip(keys, (value.strip() for value in row))), _LINE: str(start)})
                 start = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"--data {manifest}: cannot read the CSV manifest ({exc}); save it as UTF-8 CSV") from None
@@ -137,7 +137,8 @@ def discover_multilabel_csv(
         parsed, order = _from_finding_columns(manifest, header, rows, chosen, uncertain)
     patient_key, view_key = _first(columns, PATIENT_COLUMNS), _first(columns, VIEW_COLUMNS)
     resolve = _PathResolver(manifest)
-    out, seen = [], {}
+    out = []
+    seen: dict[Path, str] = {}  # image -> its first line
     for row, (present, masked) in zip(rows, parsed):
         line = row[_LINE]
         raw = row.get(path_column, "")

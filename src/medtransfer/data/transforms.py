@@ -111,7 +111,8 @@ def train_transform(
 ) -> TrainTransform:
     """The training transform of ``policy`` (a name of :data:`~medtransfer.data.augment.POLICIES` but none)
     with the magnitudes given; ``on_device``: finished on the GPU (:meth:`TrainTransform.finish`)."""
-    chosen = Policy(policy, tuple(crop_scale), rotation_degrees, brightness, contrast, horizontal_flip)
+    low, high = crop_scale  # a list from a YAML config too (Config checks it holds two numbers)
+    chosen = Policy(policy, (low, high), rotation_degrees, brightness, contrast, horizontal_flip)
     return TrainTransform(chosen, image_size=image_size, mean=mean, std=std, channels=channels, on_device=on_device)
 
 

@@ -234,6 +234,7 @@ def _paired_test(fa: _Folder, fb: _Folder, positive: str, *, n_resamples: int, s
     y = np.asarray([label == positive for label in pa.labels], dtype=np.int64)
     prob_a = pa.probability(positive)
     prob_b = pb.probability(positive)[order]
+    groups: list[str] | None
     if pa.patient_ids is not None:
         groups = pa.patient_ids
     else:
@@ -284,7 +285,7 @@ def _table_rows(folders: list[_Folder], findings: list[str] | None = None) -> li
         threshold = [f.test.threshold if f.test.threshold is not None else f.metrics.threshold for f in folders]
         rows.append(("Threshold", [h.format_number(t) for t in threshold]))
     rows.append(("Images (n)", [h.format_number(f.test.n) for f in folders]))
-    optional = [
+    optional: list[tuple[str, list[Any]]] = [
         ("Patients", [f.test.patients for f in folders]),
         ("Positives", [f.test.n_positive for f in folders]),
         ("ECE after calibration", [(f.test.calibration or {}).get("ece_after") for f in folders]),

@@ -62,9 +62,10 @@ def evaluate_saved_model(
 ) -> dict[str, Any]:
     console = console or Console()
     saved = load_model(run)
-    if saved.with_tta(tta) is not saved:  # the saved setting unless overridden
-        console.print(override_warning(saved.info.tta, tta), markup=False, highlight=False)
-        saved = saved.with_tta(tta)
+    changed = saved.with_tta(tta)
+    if changed is not saved:  # the saved setting unless overridden
+        console.print(override_warning(saved.info.tta, changed.info.tta), markup=False, highlight=False)
+        saved = changed
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: exists and is not empty; choose a new folder (the run is never written to)")
     if out.resolve() == Path(run).resolve() or out.resolve() == find_model_dir(run).resolve():
@@ -130,6 +131,7 @@ def _finish(out: Path, metrics: dict[str, Any], saved: SavedModel, scores: np.nd
     if scores is None:
         console.print("This model was saved without an OOD detector: no foreign-input check (train again to get one).")
     else:
+        assert saved.ood is not None, "ood scores come only from a model with a detector"
         metrics["shift"]["ood_flagged_fraction"] = metrics["ood"]["flagged_fraction"]
         console.print(f"OOD guard ({saved.ood.method}): {metrics['ood']['flagged']} of {len(scores)} images "
                       f"({metrics['ood']['flagged_fraction']:.1%}) do not look like the training data")
@@ -171,6 +173,7 @@ def _multilabel_metrics(
 def ood_summary(saved: SavedModel, outputs: SplitOutputs, scores: np.ndarray, point: OperatingPoint, *, bootstrap: int,
                 seed: int) -> dict[str, Any]:
     """The flagged fraction and the metrics on the images the OOD guard accepts (metrics.json "ood")."""
+    assert saved.ood is not None, "ood scores come only from a model with a detector"
     flagged = saved.ood.flags(scores)
     summary: dict[str, Any] = {
         "method": saved.ood.method, "threshold": saved.ood.threshold, "flagged": int(flagged.sum()),

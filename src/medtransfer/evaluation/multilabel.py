@@ -76,7 +76,7 @@ def fit_multilabel_point(logits: np.ndarray, targets: np.ndarray, task: Task, *,
         index, y = _known(targets, k)
         if not _both_classes(y):
             temperatures.append(1.0)
-            chosen.append(FALLBACK_THRESHOLD if parsed.kind != "fixed" else float(parsed.value))
+            chosen.append(FALLBACK_THRESHOLD if parsed.kind != "fixed" else float(parsed.target))
             fallback.append(finding)
             continue
         z = logits[index, k].astype(np.float64)

@@ -54,6 +54,7 @@ class ExternalFindings:
 def point_of(saved: SavedModel) -> MultiLabelPoint:
     """The operating points in model.json (per-finding temperatures and thresholds) as a MultiLabelPoint."""
     info = saved.info
+    assert info.temperatures is not None and info.thresholds is not None, "a saved multi-label model has both"
     return MultiLabelPoint(saved.task, [float(t) for t in info.temperatures], [float(t) for t in info.thresholds],
                            info.threshold_policy or "saved")
 
@@ -136,6 +137,7 @@ def multilabel_ood_summary(
     scores: np.ndarray, point: MultiLabelPoint, *, bootstrap: int, seed: int,
 ) -> dict[str, Any]:
     """The flagged fraction and the metrics on the images the OOD guard accepts (metrics.json "ood")."""
+    assert saved.ood is not None, "ood scores come only from a model with a detector"
     flagged = saved.ood.flags(scores)
     summary: dict[str, Any] = {
         "method": saved.ood.method, "threshold": saved.ood.threshold, "flagged": int(flagged.sum()),

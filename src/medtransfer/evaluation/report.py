@@ -53,6 +53,7 @@ def write_report(run_dir: Path, *, console: Any = None, title: str | None = None
     """
     run = _Run.load(Path(run_dir))
     page_title = title or f"medtransfer report: {run.root.resolve().name}"
+    order: tuple[str, ...]
     builders, order = (_SECTIONS, SECTION_IDS)  # multi-label: per-finding sections, none of those for one positive class
     if run.multilabel:
         builders, order = {**_SECTIONS, **multilabel_sections(_run_facts)}, MULTILABEL_SECTION_IDS
@@ -89,8 +90,7 @@ class _Run:
     def load(cls, root: Path) -> _Run:
         folder = RunDir(root)
         metrics = folder.metrics()
-        model = folder.model_json()
-        model = model if isinstance(model, dict) else {}
+        model = found if isinstance(found := folder.model_json(), dict) else {}
         config, source = visible_settings(folder.config()), "config.yaml"  # shareable unless keep_identifiers (privacy.py)
         if config is None and isinstance(model.get("training_config"), dict):
             config, source = visible_settings(model["training_config"]), "model/model.json (training_config)"
@@ -258,7 +258,7 @@ def _data(run: _Run) -> str:
     m = run.metrics
     parts = []
     if m.data_summary:
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for split, per_class in m.data_summary.items():
             if not isinstance(per_class, dict):
                 continue

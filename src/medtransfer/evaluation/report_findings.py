@@ -84,8 +84,8 @@ def _write_thumbnail(run_dir: Path, source: str, name: str, readable: set[str] |
 
 def _thumbnail(relative: Any, root: Path | None, shown: str) -> str:
     """An <img> of a thumbnail file inside the run folder `root`, or a note when there is none."""
-    path = (root / str(relative)).resolve() if root is not None and isinstance(relative, str) and relative else None
-    if path is None or not path.is_relative_to(root.resolve()) or not path.is_file():
+    path = (root / relative).resolve() if root is not None and isinstance(relative, str) and relative else None
+    if root is None or path is None or not path.is_relative_to(root.resolve()) or not path.is_file():
         return h.note(f"{shown}: no thumbnail in the run folder")
     uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img src="{uri}" alt="{h.escape(shown)}" style="width:49%">'
@@ -97,8 +97,9 @@ def _pair_tile(pair: dict[str, Any], root: Path | None) -> str:
         f"{names[0]} ({pair.get('split_a')}) ~ {names[1]} "
         f"({pair.get('split_b')}): {pair.get('distance')} bits, correlation {h.format_number(pair.get('correlation'), 4)}"
     )
-    thumbnails = pair.get("thumbnails") if isinstance(pair.get("thumbnails"), list) else [None, None]
-    images = " ".join(_thumbnail(t, root, n) for t, n in zip([*thumbnails, None, None][:2], names))
+    thumbnails = pair.get("thumbnails")
+    thumbnails = [*thumbnails, None, None][:2] if isinstance(thumbnails, list) else [None, None]
+    images = " ".join(_thumbnail(t, root, n) for t, n in zip(thumbnails, names))
     return f"<figure>{images}<figcaption>{h.escape(caption)}</figcaption></figure>"
 
 
@@ -107,7 +108,8 @@ def shift_html(shift: Any) -> str:
     if not isinstance(shift, dict):
         return ""
     fmt = h.format_number
-    ref = shift.get("reference") if isinstance(shift.get("reference"), dict) else {}
+    reference = shift.get("reference")
+    ref: dict[str, Any] = reference if isinstance(reference, dict) else {}
     keys = (
         ("Images", "n", 0), ("Prevalence (positive share)", "prevalence", 3), ("Mean predicted probability", "mean_probability", 3),
         ("Calibration in the large (ideal 0)", "calibration_in_the_large", 3), ("Calibration slope (ideal 1)", "calibration_slope", 3),
@@ -136,8 +138,10 @@ def foreign_inputs_html(ood: Any, test: SplitMetrics | None) -> str:
             f"training data: OOD score ({h.escape(str(ood.get('method')))}) above {fmt(ood.get('threshold'))}, "
             "the level that accepts 95% of the run's validation images.")
     rest = SplitMetrics.from_dict(ood["test_without_flagged"]) if isinstance(ood.get("test_without_flagged"), dict) else None
-    rows = [[label, fmt(test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS] if rest and test else []
-    table = h.table(["Metric", "All images", "Without flagged images"], rows + [["Images", fmt(test.n), fmt(rest.n)]]) if rows else ""
+    table = ""
+    if rest is not None and test is not None:
+        rows = [[label, fmt(test.value(key)), fmt(rest.value(key))] for key, label in h.METRIC_ROWS]
+        table = h.table(["Metric", "All images", "Without flagged images"], rows + [["Images", fmt(test.n), fmt(rest.n)]])
     return h.section("foreign-inputs", "Foreign inputs", h.note(lead) + table)
 
 
@@ -164,8 +168,8 @@ def border_evidence_html(block: Any, root: Path) -> str:
         css="warn" if flagged else "ok",
     )
     root = root.resolve()
-    items = [(root / str(g.get("image")), str(g.get("caption", ""))) for g in block.get("gallery") or [] if isinstance(g, dict)]
-    items = [(p if p.is_relative_to(root) and p.is_file() else None, c) for p, c in items]
+    listed = [(root / str(g.get("image")), str(g.get("caption", ""))) for g in block.get("gallery") or [] if isinstance(g, dict)]
+    items = [(p if p.is_relative_to(root) and p.is_file() else None, c) for p, c in listed]
     tiles = h.figures(items, css="gallery")
     gallery = f"<h3>Highest border shares (band outlined)</h3>{tiles}" if tiles else ""
     return h.section("shortcut-check", "Shortcut check", verdict + h.note(lead) + h.table(None, rows) + gallery)

@@ -165,7 +165,7 @@ def multilabel_shift_summary(
 
     def one(k: int | None) -> dict[str, Any]:
         y, prob = _known_pairs(t, p, k)
-        ref_y, ref_p = _known_pairs(rt, rp, k) if has_ref else (None, None)
+        ref_y, ref_p = _known_pairs(rt, rp, k) if rt is not None and rp is not None else (None, None)
         return shift_summary(y, prob, reference_y=ref_y, reference_prob=ref_p, reference=reference)
 
     per_finding = {f: one(k) for k, f in enumerate(findings) if f not in missing}

@@ -57,17 +57,20 @@ class ThresholdPolicy:
                 raise ConfigError(f"--threshold: got {text!r}; {self.kind} takes no value. Expected {_POLICY_FORMS}.")
             return
         v = self.value
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if ok and self.kind == "fixed":
-            ok = 0.0 <= v <= 1.0
-        elif ok:
-            ok = 0.0 < v <= 1.0
-        if not ok:
+        if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                or not (0.0 <= v <= 1.0 if self.kind == "fixed" else 0.0 < v <= 1.0)):
             raise ConfigError(f"--threshold: got {text!r}; expected {_POLICY_FORMS}.")
         object.__setattr__(self, "value", float(v))
 
     def __str__(self) -> str:
         return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+    @property
+    def target(self) -> float:
+        """The value of ``fixed``, ``sensitivity`` and ``specificity`` (the threshold, or the rate to reach)."""
+        if self.value is None:
+            raise ConfigError(f"--threshold: {self.kind} takes no value; expected {_POLICY_FORMS}.")
+        return self.value
 
 
 def parse_threshold_policy(text: str) -> ThresholdPolicy:
@@ -119,7 +122,7 @@ def choose_threshold(y_true: Any, prob_pos: Any, policy: ThresholdPolicy) -> flo
     if not isinstance(policy, ThresholdPolicy):
         raise ConfigError(f"policy must be a ThresholdPolicy (see parse_threshold_policy); got {policy!r}.")
     if policy.kind == "fixed":
-        return float(policy.value)  # type: ignore[arg-type]
+        return float(policy.target)
     y, s = binary_inputs(y_true, prob_pos)
     require_both_classes(y, f"threshold policy {str(policy)!r}")
     ranked = RankedScores.build(y, s)
@@ -164,7 +167,9 @@ class OperatingPoint:
     @classmethod
     def from_info(cls, info: ModelInfo) -> OperatingPoint:
         """The operating point a saved model carries in its model.json."""
-        return cls(info.positive_index, info.temperature, info.threshold, info.threshold_policy or "")
+        positive_index = info.positive_index  # a ConfigError for a multi-label model
+        assert info.threshold is not None, "a single-label model.json has a threshold (checked on load)"
+        return cls(positive_index, info.temperature, info.threshold, info.threshold_policy or "")
 
     def predict(self, probs: np.ndarray) -> np.ndarray:
         """Binary: positive when p >= threshold. N classes: argmax (threshold applies to positive-vs-rest metrics)."""

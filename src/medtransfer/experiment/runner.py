@@ -184,6 +184,7 @@ def evaluate_external(cell: Cell, run_dir: Path, name: str, data: Path, console:
     if target.exists():  # an evaluation cut short: evaluate refuses a non-empty folder, so it starts over
         shutil.rmtree(target)
     console.print(f"Cell {escape(cell.name)}: evaluating on {escape(str(data))}")
+    assert cell.config.cache_dir is not None  # read_experiment fills it in for every cell
     evaluate_saved_model(
         run_dir, data, target, cache_dir=Path(cell.config.cache_dir), bootstrap=cell.config.bootstrap,
         seed=cell.config.seed, skip_bad=cell.config.skip_bad_images, accelerator=cell.config.accelerator,

@@ -66,7 +66,7 @@ def write_summary(
     folds = plan.base.folds  # every cell a cross-validation on the same folds: "oof" instead of "val"
     eval_sets = ["oof" if folds else "val", "test", *sets]
     multilabel = any(r.get("task") == MULTI_LABEL for r in results.values())
-    summary = {
+    summary: dict[str, Any] = {
         "task": MULTI_LABEL if multilabel else SINGLE_LABEL,
         "headline": "macro AUC" if multilabel else "AUC",
         "grid": plan.grid,
@@ -190,7 +190,7 @@ def oof_selection(configurations: dict[str, Any], headline: str) -> dict[str, An
              if c["sets"].get("oof", {}).get("auc", {}).get("mean") is not None}
     if not means:
         return None
-    best = max(means, key=means.get)
+    best = max(means, key=means.__getitem__)
     return {
         "configuration": best, "by": f"mean pooled out-of-fold {headline} over seeds", "chosen_on": "out-of-fold",
         "note": (f"chosen by looking at the out-of-fold results: {best}'s out-of-fold figures are optimistic (the best of "

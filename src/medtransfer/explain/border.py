@@ -91,7 +91,8 @@ def _measure(
         explained.extend(classes[int(k)] for k in choice)
         return torch.as_tensor(choice, device=logits.device)
 
-    shown_all, maps_all = [], []
+    shown_all: list[np.ndarray] = []
+    maps_all: list[np.ndarray] = []
     with ClassActivationMap(saved_model.model, method=method, multilabel=multilabel) as cam:
         for start in range(0, len(paths), batch_size):
             shown, images = prepare_images(saved_model, paths[start : start + batch_size])
@@ -148,7 +149,8 @@ def write_border_evidence(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.png"):
         stale.unlink()
-    outline, _ = band_masks(*maps[0].shape, band)
+    height, width = maps[0].shape
+    outline, _ = band_masks(height, width, band)
     gallery = []
     for rank, i in enumerate(np.argsort(-edge, kind="stable")[:worst], start=1):
         image = f"{chosen[i].name} ({explained[i]})" if multilabel else chosen[i].name

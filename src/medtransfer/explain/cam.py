@@ -146,10 +146,12 @@ class ClassActivationMap:
         inner = getattr(model, "net", None)
         self.root: nn.Module = inner if isinstance(inner, nn.Module) and hasattr(model, "spec") else model
         self.model_name = getattr(self.spec, "name", None) or type(self.root).__name__
+        self.layer: nn.Module | None
+        self._layer_root: nn.Module | None = None  # what target_layer is relative to (set by _resolve_layer)
         if method == "occlusion":
             if target_layer is not None:
                 raise ConfigError(f"--target-layer {target_layer!r}: --method occlusion reads no layer; leave it out")
-            self.target_layer, self.layer, self._layer_root = LAYER_FREE, None, None
+            self.target_layer, self.layer = LAYER_FREE, None
         else:
             self.target_layer, self.layer = self._resolve_layer(target_layer)
         self.head = self._find_head() if method == "cam" else None
@@ -164,6 +166,7 @@ class ClassActivationMap:
         if self._active:
             raise RuntimeError("ClassActivationMap is already active; it cannot be entered twice")
         if self.layer is not None:
+            assert self._layer_root is not None  # set with the layer by _resolve_layer
             # Measured before the hook exists: the probe copies the model, and must not copy this hook.
             self.grid = feature_grid(self._layer_root, self.target_layer)
             self._handles.append(self.layer.register_forward_hook(self._capture))
@@ -293,6 +296,7 @@ class ClassActivationMap:
         return index.contiguous()
 
     def _cam(self, activation: torch.Tensor, index: torch.Tensor, sign: torch.Tensor | None, k: int) -> torch.Tensor:
+        assert self.head is not None  # method "cam": __init__ found the Linear head
         weight = self.head.weight.detach().float()
         if weight.shape[0] != k or weight.shape[1] != activation.shape[1]:
             raise ConfigError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ def explain_files(
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size: got {batch_size}; use 1 or more")
-    method = method or getattr(saved_model, "cam_method", "gradcam")
+    method = method or cast(str, getattr(saved_model, "cam_method", "gradcam"))  # SavedModel.cam_method: a str
     if is_multilabel(saved_model):
         return explain_findings(saved_model, paths, out_dir, method=method, target_layer=target_layer,
                                 batch_size=batch_size, findings=findings)

@@ -80,7 +80,8 @@ def overlay_picture(
     picture = Image.fromarray(rgb, mode="RGB")
     font = ImageFont.load_default()
     pad = 4
-    left, top, right, bottom = ImageDraw.Draw(picture).textbbox((0, 0), caption, font=font)
+    # whole pixels (Pillow types the box as floats; the default font's are ints)
+    left, top, right, bottom = map(int, ImageDraw.Draw(picture).textbbox((0, 0), caption, font=font))
     width = max(picture.width, right - left + 2 * pad)
     strip = bottom - top + 2 * pad
     canvas = Image.new("RGB", (width, picture.height + strip), (0, 0, 0))

@@ -12,7 +12,7 @@ import functools
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -48,8 +48,8 @@ class BackboneSpec:
     # so that freezing the first N means the first N layers in forward order.
     expand: tuple[str, ...] = ()
     # random init, original head; build(output_stride=16) dilates the last stage instead of striding
-    build: Callable[..., nn.Module] = field(default=None, repr=False)
-    imagenet_state_dict: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    build: Callable[..., nn.Module] = field(repr=False, kw_only=True)
+    imagenet_state_dict: Callable[[], dict[str, torch.Tensor]] = field(repr=False, kw_only=True)
 
     def __reduce__(self):
         # Picklable for DDP (ddp_spawn sends the model to each process): the builder closures are
@@ -60,8 +60,8 @@ class BackboneSpec:
 
 def _spec_by_name(name, source, head, cam_layer, first_conv, normalization, expand) -> "BackboneSpec":
     spec = get_backbone(name)
-    return BackboneSpec(name, source, head, cam_layer, first_conv, normalization, expand, spec.build,
-                        spec.imagenet_state_dict)
+    return BackboneSpec(name, source, head, cam_layer, first_conv, normalization, expand, build=spec.build,
+                        imagenet_state_dict=spec.imagenet_state_dict)
 
 
 # Factories, not specs: building a spec may construct a probe model, so it waits until asked.
@@ -171,7 +171,7 @@ def _timm_spec(name: str) -> BackboneSpec:
     import timm
 
     probe = timm.create_model(name, pretrained=False)
-    cfg = probe.pretrained_cfg
+    cfg = cast("dict[str, Any]", probe.pretrained_cfg)  # timm's attribute; nn.Module types it Tensor | Module
     expand = tuple(n for n in ("blocks", "stages", "features", "layers") if isinstance(getattr(probe, n, None), nn.Sequential))
 
     def build(output_stride: int = 32) -> nn.Module:
@@ -228,13 +228,14 @@ def to_single_channel(model: nn.Module, spec: BackboneSpec) -> None:
     with torch.no_grad():
         single.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
         if conv.bias is not None:
+            assert single.bias is not None  # built with bias=True
             single.bias.copy_(conv.bias)
     setattr(parent, attr, single)
 
 
 def _last_feature_module(model: nn.Module) -> str:
     """Name of the last top-level child before pooling that outputs a spatial map."""
-    outputs: dict[str, torch.Size] = {}
+    outputs: dict[str, torch.Size | None] = {}  # None: the child's output has no shape
     hooks = [
         child.register_forward_hook(lambda m, i, o, n=name: outputs.__setitem__(n, getattr(o, "shape", None)))
         for name, child in model.named_children()

@@ -16,6 +16,8 @@ the block, so ``copy.deepcopy`` of the network (weight averaging) hooks the copi
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -46,7 +48,7 @@ class MLPHead(nn.Sequential):
 
     @property
     def weight(self) -> torch.Tensor:  # the feature probe reads the head's device from it
-        return self[0].weight
+        return cast(nn.Linear, self[0]).weight
 
 
 class DepthwiseSeparableBlock(nn.Module):
@@ -96,7 +98,7 @@ def apply_head(net: nn.Module, spec: BackboneSpec, name: str) -> None:
     if name == "mlp":
         setattr(parent, attr, MLPHead(linear.in_features, linear.out_features))
     elif name == "dwconv":
-        in_channels = net.get_submodule(spec.first_conv).in_channels
+        in_channels = cast(nn.Conv2d, net.get_submodule(spec.first_conv)).in_channels
         block = DepthwiseSeparableBlock(_feature_channels(net, spec, in_channels))
         net.add_module(HEAD_BLOCK, block)
         net.get_submodule(spec.cam_layer).register_forward_hook(_ApplyBlock(block))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -89,15 +90,16 @@ class AveragedNetwork(nn.Module):
     @property
     def head(self) -> nn.Module:
         """The first member's classifier: its first call is the first member on the evaluation crop."""
-        return self.members[0].head
+        return cast(nn.Module, self.members[0].head)  # a TransferModel's (nn.Module types attributes Tensor | Module)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         views = tta_views(images, self.tta)
-        total = None
+        total: torch.Tensor | None = None
         for member in self.members:
             for view in views:
                 logits = member(view).float()
                 total = logits if total is None else total + logits
+        assert total is not None  # at least one member (checked in __init__) and one view
         return total / (len(self.members) * len(views))
 
 

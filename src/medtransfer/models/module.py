@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
@@ -23,6 +24,8 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
 
 
 class ClassifierModule(L.LightningModule):
+    class_weight: torch.Tensor | None  # a buffer (moves with the module), None without class weights
+
     def __init__(
         self,
         model: TransferModel,
@@ -92,7 +95,7 @@ class ClassifierModule(L.LightningModule):
                                  sums.new_tensor(len(labels))])
             return loss
         # Training shards are padded to equal size, so Lightning's sync_dist mean is exact.
-        logged = {"on_epoch": True, "prog_bar": True, "batch_size": len(labels), "sync_dist": True}
+        logged: dict[str, Any] = {"on_epoch": True, "prog_bar": True, "batch_size": len(labels), "sync_dist": True}
         self.log("train/loss", loss, on_step=True, **logged)
         self.log("train/acc", accuracy, on_step=False, **logged)
         return loss

@@ -22,20 +22,21 @@ ones) and, being a prefix of the network, run without autograd.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from medtransfer.errors import ConfigError
 from medtransfer.models.backbones import BackboneSpec
-from medtransfer.models.heads import HEAD_BLOCK, apply_head, head_modules
+from medtransfer.models.heads import HEAD_BLOCK, MLPHead, apply_head, head_modules
 
 STRATEGIES = ("finetune", "freeze", "linear-probe", "lp-ft", "gradual")
 
 
 def backbone_children(net: nn.Module, spec: BackboneSpec) -> list[str]:
     """Dotted names of the backbone's layers in forward order, head excluded."""
-    names = []
+    names: list[str] = []
     for name, child in net.named_children():
         if name in spec.expand:
             names.extend(f"{name}.{sub}" for sub, _ in child.named_children())
@@ -75,9 +76,9 @@ class TransferModel(nn.Module):
         return self.net(images)
 
     @property
-    def head(self) -> nn.Module:
+    def head(self) -> nn.Linear | MLPHead:
         """The classifier at spec.head (Linear, or MLPHead with the same in/out_features)."""
-        return self.net.get_submodule(self.spec.head)
+        return cast("nn.Linear | MLPHead", self.net.get_submodule(self.spec.head))
 
     @property
     def num_classes(self) -> int:
@@ -135,7 +136,7 @@ def parameter_groups(model: TransferModel, lr: float, decay: float = 1.0) -> lis
 
     Each group carries its "name" (the child, or "head"), so a callback can find it again.
     """
-    groups = [{"name": "head", "params": [p for m in head_modules(model.net, model.spec) for p in m.parameters()]}]
+    groups: list[dict[str, Any]] = [{"name": "head", "params": [p for m in head_modules(model.net, model.spec) for p in m.parameters()]}]
     groups += [{"name": name, "params": list(model.net.get_submodule(name).parameters())} for name in model.child_groups()]
     grouped = {id(p) for group in groups for p in group["params"]}
     groups[0]["params"] += [p for p in model.net.parameters() if id(p) not in grouped]  # outside any child: head's lr

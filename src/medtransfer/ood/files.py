@@ -91,7 +91,7 @@ def _names(names: list[str]) -> str:
 
 def _shape_problem(tensors: dict, layers: list[str]) -> str | None:
     """What makes the tensors unusable together (a whitening that is not square, widths that differ), or None."""
-    groups = [("mahalanobis.whitening", "mahalanobis.means", "knn.bank")]
+    groups: list[tuple[str, str, str | None]] = [("mahalanobis.whitening", "mahalanobis.means", "knn.bank")]
     groups += [(_layer_key(name, "whitening"), _layer_key(name, "centres"), None) for name in layers]
     for whitening, means, bank in groups:
         w, m = tensors[whitening], tensors[means]

@@ -83,7 +83,7 @@ def knn_bank(x: np.ndarray, limit: int, seed: int, group: int = KNN_GROUP) -> to
     order = rng.permutation(len(z))
     for chunk in np.array_split(order, max(1, len(order) // 256)):  # similarities to 256 seeds at a time (one GEMM)
         chunk = chunk[free[chunk]]
-        columns = single @ single[chunk].T if len(chunk) else None  # unit vectors: nearest = most similar
+        columns = single @ single[chunk].T  # unit vectors: nearest = most similar
         for j, start in enumerate(chunk):
             if free.sum() < group:
                 break

@@ -79,9 +79,9 @@ def create_app(
     for name, value, least in (("--max-concurrent", max_concurrent, 1), ("--queue", queue, 0)):
         if value < least:
             raise ConfigError(f"{name}: got {value}; use {least} or more")
-    for name, value, unit in (("--max-upload-mb", max_upload_mb, "megabytes"), ("--body-timeout", body_timeout, "seconds")):
-        if not value > 0:
-            raise ConfigError(f"{name}: got {value}; use a positive number of {unit}")
+    for name, amount, unit in (("--max-upload-mb", max_upload_mb, "megabytes"), ("--body-timeout", body_timeout, "seconds")):
+        if not amount > 0:
+            raise ConfigError(f"{name}: got {amount}; use a positive number of {unit}")
     if not min_upload_rate >= 0:
         raise ConfigError(f"--min-upload-rate: got {min_upload_rate}; use 0 (no minimum) or a positive number of KB/s")
     body = BodyRules(max_bytes=int(max_upload_mb * 2**20), deadline=body_timeout, min_rate=min_upload_rate * 1024)
@@ -145,6 +145,7 @@ def model_card(saved: SavedModel, run_dir: str | Path | None, *, max_upload_mb: 
     card: dict[str, Any] = {key: stored.get(key) for key in MODEL_KEYS}
     card["task"] = saved.info.task
     if saved.task.multilabel:
+        assert saved.info.thresholds is not None and saved.info.temperatures is not None, "checked on load"
         card["findings"] = [{"finding": f, "threshold": t, "temperature": temperature} for f, t, temperature
                             in zip(saved.info.classes, saved.info.thresholds, saved.info.temperatures)]
     card["metrics"] = _run_figures(run_dir)

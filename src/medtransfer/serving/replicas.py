@@ -94,6 +94,7 @@ class Replicas:
                 "threshold": saved.threshold,
             }
         if "ood_score" in row:  # absent for a model saved without an OOD detector
+            assert saved.ood is not None
             answer.update(ood_score=row["ood_score"], ood=row["ood"] == "out", ood_threshold=saved.ood.threshold)
             if answer["ood"]:
                 answer["ood_message"] = OOD_MESSAGE
@@ -103,6 +104,7 @@ class Replicas:
                 answer["cam_finding"] = saved.classes[index]
                 caption = finding_caption(answer["findings"][0])
             else:
+                assert saved.threshold is not None, "a saved single-label model has a threshold (checked on load)"
                 caption = prediction_caption(saved.classes, decision.probabilities[0], index,
                                              positive_index=saved.positive_index, threshold=saved.threshold)
             if cam:
@@ -130,6 +132,7 @@ def per_finding(saved: SavedModel, decision) -> dict[str, Any]:
     with its threshold and whether it is called), predicted (the called ones) and probabilities by finding."""
     probabilities, predicted = decision.probabilities[0], decision.predicted[0]
     thresholds = saved.info.thresholds
+    assert thresholds is not None, "a saved multi-label model has thresholds (checked on load)"
     order = sorted(range(len(saved.classes)), key=lambda k: -float(probabilities[k]))
     return {
         "findings": [{"finding": saved.classes[k], "probability": float(probabilities[k]),

@@ -134,7 +134,7 @@ class BestWeights(EpochFiles):
     epoch is committed, then go to ``path`` labelled with their epoch.
     """
 
-    def __init__(self, path: Path, monitor: str = "val/loss", averaging: EMAWeightAveraging | None = None):
+    def __init__(self, path: Path, monitor: str = "val/loss", averaging: L.Callback | None = None):
         self.path = path
         self.monitor = monitor
         self.averaging = averaging  # with EMA, validation scores the averaged weights, so those are kept
@@ -153,8 +153,9 @@ class BestWeights(EpochFiles):
         if not trainer.is_global_zero:  # every rank tracks the (synced) best score; rank 0 writes it
             return
         source = pl_module
-        if self.averaging is not None and self.averaging._average_model is not None:  # swapped back after validation
-            source = self.averaging._average_model.module
+        average = getattr(self.averaging, "_average_model", None)  # EMA: swapped back after validation
+        if average is not None:
+            source = average.module
         state = {k: v.detach().cpu().clone().contiguous() for k, v in source.model.net.state_dict().items()}
         self._pending = (self.best_epoch, state)
 

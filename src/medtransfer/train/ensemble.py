@@ -31,6 +31,7 @@ from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, fit_operating_point, split_metrics, write_plots, write_predictions
+from medtransfer.evaluation.model_card import write_model_card
 from medtransfer.evaluation.multilabel import fit_multilabel_point, multilabel_split_metrics, write_multilabel_predictions
 from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
@@ -165,6 +166,7 @@ def build_ensemble(
     write_metrics(out, metrics)
     if not task.multilabel:  # heatmaps per finding: `medtransfer explain --finding`
         write_gallery(out, load_model(out))
+    write_model_card(out)
     write_report(out, console=console, title=f"Seed ensemble of {len(members)} runs")
     return metrics
 

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.runtime import autocast
+from medtransfer.models.heads import MLPHead
 from medtransfer.models.strategies import TransferModel
 from medtransfer.task import SINGLE_LABEL, Task
 
@@ -103,7 +104,7 @@ def _check_pair(name: str, x: torch.Tensor, y: torch.Tensor, width: int) -> None
 
 
 @torch.no_grad()
-def _evaluate(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, task: Task) -> tuple[float, float]:
+def _evaluate(head: nn.Linear | MLPHead, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, task: Task) -> tuple[float, float]:
     logits = head(x)
     loss = task.loss(logits, y, weight=weight)
     hits, count = task.hits(logits, y)
@@ -111,7 +112,7 @@ def _evaluate(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight: torch.T
 
 
 def train_head_on_features(
-    head: nn.Linear,
+    head: nn.Linear | MLPHead,
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     val_x: torch.Tensor,
@@ -181,7 +182,7 @@ def train_head_on_features(
     return history, best_state
 
 
-def _class_weight(class_weights: Sequence[float] | torch.Tensor | None, head: nn.Linear) -> torch.Tensor | None:
+def _class_weight(class_weights: Sequence[float] | torch.Tensor | None, head: nn.Linear | MLPHead) -> torch.Tensor | None:
     if class_weights is None:
         return None
     weight = torch.as_tensor(class_weights, dtype=torch.float32, device=head.weight.device)
@@ -191,7 +192,7 @@ def _class_weight(class_weights: Sequence[float] | torch.Tensor | None, head: nn
 
 
 def _train_epoch(
-    head: nn.Linear,
+    head: nn.Linear | MLPHead,
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,

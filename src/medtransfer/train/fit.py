@@ -22,6 +22,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import lightning as L
@@ -70,7 +71,7 @@ def _trainer(config: TrainConfig, out: Path, *, accelerator: str, precision: str
         num_nodes=config.num_nodes,
         strategy=config.distributed,
         use_distributed_sampler=False,  # TransferDataModule shards itself (weighted draws, unpadded validation)
-        precision=precision,
+        precision=precision,  # type: ignore[arg-type]  # a name resolve_precision checked
         accumulate_grad_batches=config.accumulate,  # effective batch = batch_size x accumulate
         callbacks=callbacks,
         logger=make_logger(config, out) if is_global_zero() else False,  # --logger: RUN/logs/, rank 0 writes
@@ -144,7 +145,7 @@ def fit_with_lightning(
         raise out_of_memory_error(config, out, accelerator) from None
     if trainer.interrupted:
         raise TrainingInterrupted(out)
-    setup = {"devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "distributed": _distributed_name(trainer)}
+    setup: dict[str, Any] = {"devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "distributed": _distributed_name(trainer)}
     if not trainer.is_global_zero:  # only rank 0 goes on to evaluate and write the run folder
         return Fit(best.best_epoch, bool(early_stopping.stopped_epoch > 0), **setup)
     if not best.path.is_file():

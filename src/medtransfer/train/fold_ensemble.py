@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from medtransfer.evaluation.out_of_fold import (
     fold_spread,
     multiclass_intervals,
 )
+from medtransfer.evaluation.model_card import write_model_card
 from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
 from medtransfer.evaluation.report_folds import write_fold_plots
@@ -111,7 +113,7 @@ def predict_rows(saved: SavedModel, rows: list[SplitRow], *, cache_dir: Path, ac
     kept = [rows[i] for i in images.positions]
     task = saved.task
     targets = task.targets([r.label for r in kept], [r.masked for r in kept])
-    dataset = CachedImageDataset(images, targets if task.multilabel else targets.tolist(), saved.transform())
+    dataset = CachedImageDataset(images, targets if task.multilabel else targets.tolist(), saved.transform())  # type: ignore[arg-type]
     logits = predict_logits(saved.network, dataset, device=device_for(accelerator), precision=precision)
     return SplitOutputs([r.path for r in kept], targets, [r.patient_id for r in kept], logits)
 
@@ -142,19 +144,23 @@ def out_of_fold(config: TrainConfig, runs: list[Path], pool: list[Record], *, bo
     _check_one_prediction_each(outputs.paths, pool)
     task = members[0].task
     resamples = config.bootstrap if bootstrap is None else bootstrap
+    point: OperatingPoint | MultiLabelPoint
     if task.multilabel:
         point = fit_multilabel_point(outputs.logits, outputs.labels, task, policy=config.threshold, calibrate=config.calibrate)
-        pooled = multilabel_split_metrics(outputs.logits, outputs.labels, outputs.patient_ids, point,
-                                          bootstrap=resamples, seed=config.seed)
     else:
         point = fit_operating_point(outputs, positive_index=members[0].positive_index, policy=config.threshold,
                                     calibrate=config.calibrate)
-        pooled = _single_label_metrics(outputs, point, list(task.classes), resamples, config.seed)
+    pooled = score(outputs, point, list(task.classes), bootstrap=resamples, seed=config.seed)
     return OutOfFold(members, runs, outputs, folds, point, pooled, task, precision, accelerator)
 
 
-def _single_label_metrics(outputs: SplitOutputs, point: OperatingPoint, classes: list[str], bootstrap: int,
-                          seed: int) -> dict[str, Any]:
+def score(outputs: SplitOutputs, point: OperatingPoint | MultiLabelPoint, classes: list[str], *, bootstrap: int,
+          seed: int) -> dict[str, Any]:
+    """A split's figures at ``point``: per finding (multi-label), or the single-label block with, for three or
+    more classes, intervals of the argmax accuracy and macro AUC."""
+    if isinstance(point, MultiLabelPoint):
+        return multilabel_split_metrics(outputs.logits, outputs.labels, outputs.patient_ids, point, bootstrap=bootstrap,
+                                        seed=seed)
     result = split_metrics(outputs, point, classes, bootstrap=bootstrap, seed=seed)
     if len(classes) > 2 and bootstrap > 0:  # argmax accuracy and macro AUC, with intervals from the same patients
         result["multiclass"].update(multiclass_intervals(outputs.labels, point.probabilities(outputs.logits),
@@ -163,8 +169,7 @@ def _single_label_metrics(outputs: SplitOutputs, point: OperatingPoint, classes:
 
 
 def _check_one_prediction_each(paths: list[str], pool: list[Record]) -> None:
-    seen: set[str] = set()
-    twice = [p for p in paths if p in seen or seen.add(p)]
+    twice = [p for p, n in Counter(paths).items() if n > 1]
     if twice:
         raise DataError(f"out-of-fold: {twice[0]} was predicted by two folds; the folds must not overlap")
     wanted = {str(Path(r.path).resolve()) for r in pool}
@@ -173,34 +178,27 @@ def _check_one_prediction_each(paths: list[str], pool: list[Record]) -> None:
         raise DataError(f"out-of-fold: {foreign[0]} is not a pool image of split.csv; a fold's split was changed")
 
 
-def _score(outputs: SplitOutputs, oof: OutOfFold, config: TrainConfig) -> dict[str, Any]:
-    if oof.task.multilabel:
-        return multilabel_split_metrics(outputs.logits, outputs.labels, outputs.patient_ids, oof.point,
-                                        bootstrap=config.bootstrap, seed=config.seed)
-    return _single_label_metrics(outputs, oof.point, oof.classes, config.bootstrap, config.seed)
-
-
 def _write_split(outputs: SplitOutputs, name: str, prefix: str, scores: dict[str, Any], oof: OutOfFold, out: Path,
                  config: TrainConfig) -> None:
     """predictions_<name>.csv and the split's plots <prefix>_*.png (ROC with its patient-bootstrap band, ...)."""
-    if oof.task.multilabel:
-        write_multilabel_predictions(outputs.paths, outputs.labels, outputs.patient_ids, outputs.logits, oof.point,
+    point = oof.point
+    if isinstance(point, MultiLabelPoint):
+        write_multilabel_predictions(outputs.paths, outputs.labels, outputs.patient_ids, outputs.logits, point,
                                      out / f"predictions_{name}.csv")
-        write_multilabel_plots(outputs.logits, outputs.labels, oof.point, scores, out / "plots", prefix=prefix)
+        write_multilabel_plots(outputs.logits, outputs.labels, point, scores, out / "plots", prefix=prefix)
         return
-    write_predictions(outputs, oof.point, oof.classes, out / f"predictions_{name}.csv")
-    write_plots(outputs, oof.point, oof.classes, scores, out / "plots", prefix=prefix,
+    write_predictions(outputs, point, oof.classes, out / f"predictions_{name}.csv")
+    write_plots(outputs, point, oof.classes, scores, out / "plots", prefix=prefix,
                 band_resamples=min(200, config.bootstrap), seed=config.seed)
 
 
 def _ensemble_info(oof: OutOfFold, config: TrainConfig, description: dict[str, Any]) -> Any:
-    first = oof.members[0].info
-    if oof.task.multilabel:
-        point = dict(thresholds=tuple(oof.point.thresholds), temperatures=tuple(oof.point.temperatures))
-    else:
-        point = dict(threshold=oof.point.threshold, temperature=oof.point.temperature)
-    return dataclasses.replace(first, **point, threshold_policy=config.threshold,
-                               provenance={"cross_validation": description}, training_config=config.to_dict())
+    first = dataclasses.replace(oof.members[0].info, threshold_policy=config.threshold,
+                                provenance={"cross_validation": description}, training_config=config.to_dict())
+    point = oof.point
+    if isinstance(point, MultiLabelPoint):
+        return dataclasses.replace(first, thresholds=tuple(point.thresholds), temperatures=tuple(point.temperatures))
+    return dataclasses.replace(first, threshold=point.threshold, temperature=point.temperature)
 
 
 def write_fold_ensemble(
@@ -226,7 +224,7 @@ def write_fold_ensemble(
     if test_rows:
         test = predict_rows(ensemble, test_rows, cache_dir=Path(config.cache_dir or default_cache_dir()),
                             accelerator=oof.accelerator, precision=oof.precision)
-        splits["test"] = _score(test, oof, config)
+        splits["test"] = score(test, oof.point, oof.classes, bootstrap=config.bootstrap, seed=config.seed)
         _write_split(test, "test", "test", splits["test"], oof, out, config)
     table = [fold_row(f, RunDir(run).metrics()) for f, run in enumerate(oof.runs, start=1)]
     write_fold_plots(out / "plots", [RunDir(run).history() for run in oof.runs], oof.outputs, oof.folds, oof.point,
@@ -237,6 +235,7 @@ def write_fold_ensemble(
     write_metrics(out, metrics)
     if "test" in splits and not oof.task.multilabel:
         write_gallery(out, load_model(out), method=config.cam_method)
+    write_model_card(out)
     write_report(out, console=console, title=f"{k}-fold cross-validation")
     _print_folds(table, oof, console)
     return {"oof": splits["val"], "test": splits.get("test"), "threshold": metrics["threshold"]}
@@ -246,18 +245,19 @@ def _metrics(config: TrainConfig, oof: OutOfFold, splits: dict[str, Any], table:
              description: dict[str, Any], leakage: dict[str, Any], data_summary: dict[str, Any],
              refit: dict[str, Any] | None) -> dict[str, Any]:
     first = RunDir(oof.runs[0]).metrics()
-    single = not oof.task.multilabel
+    point = oof.point
+    single = isinstance(point, OperatingPoint)
     seconds = sum(RunDir(run).metrics().train_seconds or 0.0 for run in oof.runs) + ((refit or {}).get("train_seconds") or 0)
     pool = len(oof.outputs.paths)
     return {
         "backbone": first.backbone, "strategy": first.strategy, "weights": first.weights,
         "train_seconds": round(seconds, 1),
         "positive_class": first.positive_class if single else None,
-        "threshold": oof.point.threshold if single else None,
+        "threshold": point.threshold if isinstance(point, OperatingPoint) else None,
         "val": splits["val"], "test": splits.get("test"), "classes": oof.classes, "threshold_policy": config.threshold,
         "precision": oof.precision, "leakage": leakage, "data_summary": data_summary,
         "hardware": hardware_summary(accelerator=oof.accelerator, precision=oof.precision),
-        "task": oof.task.kind, "operating_point": None if single else oof.point.to_dict(),
+        "task": oof.task.kind, "operating_point": point.to_dict() if isinstance(point, MultiLabelPoint) else None,
         "cross_validation": {
             "folds": len(oof.runs), "seed": config.seed, "pooled_images": pool,
             "pooled_patients": len(set(oof.outputs.patient_ids)),

@@ -33,11 +33,7 @@ class LabelledData:
     positive_class: str | None  # None for multi-label: every finding has its own operating point
     leakage: dict[str, Any]
     summary: dict[str, Any]
-    task: Task | None = None
-
-    def __post_init__(self) -> None:
-        if self.task is None:
-            object.__setattr__(self, "task", Task(SINGLE_LABEL, tuple(self.classes)))
+    task: Task  # single-label over `classes`, or multi-label over the findings
 
 
 def findings_of(config: TrainConfig) -> tuple[str, ...] | None:

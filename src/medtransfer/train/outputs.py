@@ -19,6 +19,7 @@ from medtransfer.artifacts import ModelInfo, load_model, model_info, save_model
 from medtransfer.config import TrainConfig
 from medtransfer.evaluation import plots
 from medtransfer.evaluation.evaluate import OperatingPoint, SplitOutputs, write_plots, write_predictions
+from medtransfer.evaluation.model_card import write_model_card
 from medtransfer.evaluation.multilabel import MultiLabelPoint, write_multilabel_predictions
 from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
@@ -87,12 +88,14 @@ def write_outputs(
     if evaluation.multilabel:  # no gallery (heatmaps per finding: `medtransfer explain --finding`); the border check
         record_border_evidence(out, saved, metrics, method=config.cam_method)  # measures each image's top finding
         _shareable(metrics, ids, out)
+        write_model_card(out)  # beside report.html, which stays last (the finished marker)
         write_report(out, console=console)
         return
     # heatmaps of the most confident hits and misses, for the report, and the shortcut check (at most border.LIMIT test images)
     write_gallery(out, saved, data_root=config.data, method=config.cam_method, keep_names=config.keep_identifiers)
     record_border_evidence(out, saved, metrics, method=config.cam_method)
     _shareable(metrics, ids, out)  # the border check's captions name its images
+    write_model_card(out)
     write_report(out, console=console)
 
 

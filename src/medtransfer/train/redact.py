@@ -45,8 +45,9 @@ class Redacted:
     changed: tuple[str, ...]
 
 
-def redact_run(run_dir: str | Path, *, cache_dir: str | Path | None = None) -> list[Redacted]:
+def redact_run(run_dir: str | Path, *, cache_dir: str | Path | None = None, lock: bool = True) -> list[Redacted]:
     """Redact `run_dir` and the runs inside it; `cache_dir`: where the patient salt lives (default: the run's).
+    `lock`: take the run's lock (False for a caller that holds it, e.g. a pipeline finishing its own folder).
 
     Raises:
         DataError: `run_dir` holds no metrics.json (not a run or evaluation folder).
@@ -55,7 +56,10 @@ def redact_run(run_dir: str | Path, *, cache_dir: str | Path | None = None) -> l
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).is_file():
         raise DataError(f"redact {run_dir}: no {METRICS_FILE}; pass a folder written by `medtransfer train` or `evaluate`")
-    with FolderLock(run_dir, what="redact"):
+    if lock:
+        with FolderLock(run_dir, what="redact"):
+            done = [Redacted(run_dir, tuple(_redact(run_dir, cache_dir)))]
+    else:
         done = [Redacted(run_dir, tuple(_redact(run_dir, cache_dir)))]
     for pattern in NESTED:
         for inner in sorted(run_dir.glob(pattern)):

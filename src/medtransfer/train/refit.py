@@ -25,23 +25,20 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from medtransfer.config import TrainConfig
+from medtransfer.config import TrainConfig, default_cache_dir
 from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.discover import Record
 from medtransfer.data.split import write_split_csv
 from medtransfer.errors import DataError
-from medtransfer.evaluation.evaluate import (
-    SplitOutputs,
-    default_positive_class,
-    split_metrics,
-)
-from medtransfer.evaluation.multilabel import MultiLabelPoint, multilabel_split_metrics
+from medtransfer.evaluation.evaluate import SplitOutputs, default_positive_class
+from medtransfer.evaluation.multilabel import MultiLabelPoint
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.models.inference import inference_network
 from medtransfer.rundir import CONFIG_FILE, RunDir
 from medtransfer.runtime import hardware_summary, predict_logits
 from medtransfer.task import Task
 from medtransfer.train.callbacks import read_history
+from medtransfer.train.fold_ensemble import score
 from medtransfer.train.labelled import task_of_split_file
 from medtransfer.train.outputs import Evaluation, write_outputs
 from medtransfer.train.pipeline import (
@@ -119,11 +116,11 @@ def train_refit(
             "backbone": settings.backbone, "strategy": settings.strategy, "weights": settings.weights,
             "params": model.parameter_counts(), "epochs_run": len(history), "best_epoch": len(history),
             "stopped_early": False, "train_seconds": round(sum(r["seconds"] for r in history), 1),
-            "positive_class": positive_class, "threshold": None if task.multilabel else point.threshold,
+            "positive_class": positive_class, "threshold": point.threshold if isinstance(point, OperatingPoint) else None,
             "val": None, "test": evaluation.metrics.get("test"), "classes": classes, "threshold_policy": settings.threshold,
             "precision": hardware.precision, "head": settings.head, "task": task.kind,
             "hardware": hardware_summary(accelerator=hardware.accelerator, precision=hardware.precision),
-            "operating_point": point.to_dict() if task.multilabel else None, "refit": summary,
+            "operating_point": point.to_dict() if isinstance(point, MultiLabelPoint) else None, "refit": summary,
         }
         write_outputs(run, model=model, config=settings, evaluation=evaluation, metrics=metrics, history=history,
                       console=console, ood=ood)
@@ -139,7 +136,7 @@ def _with_results(summary: dict[str, Any], run: Path) -> dict[str, Any]:
 
 def _cache(rows: list[Record], task: Task, config: TrainConfig, console: Console) -> dict[str, SplitData]:
     """train (the pool), val (the same images: Lightning's per-epoch pass) and test, decoded once."""
-    cache = ImageCache(config.cache_dir, CacheSettings(size=config.cache_size))
+    cache = ImageCache(config.cache_dir or default_cache_dir(), CacheSettings(size=config.cache_size))
     images = decode_images(cache, [r.path for r in rows], skip_bad=config.skip_bad_images, progress=config.progress,
                            console=console)
     kept = [rows[i] for i in images.positions]
@@ -174,8 +171,5 @@ def _evaluate(model: Any, splits: dict[str, SplitData], task: Task, classes: lis
         test = splits["test"]
         outputs["test"] = SplitOutputs([str(r.path) for r in test.records], np.asarray(test.labels),
                                        [r.patient_id for r in test.records], logits)
-        o = outputs["test"]
-        metrics["test"] = (multilabel_split_metrics(o.logits, o.labels, o.patient_ids, point, bootstrap=config.bootstrap,
-                                                    seed=config.seed) if task.multilabel
-                           else split_metrics(o, point, classes, bootstrap=config.bootstrap, seed=config.seed))
+        metrics["test"] = score(outputs["test"], point, classes, bootstrap=config.bootstrap, seed=config.seed)
     return Evaluation(classes, positive_class, outputs, point, metrics, task=task if task.multilabel else None)

@@ -70,12 +70,15 @@ def evaluate_model(
         )
     if data.task.multilabel:
         val = outputs["val"]
-        point = fit_multilabel_point(val.logits, val.labels, data.task, policy=config.threshold, calibrate=config.calibrate)
+        per_finding = fit_multilabel_point(val.logits, val.labels, data.task, policy=config.threshold,
+                                           calibrate=config.calibrate)
         metrics = {
-            name: multilabel_split_metrics(o.logits, o.labels, o.patient_ids, point, bootstrap=config.bootstrap, seed=config.seed)
+            name: multilabel_split_metrics(o.logits, o.labels, o.patient_ids, per_finding, bootstrap=config.bootstrap,
+                                           seed=config.seed)
             for name, o in outputs.items()
         }
-        return Evaluation(data.classes, data.positive_class, outputs, point, metrics, task=data.task)
+        return Evaluation(data.classes, data.positive_class, outputs, per_finding, metrics, task=data.task)
+    assert data.positive_class is not None  # single-label: load_labelled_data chose it
     point = fit_operating_point(
         outputs["val"], positive_index=data.classes.index(data.positive_class), policy=config.threshold,
         calibrate=config.calibrate,

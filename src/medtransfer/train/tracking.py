@@ -60,7 +60,7 @@ def make_logger(config: TrainConfig, out: Path) -> Logger:
             run_id=id_file.read_text().strip() if id_file.is_file() else None,
         )
         logs.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(id_file, logger.run_id)  # read back on resume: whole or absent
+        write_text_atomic(id_file, str(logger.run_id))  # read back on resume: whole or absent
     else:
         logger = CSVLogger(save_dir=str(out), name=LOG_DIR, version="csv")
         existing = Path(logger.log_dir) / "metrics.csv"

@@ -57,7 +57,7 @@ IGNORED_SETTINGS = (
     IgnoredSettings(
         uses_feature_probe,
         ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices",
-         "lr_decay", "weight_averaging", "num_nodes", "distributed", "mixup", "cutmix"),
+         "lr_decay", "weight_averaging", "num_nodes", "distributed", "mixup", "cutmix", "accumulate"),
         "the linear probe on cached features (strategy linear-probe, augment none) ignores it: the head trains "
         "with plain cross-entropy, shuffled batches and a constant learning rate on one device",
         "remove the setting, or set --augment light to train through Lightning",

@@ -12,6 +12,7 @@ interpolates from the same theta0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from medtransfer.models.strategies import TransferModel
 from medtransfer.runtime import predict_logits
 from medtransfer.safeio import atomic_path
 from medtransfer.task import Task
@@ -57,7 +59,7 @@ def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], al
 
 
 def choose_mixing(
-    model: nn.Module, start: dict[str, torch.Tensor], val: Dataset, labels: list[int], *, batch_size: int,
+    model: TransferModel, start: dict[str, torch.Tensor], val: Dataset, labels: Sequence[int] | np.ndarray, *, batch_size: int,
     num_workers: int, device: torch.device, precision: str, task: Task | None = None,
 ) -> dict:
     """Load theta(a) with the best validation loss over GRID into `model.net`; return the record.
