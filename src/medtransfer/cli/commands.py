@@ -409,3 +409,17 @@ def redact(
         what = ", ".join(done.changed) if done.changed else "nothing to change"
         console.print(f"Redacted {done.run}: {what}", markup=False, highlight=False, soft_wrap=True)
     console.print("split.csv and predictions_*.csv keep paths and patient IDs: they are working files, not for sharing.")
+
+
+@app.command("config")
+def config_command(
+    schema: bool = typer.Option(False, "--schema", help="Print the JSON Schema of the training settings (YAML and config.yaml)."),
+):
+    """The training settings: `--schema` prints them as a JSON Schema for editors (name, type, default, help)."""
+    if not schema:
+        raise typer.BadParameter("say what to print: --schema")
+    from medtransfer.cli.train_command import flag_descriptions
+    from medtransfer.schema import schema_json
+
+    print(schema_json(flag_descriptions()))
+

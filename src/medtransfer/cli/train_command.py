@@ -132,3 +132,12 @@ def _print_findings(split: str, block: dict) -> None:
             f"      {finding}: AUC {entry['auc']:.3f}  sensitivity {entry['sensitivity']:.3f}  "
             f"specificity {entry['specificity']:.3f}  (threshold {entry['threshold']:.3f}, prevalence {entry['prevalence']:.3f})"
         )
+
+
+def flag_descriptions() -> dict[str, str]:
+    """Each `train` flag's help text by setting name: the schema's descriptions (medtransfer.schema)."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    return {param.name: param.help for param in command.params if getattr(param, "help", None)}
+

@@ -32,9 +32,15 @@ from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation.evaluate import SplitOutputs, fit_operating_point, split_metrics, write_plots, write_predictions
 from medtransfer.evaluation.model_card import write_model_card
-from medtransfer.evaluation.multilabel import fit_multilabel_point, multilabel_split_metrics, write_multilabel_predictions
+from medtransfer.evaluation.multilabel import (
+    MultiLabelPoint,
+    fit_multilabel_point,
+    multilabel_split_metrics,
+    write_multilabel_predictions,
+)
 from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
+from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.ood import save_detector
 from medtransfer.rundir import CONFIG_FILE, RunDir, SplitRow, write_metrics
@@ -130,6 +136,8 @@ def build_ensemble(
     resamples = config.get("bootstrap", 2000) if bootstrap is None else bootstrap
     seed = int(config.get("seed", 0))
     task = saved.task
+    point: OperatingPoint | MultiLabelPoint
+    operating: dict[str, Any]  # the operating point's fields of model.json
     if task.multilabel:  # a temperature and a threshold per finding, on the averaged logits
         val = outputs["val"]
         point = fit_multilabel_point(val.logits, val.labels, task, policy=config["threshold"], calibrate=config["calibrate"])
@@ -152,7 +160,7 @@ def build_ensemble(
     for name in ("split.csv",) if held_run_folder else ("split.csv", CONFIG_FILE):
         shutil.copy2(first.run / name, out / name)
     for name, o in outputs.items():
-        if task.multilabel:
+        if isinstance(point, MultiLabelPoint):
             write_multilabel_predictions(o.paths, o.labels, o.patient_ids, o.logits, point, out / f"predictions_{name}.csv")
             write_multilabel_plots(o.logits, o.labels, point, scores[name], out / "plots", prefix=name)
             continue
@@ -161,7 +169,7 @@ def build_ensemble(
                     band_resamples=min(200, resamples), seed=seed)
     metrics = {**_metrics(members, info, scores, description), "precision": precision,
                "hardware": hardware_summary(accelerator=device, precision=precision)}  # what ran val and test
-    if task.multilabel:
+    if isinstance(point, MultiLabelPoint):
         metrics.update(task=task.kind, operating_point=point.to_dict())
     write_metrics(out, metrics)
     if not task.multilabel:  # heatmaps per finding: `medtransfer explain --finding`

@@ -27,7 +27,7 @@ from medtransfer.data.datamodule import CachedImageDataset, TransferDataModule
 from medtransfer.data.discover import Record
 from medtransfer.data.split import write_split_csv
 from medtransfer.data.transforms import train_transform, with_border_crop
-from medtransfer.errors import DataError
+from medtransfer.errors import ConfigError, DataError
 from medtransfer.models.backbones import BackboneSpec, create_backbone
 from medtransfer.models.module import ClassifierModule
 from medtransfer.models.strategies import Strategy, TransferModel, build_transfer_model
@@ -42,6 +42,8 @@ from medtransfer.runtime import (
     resolve_precision,
 )
 from medtransfer.evaluation.evaluate import default_positive_class
+from medtransfer.evaluation.multilabel import MultiLabelPoint
+from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.task import Task, positive_weights
 from medtransfer.train.callbacks import read_history
 from medtransfer.train.fit import Fit, fit_with_lightning, probe_phase, train_probe_on_features
@@ -149,7 +151,7 @@ def _train_into(
         epochs_run=len(history), best_epoch=fit.best_epoch, stopped_early=fit.stopped_early,
         train_seconds=round(sum(r["seconds"] for r in history + read_history(out / LP_HISTORY)), 1),
         positive_class=data.positive_class,
-        threshold=None if data.task.multilabel else evaluation.point.threshold,
+        threshold=evaluation.point.threshold if isinstance(evaluation.point, OperatingPoint) else None,
         val=evaluation.metrics["val"], test=evaluation.metrics.get("test"),
         classes=data.classes, threshold_policy=config.threshold, total_seconds=round(time.perf_counter() - started, 1),
         precision=hardware.precision, leakage=data.leakage, data_summary=data.summary, head=config.head,
@@ -158,7 +160,8 @@ def _train_into(
             accelerator=hardware.accelerator, precision=hardware.precision, devices=fit.devices,
             num_nodes=fit.num_nodes, distributed=fit.distributed,
         ),
-        task=data.task.kind, operating_point=evaluation.point.to_dict() if data.task.multilabel else None,
+        task=data.task.kind,
+        operating_point=evaluation.point.to_dict() if isinstance(evaluation.point, MultiLabelPoint) else None,
     )
     write_outputs(out, model=model, config=config, evaluation=evaluation, metrics=result.to_metrics(), history=history,
                   console=console, ood=ood)
@@ -222,6 +225,9 @@ def prebuild_cache(
 def cache_splits(records: list[Record], task: Task | list[str], config: TrainConfig, console: Console) -> dict[str, SplitData]:
     """Decoded images per split (before training starts, so a bad image stops the run early),
     checked again by :func:`validate_splits` once bad images are left out."""
+    if config.cache_dir is None:
+        raise ConfigError("cache_dir: not set; name the folder of the decoded-image cache "
+                          "(the CLI's default is medtransfer.config.default_cache_dir())")
     cache = ImageCache(config.cache_dir, CacheSettings(size=config.cache_size))
     images = decode_images(
         cache, [r.path for r in records], skip_bad=config.skip_bad_images, progress=config.progress, console=console
@@ -276,7 +282,7 @@ def train_model(
     """
     weights = class_weights(splits["train"].labels, model.num_classes) if config.class_weights == "balanced" else None
     console.print(f"Training on {hardware.accelerator} with {hardware.precision}, {hardware.workers} loader worker(s)")
-    probe_settings = dict(
+    probe_settings: dict[str, Any] = dict(
         class_weights=weights, device=hardware.device, precision=hardware.precision, workers=hardware.workers,
         console=console, task=task,
     )
