@@ -111,13 +111,14 @@ def adapt_images(
     if saved.task.multilabel or len(saved.classes) != 2:
         raise ConfigError(f"--run {run}: adapt supports two-class single-label models; this one has classes "
                           f"{', '.join(saved.classes)} ({saved.info.task})")
+    assert saved.threshold is not None  # a single-label model's (checked on load)
     data = images.root
     uses_bn = method != "prior"
     if uses_bn and len(images.paths) < min_images:
         raise DataError(f"--data {data}: {len(images.paths)} images; --method {method} re-estimates BatchNorm statistics, "
                         f"which needs at least {min_images} (fewer give noisy variances that can make the model worse). "
                         "Add images or use --method prior")
-    options = dict(cache_dir=cache_dir, accelerator=accelerator)
+    options: dict[str, Any] = dict(cache_dir=cache_dir, accelerator=accelerator)
     console.print(f"Scoring {len(images.paths)} new images and the run's validation images", style="dim")
     if reference is None:
         reference = site_shift.reference_sample(saved, run, seed=seed, progress=progress, **options)
@@ -130,9 +131,10 @@ def adapt_images(
             f"--data {data}: the OOD guard flags {ood['flagged_fraction']:.1%} of the images (limit {max_ood_share:.0%}): "
             "they do not look like the training data, and no label-free adaptation makes the model valid for them; "
             f"nothing written. Label {before['images_to_label']} images and run recalibrate, or check the data")
-    adapted, changes, target_bn = saved, [], target
+    adapted, target_bn = saved, target
+    changes: list[str] = []
     if uses_bn:
-        adapted, changes = _adapt_batchnorm(saved, images, method, seed=seed, min_images=min_images,
+        adapted, changes = _adapt_batchnorm(saved, images, reference, method, seed=seed, min_images=min_images,
                                             tent_epochs=tent_epochs, tent_lr=tent_lr, **options)
         target_bn = _score(adapted, images, progress=False, **options)
     estimated = before["prior"] if not uses_bn else site_shift.estimate_prior(
@@ -148,6 +150,7 @@ def adapt_images(
         _check_prior(prior, max_prior_ci, data)
     threshold, threshold_reason, target_final = saved.threshold, "unchanged (no prior adjustment)", target_bn
     if prior is not None:
+        assert reference.labels is not None  # the run's labelled validation images (site_shift.reference_sample)
         source = np.array([1 - prior["source_prior"], prior["source_prior"]])
         estimate = np.array([1 - prior["em"], prior["em"]])
         if saved.positive_index == 0:
@@ -199,34 +202,39 @@ def _copy(saved: SavedModel) -> SavedModel:
 
 
 def _adapt_batchnorm(
-    saved: SavedModel, images: UnlabelledImages, method: str, *, seed: int, min_images: int, tent_epochs: int,
-    tent_lr: float, cache_dir: Path, accelerator: str,
+    saved: SavedModel, images: UnlabelledImages, reference: Sample, method: str, *, seed: int, min_images: int,
+    tent_epochs: int, tent_lr: float, cache_dir: Path, accelerator: str,
 ) -> tuple[SavedModel, list[str]]:
-    """AdaBN (or TENT) on every member, on the CPU in float32 (statistics want full precision)."""
+    """Source-relative AdaBN (or TENT) on every member, on the CPU in float32 (statistics want full precision): the
+    source moments from the run's validation images, the new ones from `images`."""
     cache = ImageCache(cache_dir, CacheSettings(size=saved.info.decode_size))
-    cached = cache.build(images.paths, skip_bad=False, progress=False, workers=default_decode_workers())
-    dataset = CachedImageDataset(cached, [0] * len(cached), saved.transform())
 
-    def batches():
-        loader = DataLoader(dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        return (batch[0] for batch in loader)
+    def loader(paths: list, *, shuffle: bool):
+        cached = cache.build([Path(p) for p in paths], skip_bad=False, progress=False, workers=default_decode_workers())
+        dataset = CachedImageDataset(cached, [0] * len(cached), saved.transform())
+        return len(cached), lambda: (batch[0] for batch in DataLoader(
+            dataset, batch_size=64, shuffle=shuffle, generator=torch.Generator().manual_seed(seed)))
 
+    count, batches = loader(images.paths, shuffle=True)
+    _, source_batches = loader(reference.paths, shuffle=False)
     members, changes = [], []
     for member in (saved.model, *saved.extra):
         member = member.to("cpu").float()
+        source = batchnorm.input_moments(member, source_batches())
         if method == "tent":
-            new, entropy = batchnorm.tent(member, batches, images=len(cached), epochs=tent_epochs, lr=tent_lr,
-                                          minimum=min_images)
+            new, entropy = batchnorm.tent(member, batches, images=count, epochs=tent_epochs, lr=tent_lr,
+                                          minimum=min_images, source=source)
             changes.append(f"TENT: mean prediction entropy per epoch {[round(e, 4) for e in entropy]}")
         else:
-            new = batchnorm.reestimate_batchnorm(member, batches, images=len(cached), minimum=min_images)
+            new = batchnorm.reestimate_batchnorm(member, batches, images=count, minimum=min_images, source=source)
         members.append(new)
     changed = batchnorm.changed_tensors(saved.model, members[0])
     kinds = sorted({name.rsplit(".", 1)[-1] for name in changed})
     what = ("affine weight and bias trained by entropy minimisation, then running statistics" if method == "tent"
             else "running statistics")
-    changes.append(f"BatchNorm: {what} re-estimated on {len(cached)} images in {len(batchnorm.batchnorm_layers(members[0]))} "
-                   f"layers{f' of each of {len(members)} members' if len(members) > 1 else ''} ({len(changed)} tensors: "
+    changes.append(f"BatchNorm: {what} re-estimated on {count} images relative to {len(reference.paths)} validation images "
+                   f"in {len(batchnorm.batchnorm_layers(members[0]))} layers"
+                   f"{f' of each of {len(members)} members' if len(members) > 1 else ''} ({len(changed)} tensors: "
                    f"{', '.join(kinds)}); convolution and classifier weights unchanged")
     return SavedModel(members[0], saved.info, saved.ood, tuple(members[1:])), changes
 

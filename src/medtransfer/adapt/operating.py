@@ -31,6 +31,7 @@ from torch import nn
 
 from medtransfer.errors import ConfigError
 from medtransfer.evaluation.label_shift import adjust_posteriors, logit_offset
+from medtransfer.models.strategies import TransferModel
 
 __all__ = ["RULES", "adapted_threshold", "fold_prior", "last_linear"]
 
@@ -46,7 +47,7 @@ def last_linear(head: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def fold_prior(member: nn.Module, temperature: float, source_prior: np.ndarray, target_prior: np.ndarray) -> list[float]:
+def fold_prior(member: TransferModel, temperature: float, source_prior: np.ndarray, target_prior: np.ndarray) -> list[float]:
     """Add T * log(pi_t / pi_s) to the member's logits (in place, through its head's bias); returns the offsets."""
     offsets = temperature * (np.log(np.asarray(target_prior, dtype=np.float64)) - np.log(np.asarray(source_prior, dtype=np.float64)))
     layer = last_linear(member.head)

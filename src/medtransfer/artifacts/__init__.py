@@ -331,9 +331,11 @@ class SavedModel:
         if isinstance(logits, torch.Tensor):
             logits = logits.detach().float().cpu().numpy()
         if self.info.task == MULTI_LABEL:
-            task = self.task
-            probabilities = task.probabilities(logits, self.info.temperatures)
-            return Decision(probabilities, task.decide(probabilities, self.info.thresholds))
+            task, temperatures, thresholds = self.task, self.info.temperatures, self.info.thresholds
+            assert temperatures is not None and thresholds is not None  # checked on save and load
+            probabilities = task.probabilities(logits, temperatures)
+            return Decision(probabilities, task.decide(probabilities, thresholds))
+        assert self.info.threshold is not None  # checked on save and load
         probabilities = calibrated_probabilities(logits, self.info.temperature)
         return Decision(probabilities, predicted_classes(probabilities, self.info.positive_index, self.info.threshold))
 

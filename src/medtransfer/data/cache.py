@@ -446,19 +446,12 @@ def _bad_images_message(bad: list[tuple[Path, str]]) -> str:
 
 @contextmanager
 def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n=1)``: a rich progress bar, or nothing when disabled."""
+    """Yield ``advance(n)``: a rich progress bar, or nothing when disabled."""
     if not enabled:
-        def skip(n: int = 1) -> None:
-            return None
-
-        yield skip
+        yield lambda n: None
         return
     from rich.progress import Progress
 
     with Progress(transient=False) as bar:
         task = bar.add_task("Caching images", total=total)
-
-        def advance(n: int = 1) -> None:
-            bar.advance(task, n)
-
-        yield advance
+        yield lambda n: bar.advance(task, n)

@@ -126,7 +126,7 @@ def matched_reference(labels: Any, positive_share: float, *, seed: int = 0) -> n
 
 
 def _rejects(test: dict[str, Any] | None, level: float) -> bool:
-    return bool(test) and test.get("p_value") is not None and test["p_value"] < level
+    return bool(test and test.get("p_value") is not None and test["p_value"] < level)
 
 
 def images_to_label(positive_share: float, *, margin: float = 0.075, expected: float = 0.9) -> int:

@@ -23,6 +23,7 @@ allowed: the threshold was chosen on them), at most 1,000 of them for `adapt` an
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ class OutputsAndFeatures(nn.Module):
 
 
 def score_images(
-    saved: SavedModel, paths: list[Path | str], *, cache_dir: Path, patient_regex: str | None = None,
+    saved: SavedModel, paths: Sequence[Path | str], *, cache_dir: Path, patient_regex: str | None = None,
     accelerator: str = "auto", skip_bad: bool = False, progress: bool = False, outputs: bool = True,
     labels: list[int] | None = None,
 ) -> Sample:
@@ -153,6 +154,7 @@ def reference_sample(
         val = [val[i] for i in np.sort(np.random.default_rng(seed).choice(len(val), size=limit, replace=False))]
     sample = score_images(saved, [r.path for r in val], cache_dir=cache_dir, accelerator=accelerator, skip_bad=True,
                           progress=progress, labels=[saved.classes.index(r.label) for r in val])
+    assert sample.labels is not None  # passed just above
     if len(sample.paths) < 2 or len(np.unique(sample.labels)) < len(saved.classes):
         raise DataError(f"--run {run}: {len(sample.paths)} of the {len(val)} validation images in split.csv could be read, "
                         "not every class among them; the shift tests need the run's validation images where they were")
@@ -167,6 +169,7 @@ def estimate_prior(
     """The new site's positive-class prior: EM (point estimate, patient-bootstrap CI over both samples) and BBSE."""
     positive = saved.positive_index
     val_y = reference.labels
+    assert val_y is not None, "reference: the run's labelled validation images (reference_sample)"
     source = np.bincount(val_y, minlength=len(saved.classes)) / len(val_y)
     target_probs = target.probabilities(saved)
 
@@ -203,11 +206,12 @@ def detect_shift(
     prior = prior or estimate_prior(saved, reference, target, bootstrap=bootstrap, seed=seed)
     ks = shift_tests.ks_test(reference.positive(saved), target.positive(saved))
     mmd = shift_tests.mmd_test(reference.features, target.features, n_permutations=permutations, seed=seed)
+    assert reference.labels is not None, "reference: the run's labelled validation images (reference_sample)"
     is_positive = (reference.labels == saved.positive_index).astype(int)
     matched = reference.subset(shift_tests.matched_reference(is_positive, prior["em"], seed=seed))
     matched_ks = shift_tests.ks_test(matched.positive(saved), target.positive(saved))
     matched_mmd = shift_tests.mmd_test(matched.features, target.features, n_permutations=permutations, seed=seed)
-    ood = None
+    ood: dict[str, Any] | None = None
     if target.ood_scores is not None and saved.ood is not None:
         flagged = saved.ood.flags(target.ood_scores)
         ood = {"method": saved.ood.method, "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),

@@ -96,6 +96,7 @@ def gallery_rows(run_dir: Path, classes: Sequence[str], *, split: str = "test") 
             f"{table.file}: missing column(s) {', '.join(missing)}; expected path,label,"
             f"{','.join(f'prob_{c}' for c in classes)},pred for the model's classes. Got: {','.join(table.columns)}"
         )
+    assert table.predicted is not None  # its "pred" column was checked above
     rows = []
     for line, (path, label, predicted) in enumerate(zip(table.paths, table.labels, table.predicted), start=2):
         for key, value in (("label", label), ("pred", predicted)):

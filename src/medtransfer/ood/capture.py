@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from medtransfer.models.strategies import TransferModel
 from medtransfer.ood.detector import PENULTIMATE, OODDetector
 from medtransfer.ood.scores import channel_statistics
 from medtransfer.runtime import autocast
@@ -26,8 +27,8 @@ MAX_LAYER_CHANNELS = 1024  # wider maps would need a (2c)^2 whitening matrix of 
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, layers: Sequence[str], *, first_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, every forward of `model` (a TransferModel) fills the dict: PENULTIMATE -> the head's
+def capture(model: TransferModel, layers: Sequence[str], *, first_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, every forward of `model` fills the dict: PENULTIMATE -> the head's
     input, each layer name (a submodule of model.net) -> the channel statistics of its output. With
     `first_only` a later call of `model` in the block leaves the first call's values in place."""
     captured: dict[str, torch.Tensor] = {}
@@ -49,7 +50,7 @@ def capture(model: nn.Module, layers: Sequence[str], *, first_only: bool = False
 
 @torch.inference_mode()
 def collect_features(
-    model: nn.Module, batches: Iterable, layers: Sequence[str], *, device: torch.device, precision: str
+    model: TransferModel, batches: Iterable, layers: Sequence[str], *, device: torch.device, precision: str
 ) -> dict[str, torch.Tensor]:
     """Everything the detector reads (float32, on the CPU) for images in `batches` ((image, label) pairs or images)."""
     was_training = model.training
@@ -71,7 +72,7 @@ def collect_features(
 
 
 @torch.no_grad()
-def pick_layers(model: nn.Module, candidates: Sequence[str], image_size: int, in_channels: int = 3) -> list[str]:
+def pick_layers(model: TransferModel, candidates: Sequence[str], image_size: int, in_channels: int = 3) -> list[str]:
     """Of the backbone's layers in forward order, the last one at each spatial resolution but the final one
     (which the penultimate features already summarise), up to MAX_LAYER_CHANNELS channels."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -88,7 +89,7 @@ def pick_layers(model: nn.Module, candidates: Sequence[str], image_size: int, in
             handle.remove()
     spatial = [(name, shapes[name]) for name in candidates  # a pooled (n, c, 1, 1) output is no stage
                if len(shapes.get(name, ())) == 4 and shapes[name][2] * shapes[name][3] > 1]
-    last_at: dict[tuple[int, int], str] = {}
+    last_at: dict[tuple[int, ...], str] = {}  # (height, width) -> layer
     for name, shape in spatial:
         last_at[shape[2:]] = name  # insertion order is forward order; a later layer at the same size wins
     chosen = list(last_at.values())[:-1]

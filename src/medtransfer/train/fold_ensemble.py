@@ -113,7 +113,7 @@ def predict_rows(saved: SavedModel, rows: list[SplitRow], *, cache_dir: Path, ac
     kept = [rows[i] for i in images.positions]
     task = saved.task
     targets = task.targets([r.label for r in kept], [r.masked for r in kept])
-    dataset = CachedImageDataset(images, targets if task.multilabel else targets.tolist(), saved.transform())  # type: ignore[arg-type]
+    dataset = CachedImageDataset(images, targets if task.multilabel else targets.tolist(), saved.transform())
     logits = predict_logits(saved.network, dataset, device=device_for(accelerator), precision=precision)
     return SplitOutputs([r.path for r in kept], targets, [r.patient_id for r in kept], logits)
 

@@ -65,7 +65,7 @@ def write_outputs(
     """Write the run folder's results; `metrics` is metrics.json's content; `ood` goes beside the model."""
     point = evaluation.point
     for name, split_outputs in evaluation.outputs.items():
-        if evaluation.multilabel:
+        if isinstance(point, MultiLabelPoint):  # evaluation.multilabel
             o = split_outputs
             write_multilabel_predictions(o.paths, o.labels, o.patient_ids, o.logits, point, out / f"predictions_{name}.csv")
             write_multilabel_plots(o.logits, o.labels, point, evaluation.metrics[name], out / "plots", prefix=name)
@@ -112,6 +112,7 @@ def saved_model_info(
 ) -> ModelInfo:
     """model.json: what predict, explain, export and serve need to use the model as evaluation did."""
     point = evaluation.point
+    operating: dict[str, Any]  # model.json's operating point, of the task's kind
     if isinstance(point, MultiLabelPoint):
         operating = dict(task=point.task.kind, thresholds=point.thresholds, temperatures=point.temperatures,
                          positive_class=None, threshold=None)
