@@ -42,7 +42,7 @@ def demo_config(data: Path, cache_dir: Path, *, epochs: int, **overrides) -> Tra
         bootstrap=500,
         cache_dir=str(cache_dir),
         progress=False,
-        cam_method="layercam",  # Grad-CAM's 5 x 5 map misses the lesions at 160 px (README "Heatmaps you can check")
+        cam_method="layercam",  # Grad-CAM's 5 x 5 map misses the lesions at 160 px (docs: science, heatmaps)
     )
     values.update(overrides)
     return TrainConfig.from_dict(values, source="demo")

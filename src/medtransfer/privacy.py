@@ -36,13 +36,11 @@ from medtransfer.data.patients import local_salt, salted_patient_id
 from medtransfer.rundir import RunDir
 
 __all__ = [
-    "DROPPED_SETTINGS", "IDENTIFIER_NOTE", "Identities", "deidentify_metrics", "run_identities", "shareable_settings",
+    "DROPPED_SETTINGS", "Identities", "deidentify_metrics", "run_identities", "shareable_settings",
     "visible_settings",
 ]
 
 DROPPED_SETTINGS = ("cache_dir",)  # a local folder, usually under the home folder: says who and where, not how
-IDENTIFIER_NOTE = ("image paths relative to the data folder and patient IDs as salted hashes (pid-...); "
-                   "split.csv and predictions_*.csv hold them in clear")
 
 
 def shareable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,7 +185,7 @@ def run_identities(run_dir: Path, *, cache_dir: str | Path | None = None) -> Ide
 def deidentify_metrics(metrics: Mapping[str, Any], ids: Identities) -> dict[str, Any]:
     """A copy of metrics.json's content without identifiers: the leakage check's examples and near-duplicate
     pairs and the border check's captions with paths and patient IDs replaced, every other text value with
-    paths replaced only (so that counts such as "test 17" stay as they are). Adds "identifiers": what was done."""
+    paths replaced only (so that counts such as "test 17" stay as they are)."""
     out = _strings(copy.deepcopy(dict(metrics)), ids)
     clear, leakage = metrics.get("leakage"), out.get("leakage")
     if isinstance(clear, dict) and isinstance(leakage, dict):
@@ -201,7 +199,6 @@ def deidentify_metrics(metrics: Mapping[str, Any], ids: Identities) -> dict[str,
         for item, original in zip(border.get("gallery") or [], clear.get("gallery") or []):
             if isinstance(item, dict) and isinstance(original, dict) and isinstance(original.get("caption"), str):
                 item["caption"] = ids.text(original["caption"], patients=True)
-    out["identifiers"] = IDENTIFIER_NOTE
     return out
 
 

@@ -6,8 +6,8 @@ each layer's output has, on the new images, the moments it had on the training i
 only if the saved statistics ARE the training images' statistics. In a transferred network they
 often are not: frozen layers (a linear probe, ``--strategy freeze``) keep ImageNet's statistics, so
 on radiographs their outputs were never standardised, and the head learnt on those un-standardised
-features. Plain AdaBN then standardises them - a change the head never saw (measured: README
-"Adapting to a new site without labels").
+features. Plain AdaBN then standardises them - a change the head never saw (measured: docs
+guide/adapt).
 
 :func:`reestimate_batchnorm` therefore matches moments *relative to the source*: given each layer's
 input moments on the source images (m_s, s_s: :func:`input_moments` on the run's validation images)

@@ -51,7 +51,7 @@ from medtransfer.runtime import default_decode_workers
 __all__ = ["ADAPTATION_FILE", "Adaptation", "DEFAULT_METHOD", "METHODS", "adapt_images", "adapt_model"]
 
 METHODS = ("prior", "bn", "prior+bn", "tent")
-DEFAULT_METHOD = "bn"  # measured: README "Adapting to a new site without labels" (benchmarks/adapt.py)
+DEFAULT_METHOD = "bn"  # measured: docs: guide/adapt (benchmarks/adapt.py)
 ADAPTATION_FILE = "adaptation.json"
 MAX_PRIOR_CI = 0.4  # widest acceptable 95% CI of the estimated prevalence
 PRIOR_EDGE = 0.02  # an estimate this close to 0 or 1 is implausible for a site that sends images of both kinds

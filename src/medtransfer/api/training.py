@@ -132,7 +132,7 @@ def train(data: Any, out: str | Path, *, quiet: bool = False, **settings: Any) -
             results, as the command does).
         **settings: Any :class:`~medtransfer.config.TrainConfig` field, e.g. ``backbone="resnet18"``,
             ``epochs=10``, ``strategy="lp-ft"``, ``threshold="sensitivity:0.95"``, ``ensemble=3``
-            (README "Training options"). ``cache_dir`` defaults to ``$MEDTRANSFER_CACHE``, else
+            (docs: guide/training-options). ``cache_dir`` defaults to ``$MEDTRANSFER_CACHE``, else
             ``~/.cache/medtransfer``, as for the command.
 
     Returns:

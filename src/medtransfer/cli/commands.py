@@ -159,7 +159,7 @@ def compare(
 
 @app.command()
 def experiment(
-    config: Path = typer.Option(..., help="EXPERIMENT.yaml: train settings plus grid: {SETTING: [VALUES]} (README 'Experiments')."),
+    config: Path = typer.Option(..., help="EXPERIMENT.yaml: train settings plus grid: {SETTING: [VALUES]} (docs: guide/experiment)."),
     out: Path = typer.Option(..., help="Experiment folder: split.csv, cells/NAME run folders, summary.{md,html,json}."),
     data: Optional[str] = typer.Option(None, help="Dataset (else the YAML's data:); split once, into OUT/split.csv."),
     external: Optional[List[Path]] = typer.Option(None, help="Labelled external set every cell is evaluated on (repeatable)."),

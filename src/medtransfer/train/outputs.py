@@ -100,11 +100,18 @@ def write_outputs(
 
 
 def _shareable(metrics: dict[str, Any], ids: Identities | None, out: Path | None = None) -> None:
-    """`metrics` de-identified in place (the run's result is the file's content), rewritten into `out` if given."""
-    if ids is not None:
-        metrics.update(deidentify_metrics(metrics, ids))
-        if out is not None:
-            write_metrics(out, metrics)
+    """`metrics` de-identified in place, its blocks too (the run's result, which holds them, is the file's
+    content), and rewritten into `out` if given."""
+    if ids is None:
+        return
+    for key, value in deidentify_metrics(metrics, ids).items():
+        if isinstance(metrics.get(key), dict) and isinstance(value, dict):
+            metrics[key].clear()
+            metrics[key].update(value)
+        else:
+            metrics[key] = value
+    if out is not None:
+        write_metrics(out, metrics)
 
 
 def saved_model_info(

@@ -2,7 +2,7 @@
 model folder.
 
 Averaging the logits of a few independently trained members is the cheapest robustness to a
-shifted test site that the recipe comparison found (README "Recipe comparison"): the members
+shifted test site that the recipe comparison found (docs: results): the members
 make different mistakes off the training distribution while agreeing on it. The run folder
 OUT holds the ensemble itself (model/ with every member's weights, metrics.json, predictions,
 report: what `medtransfer ensemble` writes) and OUT/members/seed-S, one ordinary run folder
