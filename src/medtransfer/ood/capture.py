@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from medtransfer.models.strategies import TransferModel
 from medtransfer.ood.detector import PENULTIMATE, OODDetector
 from medtransfer.ood.scores import channel_statistics
 from medtransfer.runtime import autocast
@@ -24,6 +24,27 @@ from medtransfer.runtime import autocast
 __all__ = ["LogitsAndScore", "ScoredModel", "capture", "collect_features", "pick_layers"]
 
 MAX_LAYER_CHANNELS = 1024  # wider maps would need a (2c)^2 whitening matrix of over 16 MB
+
+
+class TransferModel(Protocol):
+    """What capture reads of a classifier (models.strategies.TransferModel, a layer this one may not import):
+    a backbone `net` whose named layers are hooked, and the `head` whose input is the penultimate feature."""
+
+    training: bool
+
+    @property
+    def net(self) -> nn.Module: ...
+
+    @property
+    def head(self) -> nn.Module: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def eval(self) -> nn.Module: ...
+
+    def train(self, mode: bool = True) -> nn.Module: ...
 
 
 @contextlib.contextmanager
