@@ -59,8 +59,10 @@ def test_scores_equal_numpy_reference_and_threshold_accepts_95_percent_of_valida
     detector = fit_detector(train, labels, val, k=5)
     np.testing.assert_allclose(detector.score(torch.from_numpy(test), "mahalanobis").numpy(),
                                reference_mahalanobis(train, labels, test), rtol=1e-4, atol=1e-5)
+    # kNN against the stored bank (each row the mean of KNN_GROUP training images' features: no single image kept)
+    bank = detector.tensors["knn.bank"].numpy().astype(np.float64)
     np.testing.assert_allclose(detector.score(torch.from_numpy(test), "knn").numpy(),
-                               reference_knn(train, test, 5), rtol=1e-3, atol=1e-4)
+                               reference_knn(bank, test, detector.k), rtol=1e-3, atol=1e-4)
     for method in ("mahalanobis", "knn"):
         accepted = (detector.score(torch.from_numpy(val), method).numpy() <= detector.thresholds[method]).mean()
         assert accepted == pytest.approx(ACCEPT_FRACTION, abs=0.01)
