@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from medtransfer.evaluation.report_findings import leakage_html, shift_html
+from medtransfer.evaluation.report_findings import write_pair_thumbnails, leakage_html, shift_html
 
 
 def _image(path, value: int):
@@ -24,10 +24,14 @@ def test_near_duplicate_pairs_are_shown_side_by_side_with_the_summary(tmp_path):
              "correlation": 0.998},
         ],
     }
-    text = leakage_html(leakage)
+    run = tmp_path / "run"
+    write_pair_thumbnails(run, leakage)  # what training does: the pairs' images as thumbnails inside the run folder
+    text = leakage_html(leakage, run)
     assert "Leakage check on 10 images" in text and "2 of 2 shown" in text
     assert text.count("data:image/png;base64,") == 3  # two pairs, one file missing
-    assert "train_a.png (train) ~ test_b.png (test): 3 bits" in text and "gone.png: not readable" in text
+    assert "train_a.png (train) ~ test_b.png (test): 3 bits" in text and "gone.png (train) ~ test_b.png" in text
+    outside = leakage_html(leakage, tmp_path / "another_run")  # thumbnails are read only inside the run folder
+    assert "data:image/png;base64," not in outside  # a path metrics.json names outside the run folder is not read
 
 
 def test_a_clean_check_states_what_was_checked():

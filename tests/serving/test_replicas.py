@@ -78,7 +78,7 @@ def test_a_missing_foreign_or_corrupt_onnx_file_is_refused_naming_it(run, tmp_pa
 
 def test_missing_onnxruntime_is_one_clear_line(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when it is not installed
-    with pytest.raises(ConfigError, match=r"--runtime onnxruntime needs onnxruntime: pip install onnxruntime"):
+    with pytest.raises(ConfigError, match=r"--runtime onnxruntime needs the \[onnx\] extra: pip install 'medtransfer\[onnx\]'"):
         create_app(load_model(run), onnx_path=run / "model" / "model.onnx")
 
 

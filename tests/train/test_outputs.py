@@ -82,4 +82,6 @@ def test_saved_model_info_carries_what_inference_needs(evaluation):
         "temperature": 2.0, "image_size": 96, "decode_size": 112, "eval_crop_fraction": 0.9, "in_channels": 1,
         "threshold_policy": "fixed:0.55",
     }
-    assert info["training_config"] == config.to_dict() and info["frozen"] == []
+    # shareable: the settings without the local cache folder (medtransfer.privacy)
+    expected = {k: v for k, v in config.to_dict().items() if k != "cache_dir"}
+    assert info["training_config"] == expected and info["frozen"] == []

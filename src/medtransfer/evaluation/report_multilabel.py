@@ -36,7 +36,7 @@ MULTI_LABEL = "multi-label"
 
 # In reading order; "training" and "configuration" are the single-label report's own sections.
 MULTILABEL_SECTION_IDS = (
-    "summary", "shift", "data", "findings", "published", "foreign-inputs", "curves", "calibration", "training",
+    "summary", "shift", "data", "findings", "published-chestxray14", "foreign-inputs", "curves", "calibration", "training",
     "configuration",
 )
 
@@ -67,7 +67,7 @@ def multilabel_sections(run_facts: Section) -> dict[str, Section]:
         "data": _data,
         "findings": _findings,
         # CheXNet's per-finding table beside the test split's AUCs, where the findings carry ChestX-ray14 names
-        "published": lambda run: chestxray14_section(run.metrics.test.extra) if run.metrics.test is not None else "",
+        "published-chestxray14": lambda run: chestxray14_section(run.metrics.test.extra) if run.metrics.test is not None else "",
         "foreign-inputs": lambda run: foreign_inputs_html(run.metrics.extra.get("ood"), run.metrics.test),
         "curves": _curves,
         "calibration": _calibration,
