@@ -1,7 +1,7 @@
 """Label-free adaptation (`medtransfer adapt`) on a labelled shifted set whose labels only score.
 
     python benchmarks/adapt.py --run RUN --data ../shared/data/kermany-224-test-dev \
-        [--methods none,prior,prior@bayes,bn,prior+bn,tent] [--prevalences 0.3,0.85] [--bootstrap 1000] [--cache-dir D]
+        [--methods none,mixture,prior,prior@bayes,bn,prior+bn,tent] [--prevalences 0.3,0.85] [--bootstrap 1000] [--cache-dir D]
 
 For each set - the whole of --data (its --split), and patient-level resamples of it drawn to
 other prevalences (synthetic prior shifts: every patient of the class that runs short, a seeded
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="Labelled shifted set (labels only score)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--methods", default="none,prior,prior@bayes,bn,prior+bn,tent",
+    parser.add_argument("--methods", default="none,mixture,prior,prior@bayes,bn,prior+bn,tent",
                         help="none (the model as trained), adapt's methods; METHOD@bayes: the bayes operating-point rule")
     parser.add_argument("--prevalences", default="0.3,0.85", help="Synthetic prior shifts drawn from --data ('' for none)")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -219,19 +219,24 @@ def main() -> None:
                 record = adaptation.record
                 if shift is None:
                     before = record["shift_before"]
-                    shift = {"kind": before["kind"], "verdict": before["verdict"], "scores_ks_p": before["scores_ks"]["p_value"],
-                             "scores_ks_d": before["scores_ks"]["statistic"], "features_mmd_p": before["features_mmd"]["p_value"],
-                             "features_mmd_z": before["features_mmd"]["z"],
+                    em = before["prior"]
+                    shift = {"kind": before["kind"], "verdict": before["verdict"],
+                             "scores_ks_p": before["scores_ks"]["p_value"], "scores_ks_d": before["scores_ks"]["statistic"],
+                             "features_mmd_p": before["features_mmd"]["p_value"], "features_mmd_z": before["features_mmd"]["z"],
                              "ood_flagged_fraction": (before.get("ood") or {}).get("flagged_fraction"),
-                             "estimated_prevalence": round(before["prior"]["em"], 4), "prevalence_ci": before["prior"].get("em_ci"),
-                             "bbse": before["prior"].get("bbse")}
+                             "estimated_prevalence": round(em["em"], 4), "prevalence_ci": em.get("em_ci"), "bbse": em.get("bbse")}
                 adapted, outputs = adaptation.model, labelled(adaptation.outputs, everything)
-                prior = record["prior"] or record["shift_after"]["prior"]
+                prior, fitted = record["prior"] or record["shift_after"]["prior"], record.get("mixture")
+                keys = ("fit", "cut", "cut_ci", "expected_sensitivity", "expected_specificity", "goodness_of_fit",
+                        "uncertain_share")
+                estimate = ({"estimated_prevalence": round(fitted["fit"]["prevalence"], 4),
+                             "prevalence_ci": fitted.get("prevalence_ci"), "mixture": {k: fitted.get(k) for k in keys}}
+                            if fitted else {"estimated_prevalence": round(prior["em"], 4), "prevalence_ci": prior.get("em_ci"),
+                                            "bbse": prior.get("bbse")})
                 block["methods"][method] = {
                     **figures(adapted, outputs, args.bootstrap, args.seed),
-                    "paired_vs_none": paired(base, (adapted, outputs), resamples=args.bootstrap, seed=args.seed),
-                    "estimated_prevalence": round(prior["em"], 4), "prevalence_ci": prior.get("em_ci"),
-                    "bbse": prior.get("bbse"), "verdict": record["verdict"]["verdict"], "after": record["verdict"]["after"],
+                    "paired_vs_none": paired(base, (adapted, outputs), resamples=args.bootstrap, seed=args.seed), **estimate,
+                    "verdict": record["verdict"]["verdict"], "after": record["verdict"]["after"],
                     "checks": record["checks"], "ranking": record["ranking"], "seconds": round(time.perf_counter() - t0, 1),
                 }
             block["label_free_shift"] = shift  # the tests before adaptation (labels not used)

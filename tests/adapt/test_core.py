@@ -40,14 +40,14 @@ def test_the_cli_writes_a_model_that_predict_serve_export_and_evaluate_accept(tm
     assert invoke(["adapt", "--run", run, "--data", site, "--out", out, "--cache-dir", cache, "--bootstrap", "100",
                    "--permutations", "100", "--accelerator", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "Verdict: appearance shift" in printed and "Label-free shift" in printed and "BatchNorm" in printed
+    assert "Verdict: appearance shift" in printed and "Label-free shift" in printed and "Shifted mixture" in printed
     info = json.loads((out / "model" / "model.json").read_text())
     adapted = info["provenance"]["adapted"]
     assert adapted["method"] == DEFAULT_METHOD and adapted["data"]["images"] == 80 and len(adapted["data"]["sha256"]) == 64
     assert adapted["shift"]["verdict"].startswith("appearance shift") and info["provenance"]["trained"]["run"]
     assert (out / "model" / "ood.json").is_file() and load_model(out).ood is not None
     record = json.loads((out / "adaptation.json").read_text())
-    assert record["ranking"]["spearman"] is not None and record["shift_before"]["features_mmd"]["p_value"] < 0.05
+    assert record["ranking"]["order_unchanged"] and record["shift_before"]["features_mmd"]["p_value"] < 0.05
     image = next(site.rglob("*.png"))
     assert invoke(["predict", image, "--run", out, "--csv", tmp_path / "p.csv"]) == 0
     assert invoke(["export", "--run", out]) == 0 and (out / "model" / "model.onnx").is_file()
@@ -143,6 +143,28 @@ def test_the_written_model_scores_the_new_images_as_the_adaptation_did(tmp_path,
     logits = score_images(written, in_memory.outputs.paths, cache_dir=cache, accelerator="cpu").logits
     np.testing.assert_allclose(logits, in_memory.outputs.logits, atol=0.03)  # bfloat16 inference on the CPU
     assert written.threshold == pytest.approx(in_memory.model.threshold)
+
+
+def test_the_mixture_moves_temperature_bias_and_threshold_and_keeps_the_ranking(tmp_path):
+    run = brightness_run(tmp_path / "run")
+    record = adapt(run, bright_site(tmp_path / "site", **ANOTHER_SCANNER), tmp_path / "out", tmp_path / "cache",
+                   method="mixture")
+    original, adapted = load_model(run), load_model(tmp_path / "out")
+    before, after = original.model.state_dict(), adapted.model.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == ["net.fc.bias"]
+    assert adapted.temperature != original.temperature and adapted.threshold != original.threshold
+    assert record["ranking"]["order_unchanged"] and record["mixture"]["fit"]["converged"]
+    assert abs(record["mixture"]["fit"]["prevalence"] - 0.5) < 0.15
+    assert any(check.startswith("mixture: KS p") for check in record["checks"])
+    assert adapted.info.provenance["adapted"]["mixture"]["cut_ci"]
+
+
+def test_an_unreliable_mixture_is_refused(tmp_path):
+    run = brightness_run(tmp_path / "run")
+    with pytest.raises(DataError, match="the shifted-mixture fit is not reliable"):
+        adapt(run, bright_site(tmp_path / "site", count=30), tmp_path / "out", tmp_path / "cache", method="mixture",
+              max_prior_ci=0.01)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bn_on_a_pure_prevalence_shift_is_refused(tmp_path):

@@ -1,17 +1,20 @@
 """`medtransfer adapt`: a trained model moved to a new site that has images but no labels.
 
-    medtransfer adapt --run RUN --data UNLABELLED --out NEW [--method prior|bn|prior+bn|tent]
+    medtransfer adapt --run RUN --data UNLABELLED --out NEW [--method mixture|prior|bn|prior+bn|tent]
 
 1. The new images (a folder, searched recursively; labels never read: :mod:`~medtransfer.adapt.images`)
    and the run's validation images (RUN/split.csv) are scored by the saved model.
 2. Shift detection (:mod:`medtransfer.evaluation.site_shift`): KS on the scores, MMD on the features,
    the OOD guard's flagged share, the estimated prevalence, the verdict.
-3. Refusals, before anything is written: more OOD-flagged images than ``max_ood_share``; fewer images
-   than BatchNorm re-estimation needs; a prior estimate that is implausible (EM did not converge, its
-   bootstrap CI wider than ``max_prior_ci``, or at the edge of [0, 1]).
-4. The method: ``prior`` (EM prior, folded into the head's bias; threshold by ``operating_point``:
-   :mod:`~medtransfer.adapt.operating`), ``bn`` (AdaBN), ``prior+bn`` (AdaBN, then the prior estimated
-   on the adapted outputs) or ``tent`` (:mod:`~medtransfer.adapt.batchnorm`).
+3. Refusals, before anything is written (:mod:`~medtransfer.adapt.checks`): more OOD-flagged images than
+   ``max_ood_share``; fewer images than BatchNorm re-estimation needs; BatchNorm methods on a pure prevalence
+   shift or when the features move away from validation; an implausible prior estimate; a poor mixture fit.
+4. The method: ``mixture`` (the new site's scores fitted as validation's class scores, each shifted, at a new
+   prevalence; the threshold policy applied to that fit; temperature and classifier bias from the fitted
+   posterior: :mod:`~medtransfer.adapt.mixture`), ``prior`` (EM prior folded into the head's bias; threshold
+   by ``operating_point``: :mod:`~medtransfer.adapt.operating`), ``bn`` (AdaBN relative to the source
+   statistics), ``prior+bn`` (AdaBN, then the prior estimated on the adapted outputs) or ``tent``
+   (:mod:`~medtransfer.adapt.batchnorm`).
 5. What changed, named: the tensors, the threshold, and the ranking of the new images (identical for a
    prior alone; for BatchNorm methods the rank correlation and the share of decisions that changed: the
    AUC on this site cannot be known without labels). The shift tests again after adaptation.
@@ -23,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from rich.console import Console
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
-from medtransfer.adapt import batchnorm, operating
+from medtransfer.adapt import batchnorm, checks, mixture, operating
 from medtransfer.adapt.images import UnlabelledImages, list_unlabelled
 from medtransfer.adapt.report import adaptation_lines
 from medtransfer.artifacts import SavedModel, find_model_dir, load_model, save_model
@@ -50,11 +53,9 @@ from medtransfer.runtime import default_decode_workers
 
 __all__ = ["ADAPTATION_FILE", "Adaptation", "DEFAULT_METHOD", "METHODS", "adapt_images", "adapt_model"]
 
-METHODS = ("prior", "bn", "prior+bn", "tent")
-DEFAULT_METHOD = "bn"  # measured: docs: guide/adapt (benchmarks/adapt.py)
+METHODS = ("mixture", "prior", "bn", "prior+bn", "tent")
+DEFAULT_METHOD = "mixture"  # measured best: docs/guide/adapt.md (benchmarks/adapt.py)
 ADAPTATION_FILE = "adaptation.json"
-MAX_PRIOR_CI = 0.4  # widest acceptable 95% CI of the estimated prevalence
-PRIOR_EDGE = 0.02  # an estimate this close to 0 or 1 is implausible for a site that sends images of both kinds
 
 
 @dataclass
@@ -75,7 +76,8 @@ def _check_choices(method: str, operating_point: str) -> None:
 
 def adapt_model(
     run: Path, data: Path, out: Path, *, method: str = DEFAULT_METHOD, operating_point: str = "keep", cache_dir: Path,
-    min_images: int = batchnorm.MIN_IMAGES, max_ood_share: float = site_shift.OOD_LIMIT, max_prior_ci: float = MAX_PRIOR_CI,
+    min_images: int = batchnorm.MIN_IMAGES, max_ood_share: float = site_shift.OOD_LIMIT,
+    max_prior_ci: float = checks.MAX_PRIOR_CI,
     bootstrap: int = 500, permutations: int = 500, seed: int = 0, tent_epochs: int = 1, tent_lr: float = 1e-3,
     accelerator: str = "auto", progress: bool = True, console: Console | None = None, reference: Sample | None = None,
 ) -> dict[str, Any]:
@@ -100,7 +102,7 @@ def adapt_model(
 def adapt_images(
     saved: SavedModel, run: Path, images: UnlabelledImages, *, method: str = DEFAULT_METHOD, operating_point: str = "keep",
     cache_dir: Path, min_images: int = batchnorm.MIN_IMAGES, max_ood_share: float = site_shift.OOD_LIMIT,
-    max_prior_ci: float = MAX_PRIOR_CI, bootstrap: int = 500, permutations: int = 500, seed: int = 0, tent_epochs: int = 1,
+    max_prior_ci: float = checks.MAX_PRIOR_CI, bootstrap: int = 500, permutations: int = 500, seed: int = 0, tent_epochs: int = 1,
     tent_lr: float = 1e-3, accelerator: str = "auto", progress: bool = False, console: Console | None = None,
     reference: Sample | None = None, target: Sample | None = None,
 ) -> Adaptation:
@@ -113,7 +115,7 @@ def adapt_images(
                           f"{', '.join(saved.classes)} ({saved.info.task})")
     assert saved.threshold is not None  # a single-label model's (checked on load)
     data = images.root
-    uses_bn = method != "prior"
+    uses_bn = method in ("bn", "prior+bn", "tent")
     if uses_bn and len(images.paths) < min_images:
         raise DataError(f"--data {data}: {len(images.paths)} images; --method {method} re-estimates BatchNorm statistics, "
                         f"which needs at least {min_images} (fewer give noisy variances that can make the model worse). "
@@ -140,14 +142,14 @@ def adapt_images(
     estimated = before["prior"] if not uses_bn else site_shift.estimate_prior(
         adapted, reference, target_bn, bootstrap=bootstrap, seed=seed)
     # what remains detectable: the BatchNorm-adapted outputs and features against validation, before any prior fold
-    # (a prior alone changes no feature: the tests before adaptation stand)
+    # (a prior or a mixture changes no feature: the tests before adaptation stand)
     after = before if not uses_bn else site_shift.detect_shift(
         adapted, reference, target_bn, prior=estimated, prior_adapted="prior" in method, permutations=permutations, seed=seed)
     if uses_bn:
-        _check_batchnorm(before, after, data)
+        checks.check_batchnorm(before, after, data)
     prior = estimated if "prior" in method else None
     if prior is not None:
-        _check_prior(prior, max_prior_ci, data)
+        checks.check_prior(prior, max_prior_ci, data)
     threshold, threshold_reason, target_final = saved.threshold, "unchanged (no prior adjustment)", target_bn
     if prior is not None:
         assert reference.labels is not None  # the run's labelled validation images (site_shift.reference_sample)
@@ -163,15 +165,25 @@ def adapt_images(
             saved.threshold, saved.info.threshold_policy, operating_point, prior["source_prior"], prior["em"],
             val_positive_probs=reference.positive(saved), val_is_positive=(reference.labels == saved.positive_index))
         target_final = _shift_logits(target_bn, offsets[0])
+    temperature, fitted = saved.temperature, None
+    if method == "mixture":
+        fitted = _mixture_estimate(saved, reference, target, bootstrap=bootstrap, seed=seed)
+        checks.check_mixture(fitted, max_prior_ci, data)
+        adapted, temperature, threshold, threshold_reason, change = _apply_mixture(saved, fitted)
+        changes.append(change)
+        target_final = dataclasses.replace(target, logits=_mapped_logits(target.logits, saved, fitted))
     if threshold != saved.threshold:
         changes.append(f"threshold {saved.threshold:.4f} -> {threshold:.4f} ({threshold_reason})")
-    adapted = SavedModel(adapted.model, dataclasses.replace(saved.info, threshold=float(threshold)), saved.ood, adapted.extra)
+    adapted = SavedModel(adapted.model, dataclasses.replace(saved.info, threshold=float(threshold), temperature=temperature),
+                         saved.ood, adapted.extra)
     record = {
         "method": method, "operating_point": operating_point, "run": str(run), "data": images.to_dict(),
         "changes": changes, "threshold": {"before": saved.threshold, "after": float(threshold), "rule": threshold_reason},
-        "temperature": saved.temperature, "prior": prior, "ranking": _ranking(saved, adapted, target, target_final),
+        "temperature": {"before": saved.temperature, "after": temperature}, "prior": prior, "mixture": fitted,
+        "ranking": _ranking(saved, adapted, target, target_final),
         "shift_before": before, "shift_after": after, "verdict": _verdict(before, after, method),
-        "checks": _checks(before, after, prior, len(images.paths), min_images, max_ood_share, max_prior_ci, uses_bn),
+        "checks": checks.passed_checks(before, after, prior, len(images.paths), min_images, max_ood_share, max_prior_ci,
+                                       uses_bn, fitted),
         "settings": {"min_images": min_images, "max_ood_share": max_ood_share, "max_prior_ci": max_prior_ci,
                      "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
                      **({"tent_epochs": tent_epochs, "tent_lr": tent_lr} if method == "tent" else {})},
@@ -243,66 +255,51 @@ def _shift_logits(sample: Sample, offsets: list[float]) -> Sample:
     return dataclasses.replace(sample, logits=sample.logits + np.asarray(offsets)[None, :])
 
 
-def _check_batchnorm(before: dict[str, Any], after: dict[str, Any], data: Path) -> None:
-    """Refuse BatchNorm statistics that cannot help or that moved the images away from validation (nothing written).
+def _mixture_estimate(saved: SavedModel, reference: Sample, target: Sample, *, bootstrap: int, seed: int) -> dict[str, Any]:
+    """The shifted-mixture fit on calibrated logits (adapt.mixture), validation labels for the class densities."""
+    assert reference.labels is not None
+    k = saved.positive_index
 
-    AdaBN normalises with the new site's statistics, which mix its class shares into every layer: under a
-    pure prevalence shift it changes what the model calls. And its purpose is to make the new images look
-    like the validation images to the later layers: if the feature distance to validation (MMD z, against
-    validation matched to the estimated prevalence) grows, the adaptation made things worse."""
-    if before["kind"] == PREVALENCE:
-        raise DataError(f"--data {data}: the images differ from validation only as a change of prevalence would make them "
-                        "differ; BatchNorm statistics of this site would fold its class shares into the normalisation and "
-                        "change what the model calls; nothing written. Use --method prior")
-    z_before = before["matched_reference"]["features_mmd"].get("z")
-    z_after = after["matched_reference"]["features_mmd"].get("z")
-    if z_before is not None and z_after is not None and z_after > max(z_before, 3.0):
-        raise DataError(f"--data {data}: after BatchNorm re-estimation the images are further from the validation images "
-                        f"(feature MMD z {z_before:.1f} -> {z_after:.1f}, validation matched to the estimated prevalence); "
-                        "the adaptation would make the model worse; nothing written. Use --method prior, or label images "
-                        "and run recalibrate")
+    def calibrated_logit(sample: Sample) -> np.ndarray:
+        return (sample.logits[:, k] - sample.logits[:, 1 - k]) / saved.temperature
+
+    return mixture.estimate_operating_point(
+        calibrated_logit(reference), reference.labels == k, calibrated_logit(target),
+        policy=saved.info.threshold_policy or "youden", target_groups=target.patient_ids, bootstrap=min(bootstrap, 200),
+        seed=seed)
 
 
-def _check_prior(prior: dict[str, Any], max_ci: float, data: Path) -> None:
-    """Refuse an implausible prior estimate (nothing is written)."""
-    ci, estimate = prior.get("em_ci"), prior["em"]
-    problems = []
-    if not prior["em_converged"]:
-        problems.append("EM did not converge")
-    if not PRIOR_EDGE <= estimate <= 1 - PRIOR_EDGE:
-        problems.append(f"the estimate {estimate:.3f} is at the edge of [0, 1]")
-    if ci and ci[1] - ci[0] > max_ci:
-        problems.append(f"its 95% CI {ci[0]:.3f}-{ci[1]:.3f} is wider than {max_ci}")
-    if problems:
-        raise DataError(f"--data {data}: the new site's prevalence cannot be estimated reliably ({'; '.join(problems)}); "
-                        "nothing written. Use more images, --method bn, or label images and run recalibrate")
+def _apply_mixture(saved: SavedModel, fitted: dict[str, Any]) -> tuple[SavedModel, float, float, str, str]:
+    """A copy of the model with the fitted posterior folded in: (model, temperature, threshold, why, what changed)."""
+    adapted = _copy(saved)
+    temperature, bias = saved.temperature, [0.0, 0.0]
+    for member in (adapted.model, *adapted.extra):
+        temperature, bias = operating.fold_logit_map(member, saved.temperature, fitted["alpha"], fitted["beta"],
+                                                     saved.positive_index)
+    threshold = float(1 / (1 + np.exp(-(fitted["alpha"] + fitted["beta"] * fitted["cut"]))))
+    why = (f"the {fitted['policy']} cut on the new site's fitted class-conditional scores (calibrated logit "
+           f"{fitted['cut']:.3f}; expected sensitivity {fitted['expected_sensitivity']:.3f}, specificity "
+           f"{fitted['expected_specificity']:.3f}: model-based, not measured)")
+    change = (f"temperature {saved.temperature:.4f} -> {temperature:.4f} and classifier bias + {[round(v, 4) for v in bias]}: "
+              "the posterior under the fitted mixture (the order of the images unchanged)")
+    return adapted, temperature, threshold, why, change
 
 
-def _checks(before: dict[str, Any], after: dict[str, Any], prior: dict[str, Any] | None, images: int, min_images: int,
-            max_ood_share: float, max_prior_ci: float, uses_bn: bool) -> list[str]:
-    """The safety checks this adaptation passed, in words (adaptation.json "checks")."""
-    ood = before.get("ood")
-    checks = [f"OOD guard: {ood['flagged_fraction']:.1%} of the images flagged (limit {max_ood_share:.0%})" if ood else
-              "no OOD guard in this model: foreign images were not looked for"]
-    if uses_bn:
-        z0, z1 = (d["matched_reference"]["features_mmd"].get("z") for d in (before, after))
-        checks.append(f"BatchNorm: {images} images (minimum {min_images}); feature MMD z to validation at the estimated "
-                      f"prevalence {'n/a' if z0 is None else f'{z0:.1f}'} -> {'n/a' if z1 is None else f'{z1:.1f}'} "
-                      "(refused if it grows beyond 3)")
-    if prior:
-        ci = prior.get("em_ci")
-        checks.append(f"prevalence {prior['em']:.3f}" + (f", 95% CI {ci[0]:.3f}-{ci[1]:.3f} (width limit {max_prior_ci})" if ci
-                      else "") + f", within [{PRIOR_EDGE}, {1 - PRIOR_EDGE}]; EM converged; BBSE "
-                      + ("n/a" if prior.get("bbse") is None else f"{prior['bbse']:.3f}"))
-    return checks
+def _mapped_logits(logits: np.ndarray, saved: SavedModel, fitted: dict[str, Any]) -> np.ndarray:
+    """The logits the adapted model outputs: offsets alpha * T' on the positive class (its temperature is T' = T/beta)."""
+    out = np.array(logits, dtype=np.float64)
+    out[:, saved.positive_index] += fitted["alpha"] * saved.temperature / fitted["beta"]
+    return out
 
 
 def _ranking(saved: SavedModel, adapted: SavedModel, before: Sample, after: Sample) -> dict[str, Any]:
     """How the adaptation moved the new images' order and decisions (the AUC itself needs labels)."""
-    p0, p1 = before.positive(saved), after.positive(adapted)
+    k = saved.positive_index
+    p0, p1 = (s.logits[:, k] - s.logits[:, 1 - k] for s in (before, after))  # logit margins: no saturation ties
     d0, d1 = before.decisions(saved), after.decisions(adapted)
     rho = float(spearmanr(p0, p1).statistic) if len(p0) > 2 and np.ptp(p0) > 0 and np.ptp(p1) > 0 else None
-    same = bool(np.array_equal(np.argsort(p0, kind="stable"), np.argsort(p1, kind="stable")) or (rho is not None and rho > 1 - 1e-12))
+    same = bool(np.array_equal(np.argsort(p0, kind="stable"), np.argsort(p1, kind="stable"))
+                or (rho is not None and rho > 1 - 1e-12))
     return {
         "order_unchanged": same, "spearman": rho,
         "auc_change": "none: the same order of the images, the same AUC" if same else
@@ -316,9 +313,9 @@ def _ranking(saved: SavedModel, adapted: SavedModel, before: Sample, after: Samp
 def _verdict(before: dict[str, Any], after: dict[str, Any], method: str) -> dict[str, Any]:
     """The verdict on the shift found before adaptation, and what the tests still detect after it."""
     sentence = before["verdict"]
-    if before["kind"] == PREVALENCE and "prior" in method:
+    if before["kind"] == PREVALENCE and ("prior" in method or method == "mixture"):
         sentence = "prevalence shift, adapted"
-    residual = after["verdict"] if after is not before else "the same (a prior moves outputs, not the images' features)"
+    residual = after["verdict"] if after is not before else "the same (outputs moved, not the images' features)"
     return {"verdict": sentence, "kind": before["kind"], "after": residual, "after_kind": after["kind"], "method": method}
 
 
@@ -330,7 +327,7 @@ def _write(saved: SavedModel, adapted: SavedModel, record: dict[str, Any], run: 
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / ADAPTATION_FILE, json.dumps(record, indent=2))
     source = find_model_dir(run)
-    for name in (OOD_WEIGHTS, OOD_JSON):  # the guard reads the stages and the head's input, which a prior leaves alone
+    for name in (OOD_WEIGHTS, OOD_JSON):  # the guard reads the stages and the head's input (a bias change leaves them)
         if (source / name).is_file():
             (out / "model").mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, out / "model" / name)
@@ -347,6 +344,9 @@ def _provenance(record: dict[str, Any]) -> dict[str, Any]:
         "ranking": {k: record["ranking"][k] for k in ("order_unchanged", "spearman", "decisions_changed_fraction")},
         **({"prevalence": {"source": prior["source_prior"], "estimate": prior["em"], "ci": prior.get("em_ci"),
                            "bbse": prior.get("bbse")}} if prior else {}),
+        **({"mixture": {k: record["mixture"].get(k) for k in (
+            "fit", "cut", "cut_ci", "prevalence_ci", "alpha", "beta", "expected_sensitivity", "expected_specificity",
+            "goodness_of_fit")}} if record.get("mixture") else {}),
         "shift": {"verdict": before["verdict"], "scores_ks_p": before["scores_ks"]["p_value"],
                   "features_mmd_p": before["features_mmd"]["p_value"],
                   "ood_flagged_fraction": (before.get("ood") or {}).get("flagged_fraction")},

@@ -33,7 +33,7 @@ from medtransfer.errors import ConfigError
 from medtransfer.evaluation.label_shift import adjust_posteriors, logit_offset
 from medtransfer.models.strategies import TransferModel
 
-__all__ = ["RULES", "adapted_threshold", "fold_prior", "last_linear"]
+__all__ = ["RULES", "add_logit_offsets", "adapted_threshold", "fold_logit_map", "fold_prior", "last_linear"]
 
 RULES = ("keep", "bayes")
 
@@ -47,12 +47,33 @@ def last_linear(head: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def fold_prior(member: TransferModel, temperature: float, source_prior: np.ndarray, target_prior: np.ndarray) -> list[float]:
-    """Add T * log(pi_t / pi_s) to the member's logits (in place, through its head's bias); returns the offsets."""
-    offsets = temperature * (np.log(np.asarray(target_prior, dtype=np.float64)) - np.log(np.asarray(source_prior, dtype=np.float64)))
+def add_logit_offsets(member: TransferModel, offsets: np.ndarray | list[float]) -> list[float]:
+    """Add a constant to each class's logit (in place, through the head's last bias); returns the offsets."""
     layer = last_linear(member.head)
-    layer.bias.add_(torch.as_tensor(offsets, dtype=layer.bias.dtype, device=layer.bias.device))
+    layer.bias.add_(torch.as_tensor(np.asarray(offsets, dtype=np.float64), dtype=layer.bias.dtype, device=layer.bias.device))
     return [float(v) for v in offsets]
+
+
+def fold_prior(
+    member: TransferModel, temperature: float, source_prior: np.ndarray, target_prior: np.ndarray
+) -> list[float]:
+    """Add T * log(pi_t / pi_s) to the member's logits (in place, through its head's bias); returns the offsets."""
+    ratio = np.log(np.asarray(target_prior, dtype=np.float64)) - np.log(np.asarray(source_prior, dtype=np.float64))
+    offsets = temperature * ratio
+    return add_logit_offsets(member, offsets)
+
+
+def fold_logit_map(
+    member: TransferModel, temperature: float, alpha: float, beta: float, positive_index: int
+) -> tuple[float, list[float]]:
+    """Make the member's calibrated positive-class logit alpha + beta * (its current one): the new temperature T / beta,
+    and alpha * T / beta added to the positive class's logit. Returns (new temperature, offsets)."""
+    if not beta > 0:
+        raise ValueError(f"fold_logit_map: beta must be positive (it keeps the ranking); got {beta}")
+    new_temperature = temperature / beta
+    offsets = np.zeros(2)
+    offsets[positive_index] = alpha * new_temperature
+    return new_temperature, add_logit_offsets(member, offsets)
 
 
 def _sigmoid(x: float) -> float:

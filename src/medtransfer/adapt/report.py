@@ -15,10 +15,18 @@ def adaptation_lines(record: dict[str, Any]) -> list[str]:
     lines = [f"Adapted with --method {record['method']} to {data['images']} images ({data['patients']} patients by file "
              f"name) of {data['data']} (sha256 {data['sha256'][:12]}...; labels not read)"]
     lines += detection_lines(record["shift_before"])
+    fitted = record.get("mixture")
+    if fitted:
+        fit, ci = fitted["fit"], fitted.get("prevalence_ci")
+        lines.append(f"Shifted mixture: validation's class scores moved by {fit['shift_negative']:+.2f} (negative) and "
+                     f"{fit['shift_positive']:+.2f} (positive) in calibrated logit, prevalence {fit['prevalence']:.3f}"
+                     + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"; expected sensitivity "
+                     f"{fitted['expected_sensitivity']:.3f}, specificity {fitted['expected_specificity']:.3f} at the new "
+                     "threshold (model-based estimates, not measurements)")
     lines.append("Changed:")
     lines += [f"  {change}" for change in record["changes"]] or ["  nothing"]
     if ranking["order_unchanged"]:
-        lines.append("Ranking of the new images unchanged: the AUC is the same (a prior moves probabilities, not the order)")
+        lines.append("Ranking of the new images unchanged: the AUC is the same (only probabilities and the threshold moved)")
     else:
         rho = ranking["spearman"]
         lines.append(f"Ranking of the new images CHANGED (Spearman {'n/a' if rho is None else f'{rho:.3f}'} between before "
