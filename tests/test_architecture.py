@@ -21,7 +21,6 @@ LAYERS: dict[str, int] = {
     "models": 3,
     "ood": 3,
     "artifacts": 4,
-    "schema": 4,
     "privacy": 4,
     "evaluation": 5,
     "explain": 5,

@@ -11,7 +11,11 @@ and its images, ``logs/`` - hold neither, unless the run was trained with ``--ke
   reversible without the salt) wherever the ID appears in it;
 - a patient is named by the same hash;
 - settings lose ``cache_dir`` (the home folder, hence the user name) and keep only the last part of
-  ``data``, ``split_file`` and any other absolute path.
+  ``data``, ``split_file`` and any other absolute path;
+- a folder the output names (the data a model was evaluated on, the run it came from, an ensemble's
+  members) is named by :func:`folder_name` (its last part) or :func:`relative_location` (relative to the
+  output's own folder: ``members/seed-3``, ``../runs/demo``), which :func:`locate` reads back;
+  :func:`without_folders` makes free text (error messages, descriptions) follow the same rule.
 
 :class:`Identities` holds one data set's clear identifiers (from ``split.csv``, or a predictions
 file) and rewrites text; :func:`deidentify_metrics` applies it to metrics.json's content.
@@ -36,8 +40,8 @@ from medtransfer.data.patients import local_salt, salted_patient_id
 from medtransfer.rundir import RunDir
 
 __all__ = [
-    "DROPPED_SETTINGS", "Identities", "deidentify_metrics", "run_identities", "shareable_settings",
-    "visible_settings",
+    "DROPPED_SETTINGS", "Identities", "deidentify_metrics", "folder_name", "locate", "relative_location", "run_identities",
+    "shareable_settings", "visible_settings", "without_folders",
 ]
 
 DROPPED_SETTINGS = ("cache_dir",)  # a local folder, usually under the home folder: says who and where, not how
@@ -63,6 +67,65 @@ def visible_settings(settings: Mapping[str, Any] | None, keep_identifiers: bool 
         return None
     keep = bool(settings.get("keep_identifiers")) if keep_identifiers is None else keep_identifiers
     return dict(settings) if keep else shareable_settings(settings)
+
+
+def folder_name(path: str | os.PathLike[str]) -> str:
+    """A folder (or file) by its last part, as shareable outputs name the data: ``/home/ana/xr/chest_xray`` ->
+    ``chest_xray``; ``.`` -> the current folder's name."""
+    return PurePath(path).name or Path(os.path.abspath(path)).name or str(path)
+
+
+def relative_location(target: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:
+    """`target` as a path relative to the folder `base` (``members/seed-3``, ``../runs/demo``), where both lie in
+    one folder that is neither the file system's root nor above the home folder (so the path names no user); else
+    :func:`folder_name` of `target`. :func:`locate` reads it back."""
+    there, here = Path(target).resolve(), Path(base).resolve()
+    try:
+        common = Path(os.path.commonpath([there, here]))
+    except ValueError:  # other drives
+        return folder_name(there)
+    home = Path.home().resolve()
+    if len(common.parts) <= 1 or (home.is_relative_to(common) and home != common):
+        return folder_name(there)
+    return Path(os.path.relpath(there, here)).as_posix()
+
+
+def locate(reference: str, base: str | os.PathLike[str]) -> Path:
+    """The path a :func:`relative_location` names, seen from the folder `base` (an absolute one as it is)."""
+    return Path(base) / reference
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~:/\\-])/(?:[^\s/'\"<>|]+/)+[^\s/'\"<>|:;,)]*")
+
+
+def without_folders(value: Any, folders: Iterable[str | os.PathLike[str]] = ()) -> Any:
+    """A JSON value whose texts name each of `folders` (absolute, as given or resolved) by its last part, the home
+    folder as ``~``, and any other absolute path (``/a/b/c``) by its last part; relative paths stay as they are."""
+    table: dict[str, str] = {}
+    for folder in folders:
+        for form in (os.path.abspath(folder), str(Path(folder).resolve())):
+            if len(PurePath(form).parts) > 1:
+                table[form] = folder_name(form)
+    pattern = re.compile("|".join(re.escape(f) + r"(?![\w.-])" for f in sorted(table, key=len, reverse=True))) if table else None
+    home = str(Path.home())
+
+    def clean(text: str) -> str:
+        if pattern is not None:
+            text = pattern.sub(lambda m: table[m[0]], text)
+        if len(home) > 1:
+            text = re.sub(re.escape(home) + r"(?![\w.-])", "~", text)
+        return _ABSOLUTE.sub(lambda m: PurePath(m[0].rstrip("/")).name, text)
+
+    def walk(item: Any) -> Any:
+        if isinstance(item, str):
+            return clean(item)
+        if isinstance(item, list):
+            return [walk(v) for v in item]
+        if isinstance(item, dict):
+            return {k: walk(v) for k, v in item.items()}
+        return item
+
+    return walk(value)
 
 
 def _is_path(text: str) -> bool:

@@ -54,3 +54,30 @@ def test_one_run_or_the_same_run_twice_is_refused():
         check_members([member("a")])
     with pytest.raises(ConfigError, match="RUNS a: given twice"):
         check_members([member("a"), member("a")])
+
+
+def test_the_ensemble_names_its_members_relative_to_its_folder_and_no_local_folder(tmp_path, monkeypatch):
+    import json
+
+    from rich.console import Console
+
+    from medtransfer.artifacts import load_model
+    from medtransfer.data.discover import discover
+    from medtransfer.train.ensemble import build_ensemble
+    from tests.tiny_runs import fake_home, kermany_set, local_mentions, local_needles, tiny_run
+
+    home = fake_home(tmp_path, monkeypatch)
+    records = discover(kermany_set(home / "xr"))
+    runs = [tiny_run(home / "runs" / f"seed-{seed}", records, seed=seed) for seed in (1, 2)]
+    out = home / "runs" / "ensemble"
+
+    build_ensemble(runs, out, cache_dir=home / "runs" / "cache", accelerator="cpu", bootstrap=20,
+                   console=Console(quiet=True))
+
+    info = json.loads((out / "model" / "model.json").read_text())
+    shown = ["../seed-1", "../seed-2"]  # relative to the ensemble's folder: no absolute path, no user name
+    assert [m["run"] for m in info["provenance"]["ensemble"]["members"]] == shown
+    assert [m["run"] for m in json.loads((out / "metrics.json").read_text())["ensemble"]["members"]] == shown
+    assert info["training_config"]["data"] == "xr" and "cache_dir" not in info["training_config"]
+    assert local_mentions(out, *local_needles(tmp_path, home)) == []
+    assert len(load_model(out).extra) == 1  # the members' weights: found beside model.json, as before

@@ -16,7 +16,8 @@ from medtransfer.models.backbones import get_backbone, load_weights_file
 from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_precision
 from medtransfer.train import validate
-from medtransfer.train.validate import IGNORED_SETTINGS, ignored_settings, uses_feature_probe, validate_config, validate_splits
+from medtransfer.config.rules import CONDITIONS
+from medtransfer.train.validate import ignored_settings, uses_feature_probe, validate_config, validate_splits
 
 
 def refusal(call) -> str:
@@ -145,9 +146,9 @@ def test_defaults_never_count_as_set(tmp_path, strategy, augment, accelerator):
     assert ignored_settings(TrainConfig.from_sources(tmp_path / "config.yaml")) == []
 
 
-def test_every_listed_setting_exists():
-    names = set(TrainConfig.field_names())
-    assert {s for rule in IGNORED_SETTINGS for s in rule.settings} <= names
+def test_every_read_when_names_a_condition_and_every_condition_is_used():
+    used = {key for meta in TrainConfig.settings().values() for key in meta.read_when}
+    assert used == set(CONDITIONS)
 
 
 def test_feature_probe_path():
@@ -158,7 +159,8 @@ def test_feature_probe_path():
 
 def test_all_ignored_settings_are_listed():
     messages = ignored_settings(TrainConfig(**PROBE, label_smoothing=0.1, sampler="balanced", brightness=0.0))
-    assert [m.split(":")[0] for m in messages] == ["--label-smoothing", "--sampler", "--brightness"]
+    # by condition (the probe's, then augmentation's), each in the settings' order
+    assert [m.split(":")[0] for m in messages] == ["--sampler", "--label-smoothing", "--brightness"]
 
 
 def test_docstring_example():

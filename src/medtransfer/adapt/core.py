@@ -48,6 +48,7 @@ from medtransfer.evaluation import site_shift
 from medtransfer.evaluation.site_shift import Sample
 from medtransfer.evaluation.shift_tests import PREVALENCE
 from medtransfer.ood import OOD_JSON, OOD_WEIGHTS
+from medtransfer.privacy import relative_location, visible_settings, without_folders
 from medtransfer.rundir import write_text_atomic
 from medtransfer.runtime import default_decode_workers
 
@@ -93,10 +94,10 @@ def adapt_model(
         max_ood_share=max_ood_share, max_prior_ci=max_prior_ci, bootstrap=bootstrap, permutations=permutations, seed=seed,
         tent_epochs=tent_epochs, tent_lr=tent_lr, accelerator=accelerator, progress=progress, console=console,
         reference=reference)
-    _write(saved, adaptation.model, adaptation.record, run, out)
-    for line in adaptation_lines(adaptation.record):
+    record = _write(saved, adaptation.model, adaptation.record, run, data, out)
+    for line in adaptation_lines(record):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    return adaptation.record
+    return record
 
 
 def adapt_images(
@@ -319,11 +320,16 @@ def _verdict(before: dict[str, Any], after: dict[str, Any], method: str) -> dict
     return {"verdict": sentence, "kind": before["kind"], "after": residual, "after_kind": after["kind"], "method": method}
 
 
-def _write(saved: SavedModel, adapted: SavedModel, record: dict[str, Any], run: Path, out: Path) -> None:
-    """NEW/model (weights, model.json with provenance, the OOD guard) and NEW/adaptation.json."""
-    trained = (saved.info.provenance or {}).get("trained") or {"run": str(Path(run).resolve())}
-    provenance = {**(saved.info.provenance or {}), "trained": trained, "adapted": _provenance(record)}
-    info = dataclasses.replace(adapted.info, provenance=provenance, members=None, versions=None)
+def _write(saved: SavedModel, adapted: SavedModel, record: dict[str, Any], run: Path, data: Path, out: Path) -> dict[str, Any]:
+    """NEW/model (weights, model.json with provenance, the OOD guard) and NEW/adaptation.json; returns the record as
+    written: shareable, the run relative to NEW and the data by its name (privacy.py)."""
+    folders = (run, data, out)
+    record = without_folders({**record, "run": relative_location(run, out)}, folders)
+    trained = site_shift.trained_provenance(saved.info.provenance, run, out)
+    earlier = without_folders({k: v for k, v in (saved.info.provenance or {}).items() if k != "trained"}, folders)
+    provenance = {**earlier, "trained": trained, "adapted": _provenance(record)}
+    info = dataclasses.replace(adapted.info, provenance=provenance, members=None, versions=None,
+                               training_config=visible_settings(adapted.info.training_config))  # an older run's: no folders
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / ADAPTATION_FILE, json.dumps(record, indent=2))
     source = find_model_dir(run)
@@ -332,6 +338,7 @@ def _write(saved: SavedModel, adapted: SavedModel, record: dict[str, Any], run: 
             (out / "model").mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, out / "model" / name)
     save_model(adapted.model, info, out, extra=adapted.extra)  # model.json last: the folder is whole once it exists
+    return record
 
 
 def _provenance(record: dict[str, Any]) -> dict[str, Any]:

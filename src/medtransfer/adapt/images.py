@@ -18,6 +18,7 @@ from pathlib import Path
 
 from medtransfer.data.discover import IMAGE_SUFFIXES, patient_id_from_name
 from medtransfer.errors import DataError
+from medtransfer.privacy import folder_name
 
 __all__ = ["UnlabelledImages", "list_unlabelled"]
 
@@ -34,7 +35,7 @@ class UnlabelledImages:
     digest: str
 
     def to_dict(self) -> dict:
-        return {"data": str(self.root), "images": len(self.paths), "patients": len(set(self.patient_ids)),
+        return {"data": folder_name(self.root), "images": len(self.paths), "patients": len(set(self.patient_ids)),
                 "sha256": self.digest, "digest_rule": "sha256 of the sorted per-file sha256 digests"}
 
 

@@ -418,8 +418,7 @@ def config_command(
     """The training settings: `--schema` prints them as a JSON Schema for editors (name, type, default, help)."""
     if not schema:
         raise typer.BadParameter("say what to print: --schema")
-    from medtransfer.cli.train_command import flag_descriptions
-    from medtransfer.schema import schema_json
+    from medtransfer.config.schema import schema_json
 
-    print(schema_json(flag_descriptions()))
+    print(schema_json())
 

@@ -37,6 +37,7 @@ from medtransfer.evaluation.shift import multilabel_shift_lines, shift_lines, sh
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.models.inference import override_warning
 from medtransfer.ood import LogitsAndScore, ScoredModel
+from medtransfer.privacy import folder_name, relative_location, without_folders
 from medtransfer.runtime import (
     default_decode_workers, default_num_workers, device_for, hardware_summary, predict_logits, resolve_accelerator,
     resolve_precision,
@@ -105,8 +106,8 @@ def evaluate_saved_model(
     write_predictions(outputs, point, saved.classes, out / "predictions.csv")
     write_plots(outputs, point, saved.classes, result, out / "plots", prefix="test", band_resamples=min(200, bootstrap), seed=seed)
     metrics = {
-        "run": str(run),
-        "data": str(data),
+        "run": relative_location(run, out),  # shareable: no absolute path (privacy.py)
+        "data": folder_name(data),
         "split": split,
         "backbone": info.backbone,
         "strategy": info.strategy,
@@ -137,10 +138,11 @@ def _finish(out: Path, metrics: dict[str, Any], saved: SavedModel, scores: np.nd
                       f"({metrics['ood']['flagged_fraction']:.1%}) do not look like the training data")
     for line in (multilabel_shift_lines if saved.task.multilabel else shift_lines)(metrics["shift"]):
         console.print(line, markup=False, highlight=False)
+    metrics = without_folders(metrics, (run, data, out))  # messages (a skipped test) may name the folders
     write_metrics(out, metrics)
     from medtransfer.evaluation.report import write_report
 
-    write_report(out, console=console, title=f"Evaluation of {run} on {data}")
+    write_report(out, console=console, title=f"Evaluation of {folder_name(run)} on {folder_name(data)}")
     return metrics
 
 
@@ -158,7 +160,8 @@ def _multilabel_metrics(
     write_multilabel_predictions(paths, targets, patients, logits, point, out / "predictions.csv")
     write_multilabel_plots(logits, targets, point, result, out / "plots", prefix="test")
     metrics: dict[str, Any] = {
-        "run": str(run), "data": str(data), "split": split, "backbone": info.backbone, "strategy": info.strategy,
+        "run": relative_location(run, out), "data": folder_name(data), "split": split, "backbone": info.backbone,
+        "strategy": info.strategy,
         "threshold": None,  # one per finding: "operating_point"
         "classes": list(saved.classes), "threshold_policy": info.threshold_policy, "tta": info.tta, "task": info.task,
         "operating_point": point.to_dict(), "findings_match": external.to_dict(), "test": result,
@@ -226,7 +229,7 @@ def run_predictions(run: Path) -> tuple[str, Predictions] | None:
     for name in ("test", "val"):
         predictions = folder.predictions(name)
         if predictions is not None:
-            return f"{name} split of {root}", predictions
+            return f"{name} split of {folder_name(root)}", predictions
     return None
 
 

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from medtransfer.errors import DataError
+from medtransfer.privacy import folder_name
 from medtransfer.rundir import RunDir
 from medtransfer.task import split_findings
 
@@ -121,5 +122,5 @@ def reference_predictions(run: str | Path) -> tuple[str, MultiLabelPredictions] 
     for name in ("test", "val"):
         found = folder.predictions(name)
         if found is not None and is_multilabel_columns(found.columns):
-            return f"{name} split of {root}", read_multilabel_predictions(found.file)
+            return f"{name} split of {folder_name(root)}", read_multilabel_predictions(found.file)
     return None

@@ -22,6 +22,7 @@ from medtransfer.data.split import grouped_stratified_split
 from medtransfer.errors import DataError
 from medtransfer.evaluation import html as h
 from medtransfer.evaluation.multilabel import MultiLabelPoint, fit_multilabel_point
+from medtransfer.privacy import folder_name
 from medtransfer.rundir import write_text_atomic
 from medtransfer.task import Task
 
@@ -154,5 +155,5 @@ def write_multilabel_recalibration_report(out: Path, metrics: dict[str, Any], fi
     body += h.section("provenance", "Provenance", h.table(None, facts))
     if figure is not None:
         body += h.section("calibration", "Calibration", h.figures([(figure, "Reliability, every known image-finding pair of the report part")]))
-    document = h.page(f"Recalibration of {r['run']}", body, subtitle=f"Model folder: {out / 'model'}")
+    document = h.page(f"Recalibration of {r['run']}", body, subtitle=f"Model folder: {folder_name(out)}/model")
     return write_text_atomic(out / "report.html", document)

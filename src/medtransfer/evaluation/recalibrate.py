@@ -47,7 +47,9 @@ from medtransfer.evaluation.multilabel_recalibrate import (
     multilabel_recalibration_metrics, multilabel_summary_lines, refit_multilabel, split_local_multilabel,
     write_multilabel_recalibration_report,
 )
+from medtransfer.evaluation.site_shift import trained_provenance
 from medtransfer.evaluation.thresholds import OperatingPoint
+from medtransfer.privacy import folder_name, relative_location, visible_settings, without_folders
 from medtransfer.rundir import SplitMetrics, write_metrics, write_text_atomic
 from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 
@@ -99,20 +101,26 @@ def recalibrate_model(
     scored = set(outputs[FIT].paths) | set(outputs[REPORT].paths)
     write_split_csv([r for r in records if str(r.path) in scored], out / SPLIT_FILE)
     provenance = {
-        "run": str(run), "data": str(data), "split": split, "fit_fraction": fit_fraction, "seed": seed,
+        **_where(run, data, out), "split": split, "fit_fraction": fit_fraction, "seed": seed,
         "split_file": SPLIT_FILE, **{f"{name}_images": len(o.paths) for name, o in outputs.items()},
         **{f"{name}_patients": len(set(o.patient_ids)) for name, o in outputs.items()},
         "original": {"threshold": before.threshold, "temperature": before.temperature, "policy": before.policy},
     }
-    write_model_folder(saved, after, provenance, out)
+    write_model_folder(saved, after, provenance, out, run=run)
     write_predictions(outputs[REPORT], after, saved.classes, out / "predictions_test.csv")
-    metrics = _metrics(saved, after, provenance, results)
+    metrics = without_folders(_metrics(saved, after, provenance, results), (run, data, out))
     write_metrics(out, metrics)
     _plot_reliability(outputs[REPORT], before, after, out / "plots" / "report_calibration.png")
     write_recalibration_report(out, metrics)
     for line in summary_lines(metrics):
         console.print(line, markup=False, highlight=False)
     return metrics
+
+
+def _where(run: Path, data: Path, out: Path) -> dict[str, str]:
+    """The original run relative to `out` and the local data by its name (shareable outputs name no absolute path:
+    privacy.py); the split file beside them lists the images themselves."""
+    return {"run": relative_location(run, out), "data": folder_name(data)}
 
 
 def _check_out(out: Path, run: Path) -> None:
@@ -191,15 +199,15 @@ def _recalibrate_multilabel(
     write_split_csv([r for r in records if str(r.path) in scored], out / SPLIT_FILE)
     original = before.to_dict()
     provenance = {
-        "run": str(run), "data": str(data), "split": split, "fit_fraction": fit_fraction, "seed": seed,
+        **_where(run, data, out), "split": split, "fit_fraction": fit_fraction, "seed": seed,
         "split_file": SPLIT_FILE, **{f"{name}_images": len(o.paths) for name, o in outputs.items()},
         **{f"{name}_patients": len(set(o.patient_ids)) for name, o in outputs.items()},
         "original": {"thresholds": original["thresholds"], "temperatures": original["temperatures"], "policy": before.policy},
-        "findings_match": local.to_dict(),
+        "findings_match": without_folders(local.to_dict(), (run, data, out)),
     }
-    write_model_folder(saved, after, provenance, out)
+    write_model_folder(saved, after, provenance, out, run=run)
     write_multilabel_predictions(report.paths, report.labels, report.patient_ids, report.logits, after, out / "predictions_test.csv")
-    metrics = multilabel_recalibration_metrics(saved.info, after, provenance, results, kept)
+    metrics = without_folders(multilabel_recalibration_metrics(saved.info, after, provenance, results, kept), (run, data, out))
     write_metrics(out, metrics)
     known = ~np.isnan(report.labels)
     figure = out / "plots" / "report_calibration.png"
@@ -215,11 +223,12 @@ def _recalibrate_multilabel(
 
 
 def write_model_folder(
-    saved: SavedModel, point: OperatingPoint | MultiLabelPoint, provenance: dict[str, Any], out: Path
+    saved: SavedModel, point: OperatingPoint | MultiLabelPoint, provenance: dict[str, Any], out: Path, *, run: Path
 ) -> Path:
-    """out/model: the original weights (hard link, else copy) and model.json with the new operating point
-    (per-finding temperatures and thresholds for a multi-label model)."""
-    source = find_model_dir(provenance["run"])
+    """out/model: the original weights of `run` (hard link, else copy) and model.json with the new operating point
+    (per-finding temperatures and thresholds for a multi-label model) and ``provenance``: the trained run and this
+    recalibration, the runs named relative to `out` (site_shift.trained_provenance)."""
+    source = find_model_dir(run)
     target = out / MODEL_DIR
     target.mkdir(parents=True, exist_ok=True)
     for name in saved.info.members or (WEIGHTS_FILE,):  # every member of a seed ensemble
@@ -227,12 +236,13 @@ def write_model_folder(
             os.link(source / name, target / name)
         except OSError:  # another file system, or links not allowed
             shutil.copy2(source / name, target / name)
-    trained = (saved.info.provenance or {}).get("trained") or {"run": str(Path(provenance["run"]).resolve())}
+    trained = trained_provenance(saved.info.provenance, run, out)
     if isinstance(point, MultiLabelPoint):
         operating: dict[str, Any] = dict(thresholds=tuple(point.thresholds), temperatures=tuple(point.temperatures))
     else:
         operating = dict(threshold=point.threshold, temperature=point.temperature)
-    info = replace(saved.info, **operating, provenance={"trained": trained, "recalibrated": provenance})
+    info = replace(saved.info, **operating, provenance={"trained": trained, "recalibrated": provenance},
+                   training_config=visible_settings(saved.info.training_config))  # an older run's: no local folders
     payload = {"format_version": FORMAT_VERSION, **info.to_json()}
     ModelInfo.from_json(payload, source=target / MODEL_JSON)  # what load_model will accept
     write_text_atomic(target / MODEL_JSON, json.dumps(payload, indent=2))  # last: a half-written folder has no model.json
@@ -303,5 +313,5 @@ def write_recalibration_report(out: Path, metrics: dict[str, Any]) -> Path:
     body += h.section("provenance", "Provenance", h.table(None, facts))
     figure = h.figures([(out / "plots" / "report_calibration.png", "Reliability on the report part")])
     body += h.section("calibration", "Calibration", figure or h.note("No reliability plot."))
-    document = h.page(f"Recalibration of {r['run']}", body, subtitle=f"Model folder: {out / MODEL_DIR}")
+    document = h.page(f"Recalibration of {r['run']}", body, subtitle=f"Model folder: {folder_name(out)}/{MODEL_DIR}")
     return write_text_atomic(out / "report.html", document)

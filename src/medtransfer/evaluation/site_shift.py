@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medtransfer.artifacts import MODEL_DIR, MODEL_JSON, SavedModel
+from medtransfer.artifacts import MODEL_DIR, MODEL_JSON, SavedModel, find_model_dir
 from medtransfer.data.cache import CacheSettings, ImageCache
 from medtransfer.data.datamodule import CachedImageDataset
 from medtransfer.data.discover import patient_id_from_name
@@ -40,12 +40,13 @@ from medtransfer.errors import DataError
 from medtransfer.evaluation import label_shift, shift_tests
 from medtransfer.evaluation.calibration import apply_temperature
 from medtransfer.ood import PENULTIMATE, capture
+from medtransfer.privacy import folder_name, locate, relative_location
 from medtransfer.rundir import RunDir
 from medtransfer.runtime import default_decode_workers, device_for, predict_logits, resolve_accelerator, resolve_precision
 
 __all__ = [
     "OOD_LIMIT", "REFERENCE_LIMIT", "Sample", "detect_shift", "detection_lines", "estimate_prior", "reference_sample",
-    "run_root", "score_images", "site_shift_summary",
+    "run_root", "score_images", "site_shift_summary", "trained_provenance",
 ]
 
 REFERENCE_LIMIT = 1000  # validation images compared with, at most (seeded sample)
@@ -126,7 +127,8 @@ def score_images(
 
 def run_root(run: Path) -> Path | None:
     """The run folder whose split.csv holds the validation images: RUN itself (or the parent of RUN/model), else
-    the run a recalibrated or adapted model names in model.json's provenance ("trained")."""
+    the run a recalibrated or adapted model names in model.json's provenance ("trained": relative to the folder
+    that holds model/, see :func:`trained_provenance`; older files: absolute)."""
     run = Path(run)
     for folder in (run, run.parent if run.name == MODEL_DIR else None):
         if folder is not None and (folder / "split.csv").is_file():
@@ -134,9 +136,21 @@ def run_root(run: Path) -> Path | None:
     for json_path in (run / MODEL_DIR / MODEL_JSON, run / MODEL_JSON):
         if json_path.is_file():
             trained = ((json.loads(json_path.read_text()).get("provenance") or {}).get("trained") or {}).get("run")
-            if trained and (Path(trained) / "split.csv").is_file():
-                return Path(trained)
+            if isinstance(trained, str) and trained and (locate(trained, json_path.parent.parent) / "split.csv").is_file():
+                return locate(trained, json_path.parent.parent)
     return None
+
+
+def trained_provenance(provenance: dict[str, Any] | None, run: Path, out: Path) -> dict[str, Any]:
+    """model.json's ``provenance.trained`` for a model derived from `run` and written to `out`/model: the trained run
+    relative to `out` (privacy.relative_location; :func:`run_root` reads it back). A `run` that was derived itself
+    passes its own trained run on, re-based onto `out`."""
+    trained = (provenance or {}).get("trained")
+    if not isinstance(trained, dict) or not isinstance(trained.get("run"), str):
+        return {"run": relative_location(run, out)}
+    source = locate(trained["run"], find_model_dir(run).parent)
+    shown = relative_location(source, out) if source.is_dir() else folder_name(trained["run"])
+    return {**trained, "run": shown}
 
 
 def reference_sample(

@@ -23,8 +23,8 @@ explained, one forward and backward pass each.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -126,12 +126,14 @@ def summarise(edge: np.ndarray, corner: np.ndarray, *, band: float = BAND, level
 
 def write_border_evidence(
     run_dir: Path, saved_model: Any, *, split: str = "test", method: str = "gradcam", limit: int = LIMIT,
-    band: float = BAND, level: float = LEVEL, worst: int = WORST,
+    band: float = BAND, level: float = LEVEL, worst: int = WORST, keep_names: bool | None = None,
 ) -> dict[str, Any] | None:
     """Measure the split's border evidence, draw the worst cases to ``plots/border/``; return metrics.json's block.
 
     None when the run has no ``predictions_<split>.csv`` or none of its images exists any more.
     A multi-label run is measured on each image's top finding (the block's ``explained`` says so).
+    Captions (drawn into the PNGs and in the block) name each image by its shareable file name, its patient ID
+    salted-hashed (privacy.py), unless `keep_names` (None: the run's ``keep_identifiers`` setting).
     """
     from medtransfer.explain.files import is_multilabel
     from medtransfer.explain.render import save_overlay
@@ -151,9 +153,10 @@ def write_border_evidence(
         stale.unlink()
     height, width = maps[0].shape
     outline, _ = band_masks(height, width, band)
+    named = _names(run_dir, keep_names)
     gallery = []
     for rank, i in enumerate(np.argsort(-edge, kind="stable")[:worst], start=1):
-        image = f"{chosen[i].name} ({explained[i]})" if multilabel else chosen[i].name
+        image = f"{named(chosen[i])} ({explained[i]})" if multilabel else named(chosen[i])
         caption = f"{image}: {100 * edge[i]:.0f}% in the band, {100 * corner[i]:.0f}% in the corners"
         name = f"border_{rank:02d}.png"
         save_overlay(out_dir / name, shown[i], maps[i], caption, outline=outline)
@@ -163,6 +166,20 @@ def write_border_evidence(
         "n_available": len(rows), "gallery": gallery,
         **({"explained": "top finding (furthest above, or closest below, its threshold)"} if multilabel else {}),
     }
+
+
+def _names(run_dir: Path, keep: bool | None) -> Callable[[Path], str]:
+    """How a caption names an image: its file name, with keep_identifiers; else the file name of its shareable form
+    (privacy.Identities.image: the patient ID replaced by its salted hash)."""
+    from medtransfer.privacy import run_identities
+    from medtransfer.rundir import RunDir
+
+    if keep is None:
+        keep = bool((RunDir(run_dir).config() or {}).get("keep_identifiers"))
+    if keep:
+        return lambda path: path.name
+    ids = run_identities(run_dir)
+    return lambda path: PurePath(ids.image(str(path))).name
 
 
 def _split_images(run_dir: Path, saved_model: Any, split: str, multilabel: bool) -> list[Path]:

@@ -43,6 +43,7 @@ from medtransfer.evaluation.report import write_report
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.ood import save_detector
+from medtransfer.privacy import relative_location, visible_settings
 from medtransfer.rundir import CONFIG_FILE, RunDir, SplitRow, write_metrics
 from medtransfer.runtime import (
     default_decode_workers, device_for, hardware_summary, predict_logits, resolve_accelerator, resolve_precision,
@@ -107,6 +108,12 @@ def _split_key(rows: list[SplitRow]) -> list[tuple[str, str, str, str | None]]:
     return sorted((str(Path(r.path).resolve()), r.label, r.patient_id, r.split) for r in rows)
 
 
+def _shown_run(run: Path, out: Path, keep: bool) -> str:
+    """A member run as model.json and metrics.json name it: relative to the ensemble's folder (``members/seed-3``;
+    privacy.py), absolute with keep_identifiers. A description: the weights are in OUT/model."""
+    return str(run.resolve()) if keep else relative_location(run, out)
+
+
 def _shown(value: Any) -> str:
     return repr(list(value) if isinstance(value, tuple) else value)
 
@@ -149,10 +156,12 @@ def build_ensemble(
                                     calibrate=config["calibrate"])
         scores = {name: split_metrics(o, point, saved.classes, bootstrap=resamples, seed=seed) for name, o in outputs.items()}
         operating = dict(threshold=point.threshold, temperature=point.temperature)
-    description = {"members": [{"run": str(m.run.resolve()), "seed": m.config.get("seed")} for m in members],
+    keep = bool(config.get("keep_identifiers"))  # the members' setting (train --ensemble: the ensemble's own)
+    description = {"members": [{"run": _shown_run(m.run, out, keep), "seed": m.config.get("seed")} for m in members],
                    "averaged": "logits", "tta": saved.info.tta, "ood": "first member"}
     info = dataclasses.replace(first.saved.info, **operating, threshold_policy=config["threshold"],
-                               provenance={"ensemble": description})
+                               provenance={"ensemble": description},
+                               training_config=visible_settings(first.saved.info.training_config, keep))
     out.mkdir(parents=True, exist_ok=True)
     model_dir = save_model(first.saved.model, info, out, extra=saved.extra)
     if first.saved.ood is not None:
@@ -173,7 +182,7 @@ def build_ensemble(
         metrics.update(task=task.kind, operating_point=point.to_dict())
     write_metrics(out, metrics)
     if not task.multilabel:  # heatmaps per finding: `medtransfer explain --finding`
-        write_gallery(out, load_model(out))
+        write_gallery(out, load_model(out), keep_names=keep)
     write_model_card(out)
     write_report(out, console=console, title=f"Seed ensemble of {len(members)} runs")
     return metrics

@@ -55,10 +55,12 @@ from medtransfer.evaluation.out_of_fold import (
 from medtransfer.evaluation.model_card import write_model_card
 from medtransfer.evaluation.plots_multilabel import write_multilabel_plots
 from medtransfer.evaluation.report import write_report
+from medtransfer.evaluation.report_findings import write_pair_thumbnails
 from medtransfer.evaluation.report_folds import write_fold_plots
 from medtransfer.evaluation.thresholds import OperatingPoint
 from medtransfer.explain.gallery import write_gallery
 from medtransfer.ood import save_detector
+from medtransfer.privacy import deidentify_metrics, relative_location, run_identities, shareable_settings
 from medtransfer.rundir import RunDir, SplitRow, write_metrics
 from medtransfer.runtime import (
     default_decode_workers,
@@ -71,7 +73,7 @@ from medtransfer.runtime import (
 from medtransfer.task import Task
 from medtransfer.train.ensemble import COMPATIBLE_FIELDS
 
-__all__ = ["OutOfFold", "out_of_fold", "predict_rows", "write_fold_ensemble"]
+__all__ = ["OutOfFold", "out_of_fold", "predict_rows", "shown_run", "write_fold_ensemble"]
 
 CHOSEN_ON = ("pooled out-of-fold logits (each pool image predicted at temperature 1 by the fold model that did not "
              "train on it); the test split influenced no choice")
@@ -193,8 +195,9 @@ def _write_split(outputs: SplitOutputs, name: str, prefix: str, scores: dict[str
 
 
 def _ensemble_info(oof: OutOfFold, config: TrainConfig, description: dict[str, Any]) -> Any:
+    settings = config.to_dict() if config.keep_identifiers else shareable_settings(config.to_dict())  # privacy.py
     first = dataclasses.replace(oof.members[0].info, threshold_policy=config.threshold,
-                                provenance={"cross_validation": description}, training_config=config.to_dict())
+                                provenance={"cross_validation": description}, training_config=settings)
     point = oof.point
     if isinstance(point, MultiLabelPoint):
         return dataclasses.replace(first, thresholds=tuple(point.thresholds), temperatures=tuple(point.temperatures))
@@ -208,7 +211,7 @@ def write_fold_ensemble(
     """OUT/model (the K fold models, logits averaged, at the out-of-fold operating point), the pooled and test
     predictions, plots, metrics.json and report.html (written last: the run's finished marker)."""
     k = len(oof.runs)
-    description = {"folds": k, "members": [{"run": str(r.resolve()), "fold": f} for f, r in enumerate(oof.runs, 1)],
+    description = {"folds": k, "members": [{"run": shown_run(r, out, config), "fold": f} for f, r in enumerate(oof.runs, 1)],
                    "averaged": "logits", "tta": oof.members[0].info.tta, "ood": "fold 1", "operating_point": CHOSEN_ON}
     first = oof.members[0]
     info = _ensemble_info(oof, config, description)
@@ -229,12 +232,15 @@ def write_fold_ensemble(
     table = [fold_row(f, RunDir(run).metrics()) for f, run in enumerate(oof.runs, start=1)]
     write_fold_plots(out / "plots", [RunDir(run).history() for run in oof.runs], oof.outputs, oof.folds, oof.point,
                      oof.classes, multilabel=oof.task.multilabel)
-    metrics = _metrics(config, oof, splits, table, description, leakage, data_summary, refit)
+    metrics = _metrics(config, oof, splits, table, description, leakage, data_summary, refit, out)
     pool = sum(1 for r in records if r.split != "test")  # bad images left out (--skip-bad-images) have no prediction
     metrics["cross_validation"]["pool_images_without_prediction"] = pool - len(oof.outputs.paths)
+    write_pair_thumbnails(out, metrics.get("leakage"))  # from the data's images, into the run, before their paths go
+    if not config.keep_identifiers:  # leakage examples and pairs: paths relative to the data folder, IDs hashed
+        metrics = deidentify_metrics(metrics, run_identities(out, cache_dir=config.cache_dir))
     write_metrics(out, metrics)
     if "test" in splits and not oof.task.multilabel:
-        write_gallery(out, load_model(out), method=config.cam_method)
+        write_gallery(out, load_model(out), method=config.cam_method, keep_names=config.keep_identifiers)
     write_model_card(out)
     write_report(out, console=console, title=f"{k}-fold cross-validation")
     _print_folds(table, oof, console)
@@ -243,7 +249,7 @@ def write_fold_ensemble(
 
 def _metrics(config: TrainConfig, oof: OutOfFold, splits: dict[str, Any], table: list[dict[str, Any]],
              description: dict[str, Any], leakage: dict[str, Any], data_summary: dict[str, Any],
-             refit: dict[str, Any] | None) -> dict[str, Any]:
+             refit: dict[str, Any] | None, out: Path) -> dict[str, Any]:
     first = RunDir(oof.runs[0]).metrics()
     point = oof.point
     single = isinstance(point, OperatingPoint)
@@ -267,10 +273,16 @@ def _metrics(config: TrainConfig, oof: OutOfFold, splits: dict[str, Any], table:
             "optimistic": "figures at the threshold chosen on these same out-of-fold predictions (accuracy, "
                           "sensitivity, specificity) are optimistic, as on any validation split; AUC is not",
             "fold_table": table, "per_fold": fold_spread(table),
-            "runs": [str(r.resolve()) for r in oof.runs], "refit": refit,
+            "runs": [shown_run(r, out, config) for r in oof.runs], "refit": refit,
         },
         "ensemble": description,
     }
+
+
+def shown_run(run: Path, out: Path, config: TrainConfig) -> str:
+    """A run inside the cross-validation folder as metrics.json and model.json name it: relative to OUT
+    (``folds/fold-1``, ``refit``; privacy.py), absolute with keep_identifiers. A description: nothing loads from it."""
+    return str(run.resolve()) if config.keep_identifiers else relative_location(run, out)
 
 
 def _print_folds(table: list[dict[str, Any]], oof: OutOfFold, console: Console) -> None:

@@ -38,7 +38,7 @@ from medtransfer.rundir import CONFIG_FILE, RunDir
 from medtransfer.runtime import hardware_summary, predict_logits
 from medtransfer.task import Task
 from medtransfer.train.callbacks import read_history
-from medtransfer.train.fold_ensemble import score
+from medtransfer.train.fold_ensemble import score, shown_run
 from medtransfer.train.labelled import task_of_split_file
 from medtransfer.train.outputs import Evaluation, write_outputs
 from medtransfer.train.pipeline import (
@@ -83,7 +83,7 @@ def train_refit(
     """Train (or resume, or keep) OUT/refit; returns what the cross-validation's metrics.json records of it."""
     run = out / REFIT
     epochs = refit_epochs(best_epochs)
-    summary = {"run": str(run.resolve()), "epochs": epochs, "fold_best_epochs": list(best_epochs),
+    summary = {"run": shown_run(run, out, config), "epochs": epochs, "fold_best_epochs": list(best_epochs),
                "operating_point": "out-of-fold (the cross-validation's)", "val": POOL_AS_VAL}
     if RunDir(run).finished():
         console.print(f"Refit: finished earlier, kept ({run})")

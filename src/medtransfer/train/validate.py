@@ -4,7 +4,7 @@
 that another module defines is handed to that module (the backbone registry, the
 strategies, the threshold policies, the hardware resolvers, the label schemes), and a
 setting that the chosen training path would ignore is refused instead of being dropped
-in silence. Only values that differ from the default count as set.
+in silence (:func:`medtransfer.config.ignored_settings`, from each setting's ``read_when``).
 
     >>> from medtransfer.config import TrainConfig
     >>> validate_config(TrainConfig(strategy="linear-probe", augment="none", label_smoothing=0.1))
@@ -15,13 +15,11 @@ in silence. Only values that differ from the default count as set.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from medtransfer.config import TrainConfig
+from medtransfer.config import TrainConfig, ignored_settings, uses_feature_probe
 from medtransfer.data.augment import AUGMENT_ON, POLICIES
 from medtransfer.data.discover import LABEL_SCHEMES
 from medtransfer.errors import ConfigError, DataError
@@ -35,96 +33,7 @@ from medtransfer.models.strategies import Strategy
 from medtransfer.runtime import resolve_accelerator, resolve_precision
 from medtransfer.train.tracking import check_logger
 
-__all__ = ["IGNORED_SETTINGS", "IgnoredSettings", "ignored_settings", "validate_config", "validate_splits"]
-
-
-def uses_feature_probe(config: TrainConfig) -> bool:
-    """A linear probe without augmentation trains its head on features computed once."""
-    return config.strategy == "linear-probe" and config.augment == "none"
-
-
-@dataclass(frozen=True)
-class IgnoredSettings:
-    """Settings that a training path does not read, when `applies` says that path is chosen."""
-
-    applies: Callable[[TrainConfig], bool]
-    settings: tuple[str, ...]
-    reason: str  # completes "got VALUE, but ..."
-    fix: str
-
-
-IGNORED_SETTINGS = (
-    IgnoredSettings(
-        uses_feature_probe,
-        ("loss", "focal_gamma", "label_smoothing", "sampler", "warmup_epochs", "channels_last", "devices",
-         "lr_decay", "weight_averaging", "num_nodes", "distributed", "mixup", "cutmix", "accumulate"),
-        "the linear probe on cached features (strategy linear-probe, augment none) ignores it: the head trains "
-        "with plain cross-entropy, shuffled batches and a constant learning rate on one device",
-        "remove the setting, or set --augment light to train through Lightning",
-    ),
-    IgnoredSettings(
-        lambda config: config.augment == "none",
-        ("crop_scale", "rotation_degrees", "brightness", "contrast", "horizontal_flip", "augment_on"),
-        "augment is none, so no augmentation is applied",
-        "remove the setting, or choose --augment light, radiograph or trivial",
-    ),
-    IgnoredSettings(
-        lambda config: config.strategy != "freeze",
-        ("freeze_children",),
-        "only --strategy freeze freezes a number of children",
-        "remove the setting, or use --strategy freeze",
-    ),
-    IgnoredSettings(
-        lambda config: config.strategy != "lp-ft",
-        ("lp_epochs", "lp_lr"),
-        "only --strategy lp-ft has a linear-probe phase",
-        "remove the setting, or use --strategy lp-ft",
-    ),
-    IgnoredSettings(
-        lambda config: config.strategy != "gradual",
-        ("unfreeze_every",),
-        "only --strategy gradual unfreezes during training",
-        "remove the setting, or use --strategy gradual",
-    ),
-    IgnoredSettings(
-        lambda config: config.strategy == "linear-probe",
-        ("lr_decay",),
-        "a linear probe trains only the head, which always gets --lr",
-        "remove the setting, or use another strategy",
-    ),
-    IgnoredSettings(
-        lambda config: config.weight_averaging != "ema",
-        ("ema_decay",),
-        "only --weight-averaging ema uses it",
-        "remove the setting, or use --weight-averaging ema",
-    ),
-    IgnoredSettings(
-        lambda config: config.loss != "focal",
-        ("focal_gamma",),
-        "only --loss focal uses it",
-        "remove the setting, or use --loss focal",
-    ),
-    IgnoredSettings(
-        lambda config: bool(config.split_file),
-        ("val_fraction", "test_fraction", "keep_official_val"),
-        "--split-file gives the split as is",
-        "remove the setting, or leave out --split-file",
-    ),
-)
-
-
-def ignored_settings(config: TrainConfig) -> list[str]:
-    """One message per setting (changed from its default) that the chosen path ignores."""
-    defaults = TrainConfig()
-    messages = []
-    for rule in IGNORED_SETTINGS:
-        if not rule.applies(config):
-            continue
-        for name in rule.settings:
-            value = getattr(config, name)
-            if value != getattr(defaults, name):
-                messages.append(f"--{name.replace('_', '-')}: got {value!r}, but {rule.reason}; {rule.fix}")
-    return messages
+__all__ = ["uses_feature_probe", "validate_config", "validate_splits"]
 
 
 def validate_config(config: TrainConfig) -> None:

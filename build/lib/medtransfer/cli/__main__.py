@@ -1,5 +1,0 @@
-"""`python -m medtransfer.cli`."""
-
-from medtransfer.cli import main
-
-main()

@@ -1,1 +1,0 @@
-"""`medtransfer experiment`: a grid of training runs on one split, evaluated and compared (see runner.py)."""
