@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medtransfer.errors import ConfigError, DataError
+from medtransfer.errors import ConfigError, DataError, missing_extra
 
 __all__ = [
     "IMAGE_COLUMNS", "MANIFESTS_DIR", "data_path", "image_items", "is_dataframe", "require_pandas", "to_source", "write_manifest",
@@ -33,11 +33,11 @@ _ACCEPTED_DATA = (
 
 
 def require_pandas(what: str) -> Any:
-    """The pandas module, or an ImportError that says what needs it and how to install it."""
+    """The pandas module, or an ImportError that names the [notebook] extra and its install line."""
     try:
         import pandas
     except ImportError:
-        raise ImportError(f"{what} returns a pandas DataFrame; install pandas: pip install pandas") from None
+        raise ImportError(f"{missing_extra(what, 'notebook')} (it returns a pandas DataFrame)") from None
     return pandas
 
 

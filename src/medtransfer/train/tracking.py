@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 
 from medtransfer.config import TrainConfig
-from medtransfer.errors import ConfigError
+from medtransfer.errors import ConfigError, MissingExtraError, missing_extra
 from medtransfer.evaluation.metrics import binary_metrics, multiclass_metrics
 from medtransfer.privacy import shareable_settings
 from medtransfer.safeio import write_text_atomic
@@ -42,8 +42,8 @@ def check_logger(name: str) -> None:
         raise ConfigError(f"--logger: got {name!r}; choose one of {', '.join(LOGGERS)}")
     package = LOGGERS[name]
     if package and importlib.util.find_spec(package) is None:
-        hint = "mlflow-skinny" if package == "mlflow" else package
-        raise ConfigError(f"--logger {name}: the {package} package is not installed; pip install {hint}, or use --logger csv")
+        # the [tracking] extra installs tensorboard and mlflow-skinny
+        raise MissingExtraError(f"{missing_extra(f'--logger {name}', 'tracking')}, or use --logger csv")
 
 
 def make_logger(config: TrainConfig, out: Path) -> Logger:
