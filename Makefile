@@ -30,15 +30,24 @@ lint: $(STAMP)
 	$(BIN)/mypy src
 
 # A wheel and an sdist, checked by twine, installed into a fresh venv that then runs the demo
-# (the torch pin is this machine's local path; a user's pip resolves torch as usual).
+# (the torch pin is this machine's local path; a user's pip resolves torch as usual). The slim
+# core then refuses `serve` in one line naming the [serve] extra, and serves once the wheel's
+# [serve] extra is in. build/ goes first: setuptools would pack a module left there from an
+# earlier build; the demo folder too, or the demo finds its runs done and trains nothing.
+DIST_VENV := /tmp/medtransfer-dist-venv
+DIST_DEMO := /tmp/medtransfer-dist-demo
 dist: $(STAMP)
-	rm -rf dist /tmp/medtransfer-dist-venv
+	rm -rf dist build $(DIST_VENV) $(DIST_DEMO)
 	$(BIN)/python -m build --no-isolation --sdist --wheel --outdir dist .
 	$(BIN)/python -m twine check --strict dist/*
-	$(PYTHON) -m venv /tmp/medtransfer-dist-venv
-	/tmp/medtransfer-dist-venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	/tmp/medtransfer-dist-venv/bin/pip install --quiet dist/*.whl
-	cd /tmp && /tmp/medtransfer-dist-venv/bin/medtransfer demo --out /tmp/medtransfer-dist-demo --epochs 1
+	$(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(DIST_VENV)/bin/pip install --quiet dist/*.whl
+	cd /tmp && $(DIST_VENV)/bin/medtransfer demo --out $(DIST_DEMO) --epochs 1
+	cd /tmp && { $(DIST_VENV)/bin/medtransfer serve --run $(DIST_DEMO)/finetune 2>$(DIST_DEMO)/serve.err; test $$? = 1; } \
+		&& test "$$(cat $(DIST_DEMO)/serve.err)" = "error: medtransfer serve needs the [serve] extra: pip install 'medtransfer[serve]'"
+	$(DIST_VENV)/bin/pip install --quiet "$$(ls dist/*.whl)[serve]"
+	cd /tmp && $(DIST_VENV)/bin/medtransfer serve --help >/dev/null
 
 # A test opens report.html in headless Chromium: install Debian's package when it is missing.
 browser:
@@ -52,4 +61,4 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache dist site
+	rm -rf $(VENV) demo-run .pytest_cache dist build site

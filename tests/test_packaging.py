@@ -63,3 +63,30 @@ def test_export_without_the_onnx_extra_says_which_extra(monkeypatch, capsys, tmp
     code = invoke(["export", "--run", tmp_path])
     assert code == 1
     assert "pip install 'medtransfer[onnx]'" in capsys.readouterr().err
+
+
+def test_a_logger_without_the_tracking_extra_says_which_extra(monkeypatch):
+    from medtransfer.train import tracking
+
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MissingExtraError, match=r"^--logger mlflow needs the \[tracking\] extra: "
+                                                 r"pip install 'medtransfer\[tracking\]', or use --logger csv$"):
+        tracking.check_logger("mlflow")
+
+
+def test_a_dataframe_without_the_notebook_extra_says_which_extra(monkeypatch):
+    from medtransfer.api.inputs import require_pandas
+
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match=r"^Model.predict needs the \[notebook\] extra: pip install 'medtransfer\[notebook\]'"):
+        require_pandas("Model.predict")
+
+
+def test_the_sdist_carries_the_whole_test_suite_and_no_build_output(dist):
+    import tarfile
+
+    names = {name.split("/", 1)[1] for name in tarfile.open(next(dist.glob("*.tar.gz"))).getnames() if "/" in name}
+    for needed in ("tests/conftest.py", "tests/e2e/test_train_predict.py", "tests/fixtures/model_json_v1.json",
+                   "configs/chest_xray_pneumonia.yaml", "docs/index.md", "mkdocs.yml", "Makefile", "CHANGELOG.md"):
+        assert needed in names
+    assert not any(name.startswith("build/") or "__pycache__" in name or name.endswith(".pyc") for name in names)
