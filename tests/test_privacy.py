@@ -3,13 +3,18 @@ metrics.json de-identified (idempotently), and the report's thumbnails read from
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from medtransfer.data.patients import salted_patient_id
 from medtransfer.evaluation.report_findings import leakage_html, write_pair_thumbnails
-from medtransfer.privacy import Identities, deidentify_metrics, shareable_settings, visible_settings
+from medtransfer.privacy import (
+    Identities, deidentify_metrics, folder_name, locate, relative_location, shareable_settings, visible_settings,
+    without_folders,
+)
 
 SALT = b"s" * 32
 ROWS = [
@@ -110,3 +115,28 @@ def test_without_a_data_folder_below_the_home_folder_images_are_named_by_file_na
     users = Identities([("/home/ana/a/1.png", "p1"), ("/home/bob/b/2.png", "p2")], salt=SALT)  # common: /home
     assert users.root is None and users.image("/home/bob/b/2.png") == "2.png"
     assert users.text("/home/ana/notes") == "notes" and users.text("see /home/ana/x y") == "see ~/x y"
+
+
+@pytest.mark.parametrize("target,base,expected", [
+    ("/home/ana/runs/ens/members/seed-3", "/home/ana/runs/ens", "members/seed-3"),  # inside: the path below it
+    ("/home/ana/runs/demo", "/home/ana/evaluations/site", "../../runs/demo"),  # both in the home folder
+    ("/home/ana/runs/demo", "/tmp/out", "demo"),  # a relative path would climb through /home/ana: the name only
+    ("/home/bob/runs/demo", "/home/ana/out", "demo"),  # through /home: another user's name
+    ("/srv/runs/demo", "/srv/out", "../runs/demo"),
+])
+def test_a_folder_is_named_relative_to_the_output_where_that_names_no_user(monkeypatch, target, base, expected):
+    monkeypatch.setenv("HOME", "/home/ana")
+    assert relative_location(target, base) == expected
+    if "/" in expected:
+        assert os.path.normpath(locate(expected, base)) == target  # read back from the output's folder
+
+
+def test_free_text_names_folders_by_their_last_part_and_keeps_relative_paths(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/ana")
+    value = {"skipped": "--run /home/ana/runs/demo: no split.csv in /home/ana/runs/demo/model", "n": 3,
+             "list": ["see /home/ana/notes.txt.", "/srv/data/set2 and /srv/data/set", "runs/a", "image/png", "1/2",
+                      "http://host/a/b", "/predict"]}
+    assert without_folders(value, ["/home/ana/runs/demo", "/srv/data/set"]) == {
+        "skipped": "--run demo: no split.csv in demo/model", "n": 3,
+        "list": ["see ~/notes.txt.", "set2 and set", "runs/a", "image/png", "1/2", "http://host/a/b", "/predict"]}
+    assert folder_name("/home/ana/xr/") == "xr" and folder_name("site.csv") == "site.csv"

@@ -6,7 +6,7 @@ data and runs under it sit where they would on a laptop. `kermany_set(root)` wri
 images with Kermany names - the patient ID is in the file name - and returns `root`. `tiny_run(folder, records)`
 saves an untrained ResNet-18 (32 px, decoded at 40) with split.csv, config.yaml and metrics.json. `local_mentions(
 folder, *needles)` lists where a shareable file (metrics.json, model.json, adaptation.json, gallery.json,
-report.html, MODEL_CARD.md) holds one of `needles`.
+report.html, MODEL_CARD.md) holds one of `needles`. `write_test_predictions(run)` adds predictions_test.csv.
 
     home = fake_home(tmp_path, monkeypatch)
     run = tiny_run(home / "runs" / "a", discover(kermany_set(home / "xr")))
@@ -85,6 +85,15 @@ def tiny_run(folder: Path, records: list[Record], *, seed: int = 0, cache_dir: P
                            "best_epoch": 1, "train_seconds": 1.0, "positive_class": "PNEUMONIA", "threshold": 0.5,
                            "classes": CLASSES, "val": block, "test": None})
     return folder
+
+
+def write_test_predictions(run: Path) -> Path:
+    """run/predictions_test.csv for the test images of its split.csv, each called PNEUMONIA at 0.6 (with patient IDs)."""
+    rows = [line.split(",") for line in (run / "split.csv").read_text().splitlines()[1:] if line.endswith(",test")]
+    path = run / "predictions_test.csv"
+    path.write_text("path,label,prob_NORMAL,prob_PNEUMONIA,pred,patient_id\n" + "".join(
+        f"{image},{label},0.4,0.6,PNEUMONIA,{patient}\n" for image, label, patient, _ in rows))
+    return path
 
 
 def local_mentions(folder: Path, *needles: str) -> list[str]:

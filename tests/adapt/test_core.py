@@ -221,3 +221,20 @@ def test_the_cli_default_is_the_measured_default():
     import inspect
 
     assert inspect.signature(command).parameters["method"].default.default == DEFAULT_METHOD
+
+
+def test_the_adapted_folder_names_the_run_relative_to_itself_and_no_local_folder(tmp_path, monkeypatch):
+    from medtransfer.evaluation.site_shift import run_root
+    from tests.tiny_runs import fake_home, local_mentions, local_needles
+
+    home = fake_home(tmp_path, monkeypatch)
+    run = brightness_run(home / "runs" / "demo")
+    out = home / "adapted"
+    record = adapt(run, bright_site(home / "site", count=40), out, home / "cache", method="prior")
+
+    info = json.loads((out / "model" / "model.json").read_text())
+    written = json.loads((out / "adaptation.json").read_text())
+    assert record == written and (written["run"], written["data"]["data"]) == ("../runs/demo", "site")
+    assert info["provenance"]["trained"]["run"] == info["provenance"]["adapted"]["run"] == "../runs/demo"
+    assert run_root(out).resolve() == run.resolve()  # evaluate and adapt --run NEW find the run's validation images
+    assert local_mentions(out, *local_needles(tmp_path, home)) == []

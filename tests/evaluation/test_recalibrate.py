@@ -57,8 +57,8 @@ def test_new_model_folder_holds_the_same_weights_the_refit_and_both_provenances(
     assert new.threshold == pytest.approx(recal["threshold"]) and new.temperature == pytest.approx(recal["temperature"])
     assert recal["original"] == {"threshold": 0.5, "temperature": 1.7, "policy": "youden"}
     provenance = json.loads((out / "model" / "model.json").read_text())["provenance"]
-    assert provenance["trained"]["run"] == str(run.resolve())
-    assert provenance["recalibrated"]["data"] == str(data) and provenance["recalibrated"]["fit_fraction"] == 0.5
+    assert provenance["trained"]["run"] == "../run"  # relative to the new folder, the data by its name: shareable
+    assert provenance["recalibrated"]["data"] == "local" and provenance["recalibrated"]["fit_fraction"] == 0.5
     assert (out / "report.html").is_file() and "Run as trained" in (out / "report.html").read_text()
 
 
@@ -109,3 +109,27 @@ def test_bad_options_are_one_clear_line(make_kaggle_tree, tmp_path):
     few = make_kaggle_tree({"test": {"NORMAL": 2, "PNEUMONIA": 1}}, tmp_path / "few")  # one pneumonia patient
     with pytest.raises(DataError, match="needs both classes in each part"):
         recalibrated(run, few, tmp_path)
+
+
+def test_the_new_folder_names_its_runs_relative_to_itself_and_no_local_folder(tmp_path, monkeypatch):
+    from medtransfer.data.discover import discover
+    from medtransfer.evaluation.site_shift import run_root
+    from tests.tiny_runs import fake_home, kermany_set, local_mentions, local_needles, tiny_run
+
+    home = fake_home(tmp_path, monkeypatch)
+    run = tiny_run(home / "runs" / "demo", discover(kermany_set(home / "xr")))
+    site = kermany_set(home / "site", splits={"test": 10})
+    options = dict(cache_dir=home / "cache", bootstrap=20, accelerator="cpu", progress=False, console=Console(quiet=True))
+    first, second = home / "runs" / "demo-site", home / "derived" / "again"
+
+    metrics = recalibrate_model(run, site, first, **options)
+    recalibrate_model(first, site, second, **options)  # a recalibrated model recalibrated again
+
+    provenance = json.loads((first / "model" / "model.json").read_text())["provenance"]
+    assert provenance["trained"]["run"] == provenance["recalibrated"]["run"] == metrics["run"] == "../demo"
+    assert provenance["recalibrated"]["data"] == metrics["data"] == "site"
+    again = json.loads((second / "model" / "model.json").read_text())["provenance"]
+    assert again["trained"]["run"] == "../../runs/demo" and again["recalibrated"]["run"] == "../../runs/demo-site"
+    for folder in (first, second):
+        assert run_root(folder).resolve() == run.resolve()  # the shift tests find the trained run's validation images
+        assert local_mentions(folder, *local_needles(tmp_path, home)) == []
