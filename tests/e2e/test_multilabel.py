@@ -103,8 +103,8 @@ def test_predict_writes_one_probability_and_decision_per_finding(multilabel_run,
     decision = saved.decide(saved.network(__import__("torch").stack([saved.preprocess(i) for i in images])))
     for row, probabilities in zip(rows, decision.probabilities):
         for k, finding in enumerate(FINDINGS):
-            # predict runs under the CPU's mixed precision (bf16): close to the fp32 forward pass here
-            assert float(row[f"prob_{finding}"]) == pytest.approx(probabilities[k], abs=5e-3)
+            # predict runs under the CPU's mixed precision (bf16, 8-bit mantissa): within 0.02 of the fp32 forward pass
+            assert float(row[f"prob_{finding}"]) == pytest.approx(probabilities[k], abs=2e-2)
             assert int(row[f"pred_{finding}"]) == int(float(row[f"prob_{finding}"]) >= saved.info.thresholds[k])
         assert set(filter(None, row["findings"].split("|"))) == {f for f in FINDINGS if row[f"pred_{f}"] == "1"}
 
