@@ -239,6 +239,9 @@ def main() -> None:
                     "verdict": record["verdict"]["verdict"], "after": record["verdict"]["after"],
                     "checks": record["checks"], "ranking": record["ranking"], "seconds": round(time.perf_counter() - t0, 1),
                 }
+                done = block["methods"][method]
+                log(f"{name}: {method}: accuracy {done['accuracy']:.3f} sensitivity {done['sensitivity']:.3f} "
+                    f"specificity {done['specificity']:.3f} ({done['seconds']} s)")  # progress, in case the run is cut short
             block["label_free_shift"] = shift  # the tests before adaptation (labels not used)
             results[name] = block
     adapted_all = {m: v for m, v in results["all"]["methods"].items() if m != "none" and "refused" not in v}

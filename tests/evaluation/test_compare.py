@@ -205,5 +205,7 @@ def test_out_files_written_and_html_is_self_contained(tmp_path, cohort):
     assert saved["positive_class"] == "PNEUMONIA"
     assert saved["tests"][0]["auc_diff"] == pytest.approx(result.tests[0]["auc_diff"])
     assert saved["table"]["columns"] == ["good", "noisy"]
+    assert [r["path"] for r in saved["runs"]] == ["../../good", "../../noisy"]  # relative: no local folder named
+    assert str(tmp_path) not in (out / "comparison.json").read_text()
     compare_runs([a, b], out=out, n_resamples=100)  # rerun overwrites its own files
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)

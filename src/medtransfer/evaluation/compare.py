@@ -42,6 +42,7 @@ from medtransfer.errors import ConfigError, DataError
 from medtransfer.evaluation import html as h
 from medtransfer.evaluation import multilabel_compare as ml
 from medtransfer.evaluation import resampling
+from medtransfer.privacy import folder_name, relative_location
 from medtransfer.rundir import Predictions, RunDir, RunMetrics, SplitMetrics, write_text_atomic
 from medtransfer.task import MULTI_LABEL, SINGLE_LABEL
 
@@ -93,16 +94,21 @@ class ComparisonResult:
     markdown: str = ""
     html: str = ""
     files: list[Path] = field(default_factory=list)
+    out: Path | None = None  # where the files were written (paths in comparison.json are relative to it)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: what ``comparison.json`` holds."""
         return {
             "positive_class": self.positive_class,
             **({"task": self.task, "findings": self.findings} if self.task == MULTI_LABEL else {}),
-            "runs": [{"name": n, "path": str(p)} for n, p in zip(self.names, self.paths)],
+            "runs": [{"name": n, "path": self._location(p)} for n, p in zip(self.names, self.paths)],
             "table": {"columns": list(self.names), "rows": [{"metric": label, "values": cells} for label, cells in self.rows]},
-            "tests": self.tests,
+            "tests": [{k: self._location(v) if k in ("path_a", "path_b") else v for k, v in t.items()} for t in self.tests],
         }
+
+    def _location(self, folder: str | Path) -> str:
+        """Shareable: a folder relative to the comparison's folder (or by its name), never absolute."""
+        return relative_location(folder, self.out) if self.out is not None else folder_name(folder)
 
 
 def compare_runs(
@@ -153,6 +159,7 @@ def compare_runs(
     result.markdown = _markdown(result)
     result.html = _html(result)
     if out is not None:
+        result.out = Path(out)
         result.files = _write(result, Path(out))
     return result
 

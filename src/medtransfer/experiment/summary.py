@@ -71,7 +71,7 @@ def write_summary(
         "headline": "macro AUC" if multilabel else "AUC",
         "grid": plan.grid,
         "variants": plan.variants,
-        "split_file": str(out / "split.csv"),
+        "split_file": "split.csv",  # in the experiment's folder (shareable outputs name no local folder)
         "cells": [
             {"name": c.name, "configuration": c.configuration, "seed": c.seed, "values": c.values,
              "status": outcomes[c.name].status, "error": outcomes[c.name].error, "results": results.get(c.name)}
