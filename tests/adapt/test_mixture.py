@@ -71,12 +71,33 @@ def test_the_posterior_map_is_calibrated_on_the_new_site_and_keeps_the_order():
     assert expected_calibration_error(y, mapped) < 0.03 < 0.5 * expected_calibration_error(y, source)
 
 
-def test_a_change_of_shape_is_rejected_by_the_goodness_of_fit():
+def test_a_wider_class_is_fitted_by_its_scale_and_its_cut_follows():
+    densities = ClassDensities(*validation())
+    x, y = site(1.0, 0.0, 0.6, spread=2.0, seed=2)  # the negatives spread twice as wide as on validation
+    fit = fit_mixture(densities, x)
+    assert fit.scale_negative == pytest.approx(2.0, abs=0.3) and fit.scale_positive == pytest.approx(1.0, abs=0.2)
+    assert goodness_of_fit(fit, densities, x)["p_value"] > 0.05
+    cut = operating_cut(fit, densities, x, "youden")
+    called = x >= cut["cut"]
+    best = max((x[y == 1] >= t).mean() - (x[y == 0] >= t).mean() for t in np.sort(x))  # what labels would give
+    assert called[y == 1].mean() + (~called[y == 0]).mean() - 1 >= best - 0.03
+    assert cut["expected_specificity"] == pytest.approx((~called[y == 0]).mean(), abs=0.05)
+
+
+def test_the_scales_stay_at_one_unless_the_likelihood_ratio_calls_for_them():
+    densities = ClassDensities(*validation())
+    x, _ = site(-1.0, 1.0, 0.8)
+    fit = fit_mixture(densities, x)
+    assert (fit.scale_negative, fit.scale_positive) == (1.0, 1.0)
+
+
+def test_a_change_of_shape_beyond_location_and_scale_is_rejected_by_the_goodness_of_fit():
     densities = ClassDensities(*validation())
     same, _ = site(1.0, 0.0, 0.6)
-    wider, _ = site(1.0, 0.0, 0.6, spread=3.0)
+    rng = np.random.default_rng(3)  # the negatives split into two modes 10 apart: no stretch of one mode makes them
+    two_modes = np.concatenate([same, rng.normal(-12.0, 0.5, 300), rng.normal(-2.0, 0.5, 300)])
     assert goodness_of_fit(fit_mixture(densities, same), densities, same)["p_value"] > 0.05
-    assert goodness_of_fit(fit_mixture(densities, wider), densities, wider)["p_value"] < 0.01
+    assert goodness_of_fit(fit_mixture(densities, two_modes), densities, two_modes)["p_value"] < 0.01
 
 
 def test_the_bootstrap_reports_the_cut_and_prevalence_intervals():

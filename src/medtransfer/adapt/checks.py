@@ -2,7 +2,8 @@
 
 - OOD: more images flagged by the guard than allowed (in core, first);
 - BatchNorm (:func:`check_batchnorm`): a pure prevalence shift (AdaBN would fold the class shares into every layer),
-  or features that moved away from validation;
+  a re-estimation that moves the estimated prevalence outside its 95% CI (the site's class shares differ from
+  training's, so the new statistics carry them), or features that moved away from validation;
 - prior (:func:`check_prior`): EM not converged, an estimate at the edge of [0, 1], a CI wider than allowed;
 - mixture (:func:`check_mixture`): a fit that the new scores reject, that hit its limits, whose classes barely
   separate, or whose cut is so uncertain that many decisions hinge on it.
@@ -22,6 +23,7 @@ MAX_PRIOR_CI = 0.4  # widest acceptable 95% CI of the estimated prevalence
 PRIOR_EDGE = 0.02  # an estimate this close to 0 or 1 is implausible for a site that sends images of both kinds
 MIN_GOODNESS_P = 0.01  # a mixture the new scores reject at this level does not describe them
 MAX_UNCERTAIN_SHARE = 0.2  # at most this share of decisions may hinge on the bootstrap spread of the cut
+MAX_PREVALENCE_MOVE = 0.05  # BatchNorm may move the estimated prevalence this far when it has no CI
 MIN_SEPARATION = 0.75  # fitted class-conditional AUC below this: no two-class structure left to fit
 
 
@@ -36,6 +38,12 @@ def check_batchnorm(before: dict[str, Any], after: dict[str, Any], data: Path) -
         raise DataError(f"--data {data}: the images differ from validation only as a change of prevalence would make them "
                         "differ; BatchNorm statistics of this site would fold its class shares into the normalisation and "
                         "change what the model calls; nothing written. Use --method prior")
+    moved = _prevalence_moved(before["prior"], after["prior"])
+    if moved:
+        raise DataError(f"--data {data}: BatchNorm statistics of these images {moved}: AdaBN assumes the site's class shares "
+                        f"match validation's ({before['prior']['source_prior']:.3f} positive), and folds different shares into "
+                        "the normalisation, which changes what the model calls; nothing written. Use --method mixture or "
+                        "prior, or label images and run recalibrate")
     z_before = before["matched_reference"]["features_mmd"].get("z")
     z_after = after["matched_reference"]["features_mmd"].get("z")
     if z_before is not None and z_after is not None and z_after > max(z_before, 3.0):
@@ -43,6 +51,17 @@ def check_batchnorm(before: dict[str, Any], after: dict[str, Any], data: Path) -
                         f"(feature MMD z {z_before:.1f} -> {z_after:.1f}, validation matched to the estimated prevalence); "
                         "the adaptation would make the model worse; nothing written. Use --method prior, or label images "
                         "and run recalibrate")
+
+
+def _prevalence_moved(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Words for a BatchNorm re-estimation that moved the estimated prevalence outside its own 95% CI before it
+    (or by more than MAX_PREVALENCE_MOVE without a CI); '' when it stayed."""
+    ci = before.get("em_ci")
+    low, high = ci if ci else (before["em"] - MAX_PREVALENCE_MOVE, before["em"] + MAX_PREVALENCE_MOVE)
+    if low <= after["em"] <= high:
+        return ""
+    return (f"moved the estimated prevalence from {before['em']:.3f} [{low:.3f}, {high:.3f}] to {after['em']:.3f}, "
+            "outside its interval")
 
 
 def check_mixture(fitted: dict[str, Any], max_ci: float, data: Path) -> None:
@@ -88,6 +107,9 @@ def passed_checks(before: dict[str, Any], after: dict[str, Any], prior: dict[str
               "no OOD guard in this model: foreign images were not looked for"]
     if uses_bn:
         z0, z1 = (d["matched_reference"]["features_mmd"].get("z") for d in (before, after))
+        p0, p1 = before["prior"], after["prior"]
+        checks.append(f"BatchNorm: estimated prevalence {p0['em']:.3f} -> {p1['em']:.3f} (refused outside "
+                      + (f"{p0['em_ci'][0]:.3f}-{p0['em_ci'][1]:.3f})" if p0.get("em_ci") else f"+-{MAX_PREVALENCE_MOVE})"))
         checks.append(f"BatchNorm: {images} images (minimum {min_images}); feature MMD z to validation at the estimated "
                       f"prevalence {'n/a' if z0 is None else f'{z0:.1f}'} -> {'n/a' if z1 is None else f'{z1:.1f}'} "
                       "(refused if it grows beyond 3)")

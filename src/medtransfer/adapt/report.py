@@ -18,8 +18,9 @@ def adaptation_lines(record: dict[str, Any]) -> list[str]:
     fitted = record.get("mixture")
     if fitted:
         fit, ci = fitted["fit"], fitted.get("prevalence_ci")
-        lines.append(f"Shifted mixture: validation's class scores moved by {fit['shift_negative']:+.2f} (negative) and "
-                     f"{fit['shift_positive']:+.2f} (positive) in calibrated logit, prevalence {fit['prevalence']:.3f}"
+        lines.append(f"Shifted mixture: validation's class scores moved by {fit['shift_negative']:+.2f} and stretched "
+                     f"x{fit.get('scale_negative', 1.0):.2f} (negative), {fit['shift_positive']:+.2f} and "
+                     f"x{fit.get('scale_positive', 1.0):.2f} (positive) in calibrated logit, prevalence {fit['prevalence']:.3f}"
                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"; expected sensitivity "
                      f"{fitted['expected_sensitivity']:.3f}, specificity {fitted['expected_specificity']:.3f} at the new "
                      "threshold (model-based estimates, not measurements)")
