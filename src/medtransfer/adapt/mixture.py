@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import expit
-from scipy.stats import chi2, kstest, norm
+from scipy.special import expit, ndtr
+from scipy.stats import chi2, kstest
 
 __all__ = [
     "ClassDensities", "MixtureFit", "estimate_operating_point", "fit_mixture", "goodness_of_fit", "operating_cut",
@@ -96,7 +96,7 @@ class ClassDensities:
         """P(l >= t) for class k moved and stretched: the mean Gaussian tail of the (stretched) kernels."""
         s, h = self.moved(k, shift, scale), self.bandwidth[k] * scale
         t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-        return norm.sf((t[:, None] - s[None, :]) / h).mean(axis=1)
+        return ndtr((s[None, :] - t[:, None]) / h).mean(axis=1)  # the normal survival function, without scipy.stats' overhead
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,12 @@ def _fit_of(theta: np.ndarray, log_likelihood: float = 0.0, converged: bool = Tr
                       float(np.exp(log_s1)))
 
 
+def _theta_of(fit: MixtureFit) -> np.ndarray:
+    """The optimiser's parameters of a fit (the inverse of _fit_of)."""
+    return np.array([fit.shift_positive, fit.shift_negative - fit.shift_positive, np.log(fit.prior / (1 - fit.prior)),
+                     np.log(fit.scale_negative), np.log(fit.scale_positive)])
+
+
 def _negative_log_likelihood(theta: np.ndarray, x: np.ndarray, densities: ClassDensities) -> float:
     return float(-np.logaddexp(*_fit_of(theta).log_joint(densities, x)).sum())
 
@@ -145,7 +151,7 @@ def _best_fit(x: np.ndarray, densities: ClassDensities, starts: list[np.ndarray]
     return best
 
 
-def fit_mixture(densities: ClassDensities, target_logits: np.ndarray) -> MixtureFit:
+def fit_mixture(densities: ClassDensities, target_logits: np.ndarray, *, near: MixtureFit | None = None) -> MixtureFit:
     """Maximum-likelihood shifts, scales and prevalence for the new logits (the best of a grid of L-BFGS starts).
 
     Parameters: the positive class's shift a1, the gap a0 - a1, the prevalence and each class's log scale. Each shift
@@ -153,12 +159,19 @@ def fit_mixture(densities: ClassDensities, target_logits: np.ndarray) -> Mixture
     keep their order: without it the likelihood also has label-swapped optima), each scale within e^+-MAX_LOG_SCALE.
     The scales are fitted only when the new logits call for them: first shifts alone (scales 1), then shifts and
     scales, kept when the likelihood ratio passes SCALE_TEST_LEVEL (chi-squared, 2 degrees of freedom); with
-    overlapping classes, shift, scale and prevalence trade off and the smaller model is the safer one."""
+    overlapping classes, shift, scale and prevalence trade off and the smaller model is the safer one.
+
+    ``near``: a bootstrap refit, one L-BFGS run from the full sample's fit, in its model (scaled or not)."""
     x = np.asarray(target_logits, dtype=np.float64)
     distance = densities.distance
     scales = (-MAX_LOG_SCALE, MAX_LOG_SCALE)
     bounds = [(-distance, distance), (-distance, MAX_APPROACH * distance), (-9.0, 9.0), scales, scales]
     fixed = [(v, v) for v in (0.0, 0.0)]
+    if near is not None:
+        theta = _theta_of(near)
+        used = bounds if (near.scale_negative, near.scale_positive) != (1.0, 1.0) else bounds[:3] + fixed
+        found = _best_fit(x, densities, [np.clip(theta, [b[0] for b in used], [b[1] for b in used])], used)
+        return _fit_of(found.x, float(-found.fun), bool(found.success))
     grid = [np.array([shift * distance, gap * distance, 0.0, 0.0, 0.0]) for shift in _STARTS_SHIFT for gap in _STARTS_GAP]
     shifted = _best_fit(x, densities, grid, bounds[:3] + fixed)
     starts = [shifted.x] + [g + np.array([0, 0, 0, log_scale, 0]) for g in grid for log_scale in _STARTS_LOG_SCALE[1:]]
@@ -270,7 +283,7 @@ def estimate_operating_point(
         cuts, priors = [], []
         for _ in range(bootstrap):
             rows = np.concatenate([clusters[g] for g in rng.integers(0, len(clusters), size=len(clusters))])
-            refit = fit_mixture(densities, x[rows])
+            refit = fit_mixture(densities, x[rows], near=fit)
             cuts.append(operating_cut(refit, densities, x[rows], policy)["cut"])
             priors.append(refit.prior)
         low, high = (float(v) for v in np.quantile(cuts, [0.025, 0.975]))
