@@ -266,7 +266,7 @@ def _mixture_estimate(saved: SavedModel, reference: Sample, target: Sample, *, b
 
     return mixture.estimate_operating_point(
         calibrated_logit(reference), reference.labels == k, calibrated_logit(target),
-        policy=saved.info.threshold_policy or "youden", target_groups=target.patient_ids, bootstrap=min(bootstrap, 200),
+        policy=saved.info.threshold_policy or "youden", target_groups=target.patient_ids, bootstrap=bootstrap,
         seed=seed)
 
 

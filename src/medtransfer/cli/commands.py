@@ -382,7 +382,7 @@ def adapt(
     operating_point: str = typer.Option("keep", help="With prior and prior+bn: keep (the threshold policy's meaning) or bayes (the same probability threshold)."),
     min_images: int = typer.Option(64, help="Fewest images BatchNorm re-estimation accepts."),
     max_ood_share: float = typer.Option(0.25, help="Refuse when the OOD guard flags more than this share of the images."),
-    bootstrap: int = typer.Option(500, help="Patient-level bootstrap resamples of the prevalence estimate (the mixture's cut: at most 200)."),
+    bootstrap: int = typer.Option(500, help="Patient-level bootstrap resamples of the prevalence estimate and the mixture's cut."),
     permutations: int = typer.Option(500, help="Permutations of the MMD feature test."),
     seed: int = typer.Option(DEFAULTS.seed, help="Seed of the bootstrap, the permutations and the batch order."),
     cache_dir: Optional[Path] = typer.Option(None, help="Decoded-image cache (default ~/.cache/medtransfer)."),
