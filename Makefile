@@ -21,8 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medtransfer demo --out demo-run
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; each test file stays in one, so its
+# trained fixtures are built once), each on one torch thread: cores are not oversubscribed.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff (the rules in pyproject.toml) on everything, mypy on src/.
 lint: $(STAMP)

@@ -1,6 +1,6 @@
 """Label-free adaptation (`medtransfer adapt`) on a labelled shifted set whose labels only score.
 
-    python benchmarks/adapt.py --run RUN --data ../shared/data/kermany-224-test-dev \
+    python benchmarks/adapt.py --run RUN --data DATA/kermany-224-test-dev \
         [--methods none,mixture,prior,prior@bayes,bn,prior+bn,tent] [--prevalences 0.3,0.85] [--bootstrap 1000] [--cache-dir D]
 
 For each set - the whole of --data (its --split), and patient-level resamples of it drawn to

@@ -1,6 +1,6 @@
 """Shortcut check on real data: border evidence and validation AUC without and with --border-crop.
 
-    python benchmarks/border_evidence.py --data ../shared/data/kermany-224 [--crops 0,0.1] [--out DIR]
+    python benchmarks/border_evidence.py --data DATA/kermany-224 [--crops 0,0.1] [--out DIR]
 
 Trains the reference recipe's cheap path once per border crop: efficientnet_lite0 (offline
 ImageNet weights), ``--strategy linear-probe`` without augmentation (the head trains on
@@ -53,7 +53,7 @@ def measure(data: str, crop: float, out: Path, cache_dir: Path, *, epochs: int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="dataset folder, e.g. ../shared/data/kermany-224")
+    parser.add_argument("--data", required=True, help="dataset folder, e.g. DATA/kermany-224")
     parser.add_argument("--crops", default="0,0.1", help="border crops to compare, comma-separated")
     parser.add_argument("--epochs", type=int, default=30, help="linear-probe epochs (on cached features: cheap)")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the intervals")

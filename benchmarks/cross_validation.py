@@ -22,7 +22,7 @@ image of every split copied to DATA_FOLDER/{NORMAL,BACTERIA,VIRUS}; see :func:`m
 
 On the real data, the Kaggle chest X-ray folder read as three classes (NORMAL / BACTERIA / VIRUS):
 
-    python benchmarks/cross_validation.py ../shared/data/kermany-224 --labels kermany-3class --folds 5 \\
+    python benchmarks/cross_validation.py DATA/kermany-224 --labels kermany-3class --folds 5 \\
         --backbone efficientnet_lite0 --weights imagenet --epochs 10 --image-size 224
 """
 

@@ -1,6 +1,6 @@
 """Linear probe with and without a feature cache (medtransfer.train.feature_probe).
 
-    python benchmarks/linear_probe.py --data ../shared/data/kermany-224 [--epochs 20] [--limit N]
+    python benchmarks/linear_probe.py --data DATA/kermany-224 [--epochs 20] [--limit N]
 
 Prints ONE JSON line on stdout (logs go to stderr). Both runs use the same images, the
 same frozen backbone (default efficientnet_lite0 with its offline ImageNet weights), the

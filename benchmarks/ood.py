@@ -24,7 +24,7 @@ run's model folder: a run trained before a detector change is measured without t
 
 Usage::
 
-    python benchmarks/ood.py --run RUN --data /work/shared/data/kermany-224-test-dev [--limit 300] [--per-set 100] [--refit]
+    python benchmarks/ood.py --run RUN --data DATA/kermany-224-test-dev [--limit 300] [--per-set 100] [--refit]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prediction speed on full-resolution images: medtransfer.predict.predict_files vs the naive loop.
 
-    python benchmarks/predict_speed.py --data ../shared/data/kermany-fullres-sample [--run RUN]
+    python benchmarks/predict_speed.py --data DATA/kermany-fullres-sample [--run RUN]
     python benchmarks/predict_speed.py --streaming [--stream-sizes 2000,20000]
 
 Prints ONE JSON line on stdout (logs go to stderr):

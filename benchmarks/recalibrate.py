@@ -1,6 +1,6 @@
 """Local recalibration (medtransfer.evaluation.recalibrate) over several fit/report splits.
 
-    python benchmarks/recalibrate.py --run RUN --data ../shared/data/kermany-224-test-dev [--seeds 0,1,2]
+    python benchmarks/recalibrate.py --run RUN --data DATA/kermany-224-test-dev [--seeds 0,1,2]
 
 Prints ONE JSON line on stdout (logs go to stderr): for each seed, the patient-level
 fit/report split's sizes, the refitted temperature and threshold, and accuracy,

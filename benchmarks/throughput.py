@@ -1,6 +1,6 @@
 """Training throughput: the seed script's pipeline vs medtransfer's cached, bf16, channels_last loop.
 
-    python benchmarks/throughput.py --data ../shared/data/kermany-fullres-sample
+    python benchmarks/throughput.py --data DATA/kermany-fullres-sample
     python benchmarks/throughput.py --data DIR --device cuda --backbone resnet50 --batch-size 128
     python benchmarks/throughput.py --device cuda --backbone resnet50 --batch-size 256 --steps 40 \
         --precision bf16-mixed --augment radiograph --compile     # no --data: synthetic images
