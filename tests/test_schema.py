@@ -126,3 +126,14 @@ def test_a_new_flag_reaches_the_settings(tmp_path):
     config, _ = resolve_train_config(out=tmp_path / "r", resume=None, config_file=None, overrides={"data": "x", **flags})
     assert (config.label_smoothing, config.channels_last, config.crop_scale) == (0.1, False, (0.5, 0.9))
     assert dataclasses.asdict(config)["crop_scale"] == (0.5, 0.9)
+
+
+def test_the_docs_settings_page_is_the_generated_table(capsys):
+    from medtransfer.config.schema import settings_markdown
+
+    page = (ROOT / "docs" / "guide" / "settings.md").read_text()
+    table = settings_markdown()
+    assert page.endswith(table), "docs/guide/settings.md is stale: regenerate its table with `medtransfer config --markdown`"
+    assert len(table.splitlines()) == len(TrainConfig.field_names()) + 2
+    assert invoke(["config", "--markdown"]) == 0
+    assert capsys.readouterr().out == table

@@ -414,11 +414,12 @@ def redact(
 @app.command("config")
 def config_command(
     schema: bool = typer.Option(False, "--schema", help="Print the JSON Schema of the training settings (YAML and config.yaml)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the training settings as a Markdown table (the docs' settings page)."),
 ):
     """The training settings: `--schema` prints them as a JSON Schema for editors (name, type, default, help)."""
-    if not schema:
-        raise typer.BadParameter("say what to print: --schema")
-    from medtransfer.config.schema import schema_json
+    if schema == markdown:
+        raise typer.BadParameter("say what to print: --schema or --markdown")
+    from medtransfer.config.schema import schema_json, settings_markdown
 
-    print(schema_json())
+    print(schema_json() if schema else settings_markdown(), end="" if markdown else "\n")
 

@@ -14,7 +14,7 @@ from typing import Any
 from medtransfer.config.setting import RESUME_ANY, RESUME_EFFECTIVE_BATCH
 from medtransfer.config.settings import TrainConfig
 
-__all__ = ["SCHEMA_ID", "field_schema", "schema_json", "train_config_schema"]
+__all__ = ["SCHEMA_ID", "field_schema", "schema_json", "settings_markdown", "train_config_schema"]
 
 SCHEMA_ID = "https://medtransfer.invalid/schemas/train-config.json"
 
@@ -73,3 +73,22 @@ def train_config_schema() -> dict[str, Any]:
 
 def schema_json() -> str:
     return json.dumps(train_config_schema(), indent=2)
+
+
+def settings_markdown() -> str:
+    """Every setting as a Markdown table (YAML key, flags, default, description): the docs' settings page."""
+    from medtransfer.config.setting import flag_name, shown_default
+
+    defaults = TrainConfig()
+    rows = ["| setting (YAML) | flag | default | description |", "|---|---|---|---|"]
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata["setting"]
+        flags = list(meta.flags or [flag_name(field.name)])
+        if field.type == "bool" and getattr(defaults, field.name) is True:
+            flags = [f"{f}/--no-{f[2:]}" for f in flags]
+        default = getattr(defaults, field.name)
+        shown = "" if default in (None, "", {}) else shown_default(default)
+        resume = " May change on `--resume`." if meta.resume else ""
+        text = (meta.help_text(default) + resume).replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+        rows.append(f"| `{field.name}` | {', '.join(f'`{f}`' for f in flags)} | {f'`{shown}`' if shown else ''} | {text} |")
+    return "\n".join(rows) + "\n"
