@@ -30,12 +30,12 @@ def test_alias_bombs_and_recursion_are_refused_quickly_in_one_short_line(tmp_pat
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
     assert len(text) < 12_000
-    started = time.perf_counter()
+    started = time.process_time()  # this process's CPU time: other jobs on the machine do not count
     with pytest.raises(ConfigError) as caught:
         TrainConfig.from_sources(path)
     message = str(caught.value)
     assert expected in message and str(path) in message and len(message) < 400 and "\n" not in message
-    assert time.perf_counter() - started < 5.0
+    assert time.process_time() - started < 5.0
 
 
 def test_a_few_aliases_still_work(tmp_path):
