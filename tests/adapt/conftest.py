@@ -128,3 +128,15 @@ def unlabelled_folder(folder: Path, count: int) -> Path:
     for i in range(count):
         write_image(folder / ("PNEUMONIA" if i % 3 else "NORMAL") / f"img{i:03d}.png", "L", size=(40, 40))
     return folder
+
+
+def tiny_two_class_model():
+    """A seeded resnet18 with a two-class head in eval mode (random weights): for checks of folded biases."""
+    import torch
+
+    from medtransfer.models.backbones import create_backbone
+    from medtransfer.models.strategies import Strategy, build_transfer_model
+
+    torch.manual_seed(0)
+    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
+    return build_transfer_model(net, spec, Strategy("finetune", 0)).eval()

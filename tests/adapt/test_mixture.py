@@ -11,8 +11,7 @@ from medtransfer.adapt.mixture import (
 )
 from medtransfer.adapt.operating import fold_logit_map
 from medtransfer.evaluation.calibration import apply_temperature, expected_calibration_error
-from medtransfer.models.backbones import create_backbone
-from medtransfer.models.strategies import Strategy, build_transfer_model
+from tests.adapt.conftest import tiny_two_class_model
 
 
 def validation(n: int = 800, prior: float = 0.74, seed: int = 0):
@@ -109,9 +108,7 @@ def test_the_bootstrap_reports_the_cut_and_prevalence_intervals():
 
 
 def test_folding_the_posterior_map_into_the_model():
-    torch.manual_seed(0)
-    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
-    model = build_transfer_model(net, spec, Strategy("finetune", 0)).eval()
+    model = tiny_two_class_model()
     images = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         before = model(images).double().numpy()

@@ -9,15 +9,12 @@ import torch
 from medtransfer.adapt.operating import adapted_threshold, fold_prior, last_linear
 from medtransfer.evaluation.calibration import apply_temperature
 from medtransfer.evaluation.label_shift import adjust_posteriors
-from medtransfer.models.backbones import create_backbone
 from medtransfer.models.heads import MLPHead
-from medtransfer.models.strategies import Strategy, build_transfer_model
+from tests.adapt.conftest import tiny_two_class_model
 
 
 def test_the_folded_bias_gives_the_saerens_adjusted_posteriors():
-    torch.manual_seed(0)
-    net, spec = create_backbone("resnet18", num_classes=2, weights="none")
-    model = build_transfer_model(net, spec, Strategy("finetune", 0)).eval()
+    model = tiny_two_class_model()
     images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         before = model(images).numpy()
